@@ -1,0 +1,186 @@
+"""Tokenizers: a byte-level BPE trained on the corpus, or a SentencePiece / HF ``tokenizer.json`` file.
+
+With ``data.tokenizer = ""`` a byte-level BPE (GPT-2 style pre-tokenizer, all 256 byte symbols in
+the initial alphabet, so every string round-trips exactly) with ``data.vocab_size`` entries is
+trained with the HF ``tokenizers`` library on the first ``data.tokenizer_train_chars`` characters
+of the *training* split, in corpus order. The special token ``<|eos|>`` (id 0) separates
+documents. The result is cached as
+``<cache_dir>/tokenizers/<corpus digest>-<vocab_size>-<train_chars>.json`` and reused; training is
+deterministic, so the file bytes are the same on every machine for the same corpus.
+
+:attr:`Tokenizer.fingerprint` (sha256 of the tokenizer file, 16 hex chars) names the token
+caches built with a tokenizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+
+from lowrank_jax.config import DataConfig
+from lowrank_jax.data.corpus import Corpus
+
+EOS = "<|eos|>"
+# End-of-document tokens recognised in user-supplied tokenizer.json files, in order of preference.
+EOS_CANDIDATES = (EOS, "<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
+
+
+class Tokenizer:
+    """Common interface of the tokenizer backends: ids are plain ``int``; no BOS/EOS is added by ``encode``."""
+
+    vocab_size: int
+    eos_id: int
+    fingerprint: str  # stable id of the tokenizer file (cache keys)
+    path: str  # file the tokenizer was loaded from
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(vocab_size={self.vocab_size}, eos_id={self.eos_id}, "
+            f"fingerprint={self.fingerprint}, path={self.path!r})"
+        )
+
+
+def file_fingerprint(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+class HFTokenizer(Tokenizer):
+    """A HF ``tokenizers`` tokenizer read from a ``tokenizer.json`` file."""
+
+    def __init__(self, path: str):
+        import tokenizers  # noqa: PLC0415
+
+        self.path = path
+        self._tok = tokenizers.Tokenizer.from_file(path)
+        # Special-token strings inside documents are encoded as plain text, so eos only ever marks
+        # a document boundary added by the packer.
+        self._tok.encode_special_tokens = True
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        ids = [self._tok.token_to_id(t) for t in EOS_CANDIDATES]
+        ids = [i for i in ids if i is not None]
+        if not ids:
+            raise ValueError(f"data.tokenizer: {path!r} has none of the end-of-document tokens {EOS_CANDIDATES}")
+        self.eos_id = ids[0]
+        self.fingerprint = file_fingerprint(path)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        encs = self._tok.encode_batch_fast(list(texts), add_special_tokens=False)
+        return [e.ids for e in encs]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece ``.model`` file; its own ``</s>`` is the end-of-document token."""
+
+    def __init__(self, path: str):
+        import sentencepiece as spm  # noqa: PLC0415
+
+        self.path = path
+        self._sp = spm.SentencePieceProcessor(model_file=path)
+        self.vocab_size = self._sp.get_piece_size()
+        self.eos_id = self._sp.eos_id()
+        if self.eos_id < 0:
+            raise ValueError(f"data.tokenizer: SentencePiece model {path!r} has no eos piece (eos_id=-1)")
+        self.fingerprint = file_fingerprint(path)
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self._sp.encode(list(texts), num_threads=os.cpu_count() or 1)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """A tokenizer from a SentencePiece ``.model`` or an HF ``.json`` file."""
+    path = os.path.expanduser(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"data.tokenizer: no such file {path!r}")
+    if path.endswith(".model"):
+        return SentencePieceTokenizer(path)
+    if path.endswith(".json"):
+        return HFTokenizer(path)
+    raise ValueError(f"data.tokenizer: expected a SentencePiece .model or a tokenizer .json file, got {path!r}")
+
+
+def training_text(docs: Sequence[str], max_chars: int) -> Iterator[str]:
+    """The first ``max_chars`` characters of ``docs`` (in order), one string per document."""
+    left = max_chars
+    for doc in docs:
+        if left <= 0:
+            return
+        piece = doc[:left]
+        left -= len(piece)
+        if piece:
+            yield piece
+
+
+def train_bpe_json(docs: Sequence[str], vocab_size: int, max_chars: int) -> str:
+    """Train the byte-level BPE and return its ``tokenizer.json`` text (deterministic for fixed inputs)."""
+    import tokenizers  # noqa: PLC0415
+    from tokenizers import decoders, models, pre_tokenizers, trainers  # noqa: PLC0415
+
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(training_text(docs, max_chars), trainer=trainer)
+    return tok.to_str(pretty=True)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same directory and ``os.replace``."""
+    d = os.path.dirname(path) or "."
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def tokenizer_cache_path(cfg: DataConfig, corpus: Corpus) -> str:
+    root = os.path.expanduser(cfg.cache_dir)
+    return os.path.join(root, "tokenizers", f"{corpus.digest}-{cfg.vocab_size}-{cfg.tokenizer_train_chars}.json")
+
+
+def get_tokenizer(cfg: DataConfig, corpus: Corpus) -> Tokenizer:
+    """The tokenizer named by ``cfg.tokenizer``, or the corpus BPE (trained once, then read from the cache)."""
+    if cfg.tokenizer:
+        return load_tokenizer(cfg.tokenizer)
+    if cfg.vocab_size < 256 + 1:
+        raise ValueError(f"data.vocab_size: a byte-level BPE needs at least 257 entries, got {cfg.vocab_size}")
+    path = tokenizer_cache_path(cfg, corpus)
+    if not os.path.isfile(path):
+        text = train_bpe_json(corpus.train, cfg.vocab_size, cfg.tokenizer_train_chars)
+        atomic_write_bytes(path, text.encode("utf-8"))
+    return HFTokenizer(path)

@@ -1,0 +1,163 @@
+"""LLaMA decoder in Flax NNX, as used by the GaLore / ReLoRA / SLTrain pretraining recipes.
+
+Pre-norm blocks: ``x + Attn(RMSNorm(x))`` then ``x + SwiGLU(RMSNorm(x))``; rotary position
+embeddings (half-split rotation, as in the HF LLaMA port the papers train); causal multi-head
+attention; untied ``lm_head``. Reference: Touvron et al., "LLaMA: Open and Efficient Foundation
+Language Models", arXiv 2302.13971.
+
+The seven linears of every block (q, k, v, o, gate, up, down) come from the dense factory
+(:func:`lowrank_jax.layers.make_dense`), so training methods swap them without touching this file.
+Embedding, norms and ``lm_head`` are always plain. Every parameter carries logical axis names in
+its ``axes`` metadata; with ``scan_layers`` the blocks are stacked on a leading ``layers`` axis and
+run with ``jax.lax.scan`` (optionally rematerialised).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lowrank_jax.config import ModelConfig
+from lowrank_jax.layers.dense import Dense, dtype_of, make_dense
+
+
+class RMSNorm(nnx.Module):
+    """``y = x / sqrt(mean(x²) + eps) * scale``, computed in float32."""
+
+    def __init__(self, dim: int, *, eps: float, dtype: jnp.dtype, param_dtype: jnp.dtype):
+        self.eps, self.dtype = eps, dtype
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), axes=("embed",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables ``(seq_len, head_dim // 2)`` for frequencies ``theta^(-2i/head_dim)``."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x_BTHD: jax.Array, cos_TK: jax.Array, sin_TK: jax.Array) -> jax.Array:
+    """Rotate the two halves of each head dimension (HF LLaMA convention)."""
+    half = x_BTHD.shape[-1] // 2
+    x1, x2 = x_BTHD[..., :half].astype(jnp.float32), x_BTHD[..., half:].astype(jnp.float32)
+    cos, sin = cos_TK[None, :, None, :], sin_TK[None, :, None, :]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BTHD.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d = cfg.hidden
+        self.heads, self.head_dim = cfg.heads, d // cfg.heads
+        self.q = make_dense(cfg.dense, d, d, axes=("embed", "heads"), rngs=rngs, config=cfg)
+        self.k = make_dense(cfg.dense, d, d, axes=("embed", "heads"), rngs=rngs, config=cfg)
+        self.v = make_dense(cfg.dense, d, d, axes=("embed", "heads"), rngs=rngs, config=cfg)
+        self.o = make_dense(cfg.dense, d, d, axes=("heads", "embed"), rngs=rngs, config=cfg)
+
+    def __call__(self, x_BTD: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        B, T, _ = x_BTD.shape
+        shape = (B, T, self.heads, self.head_dim)
+        q = apply_rope(self.q(x_BTD).reshape(shape), cos, sin)
+        k = apply_rope(self.k(x_BTD).reshape(shape), cos, sin)
+        v = self.v(x_BTD).reshape(shape)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        scores = scores / math.sqrt(self.head_dim)
+        causal = jnp.tril(jnp.ones((T, T), dtype=bool))
+        scores = jnp.where(causal[None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        return self.o(out.reshape(B, T, self.heads * self.head_dim))
+
+
+class SwiGLU(nnx.Module):
+    """``down(silu(gate(x)) * up(x))`` (Shazeer 2020)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, f = cfg.hidden, cfg.ffn
+        self.gate = make_dense(cfg.dense, d, f, axes=("embed", "mlp"), rngs=rngs, config=cfg)
+        self.up = make_dense(cfg.dense, d, f, axes=("embed", "mlp"), rngs=rngs, config=cfg)
+        self.down = make_dense(cfg.dense, f, d, axes=("mlp", "embed"), rngs=rngs, config=cfg)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        norm = dict(eps=cfg.norm_eps, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype))
+        self.attn_norm = RMSNorm(cfg.hidden, **norm)
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm = RMSNorm(cfg.hidden, **norm)
+        self.mlp = SwiGLU(cfg, rngs)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def _stacked_blocks(cfg: ModelConfig, key: jax.Array) -> Block:
+    """``cfg.layers`` blocks with every parameter stacked on a leading ``layers`` axis."""
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Block(cfg, nnx.Rngs(0))))
+    keys = jax.random.split(key, cfg.layers)
+    states = jax.vmap(lambda k: nnx.state(Block(cfg, nnx.Rngs(k))))(keys)
+    blocks = nnx.merge(graphdef, states)
+    for _, var in nnx.iter_graph(blocks):
+        if isinstance(var, nnx.Variable) and "axes" in var.get_metadata():
+            var.set_metadata("axes", ("layers", *var.get_metadata()["axes"]))
+    return blocks
+
+
+class Llama(nnx.Module):
+    """Decoder-only LM: ``tokens (B, T) int32 -> logits (B, T, vocab) float32``."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        if cfg.vocab_size <= 0:
+            raise ValueError("model.vocab_size: must be set (> 0) before building the model")
+        self.cfg = cfg
+        dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        emb = jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden), jnp.float32) * cfg.init_std
+        self.embed = nnx.Param(emb.astype(param_dtype), axes=("vocab", "embed"))
+        if cfg.scan_layers:
+            self.blocks = _stacked_blocks(cfg, rngs.params())
+        else:
+            self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.layers)])
+        self.final_norm = RMSNorm(cfg.hidden, eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.lm_head = Dense(
+            cfg.hidden,
+            cfg.vocab_size,
+            axes=("embed", "vocab"),
+            rngs=rngs,
+            init_std=cfg.init_std,
+            dtype=dtype,
+            param_dtype=param_dtype,
+        )
+
+    def __call__(self, tokens_BT: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        T = tokens_BT.shape[1]
+        if T > cfg.max_seq_len:
+            raise ValueError(f"seq_len: {T} exceeds model.max_seq_len={cfg.max_seq_len}")
+        cos, sin = rope_tables(T, cfg.hidden // cfg.heads, cfg.rope_theta)
+        x = jnp.take(self.embed[...], tokens_BT, axis=0).astype(dtype_of(cfg.dtype))
+        if cfg.scan_layers:
+            graphdef, state = nnx.split(self.blocks)
+
+            def body(h, layer_state):
+                return nnx.merge(graphdef, layer_state)(h, cos, sin), None
+
+            if cfg.remat:
+                body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+            x, _ = jax.lax.scan(body, x, state)
+        else:
+            for block in self.blocks:
+                x = nnx.remat(lambda blk, h: blk(h, cos, sin))(block, x) if cfg.remat else block(x, cos, sin)
+        x = self.final_norm(x)
+        return self.lm_head(x).astype(jnp.float32)

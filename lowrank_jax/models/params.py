@@ -1,0 +1,82 @@
+"""Building models and describing their parameters (counts, bytes, logical axes, labels).
+
+Parameters travel through training as plain nested dicts of arrays (``nnx.State.to_pure_dict``);
+a model is rebuilt inside a jitted function with ``nnx.merge(graphdef, params)``. Metadata that
+the pure dict drops (logical axis names, the Variable type used by optimizers to select leaves)
+is kept in parallel pytrees built here from an abstract model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+from flax import nnx
+from jax.sharding import PartitionSpec
+
+from lowrank_jax.config import ModelConfig
+from lowrank_jax.models.llama import Llama
+
+
+def build_model(cfg: ModelConfig, key: jax.Array | int = 0) -> Llama:
+    rngs = nnx.Rngs(params=key)
+    return Llama(cfg, rngs)
+
+
+def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, dict[str, Any]]:
+    """``(graphdef, params)`` with params a pure nested dict of arrays."""
+    graphdef, state = nnx.split(model)
+    return graphdef, state.to_pure_dict()
+
+
+def _abstract_state(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    return nnx.split(nnx.eval_shape(lambda: build_model(cfg, 0)))
+
+
+def abstract_params(cfg: ModelConfig) -> tuple[nnx.GraphDef, dict[str, Any]]:
+    """``(graphdef, params)`` with ShapeDtypeStruct leaves; nothing is allocated."""
+    graphdef, state = _abstract_state(cfg)
+    return graphdef, state.to_pure_dict()
+
+
+def _metadata_tree(state: nnx.State, fn) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for path, var in nnx.to_flat_state(state):
+        node = out
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = fn(var)
+    return out
+
+
+def logical_axes(cfg_or_state: ModelConfig | nnx.State) -> dict[str, Any]:
+    """Pure-dict pytree of logical ``PartitionSpec``s (axis names, not mesh axes), one per parameter."""
+    state = _abstract_state(cfg_or_state)[1] if isinstance(cfg_or_state, ModelConfig) else cfg_or_state
+    return _metadata_tree(state, lambda v: PartitionSpec(*(v.get_metadata().get("axes") or ())))
+
+
+def param_labels(cfg_or_state: ModelConfig | nnx.State) -> dict[str, Any]:
+    """Pure-dict pytree of each parameter's Variable class name (e.g. ``"Param"``), for optax.partition."""
+    state = _abstract_state(cfg_or_state)[1] if isinstance(cfg_or_state, ModelConfig) else cfg_or_state
+    return _metadata_tree(state, lambda v: type(v).__name__)
+
+
+def count_params(tree: Any) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree))
+
+
+def count_bytes(tree: Any) -> int:
+    return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))
+
+
+def formula_param_count(cfg: ModelConfig) -> int:
+    """Closed-form dense LLaMA count: 2·V·d (embed + untied head) + L·(4d² + 3df + 2d) + d."""
+    V, d, f, L = cfg.vocab_size, cfg.hidden, cfg.ffn, cfg.layers
+    return 2 * V * d + L * (4 * d * d + 3 * d * f + 2 * d) + d
+
+
+def param_report(cfg: ModelConfig) -> dict[str, int]:
+    """Parameter count and bytes of ``cfg`` computed with ``nnx.eval_shape`` (no allocation)."""
+    _, params = abstract_params(cfg)
+    return {"params": count_params(params), "param_bytes": count_bytes(params)}

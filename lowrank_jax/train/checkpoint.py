@@ -1,0 +1,95 @@
+"""Orbax checkpoints of the whole train state plus run metadata (data position, corpus digest).
+
+The state pytree is saved as a flat ``{path: array}`` dict (stable string keys whatever the
+optimizer's state structure) and restored into the abstract state with its shardings. Saves are
+asynchronous; ``keep_checkpoints`` newest are kept. If the newest checkpoint cannot be read, the
+next older one is tried and a message says so.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+    """No readable checkpoint where one was required."""
+
+
+def _flatten(tree: Any) -> tuple[dict[str, Any], Any]:
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    flat = {jax.tree_util.keystr(path, simple=True, separator="/"): leaf for path, leaf in leaves}
+    if len(flat) != len(leaves):  # pragma: no cover - keys are unique for dict/NamedTuple trees
+        raise ValueError("checkpoint: state paths are not unique")
+    return flat, treedef
+
+
+def checkpoint_steps(directory: str | Path) -> list[int]:
+    """Steps of finalised checkpoints under ``directory`` (empty if none or unreadable)."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+class Checkpointer:
+    """Save/restore ``TrainState`` + JSON metadata under ``directory``."""
+
+    def __init__(self, directory: str | Path, keep: int, async_save: bool = True):
+        self.directory = Path(directory).expanduser().resolve()
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+        flat, _ = _flatten(state)
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(flat), meta=ocp.args.JsonSave(meta)),
+            force=True,
+        )
+
+    def restore_latest(self, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+        """Restore the newest readable checkpoint; fall back to older ones with a message."""
+        flat_abstract, treedef = _flatten(abstract_state)
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        if not steps:
+            raise CheckpointError(f"resume: no checkpoint in {str(self.directory)!r}")
+        errors = []
+        for step in steps:
+            try:
+                out = self.manager.restore(
+                    step,
+                    args=ocp.args.Composite(state=ocp.args.StandardRestore(flat_abstract), meta=ocp.args.JsonRestore()),
+                )
+            except Exception as e:  # noqa: BLE001 - any read failure means "damaged"
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                print(
+                    f"checkpoint {step} in {self.directory} is unreadable ({first}); trying an older one",
+                    file=sys.stderr,
+                )
+                errors.append(step)
+                continue
+            for bad in errors:  # set damaged newer checkpoints aside so the run can save those steps again
+                target = self.directory / f"damaged_{bad}"
+                shutil.rmtree(target, ignore_errors=True)
+                os.replace(self.directory / str(bad), target)
+                print(f"moved unreadable checkpoint {bad} to {target}", file=sys.stderr)
+            if errors:
+                self.manager.reload()
+            flat = out["state"]
+            state = jax.tree_util.tree_unflatten(treedef, [flat[k] for k in flat_abstract])
+            return state, dict(out["meta"])
+        raise CheckpointError(f"resume: every checkpoint in {str(self.directory)!r} is unreadable (steps {errors})")
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -1,0 +1,64 @@
+"""Command line: ``lowrank-jax train CONFIG [key=value ...]`` and friends.
+
+CONFIG is a named config (``lowrank-jax configs`` lists them) or a YAML path. Any problem with the
+input is one line on stderr naming the field, exit status 2, and nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from lowrank_jax.config import ConfigError, load_config, named_configs, to_dict
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lowrank-jax", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="pretrain a model (writes results.json, metrics.jsonl, loss.png, checkpoints)")
+    t.add_argument("config", help="named config or YAML file")
+    t.add_argument("overrides", nargs="*", help="key=value, e.g. steps=100 model.hidden=128 out_dir=runs/x")
+    s = sub.add_parser("params", help="parameter count and bytes of a config, computed without allocating")
+    s.add_argument("config")
+    s.add_argument("overrides", nargs="*")
+    c = sub.add_parser("config", help="print the resolved config as JSON")
+    c.add_argument("config")
+    c.add_argument("overrides", nargs="*")
+    sub.add_parser("configs", help="list the named configs")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "configs":
+        print("\n".join(named_configs()))
+        return 0
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "config":
+            print(json.dumps(to_dict(cfg), indent=2))
+        elif args.command == "params":
+            from lowrank_jax.models import formula_param_count, param_report  # noqa: PLC0415
+
+            model = cfg.model
+            if model.vocab_size == 0:
+                raise ConfigError("model.vocab_size: set it (the tokenizer decides it only when training)")
+            report = param_report(model)
+            print(json.dumps({**report, "formula_params": formula_param_count(model)}))
+        else:
+            from lowrank_jax.train.checkpoint import CheckpointError  # noqa: PLC0415
+            from lowrank_jax.train.loop import train  # noqa: PLC0415
+
+            try:
+                train(cfg)
+            except CheckpointError as e:
+                raise ConfigError(str(e)) from None
+    except ConfigError as e:
+        print(f"lowrank-jax: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""The pretraining loop: data, compile, train, evaluate, checkpoint, record.
+
+``train(cfg)`` does every check that can fail on user input (data, tokenizer, vocabulary,
+shardings, compile, checkpoint restore) before it writes anything into ``out_dir``.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from lowrank_jax import config as config_lib
+from lowrank_jax.config import Config, ConfigError
+from lowrank_jax.data import BatchIterator, eval_batches, prepare_data, unigram_cross_entropy
+from lowrank_jax.models import count_bytes, count_params
+from lowrank_jax.train import metrics as metrics_lib
+from lowrank_jax.train.checkpoint import Checkpointer, checkpoint_steps
+from lowrank_jax.train.step import evaluate, make_trainer
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"  # pragma: no cover
+
+
+def _memory(compiled) -> dict[str, int]:
+    ma = compiled.memory_analysis()
+    if ma is None:
+        return {}
+    keys = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes")
+    out = {k: int(getattr(ma, k, 0)) for k in keys}
+    out["peak_estimate_bytes"] = (
+        out["argument_size_in_bytes"]
+        + out["output_size_in_bytes"]
+        + out["temp_size_in_bytes"]
+        - out["alias_size_in_bytes"]
+    )
+    return out
+
+
+def train(cfg: Config, log=print) -> dict[str, Any]:
+    """Run ``cfg`` to ``cfg.steps``; returns the results dict also written to ``out_dir/results.json``."""
+    t_start = time.time()
+    out = Path(cfg.out_dir).expanduser()
+    ckpt_dir = out / "checkpoints"
+    if cfg.resume and not checkpoint_steps(ckpt_dir):
+        raise ConfigError(f"resume: no checkpoint in {str(ckpt_dir)!r}")
+    if not cfg.resume and checkpoint_steps(ckpt_dir):
+        raise ConfigError(f"out_dir: {str(out)!r} already holds checkpoints; pass resume=true or another out_dir")
+
+    try:
+        data = prepare_data(cfg.data)
+    except (ValueError, OSError) as e:
+        raise ConfigError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    if cfg.model.vocab_size == 0:
+        cfg = config_lib.replace(cfg, model__vocab_size=data.vocab_size)
+    elif data.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's {data.vocab_size}")
+    log(
+        f"data: {data.digest} ({cfg.data.source}) train {len(data.train):,} tokens, "
+        f"val {len(data.val):,} tokens, vocab {data.vocab_size}"
+    )
+    try:
+        iterator = BatchIterator(data.train, cfg.batch_size, cfg.seq_len, cfg.seed)
+        val_batches = eval_batches(data.val, cfg.seq_len, cfg.eval_tokens, cfg.eval_batch_size)
+    except ValueError as e:
+        raise ConfigError(f"seq_len: {e}") from None
+    unigram_ce = unigram_cross_entropy(data.train, data.val, cfg.model.vocab_size)
+
+    try:
+        trainer = make_trainer(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    batch_abstract = jax.ShapeDtypeStruct(
+        (cfg.batch_size, cfg.seq_len + 1), jnp.int32, sharding=trainer.put_batch(np.zeros((1, 1))).sharding
+    )
+    t0 = time.time()
+    step_fn = trainer.train_step.lower(trainer.abstract_state, batch_abstract).compile()
+    compile_s = time.time() - t0
+    memory = _memory(step_fn)
+    n_params = count_params(trainer.abstract_state.params)
+    opt_bytes = count_bytes(trainer.abstract_state.opt_state)
+    log(
+        f"model: {n_params:,} params ({_fmt_bytes(count_bytes(trainer.abstract_state.params))}), optimizer state "
+        f"{_fmt_bytes(opt_bytes)}; step compiled in {compile_s:.1f}s, XLA peak estimate "
+        f"{_fmt_bytes(memory.get('peak_estimate_bytes', 0))}/device on {trainer.mesh.devices.size} device(s)"
+    )
+
+    checkpointer = None
+    if cfg.resume:
+        checkpointer = Checkpointer(ckpt_dir, cfg.keep_checkpoints)
+        state, meta = checkpointer.restore_latest(trainer.abstract_state)
+        if meta.get("data_digest") != data.digest:
+            raise ConfigError(f"resume: checkpoint was trained on data {meta.get('data_digest')}, not {data.digest}")
+        start = int(state.step)
+        log(f"resumed from step {start} ({ckpt_dir})")
+    else:
+        state, start = trainer.init_state(), 0
+
+    out.mkdir(parents=True, exist_ok=True)
+    if checkpointer is None:
+        checkpointer = Checkpointer(ckpt_dir, cfg.keep_checkpoints)
+    mlog = metrics_lib.MetricsLog(out / "metrics.jsonl", resume_step=start if cfg.resume else None)
+    metrics_lib.write_json(out / "config.json", config_lib.to_dict(cfg))
+
+    tps = cfg.tokens_per_step
+    meta = {"data_digest": data.digest, "tokens_per_step": tps}
+    pending: list[tuple[int, dict[str, jax.Array]]] = []
+    val_loss = float("nan")
+    excluded = 0.0  # seconds spent in evaluation and checkpointing, not counted in tokens/s
+
+    def flush_metrics() -> None:
+        for s, m in jax.device_get(pending):
+            mlog.write({"step": s, "tokens": s * tps, **{k: float(v) for k, v in m.items()}})
+        pending.clear()
+        mlog.flush()
+
+    def run_eval(s: int) -> float:
+        loss = evaluate(trainer, state.params, val_batches)
+        mlog.write({"step": s, "tokens": s * tps, "val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))})
+        mlog.flush()
+        return loss
+
+    bar = tqdm(
+        total=cfg.steps, initial=start, disable=not cfg.progress, unit="step", dynamic_ncols=True, file=sys.stderr
+    )
+    t_loop = time.time()
+    for step in range(start, cfg.steps):
+        state, m = step_fn(state, trainer.put_batch(iterator.batch(step)))
+        done = step + 1
+        pending.append((done, m))
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            loss = float(m["loss"])
+            flush_metrics()
+            rate = (done - start) * tps / max(time.time() - t_loop - excluded, 1e-9)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
+            bar.update(done - bar.n)
+        t_pause = time.time()
+        if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
+            flush_metrics()
+            val_loss = run_eval(done)
+            bar.write(f"step {done}: val_loss {val_loss:.4f} val_ppl {math.exp(val_loss):.2f}")
+        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done != cfg.steps:
+            flush_metrics()
+            checkpointer.save(done, state, {**meta, "step": done})
+        excluded += time.time() - t_pause
+    jax.block_until_ready(state)
+    train_time = time.time() - t_loop - excluded
+    bar.close()
+    flush_metrics()
+    if start < cfg.steps or not math.isfinite(val_loss):
+        val_loss = run_eval(cfg.steps)
+    checkpointer.save(cfg.steps, state, {**meta, "step": cfg.steps})
+    checkpointer.close()
+    mlog.close()
+
+    records = metrics_lib.read_metrics(out / "metrics.jsonl")
+    metrics_lib.plot_losses(records, out / "loss.png", title=f"{out.name}: {n_params / 1e6:.2f}M params")
+    skipped = int(state.skipped)
+    steps_run = cfg.steps - start
+    results = {
+        "final_val_loss": val_loss,
+        "final_val_ppl": math.exp(val_loss),
+        "unigram_val_loss": unigram_ce,
+        "unigram_val_ppl": math.exp(unigram_ce),
+        "steps": cfg.steps,
+        "steps_this_run": steps_run,
+        "tokens": cfg.steps * tps,
+        "params": n_params,
+        "param_bytes": count_bytes(trainer.abstract_state.params),
+        "optimizer_state_bytes": opt_bytes,
+        "skipped_steps": skipped,
+        "wall_time_s": time.time() - t_start,
+        "train_time_s": train_time,
+        "tokens_per_s": steps_run * tps / max(train_time, 1e-9),
+        "compile_time_s": compile_s,
+        "xla_memory": memory,
+        "data_digest": data.digest,
+        "config": config_lib.to_dict(cfg),
+        **metrics_lib.provenance(),
+    }
+    metrics_lib.write_json(out / "results.json", results)
+    log(
+        f"done: {cfg.steps} steps, {cfg.steps * tps:,} tokens, val_loss {val_loss:.4f}, "
+        f"val_ppl {math.exp(val_loss):.2f} (unigram baseline {math.exp(unigram_ce):.1f}), "
+        f"{results['tokens_per_s']:,.0f} tokens/s, skipped {skipped}, wall {results['wall_time_s']:.0f}s -> {out}"
+    )
+    return results

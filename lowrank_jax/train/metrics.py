@@ -1,0 +1,106 @@
+"""Run records: ``metrics.jsonl``, the loss-curve PNG and the provenance block of results.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import jax
+
+
+class MetricsLog:
+    """Append-only JSONL of per-step records. On resume, records past the restored step are dropped."""
+
+    def __init__(self, path: str | Path, resume_step: int | None = None):
+        self.path = Path(path)
+        records = read_metrics(self.path) if resume_step is not None else []
+        kept = [r for r in records if r["step"] <= (resume_step or 0)]
+        with open(self.path, "w") as f:
+            for r in kept:
+                f.write(json.dumps(r) + "\n")
+        self._f = open(self.path, "a")  # noqa: SIM115 - closed in close()
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._f.write(json.dumps(record) + "\n")
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Records of a metrics.jsonl; a torn last line (killed process) is ignored."""
+    p = Path(path)
+    if not p.is_file():
+        return []
+    out = []
+    for line in p.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return out
+
+
+def plot_losses(records: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
+    """Training loss (raw and smoothed) and validation loss against tokens seen."""
+    import matplotlib  # noqa: PLC0415 - keep start-up light
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    if train:
+        x = [r["tokens"] for r in train]
+        y = [r["loss"] for r in train]
+        ax.plot(x, y, color="tab:blue", alpha=0.3, lw=0.8, label="train loss")
+        k = max(1, len(y) // 50)
+        smooth = [sum(y[max(0, i - k + 1) : i + 1]) / len(y[max(0, i - k + 1) : i + 1]) for i in range(len(y))]
+        ax.plot(x, smooth, color="tab:blue", lw=1.6, label=f"train loss (mean of {k})")
+    if val:
+        ax.plot(
+            [r["tokens"] for r in val], [r["val_loss"] for r in val], "o-", color="tab:red", label="validation loss"
+        )
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parents[2]
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def provenance() -> dict[str, Any]:
+    """jax version, backend and device kind, device count, git commit."""
+    dev = jax.devices()[0]
+    return {
+        "jax_version": jax.__version__,
+        "backend": jax.default_backend(),
+        "device_kind": dev.device_kind,
+        "device_count": jax.device_count(),
+        "git_commit": git_commit(),
+        "cpu_count": os.cpu_count(),
+    }
+
+
+def write_json(path: str | Path, obj: dict[str, Any]) -> None:
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,72 @@
+"""Optimizers of the training loop, chosen by ``optim.name``, and the learning-rate schedule.
+
+Every builder returns an optax GradientTransformation that already includes the learning rate;
+:func:`make_optimizer` prepends global-norm clipping. Methods add themselves with
+:func:`register_optimizer` (GaLore, 8-bit Adam, ReLoRA, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import optax
+
+from lowrank_jax.config import Config
+
+OptimizerBuilder = Callable[[Config, optax.Schedule, Any], optax.GradientTransformation]
+_OPTIMIZERS: dict[str, OptimizerBuilder] = {}
+
+
+def register_optimizer(name: str) -> Callable[[OptimizerBuilder], OptimizerBuilder]:
+    """Register ``builder(cfg, schedule, abstract_params) -> GradientTransformation`` as ``name``."""
+
+    def wrap(builder: OptimizerBuilder) -> OptimizerBuilder:
+        _OPTIMIZERS[name] = builder
+        return builder
+
+    return wrap
+
+
+def optimizer_names() -> list[str]:
+    return sorted(_OPTIMIZERS)
+
+
+def make_schedule(cfg: Config) -> optax.Schedule:
+    """Linear warmup from 0 over ``warmup_ratio·steps``, then cosine decay to ``min_lr_ratio·lr``.
+
+    The papers' recipe (GaLore, SLTrain, ReLoRA): warmup 10% of steps, decay to 10% of peak.
+    """
+    o = cfg.optim
+    warmup = int(o.warmup_ratio * cfg.steps)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=o.lr,
+        warmup_steps=warmup,
+        decay_steps=max(cfg.steps, warmup + 1),
+        end_value=o.lr * o.min_lr_ratio,
+    )
+
+
+def matrix_mask(params: Any) -> Any:
+    """True for leaves with ndim >= 2 (weight decay applies to matrices, not norms)."""
+    return jax.tree.map(lambda x: x.ndim >= 2, params)
+
+
+@register_optimizer("adamw")
+def _adamw(cfg: Config, schedule: optax.Schedule, params: Any) -> optax.GradientTransformation:
+    o = cfg.optim
+    return optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=matrix_mask)
+
+
+def make_optimizer(cfg: Config, params: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """``(tx, schedule)`` for ``cfg``; ``params`` may be abstract (ShapeDtypeStruct leaves)."""
+    name = cfg.optim.name
+    if name not in _OPTIMIZERS:
+        raise ValueError(f"optim.name: unknown optimizer {name!r} (known: {', '.join(optimizer_names())})")
+    schedule = make_schedule(cfg)
+    tx = _OPTIMIZERS[name](cfg, schedule, params)
+    if cfg.optim.grad_clip > 0:
+        tx = optax.chain(optax.clip_by_global_norm(cfg.optim.grad_clip), tx)
+    return tx, schedule

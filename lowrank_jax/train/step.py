@@ -1,0 +1,203 @@
+"""Train state and the jitted train / eval steps, built on a device mesh.
+
+The state is a pytree ``TrainState(step, params, opt_state, rng, skipped)`` with params as a pure
+dict. The step is one ``jax.jit`` with explicit in/out shardings and the state donated. Gradients
+are accumulated over ``grad_accum`` micro-batches with ``lax.scan``; a step whose loss or gradient
+norm is not finite leaves params and optimizer state unchanged and increments ``skipped``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from lowrank_jax import sharding as shd
+from lowrank_jax.config import Config
+from lowrank_jax.models import build_model, logical_axes, split_model
+from lowrank_jax.train.optimizer import make_optimizer
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # int32 scalar: number of steps taken (the data position)
+    params: Any  # pure dict of arrays
+    opt_state: Any
+    rng: jax.Array  # uint32[2] key data; methods fold in the step
+    skipped: jax.Array  # int32 scalar: steps skipped for non-finite loss/grads
+
+
+def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
+    """Mean next-token negative log-likelihood in nats (float32)."""
+    logp = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, targets_BT[..., None], axis=-1))
+
+
+@dataclass
+class Trainer:
+    """Everything compiled for one run: model graph, optimizer, shardings and the jitted steps."""
+
+    cfg: Config
+    mesh: Mesh
+    graphdef: nnx.GraphDef
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    state_shardings: Any
+    abstract_state: Any
+    train_step: Callable
+    eval_step: Callable
+
+    def init_state(self) -> TrainState:
+        """Fresh state from ``cfg.seed``, created directly with the target shardings."""
+        return self._init(jax.random.key_data(jax.random.key(self.cfg.seed)))
+
+    def _init(self, raw_key: jax.Array) -> TrainState:
+        return jax.jit(self._make_state, out_shardings=self.state_shardings)(raw_key)
+
+    def _make_state(self, raw_key: jax.Array) -> TrainState:
+        key = jax.random.wrap_key_data(raw_key)
+        _, params = split_model(build_model(self.cfg.model, jax.random.fold_in(key, 0)))
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=self.tx.init(params),
+            rng=raw_key,
+            skipped=jnp.zeros((), jnp.int32),
+        )
+
+    def put_batch(self, batch: Any) -> jax.Array:
+        return jax.device_put(jnp.asarray(batch, jnp.int32), shd.batch_sharding(self.mesh))
+
+
+def make_trainer(cfg: Config, mesh: Mesh | None = None) -> Trainer:
+    """Build optimizer, shardings and jitted steps for ``cfg`` without allocating parameters."""
+    mesh = mesh if mesh is not None else shd.make_mesh(cfg.mesh)
+    n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro = cfg.batch_size // cfg.grad_accum
+    if micro % n_batch_shards:
+        raise ValueError(
+            f"batch_size: micro-batch {micro} (batch_size/grad_accum) does not divide over {n_batch_shards} data shards"
+        )
+    model_cfg = cfg.model
+    abstract_model = nnx.eval_shape(lambda: build_model(model_cfg, 0))
+    graphdef, abstract_params = split_model(abstract_model)
+    tx, schedule = make_optimizer(cfg, abstract_params)
+
+    param_shardings = shd.tree_shardings(logical_axes(model_cfg), abstract_params, mesh)
+    repl = shd.replicated(mesh)
+
+    def make_state_abstract(raw_key, params):
+        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), raw_key, jnp.zeros((), jnp.int32))
+
+    key_abstract = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=repl)
+    params_abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params, param_shardings
+    )
+    # Optimizer-state shardings follow the params through XLA's propagation; scalars replicate.
+    compiled = (
+        jax.jit(make_state_abstract, in_shardings=(repl, param_shardings))
+        .lower(key_abstract, params_abstract)
+        .compile()
+    )
+    state_shardings = compiled.output_shardings
+    state_shardings = state_shardings._replace(params=param_shardings)
+    abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        jax.eval_shape(make_state_abstract, key_abstract, abstract_params),
+        state_shardings,
+    )
+
+    def loss_fn(params, tokens):
+        logits = nnx.merge(graphdef, params)(tokens[:, :-1])
+        return cross_entropy(logits, tokens[:, 1:])
+
+    def step_fn(state: TrainState, batch: jax.Array):
+        if cfg.grad_accum == 1:
+            loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
+        else:
+            micro_batches = batch.reshape(cfg.grad_accum, micro, batch.shape[-1])
+
+            def accumulate(carry, mb):
+                loss_sum, grad_sum = carry
+                loss, grads = jax.value_and_grad(loss_fn)(state.params, mb)
+                return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros), micro_batches)
+            loss = loss / cfg.grad_accum
+            grads = jax.tree.map(lambda g: g / cfg.grad_accum, grads)
+        grad_norm = optax.global_norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+        new_state = TrainState(
+            step=state.step + 1,
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+            rng=state.rng,
+            skipped=state.skipped + (~ok).astype(jnp.int32),
+        )
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": schedule(state.step - state.skipped),
+            "skipped": (~ok).astype(jnp.int32),
+        }
+        return new_state, metrics
+
+    def eval_fn(params, batch):
+        logits = nnx.merge(graphdef, params)(batch[:, :-1])
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        nll = -jnp.take_along_axis(logp, batch[:, 1:, None], axis=-1)
+        return jnp.sum(nll), nll.size
+
+    batch_shard = shd.batch_sharding(mesh)
+    train_step = jax.jit(
+        step_fn,
+        in_shardings=(state_shardings, batch_shard),
+        out_shardings=(state_shardings, repl),
+        donate_argnums=0,
+    )
+    eval_step = jax.jit(eval_fn, in_shardings=(param_shardings, batch_shard), out_shardings=repl)
+    return Trainer(cfg, mesh, graphdef, tx, schedule, state_shardings, abstract_state, train_step, eval_step)
+
+
+def evaluate(trainer: Trainer, params: Any, batches: list) -> float:
+    """Mean validation NLL (nats/token) over the fixed held-out batches."""
+    total, count = 0.0, 0
+    for b in batches:
+        s, n = trainer.eval_step(params, trainer.put_batch(b))
+        total += float(s)
+        count += int(n)
+    return total / count
+
+
+def memory_report(trainer: Trainer) -> dict[str, int]:
+    """XLA's memory analysis of the compiled train step (per device, bytes); nothing is allocated."""
+    T = trainer.cfg.seq_len + 1
+    batch = jax.ShapeDtypeStruct((trainer.cfg.batch_size, T), jnp.int32, sharding=shd.batch_sharding(trainer.mesh))
+    compiled = trainer.train_step.lower(trainer.abstract_state, batch).compile()
+    ma = compiled.memory_analysis()
+    if ma is None:  # some backends do not report
+        return {}
+    keys = (
+        "argument_size_in_bytes",
+        "output_size_in_bytes",
+        "temp_size_in_bytes",
+        "alias_size_in_bytes",
+        "generated_code_size_in_bytes",
+    )
+    out = {k: int(getattr(ma, k, 0)) for k in keys}
+    out["peak_estimate_bytes"] = (
+        out["argument_size_in_bytes"]
+        + out["output_size_in_bytes"]
+        + out["temp_size_in_bytes"]
+        - out["alias_size_in_bytes"]
+    )
+    return out
