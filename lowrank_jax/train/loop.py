@@ -18,6 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lowrank_jax import config as config_lib
+from lowrank_jax import sharding as shd
 from lowrank_jax.config import Config, ConfigError
 from lowrank_jax.data import BatchIterator, eval_batches, prepare_data, unigram_cross_entropy
 from lowrank_jax.models import count_bytes, count_params
@@ -59,6 +60,10 @@ def train(cfg: Config, log=print) -> dict[str, Any]:
     if not cfg.resume and checkpoint_steps(ckpt_dir):
         raise ConfigError(f"out_dir: {str(out)!r} already holds checkpoints; pass resume=true or another out_dir")
 
+    try:
+        shd.mesh_shape(cfg.mesh, jax.device_count())
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     try:
         data = prepare_data(cfg.data)
     except (ValueError, OSError) as e:
