@@ -13,8 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from tqdm import tqdm
 
 from lowrank_jax import config as config_lib
@@ -24,7 +22,7 @@ from lowrank_jax.data import BatchIterator, eval_batches, prepare_data, unigram_
 from lowrank_jax.models import count_bytes, count_params
 from lowrank_jax.train import metrics as metrics_lib
 from lowrank_jax.train.checkpoint import Checkpointer, checkpoint_steps
-from lowrank_jax.train.step import evaluate, make_trainer
+from lowrank_jax.train.step import compile_train_step, compiled_memory, evaluate, make_trainer
 
 
 def _fmt_bytes(n: float) -> str:
@@ -33,21 +31,6 @@ def _fmt_bytes(n: float) -> str:
             return f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GiB"  # pragma: no cover
-
-
-def _memory(compiled) -> dict[str, int]:
-    ma = compiled.memory_analysis()
-    if ma is None:
-        return {}
-    keys = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes")
-    out = {k: int(getattr(ma, k, 0)) for k in keys}
-    out["peak_estimate_bytes"] = (
-        out["argument_size_in_bytes"]
-        + out["output_size_in_bytes"]
-        + out["temp_size_in_bytes"]
-        - out["alias_size_in_bytes"]
-    )
-    return out
 
 
 def train(cfg: Config, log=print) -> dict[str, Any]:
@@ -87,13 +70,10 @@ def train(cfg: Config, log=print) -> dict[str, Any]:
         trainer = make_trainer(cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    batch_abstract = jax.ShapeDtypeStruct(
-        (cfg.batch_size, cfg.seq_len + 1), jnp.int32, sharding=trainer.put_batch(np.zeros((1, 1))).sharding
-    )
     t0 = time.time()
-    step_fn = trainer.train_step.lower(trainer.abstract_state, batch_abstract).compile()
+    step_fn = compile_train_step(trainer)
     compile_s = time.time() - t0
-    memory = _memory(step_fn)
+    memory = compiled_memory(step_fn)
     n_params = count_params(trainer.abstract_state.params)
     opt_bytes = count_bytes(trainer.abstract_state.opt_state)
     log(
@@ -158,7 +138,7 @@ def train(cfg: Config, log=print) -> dict[str, Any]:
             bar.write(f"step {done}: val_loss {val_loss:.4f} val_ppl {math.exp(val_loss):.2f}")
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done != cfg.steps:
             flush_metrics()
-            checkpointer.save(done, state, {**meta, "step": done})
+            checkpointer.save(done, state, {**meta, "step": done, "data_position": done})
         excluded += time.time() - t_pause
     jax.block_until_ready(state)
     train_time = time.time() - t_loop - excluded
@@ -166,7 +146,7 @@ def train(cfg: Config, log=print) -> dict[str, Any]:
     flush_metrics()
     if start < cfg.steps or not math.isfinite(val_loss):
         val_loss = run_eval(cfg.steps)
-    checkpointer.save(cfg.steps, state, {**meta, "step": cfg.steps})
+    checkpointer.save(cfg.steps, state, {**meta, "step": cfg.steps, "data_position": cfg.steps})
     checkpointer.close()
     mlog.close()
 

@@ -178,13 +178,10 @@ def evaluate(trainer: Trainer, params: Any, batches: list) -> float:
     return total / count
 
 
-def memory_report(trainer: Trainer) -> dict[str, int]:
-    """XLA's memory analysis of the compiled train step (per device, bytes); nothing is allocated."""
-    T = trainer.cfg.seq_len + 1
-    batch = jax.ShapeDtypeStruct((trainer.cfg.batch_size, T), jnp.int32, sharding=shd.batch_sharding(trainer.mesh))
-    compiled = trainer.train_step.lower(trainer.abstract_state, batch).compile()
+def compiled_memory(compiled: Any) -> dict[str, int]:
+    """XLA's memory analysis of a compiled executable (per device, bytes); ``{}`` where unsupported."""
     ma = compiled.memory_analysis()
-    if ma is None:  # some backends do not report
+    if ma is None:
         return {}
     keys = (
         "argument_size_in_bytes",
@@ -201,3 +198,19 @@ def memory_report(trainer: Trainer) -> dict[str, int]:
         - out["alias_size_in_bytes"]
     )
     return out
+
+
+def batch_abstract(trainer: Trainer) -> jax.ShapeDtypeStruct:
+    """The abstract global batch ``(batch_size, seq_len + 1)`` int32 with its sharding."""
+    cfg = trainer.cfg
+    return jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len + 1), jnp.int32, sharding=shd.batch_sharding(trainer.mesh))
+
+
+def compile_train_step(trainer: Trainer) -> Any:
+    """Ahead-of-time compiled train step (nothing allocated); call it like ``trainer.train_step``."""
+    return trainer.train_step.lower(trainer.abstract_state, batch_abstract(trainer)).compile()
+
+
+def memory_report(trainer: Trainer) -> dict[str, int]:
+    """XLA's memory analysis of the compiled train step (per device, bytes); nothing is allocated."""
+    return compiled_memory(compile_train_step(trainer))
