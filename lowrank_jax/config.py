@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
-import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -81,12 +80,31 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class GaloreConfig:
+    """GaLore settings for ``optim.name=galore_adamw`` / ``galore_adamw8bit`` (see lowrank_jax.optim.galore).
+
+    Applied to the attention and MLP kernels only; embeddings, norms and lm_head use the same Adam
+    at full size. Paper recipe: rank 128 (60M) … 1024 (7B), update_proj_gap 200, scale 0.25, lr 0.01.
+    """
+
+    rank: int = 32
+    update_proj_gap: int = 200
+    scale: float = 0.25
+    proj_type: str = "std"
+    refresh: str = "all"  # all | staggered
+    svd: str = "exact"  # exact | randomized
+    moments: str = "keep"  # keep | reproject | reset
+    canonical_signs: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole run. ``steps * batch_size * seq_len`` tokens are seen."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    galore: GaloreConfig = field(default_factory=GaloreConfig)
     steps: int = 300
     batch_size: int = 16
     grad_accum: int = 1
@@ -108,7 +126,7 @@ class Config:
         return self.batch_size * self.seq_len
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "galore": GaloreConfig}
 DTYPES = ("float32", "bfloat16")
 SOURCES = ("stdlib", "pydoc", "files", "tfds")
 
@@ -222,7 +240,9 @@ def _apply(flat: dict[str, Any], from_cli: set[str]) -> Config:
         elif key in SECTIONS:
             raise ConfigError(f"{key}: is a section; set {key}.<field>=value")
         else:
-            raise ConfigError(f"{key}: unknown key (known: {', '.join(sorted(top_types))}, model.*, data.*, optim.*)")
+            raise ConfigError(
+                f"{key}: unknown key (known: {', '.join(sorted(top_types))}, {', '.join(k + '.*' for k in SECTIONS)})"
+            )
     return Config(**top, **{name: SECTIONS[name](**vals) for name, vals in sec.items()})
 
 
@@ -372,17 +392,5 @@ def _optimizer_names() -> list[str]:
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
-    """Plain nested dict (tuples as lists) for results.json and YAML dumps."""
-
-    def conv(x: Any) -> Any:
-        if isinstance(x, tuple):
-            return list(x)
-        if isinstance(x, types.MappingProxyType):
-            return dict(x)
-        return x
-
-    return {k: (jax_free(v) if isinstance(v, dict) else conv(v)) for k, v in dataclasses.asdict(cfg).items()}
-
-
-def jax_free(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+    """Plain nested dict for results.json and config.json (tuples serialise as lists)."""
+    return dataclasses.asdict(cfg)

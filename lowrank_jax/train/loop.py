@@ -146,7 +146,8 @@ def train(cfg: Config, log=print) -> dict[str, Any]:
     flush_metrics()
     if start < cfg.steps or not math.isfinite(val_loss):
         val_loss = run_eval(cfg.steps)
-    checkpointer.save(cfg.steps, state, {**meta, "step": cfg.steps, "data_position": cfg.steps})
+    if cfg.steps not in checkpointer.manager.all_steps():
+        checkpointer.save(cfg.steps, state, {**meta, "step": cfg.steps, "data_position": cfg.steps})
     checkpointer.close()
     mlog.close()
 

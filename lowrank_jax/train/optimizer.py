@@ -60,6 +60,76 @@ def _adamw(cfg: Config, schedule: optax.Schedule, params: Any) -> optax.Gradient
     return optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=matrix_mask)
 
 
+def method_mask(params: Any) -> Any:
+    """True for the attention and MLP kernels (``blocks/.../kernel``), the leaves the papers' methods wrap.
+
+    Embeddings, norms and ``lm_head`` stay dense with plain Adam (GaLore / SLTrain / ReLoRA recipe).
+    """
+
+    def is_method_leaf(path, _):
+        keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
+        return bool(keys) and keys[0] == "blocks" and keys[-1] == "kernel"
+
+    return jax.tree_util.tree_map_with_path(is_method_leaf, params)
+
+
+def _galore_kwargs(cfg: Config) -> dict[str, Any]:
+    g = cfg.galore
+    return dict(
+        update_proj_gap=g.update_proj_gap,
+        scale=g.scale,
+        proj_type=g.proj_type,
+        refresh=g.refresh,
+        svd=g.svd,
+        moments=g.moments,
+        canonical_signs=g.canonical_signs,
+        mask=method_mask,
+    )
+
+
+@register_optimizer("galore_adamw")
+def _galore_adamw(cfg: Config, schedule: optax.Schedule, params: Any) -> optax.GradientTransformation:
+    from lowrank_jax.optim.galore import galore_adamw  # noqa: PLC0415
+
+    o = cfg.optim
+    return galore_adamw(
+        schedule,
+        cfg.galore.rank,
+        weight_decay=o.weight_decay,
+        b1=o.b1,
+        b2=o.b2,
+        eps=o.eps,
+        weight_decay_mask=matrix_mask,
+        **_galore_kwargs(cfg),
+    )
+
+
+@register_optimizer("galore_adamw8bit")
+def _galore_adamw8bit(cfg: Config, schedule: optax.Schedule, params: Any) -> optax.GradientTransformation:
+    from lowrank_jax.optim.adam_8bit import scale_by_adam_8bit  # noqa: PLC0415
+    from lowrank_jax.optim.galore import galore  # noqa: PLC0415
+
+    o = cfg.optim
+    inner = scale_by_adam_8bit(o.b1, o.b2, o.eps, eps_placement="hf")
+    return optax.chain(
+        galore(cfg.galore.rank, inner=inner, **_galore_kwargs(cfg)),
+        optax.add_decayed_weights(o.weight_decay, mask=matrix_mask),
+        optax.scale_by_learning_rate(schedule),
+    )
+
+
+@register_optimizer("adamw8bit")
+def _adamw8bit(cfg: Config, schedule: optax.Schedule, params: Any) -> optax.GradientTransformation:
+    from lowrank_jax.optim.adam_8bit import scale_by_adam_8bit  # noqa: PLC0415
+
+    o = cfg.optim
+    return optax.chain(
+        scale_by_adam_8bit(o.b1, o.b2, o.eps),
+        optax.add_decayed_weights(o.weight_decay, mask=matrix_mask),
+        optax.scale_by_learning_rate(schedule),
+    )
+
+
 def make_optimizer(cfg: Config, params: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """``(tx, schedule)`` for ``cfg``; ``params`` may be abstract (ShapeDtypeStruct leaves)."""
     name = cfg.optim.name
