@@ -47,8 +47,8 @@ def main() -> None:
     for name, fn in TABLES.items():
         table = fn()
         (HERE / "results" / f"{name}.md").write_text(table + "\n")
-        pattern = re.compile(rf"(<!-- table:{name} -->\n).*?(\n<!-- /table:{name} -->)", re.S)
-        text = pattern.sub(lambda m, t=table: m.group(1) + t + m.group(2), text)
+        pattern = re.compile(rf"(<!-- table:{name} -->\n).*?(<!-- /table:{name} -->)", re.S)
+        text = pattern.sub(lambda m, t=table: m.group(1) + t + "\n" + m.group(2), text)
     if text:
         README.write_text(text)
 
