@@ -60,12 +60,21 @@ leaf: 2·⌈n/B⌉·B bytes of codes + 8·⌈n/B⌉ bytes of scales (≈ 2.03 by
 float32 trees (used by GaLore to re-project them); the update needs no params, so the transform
 can be GaLore's ``inner``.
 
-Error vs fp32 Adam (measured by tests/optim/test_adam_8bit.py, CPU, block_size 256):
-* ill-conditioned 64×64 quadratic (eigenvalues 1e-2…1e2), 300 steps, lr 1e-2: final loss
-  relative difference 0.03%, parameter relative L2 distance 0.2%.
-* tiny LLaMA (vocab 97, hidden 32, 2 layers; all kernels and embeddings quantized, min_size 256),
-  100 steps at lr 3e-3 on fixed random tokens: final loss relative difference 0.02%
-  (max over the trajectory 0.05%).
+Error vs fp32 Adam (tests/optim/test_adam_8bit.py, CPU, block_size 256, defaults otherwise):
+* Step 1 is exact (moments start at 0 and the direction uses unquantized moments); a NumPy
+  float64 re-implementation of the quantized algorithm agrees to ~1e-7 relative L2 over 12 steps.
+* Ill-conditioned quadratic, X ∈ R^(64×64), loss ½·tr((X − X*)ᵀ A (X − X*))/64 with A's eigenvalues
+  log-spaced over 1e-2…1e2, 300 steps from 0, constant lr: relative difference of the final loss /
+  relative L2 distance of the parameters: lr 3e-2 (the test): 2.8% / 5.1%; lr 1e-2: 8.8% / 10.6%;
+  lr 1e-1: 0.4% / 2.3%. Most of the parameter gap lies in the slow eigendirections, and it is
+  systematic, not noise (fp32 Adam with 1% multiplicative gradient noise moves the parameters by
+  only 0.1%); at lr 1e-2 quantizing only m gives a 6% loss gap, only v 4%. This is what
+  deterministic round-to-nearest predicts: a moment whose per-step change is below half a level
+  (relative to its block absmax) is rounded back, and with b2 = 0.999 that is most of v once
+  warmed up. For scale, fp32 Adam with a bfloat16 first moment: 1.7% / 0.5% at lr 1e-2.
+* Tiny LLaMA (vocab 97, hidden 32, ffn 48, 2 layers; every matrix quantized via min_size 256),
+  100 steps of lr 3e-3 memorising 8 random sequences (loss 4.59 → 0.065 nats): largest loss
+  difference 0.011 nats, 1.4% relative (at the last step, where the loss is smallest).
 """
 
 from __future__ import annotations
@@ -85,7 +94,6 @@ __all__ = [
     "ScaleByAdam8bitState",
     "SIGNED_MAP",
     "UNSIGNED_MAP",
-    "adamw_8bit",
     "dequantize",
     "get_moments",
     "quantize",
@@ -117,13 +125,28 @@ UNSIGNED_MAP: np.ndarray = np.concatenate([[0.0], dynamic_tree_magnitudes(8)]).a
 _SIGNED_OFFSET = 127  # int8 code c ↔ SIGNED_MAP[c + 127]; code 0 is exactly 0
 
 
-def _midpoints(table: np.ndarray) -> np.ndarray:
+def _padded_midpoints(table: np.ndarray) -> np.ndarray:
+    """Decision boundaries between neighbouring levels, padded with +inf to 256 entries."""
     t = table.astype(np.float64)
-    return ((t[:-1] + t[1:]) / 2).astype(np.float32)
+    mid = (t[:-1] + t[1:]) / 2
+    return np.concatenate([mid, np.full(256 - len(mid), np.inf)]).astype(np.float32)
 
 
-_SIGNED_MID = _midpoints(SIGNED_MAP)
-_UNSIGNED_MID = _midpoints(UNSIGNED_MAP)
+_SIGNED_MID = _padded_midpoints(SIGNED_MAP)
+_UNSIGNED_MID = _padded_midpoints(UNSIGNED_MAP)
+
+
+def _nearest_level(y: jax.Array, mid_256: np.ndarray) -> jax.Array:
+    """Index of the level nearest to ``y``: the number of boundaries below ``y`` (ties round down).
+
+    ``jnp.searchsorted(mid, y)`` as a branch-free binary search, 8 gathers from a 256-entry
+    table; unrolled so that it fuses into one elementwise kernel (no while loop to compile).
+    """
+    mid = jnp.asarray(mid_256)
+    idx = jnp.zeros(y.shape, jnp.int32)
+    for step in (128, 64, 32, 16, 8, 4, 2, 1):
+        idx = jnp.where(jnp.take(mid, idx + (step - 1)) < y, idx + step, idx)
+    return idx
 
 
 # ------------------------------------------------------------------------------ quantized arrays
@@ -184,7 +207,7 @@ def quantize(x: jax.typing.ArrayLike, signed: bool = True, block_size: int = 256
     x_KB = flat.reshape(num_blocks, block_size)
     absmax_K = jnp.max(jnp.abs(x_KB), axis=1)
     y_KB = x_KB / jnp.where(absmax_K > 0, absmax_K, 1.0)[:, None]
-    idx_KB = jnp.searchsorted(jnp.asarray(_SIGNED_MID if signed else _UNSIGNED_MID), y_KB)
+    idx_KB = _nearest_level(y_KB, _SIGNED_MID if signed else _UNSIGNED_MID)
     if signed:
         codes = (idx_KB - _SIGNED_OFFSET).astype(jnp.int8)
     else:
@@ -240,11 +263,19 @@ def get_moments(state: ScaleByAdam8bitState) -> tuple[Any, Any]:
     return mu, nu
 
 
-def set_moments(state: ScaleByAdam8bitState, mu: Any, nu: Any) -> ScaleByAdam8bitState:
-    """Replace the moments by float32 trees ``mu``/``nu``, requantizing the quantized leaves."""
-    new_mu = jax.tree.map(lambda old, new: _store(new, old), state.mu, mu, is_leaf=_is_quantized)
-    new_nu = jax.tree.map(lambda old, new: _store(new, old), state.nu, nu, is_leaf=_is_quantized)
-    return state._replace(mu=new_mu, nu=new_nu)
+def set_moments(state: ScaleByAdam8bitState, mu: Any | None, nu: Any | None) -> ScaleByAdam8bitState:
+    """Replace the moments by float trees ``mu``/``nu`` (None keeps that moment), requantizing.
+
+    Each new leaf is stored like the leaf it replaces: quantized with the same map and block size,
+    or as float32. With :func:`get_moments` this is the pair GaLore's ``register_moments`` expects.
+    """
+
+    def store(old_tree: Any, new_tree: Any | None) -> Any:
+        if new_tree is None:
+            return old_tree
+        return jax.tree.map(lambda old, new: _store(new, old), old_tree, new_tree, is_leaf=_is_quantized)
+
+    return state._replace(mu=store(state.mu, mu), nu=store(state.nu, nu))
 
 
 def _concrete_float(name: str, value: Any) -> float | None:
@@ -296,8 +327,9 @@ def scale_by_adam_8bit(
 
     Returns:
       A GradientTransformation whose update returns the Adam direction (to be scaled by −lr)
-      in each gradient's dtype; ``params`` are not used. Integer arguments must be static under
-      ``optax.inject_hyperparams`` (``static_args=("block_size", "min_size")``) if passed.
+      in each gradient's dtype; ``params`` are not used. Only ``init`` reads ``block_size`` and
+      ``min_size`` (``update`` takes the layout from the state); pass them in
+      ``optax.inject_hyperparams(..., static_args=("block_size", "min_size"))``.
     """
     for name, value in (("b1", b1), ("b2", b2)):
         v = _concrete_float(name, value)
@@ -351,29 +383,7 @@ def scale_by_adam_8bit(
             u_leaves.append(u.astype(g.dtype))
             new_mu.append(_store(m, mu_s))
             new_nu.append(_store(v, nu_s))
-        new_state = ScaleByAdam8bitState(
-            count=count_inc, mu=treedef.unflatten(new_mu), nu=treedef.unflatten(new_nu)
-        )
+        new_state = ScaleByAdam8bitState(count=count_inc, mu=treedef.unflatten(new_mu), nu=treedef.unflatten(new_nu))
         return treedef.unflatten(u_leaves), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)
-
-
-def adamw_8bit(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 1e-4,
-    mask: Any = None,
-    *,
-    block_size: int = 256,
-    eps_placement: str = "optax",
-    min_size: int = 4096,
-) -> optax.GradientTransformation:
-    """``optax.adamw`` with 8-bit moments: scale_by_adam_8bit → decoupled weight decay → −lr."""
-    return optax.chain(
-        scale_by_adam_8bit(b1, b2, eps, block_size=block_size, eps_placement=eps_placement, min_size=min_size),
-        optax.add_decayed_weights(weight_decay, mask),
-        optax.scale_by_learning_rate(learning_rate),
-    )
