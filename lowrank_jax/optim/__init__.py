@@ -1,5 +1,14 @@
 """Optax GradientTransformations of the memory-efficient methods (GaLore, 8-bit Adam, ...)."""
 
+from lowrank_jax.optim.adam_8bit import (
+    QuantizedArray,
+    ScaleByAdam8bitState,
+    dequantize,
+    get_moments,
+    quantize,
+    scale_by_adam_8bit,
+    set_moments,
+)
 from lowrank_jax.optim.galore import (
     GaLoreDims,
     GaLoreState,
@@ -10,9 +19,8 @@ from lowrank_jax.optim.galore import (
     scale_by_adam_hf,
 )
 
-# --- 8-bit Adam (lowrank_jax/optim/adam_8bit.py) goes here, e.g.:
-# from lowrank_jax.optim.adam_8bit import ScaleByAdam8bitState, get_moments, scale_by_adam_8bit, set_moments
-# register_moments(ScaleByAdam8bitState, get_moments, set_moments)  # lets galore(moments='reproject') rotate them
+# Lets galore(moments='reproject' | 'reset') rotate / zero the 8-bit moments.
+register_moments(ScaleByAdam8bitState, get_moments, set_moments)
 
 __all__ = [
     "GaLoreDims",
@@ -22,5 +30,11 @@ __all__ = [
     "galore_adamw",
     "register_moments",
     "scale_by_adam_hf",
-    # "scale_by_adam_8bit",
+    "QuantizedArray",
+    "ScaleByAdam8bitState",
+    "dequantize",
+    "get_moments",
+    "quantize",
+    "scale_by_adam_8bit",
+    "set_moments",
 ]

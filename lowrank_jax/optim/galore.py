@@ -84,9 +84,18 @@ Higher-rank leaves (``dimension_numbers``): a leaf of ndim > 2 is a batch of mat
 batched leaf has one cond around a batched SVD, with ``'staggered'`` a ``jax.lax.map`` over its
 matrices with a cond inside each (never a vmapped cond, which would compute both branches).
 
-Precision: SVDs run in float32; projections and back-projections are matmuls in the gradient
-dtype with JAX's default precision (set ``jax_default_matmul_precision`` for closer agreement
-with PyTorch float32 on accelerators).
+Precision: SVDs run in float32; projectors are stored in the param dtype (= the gradient dtype
+in the usual case, as in the official code); projections and back-projections are matmuls in the
+gradient dtype with JAX's default precision (set ``jax_default_matmul_precision`` for closer
+agreement with PyTorch float32 on accelerators). Note for ``both``: at a refresh the low-rank
+gradient is ``diag(σ)`` and a first Adam step with a tiny ``eps`` turns its off-diagonal rounding
+noise into O(1e-2) updates — in the official code as much as here.
+
+Differences from galore-torch (none changes the default trajectory for weight decay 0): the
+projected leaves are chosen by ``mask`` (default: all matrices; the official scripts list the
+attention/MLP modules, so pass such a mask); a failed SVD keeps the previous projector instead of
+propagating NaNs or raising; :func:`galore_adamw` decays the weight before rather than after the
+update (an O(lr²·wd) difference).
 
 With :func:`optax.inject_hyperparams`, ``scale``, ``update_proj_gap``, ``seed`` and
 ``power_iters`` may be traced; ``rank`` is read from the state's projector shapes during updates
@@ -773,17 +782,12 @@ def galore(
         if moments != "keep":
             _check_moments(inner_state, treedef, plans, moments)
 
-        def eye(p: _Plan | None, dim: int, use: bool, dtype: Any) -> Any:
-            if p is None or not use:
-                return optax.MaskedNode()
-            return jnp.broadcast_to(jnp.eye(dim, p.rank, dtype=dtype), p.batch_shape + (dim, p.rank))
-
-        proj_in = [
-            eye(p, p.m if p else 0, p is not None and p.use_in, x.dtype) for p, x in zip(plans, leaves, strict=True)
-        ]
-        proj_out = [
-            eye(p, p.n if p else 0, p is not None and p.use_out, x.dtype) for p, x in zip(plans, leaves, strict=True)
-        ]
+        # Initial projectors: the truncated identity (used only if the step-0 SVD fails).
+        eye = lambda p, dim, dtype: jnp.broadcast_to(jnp.eye(dim, p.rank, dtype=dtype), p.batch_shape + (dim, p.rank))
+        proj_in, proj_out = [], []
+        for p, x in zip(plans, leaves, strict=True):
+            proj_in.append(eye(p, p.m, x.dtype) if p is not None and p.use_in else optax.MaskedNode())
+            proj_out.append(eye(p, p.n, x.dtype) if p is not None and p.use_out else optax.MaskedNode())
         last = [optax.MaskedNode() if p is None else jnp.full(p.batch_shape, -1, jnp.int32) for p in plans]
         return GaLoreState(
             count=jnp.zeros([], jnp.int32),
