@@ -56,14 +56,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"  # pragma: no cover
-
-
 def bench(cfg: config_lib.Config, steps: int, warmup: int) -> dict[str, Any]:
     """Compile and time ``cfg``'s train step on random tokens; returns the metrics (no files written)."""
     try:
@@ -145,9 +137,9 @@ def format_table(name: str, res: dict[str, Any], device_kind: str) -> str:
     mem = res["xla_memory"]
     for key in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes"):
         if key in mem:
-            rows.append((f"XLA {key.removesuffix('_size_in_bytes')}", _fmt_bytes(mem[key])))
+            rows.append((f"XLA {key.removesuffix('_size_in_bytes')}", metrics_lib.fmt_bytes(mem[key])))
     if "peak_estimate_bytes" in mem:
-        rows.append(("XLA peak estimate / device", _fmt_bytes(mem["peak_estimate_bytes"])))
+        rows.append(("XLA peak estimate / device", metrics_lib.fmt_bytes(mem["peak_estimate_bytes"])))
     width = max(len(k) for k, _ in rows)
     head = (
         f"bench_step: {name} on {res['mesh_devices']} x {device_kind} ({jax.default_backend()}), "

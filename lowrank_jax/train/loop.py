@@ -25,14 +25,6 @@ from lowrank_jax.train.checkpoint import Checkpointer, checkpoint_steps
 from lowrank_jax.train.step import compile_train_step, compiled_memory, evaluate, make_trainer
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"  # pragma: no cover
-
-
 def train(cfg: Config, log=print) -> dict[str, Any]:
     """Run ``cfg`` to ``cfg.steps``; returns the results dict also written to ``out_dir/results.json``."""
     t_start = time.time()
@@ -76,10 +68,12 @@ def train(cfg: Config, log=print) -> dict[str, Any]:
     memory = compiled_memory(step_fn)
     n_params = count_params(trainer.abstract_state.params)
     opt_bytes = count_bytes(trainer.abstract_state.opt_state)
+    fmt = metrics_lib.fmt_bytes
+    param_bytes = count_bytes(trainer.abstract_state.params)
     log(
-        f"model: {n_params:,} params ({_fmt_bytes(count_bytes(trainer.abstract_state.params))}), optimizer state "
-        f"{_fmt_bytes(opt_bytes)}; step compiled in {compile_s:.1f}s, XLA peak estimate "
-        f"{_fmt_bytes(memory.get('peak_estimate_bytes', 0))}/device on {trainer.mesh.devices.size} device(s)"
+        f"model: {n_params:,} params ({fmt(param_bytes)}), optimizer state {fmt(opt_bytes)}; step compiled in "
+        f"{compile_s:.1f}s, XLA peak estimate {fmt(memory.get('peak_estimate_bytes', 0))}/device on "
+        f"{trainer.mesh.devices.size} device(s)"
     )
 
     checkpointer = None
@@ -164,7 +158,7 @@ def train(cfg: Config, log=print) -> dict[str, Any]:
         "steps_this_run": steps_run,
         "tokens": cfg.steps * tps,
         "params": n_params,
-        "param_bytes": count_bytes(trainer.abstract_state.params),
+        "param_bytes": param_bytes,
         "optimizer_state_bytes": opt_bytes,
         "skipped_steps": skipped,
         "wall_time_s": time.time() - t_start,

@@ -78,6 +78,15 @@ def plot_losses(records: list[dict[str, Any]], path: str | Path, title: str = ""
     plt.close(fig)
 
 
+def fmt_bytes(n: float) -> str:
+    """Human-readable binary size: 1.5 MiB."""
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
 def git_commit() -> str:
     try:
         root = Path(__file__).resolve().parents[2]

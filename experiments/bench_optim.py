@@ -1,0 +1,175 @@
+"""Optimizer-update benchmark: optax.adamw vs optax.contrib.galore vs lowrank-jax GaLore, side by side.
+
+    python experiments/bench_optim.py [--shapes tiny llama_60m] [--gap 20] [--periods 3] [--out DIR]
+
+For each parameter-shape set (the attention/MLP kernels of a named config, unrolled layers so
+that every transform sees 2-D matrices, plus embeddings, norms and lm_head) it times one jitted
+update ``(params, state, grads) -> (params, state)`` per step over ``periods`` projector periods
+of ``gap`` steps, after compiling ahead of time. GaLore is applied to the attention/MLP kernels
+with the config's rank; the rest gets Adam at full size. Reported: median and max step time
+(refresh steps included; step 0 is reported apart because every projector is created there),
+the ratio to optax.adamw's median, the refresh-step spike (max / median), and the optimizer-state
+bytes (jax.eval_shape). Writes results.json, a table (table.md) and a PNG of step times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from optax import contrib
+
+from lowrank_jax.config import load_config
+from lowrank_jax.models import abstract_params, count_bytes, count_params
+from lowrank_jax.optim import galore_adamw
+from lowrank_jax.train.metrics import provenance, write_json
+from lowrank_jax.train.optimizer import method_mask
+
+HERE = Path(__file__).resolve().parent
+RANKS = {"tiny": 32, "llama_60m": 128, "llama_130m": 256}
+
+
+def _params(name: str, key: int = 0):
+    cfg = load_config(name).model
+    cfg = dataclasses.replace(
+        cfg, scan_layers=False, vocab_size=cfg.vocab_size or 4096, dtype="float32", param_dtype="float32"
+    )
+    _, abstract = abstract_params(cfg)
+    leaves, treedef = jax.tree.flatten(abstract)
+    keys = jax.random.split(jax.random.key(key), len(leaves))
+    params = [jax.random.normal(k, x.shape, x.dtype) * 0.02 for k, x in zip(keys, leaves, strict=True)]
+    return jax.tree.unflatten(treedef, params)
+
+
+def _optimizers(rank: int, gap: int, lr: float = 1e-3) -> dict[str, optax.GradientTransformation]:
+    return {
+        "optax.adamw": optax.adamw(lr),
+        "optax.contrib.galore": contrib.galore(lr, rank=rank, update_proj_gap=gap, scale=0.25, mask=method_mask),
+        "ours (default)": galore_adamw(lr, rank, update_proj_gap=gap, scale=0.25, mask=method_mask),
+        "ours (staggered+randomized)": galore_adamw(
+            lr, rank, update_proj_gap=gap, scale=0.25, mask=method_mask, refresh="staggered", svd="randomized"
+        ),
+    }
+
+
+def _time_updates(tx, params, grads, steps: int) -> tuple[list[float], int]:
+    state_bytes = count_bytes(jax.eval_shape(tx.init, params))
+
+    def step(p, s, g):
+        upd, s = tx.update(g, s, p)
+        return optax.apply_updates(p, upd), s
+
+    p = jax.tree.map(jnp.copy, params)
+    s = tx.init(p)
+    fn = jax.jit(step, donate_argnums=(0, 1)).lower(p, s, grads[0]).compile()
+    times = []
+    for i in range(steps):
+        t0 = time.perf_counter()
+        p, s = fn(p, s, grads[i % len(grads)])
+        jax.block_until_ready((p, s))
+        times.append(time.perf_counter() - t0)
+    return times, state_bytes
+
+
+def bench(shape_set: str, gap: int, periods: int) -> dict:
+    params = _params(shape_set)
+    grads = [
+        jax.tree.map(lambda x, k=k: jax.random.normal(jax.random.key(k), x.shape) * 1e-3, params) for k in range(3)
+    ]
+    rank = RANKS.get(shape_set, 32)
+    steps = gap * periods + 1
+    rows = {}
+    for name, tx in _optimizers(rank, gap).items():
+        times, state_bytes = _time_updates(tx, params, grads, steps)
+        later = np.asarray(times[1:])
+        rows[name] = {
+            "step0_ms": 1e3 * times[0],
+            "median_ms": 1e3 * float(np.median(later)),
+            "max_ms": 1e3 * float(later.max()),
+            "state_bytes": state_bytes,
+            "times_ms": [1e3 * t for t in times],
+        }
+        print(
+            f"  {shape_set:10s} {name:30s} median {rows[name]['median_ms']:9.2f} ms  max "
+            f"{rows[name]['max_ms']:9.2f} ms  state {state_bytes / 2**20:8.1f} MiB",
+            flush=True,
+        )
+    base = rows["optax.adamw"]["median_ms"]
+    for r in rows.values():
+        r["median_vs_adamw"] = r["median_ms"] / base
+        r["max_vs_median"] = r["max_ms"] / r["median_ms"]
+        r["max_vs_adamw"] = r["max_ms"] / base
+    return {
+        "shape_set": shape_set,
+        "params": count_params(params),
+        "rank": rank,
+        "gap": gap,
+        "steps": steps,
+        "optimizers": rows,
+    }
+
+
+def table(results: list[dict]) -> str:
+    lines = [
+        "| shapes | optimizer | median step (ms) | median / adamw | max step (ms) | max / median | max / adamw "
+        "| step 0 (ms) | state (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for res in results:
+        for name, r in res["optimizers"].items():
+            lines.append(
+                f"| {res['shape_set']} ({res['params'] / 1e6:.1f}M, r={res['rank']}, T={res['gap']}) | {name} | "
+                f"{r['median_ms']:.2f} | {r['median_vs_adamw']:.2f} | {r['max_ms']:.2f} | {r['max_vs_median']:.2f} | "
+                f"{r['max_vs_adamw']:.2f} | {r['step0_ms']:.1f} | {r['state_bytes'] / 2**20:.1f} |"
+            )
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), dpi=110, squeeze=False)
+    for ax, res in zip(axes[0], results, strict=True):
+        for name, r in res["optimizers"].items():
+            ax.plot(r["times_ms"][1:], label=name, lw=1)
+        ax.set_yscale("log")
+        ax.set_xlabel("update step (after step 0)")
+        ax.set_ylabel("ms")
+        ax.set_title(f"{res['shape_set']}: rank {res['rank']}, refresh gap {res['gap']}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", nargs="+", default=["tiny", "llama_60m"])
+    p.add_argument("--gap", type=int, default=20, help="update_proj_gap T for every GaLore variant")
+    p.add_argument("--periods", type=int, default=3)
+    p.add_argument("--out", default=str(HERE / "results" / "bench_optim"))
+    args = p.parse_args(argv)
+    results = [bench(s, args.gap, args.periods) for s in args.shapes]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    md = table(results)
+    print(md)
+    (out / "table.md").write_text(md + "\n")
+    plot(results, out / "step_times.png")
+    write_json(out / "results.json", {"results": results, "args": vars(args), **provenance()})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
