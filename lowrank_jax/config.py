@@ -39,7 +39,10 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     init_std: float = 0.02
-    dense: str = "dense"  # dense-factory kind for attention + MLP linears
+    dense: str = "dense"  # dense-factory kind for attention + MLP linears: dense | lora | lowrank
+    lora_rank: int = 128  # rank of the lora / lowrank kinds
+    lora_alpha: float = 32.0  # LoRA scale s = lora_alpha / lora_rank
+    lora_trainable_scale: bool = False  # ReLoRA's trainable scale, used as tanh(s)
     scan_layers: bool = True
     remat: bool = False
     dtype: str = "float32"  # compute dtype: float32 | bfloat16
@@ -98,6 +101,21 @@ class GaloreConfig:
 
 
 @dataclass(frozen=True)
+class ReloraConfig:
+    """ReLoRA restarts for ``model.dense=lora`` (see lowrank_jax.optim.relora).
+
+    ``every > 0``: merge the LoRA factors into the frozen weights every ``every`` steps, re-initialise
+    them, prune the factors' optimizer moments (``reset``) and use the jagged cosine schedule with
+    ``restart_warmup`` re-warm steps. ``every = 0`` is plain LoRA.
+    """
+
+    every: int = 0
+    restart_warmup: int = 10
+    reset: str = "random"  # random | magnitude | zero
+    reset_ratio: float = 0.999
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole run. ``steps * batch_size * seq_len`` tokens are seen."""
 
@@ -105,6 +123,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     galore: GaloreConfig = field(default_factory=GaloreConfig)
+    relora: ReloraConfig = field(default_factory=ReloraConfig)
     steps: int = 300
     batch_size: int = 16
     grad_accum: int = 1
@@ -126,7 +145,13 @@ class Config:
         return self.batch_size * self.seq_len
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "galore": GaloreConfig}
+SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "galore": GaloreConfig,
+    "relora": ReloraConfig,
+}
 DTYPES = ("float32", "bfloat16")
 SOURCES = ("stdlib", "pydoc", "files", "tfds")
 
@@ -354,6 +379,48 @@ def validate(cfg: Config) -> None:
     _check(o.eps > 0, "optim.eps", f"must be positive, got {o.eps}")
     _check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
     _check(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 disables), got {o.grad_clip}")
+
+    g = cfg.galore
+    _check(g.rank > 0, "galore.rank", f"must be positive, got {g.rank}")
+    _check(g.update_proj_gap > 0, "galore.update_proj_gap", f"must be positive, got {g.update_proj_gap}")
+    _check(g.scale > 0, "galore.scale", f"must be positive, got {g.scale}")
+    for key, val, allowed in (
+        ("proj_type", g.proj_type, ("std", "reverse_std", "input", "output", "both")),
+        ("refresh", g.refresh, ("all", "staggered")),
+        ("svd", g.svd, ("exact", "randomized")),
+        ("moments", g.moments, ("keep", "reproject", "reset")),
+    ):
+        _check(val in allowed, f"galore.{key}", f"must be one of {allowed}, got {val!r}")
+
+    _check(m.lora_rank > 0, "model.lora_rank", f"must be positive, got {m.lora_rank}")
+    _check(m.lora_alpha > 0, "model.lora_alpha", f"must be positive, got {m.lora_alpha}")
+    r = cfg.relora
+    _check(r.every >= 0, "relora.every", f"must be >= 0 (0: no restarts), got {r.every}")
+    _check(
+        r.reset in ("random", "magnitude", "zero"),
+        "relora.reset",
+        f"must be one of ('random', 'magnitude', 'zero'), got {r.reset!r}",
+    )
+    _check(0.0 <= r.reset_ratio < 1.0, "relora.reset_ratio", f"must be in [0, 1), got {r.reset_ratio}")
+    if r.every:
+        _check(m.dense == "lora", "relora.every", f"restarts need model.dense=lora, got {m.dense!r}")
+        _check(
+            0 < r.restart_warmup < r.every,
+            "relora.restart_warmup",
+            f"must be in [1, relora.every={r.every}), got {r.restart_warmup}",
+        )
+        first_warmup = int(o.warmup_ratio * cfg.steps)
+        _check(
+            first_warmup <= r.every,
+            "optim.warmup_ratio",
+            f"the first warmup ({first_warmup} steps) must end before the first restart (relora.every={r.every})",
+        )
+    if m.dense in ("lora", "lowrank"):
+        _check(
+            not o.name.startswith("galore"),
+            "optim.name",
+            f"{o.name} projects the kernels; it does not combine with model.dense={m.dense}",
+        )
 
     for key in (
         "steps",

@@ -1,5 +1,16 @@
 """Flax NNX linears selected through the dense factory (see :mod:`lowrank_jax.layers.dense`)."""
 
 from lowrank_jax.layers.dense import Dense, dense_kinds, make_dense, register_dense
+from lowrank_jax.layers.lora import FrozenWeight, LoRADense, LoRAFactor, LoRAScale, LowRankDense
 
-__all__ = ["Dense", "dense_kinds", "make_dense", "register_dense"]
+__all__ = [
+    "Dense",
+    "FrozenWeight",
+    "LoRADense",
+    "LoRAFactor",
+    "LoRAScale",
+    "LowRankDense",
+    "dense_kinds",
+    "make_dense",
+    "register_dense",
+]

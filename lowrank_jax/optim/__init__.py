@@ -18,6 +18,14 @@ from lowrank_jax.optim.galore import (
     register_moments,
     scale_by_adam_hf,
 )
+from lowrank_jax.optim.relora import (
+    find_lora_layers,
+    frozen_partition,
+    jagged_cosine_schedule,
+    merge_and_reinit,
+    relora_restart,
+    reset_optimizer_state,
+)
 
 # Lets galore(moments='reproject' | 'reset') rotate / zero the 8-bit moments.
 register_moments(ScaleByAdam8bitState, get_moments, set_moments)
@@ -37,4 +45,10 @@ __all__ = [
     "quantize",
     "scale_by_adam_8bit",
     "set_moments",
+    "find_lora_layers",
+    "frozen_partition",
+    "jagged_cosine_schedule",
+    "merge_and_reinit",
+    "relora_restart",
+    "reset_optimizer_state",
 ]

@@ -14,6 +14,7 @@ import jax
 import optax
 
 from lowrank_jax.config import Config
+from lowrank_jax.models import param_labels
 
 OptimizerBuilder = Callable[[Config, optax.Schedule, Any], optax.GradientTransformation]
 _OPTIMIZERS: dict[str, OptimizerBuilder] = {}
@@ -36,10 +37,16 @@ def optimizer_names() -> list[str]:
 def make_schedule(cfg: Config) -> optax.Schedule:
     """Linear warmup from 0 over ``warmup_ratio·steps``, then cosine decay to ``min_lr_ratio·lr``.
 
-    The papers' recipe (GaLore, SLTrain, ReLoRA): warmup 10% of steps, decay to 10% of peak.
+    The papers' recipe (GaLore, SLTrain, ReLoRA): warmup 10% of steps, decay to 10% of peak. With
+    ReLoRA restarts (``relora.every > 0``) the same curve is cut into ReLoRA's jagged schedule.
     """
     o = cfg.optim
     warmup = int(o.warmup_ratio * cfg.steps)
+    if cfg.relora.every:
+        from lowrank_jax.optim.relora import jagged_cosine_schedule  # noqa: PLC0415
+
+        r = cfg.relora
+        return jagged_cosine_schedule(o.lr, warmup, r.every, r.restart_warmup, cfg.steps, o.min_lr_ratio)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=o.lr,
@@ -137,6 +144,11 @@ def make_optimizer(cfg: Config, params: Any) -> tuple[optax.GradientTransformati
         raise ValueError(f"optim.name: unknown optimizer {name!r} (known: {', '.join(optimizer_names())})")
     schedule = make_schedule(cfg)
     tx = _OPTIMIZERS[name](cfg, schedule, params)
+    labels = param_labels(cfg.model)
+    if "FrozenWeight" in jax.tree.leaves(labels):  # LoRA: frozen weights get no optimizer state
+        from lowrank_jax.optim.relora import frozen_partition  # noqa: PLC0415
+
+        tx = frozen_partition(tx, labels)
     if cfg.optim.grad_clip > 0:
         tx = optax.chain(optax.clip_by_global_norm(cfg.optim.grad_clip), tx)
     return tx, schedule

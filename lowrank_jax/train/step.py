@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 
 from lowrank_jax import sharding as shd
 from lowrank_jax.config import Config
-from lowrank_jax.models import build_model, logical_axes, split_model
+from lowrank_jax.models import build_model, logical_axes, param_labels, split_model
 from lowrank_jax.train.optimizer import make_optimizer
 
 
@@ -135,6 +135,8 @@ def make_trainer(cfg: Config, mesh: Mesh | None = None) -> Trainer:
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        if cfg.relora.every:
+            params, opt_state = _maybe_restart(cfg, state.step + 1, params, opt_state, state.rng)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
         new_state = TrainState(
             step=state.step + 1,
@@ -166,6 +168,29 @@ def make_trainer(cfg: Config, mesh: Mesh | None = None) -> Trainer:
     )
     eval_step = jax.jit(eval_fn, in_shardings=(param_shardings, batch_shard), out_shardings=repl)
     return Trainer(cfg, mesh, graphdef, tx, schedule, state_shardings, abstract_state, train_step, eval_step)
+
+
+def _maybe_restart(cfg: Config, new_step: jax.Array, params: Any, opt_state: Any, raw_key: jax.Array):
+    """ReLoRA: right after the update taken at lr 0 (steps k·every, k ≥ 1), merge, re-init and prune."""
+    from lowrank_jax.optim.relora import relora_restart  # noqa: PLC0415
+
+    r, m = cfg.relora, cfg.model
+    labels = param_labels(m)
+    restart = (new_step > r.every) & (new_step % r.every == 1)
+
+    def do(po):
+        key = jax.random.fold_in(jax.random.wrap_key_data(raw_key), new_step)
+        return relora_restart(
+            po[0],
+            po[1],
+            key,
+            labels=labels,
+            alpha_over_rank=m.lora_alpha / m.lora_rank,
+            reset_mode=r.reset,
+            reset_ratio=r.reset_ratio,
+        )
+
+    return jax.lax.cond(restart, do, lambda po: po, (params, opt_state))
 
 
 def evaluate(trainer: Trainer, params: Any, batches: list) -> float:

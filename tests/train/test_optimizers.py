@@ -16,8 +16,12 @@ from lowrank_jax.train.step import make_trainer
 @pytest.fixture(scope="module")
 def base(small_overrides, tmp_path_factory):
     out = tmp_path_factory.mktemp("opt")
-    return replace(load_config("tiny", [*small_overrides, f"out_dir={out}"]), model__vocab_size=512,
-                   galore__rank=8, galore__update_proj_gap=3)
+    return replace(
+        load_config("tiny", [*small_overrides, f"out_dir={out}"]),
+        model__vocab_size=512,
+        galore__rank=8,
+        galore__update_proj_gap=3,
+    )
 
 
 def test_registry_lists_the_methods():
@@ -54,9 +58,11 @@ def test_galore_state_is_low_rank_and_smaller(base):
         trainer = make_trainer(replace(base, optim__name=name))
         sizes[name] = count_bytes(trainer.abstract_state.opt_state)
         if name == "galore_adamw":
-            galore_state = next(s for s in jax.tree.leaves(
-                trainer.abstract_state.opt_state, is_leaf=lambda x: isinstance(x, GaLoreState))
-                if isinstance(s, GaLoreState))
+            galore_state = next(
+                s
+                for s in jax.tree.leaves(trainer.abstract_state.opt_state, is_leaf=lambda x: isinstance(x, GaLoreState))
+                if isinstance(s, GaLoreState)
+            )
             # q kernel stacked (layers=2, in=64, out=64): std projects the input side with rank 8.
             q_proj = galore_state.proj_in["blocks"]["attn"]["q"]["kernel"]
             assert q_proj.shape == (2, 64, 8)
