@@ -127,3 +127,13 @@ def test_cli_lists_configs_and_reports_params(capsys):
     assert main(["params", "llama_60m"]) == 0
     out = capsys.readouterr().out
     assert '"params": 58073600' in out and '"formula_params": 58073600' in out
+
+
+def test_float_fields_accept_exponent_without_dot(tmp_path):
+    cfg = load_config("tiny", ["optim.eps=1e-6", "optim.lr=3E-3"])
+    assert cfg.optim.eps == 1e-6 and cfg.optim.lr == 3e-3
+    f = tmp_path / "c.yaml"
+    f.write_text("base: tiny\noptim:\n  eps: 1e-6\n")
+    assert load_config(str(f)).optim.eps == 1e-6
+    with pytest.raises(ConfigError, match="^optim.eps"):
+        load_config("tiny", ["optim.eps=tiny"])
