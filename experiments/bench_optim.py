@@ -28,7 +28,7 @@ import numpy as np
 import optax
 from optax import contrib
 
-from lowrank_jax.config import load_config
+from lowrank_jax.config import load_config, replace
 from lowrank_jax.models import abstract_params, count_bytes, count_params
 from lowrank_jax.optim import galore_adamw
 from lowrank_jax.train.metrics import provenance, write_json
@@ -122,6 +122,68 @@ def bench(shape_set: str, gap: int, periods: int) -> dict:
     }
 
 
+def bench_train_steps(name: str, gap: int, periods: int) -> dict:
+    """Whole jitted train steps (forward + backward + update) of ``name`` with each optimizer, side by side."""
+    from lowrank_jax.train.step import compile_train_step, make_trainer  # noqa: PLC0415
+
+    rank = RANKS.get(name, 32)
+    base = load_config(name, [f"galore.rank={rank}", f"galore.update_proj_gap={gap}"])
+    base = replace(base, model__vocab_size=base.model.vocab_size or base.data.vocab_size)
+    steps = gap * periods + 1
+    variants = {
+        "adamw": {},
+        "galore_adamw": {"optim__name": "galore_adamw"},
+        "galore_adamw staggered+randomized": {
+            "optim__name": "galore_adamw",
+            "galore__refresh": "staggered",
+            "galore__svd": "randomized",
+        },
+    }
+    batch = np.random.default_rng(0).integers(0, base.model.vocab_size, (base.batch_size, base.seq_len + 1))
+    rows = {}
+    for label, changes in variants.items():
+        trainer = make_trainer(replace(base, **changes))
+        step = compile_train_step(trainer)
+        state, b = trainer.init_state(), trainer.put_batch(batch)
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            state, m = step(state, b)
+            jax.block_until_ready(m)
+            times.append(time.perf_counter() - t0)
+        later = np.asarray(times[1:])
+        rows[label] = {
+            "median_ms": 1e3 * float(np.median(later)),
+            "max_ms": 1e3 * float(later.max()),
+            "step0_ms": 1e3 * times[0],
+        }
+        print(
+            f"  train step {name} {label:36s} median {rows[label]['median_ms']:9.1f} ms  max "
+            f"{rows[label]['max_ms']:9.1f} ms",
+            flush=True,
+        )
+    base_ms = rows["adamw"]["median_ms"]
+    for r in rows.values():
+        r["median_vs_adamw"] = r["median_ms"] / base_ms
+        r["max_vs_median"] = r["max_ms"] / r["median_ms"]
+    return {"config": name, "rank": rank, "gap": gap, "steps": steps, "variants": rows}
+
+
+def train_table(res: dict) -> str:
+    lines = [
+        f"Whole train steps of `{res['config']}` (r={res['rank']}, T={res['gap']}, {res['steps']} steps):",
+        "",
+        "| optimizer | median step (ms) | median / adamw | max step (ms) | max / median |",
+        "|---|---|---|---|---|",
+    ]
+    for label, r in res["variants"].items():
+        lines.append(
+            f"| {label} | {r['median_ms']:.1f} | {r['median_vs_adamw']:.3f} | {r['max_ms']:.1f} | "
+            f"{r['max_vs_median']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def table(results: list[dict]) -> str:
     lines = [
         "| shapes | optimizer | median step (ms) | median / adamw | max step (ms) | max / median | max / adamw "
@@ -167,13 +229,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(HERE / "results" / "bench_optim"))
     args = p.parse_args(argv)
     results = [bench(s, args.gap, args.periods) for s in args.shapes]
+    train_res = bench_train_steps("tiny", args.gap, args.periods)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    md = table(results)
+    md = "Optimizer updates alone:\n\n" + table(results) + "\n\n" + train_table(train_res)
     print(md)
     (out / "table.md").write_text(md + "\n")
     plot(results, out / "step_times.png")
-    write_json(out / "results.json", {"results": results, "args": vars(args), **provenance()})
+    write_json(out / "results.json", {"results": results, "train_steps": train_res, "args": vars(args), **provenance()})
     return 0
 
 
