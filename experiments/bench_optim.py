@@ -62,6 +62,9 @@ def _optimizers(rank: int, gap: int, lr: float = 1e-3) -> dict[str, optax.Gradie
         ),
         # ... and with the papers' selection (attention + MLP kernels only), as the training loop uses it.
         "ours (attn+MLP only)": galore_adamw(lr, rank, update_proj_gap=gap, scale=0.25, mask=method_mask),
+        "ours (attn+MLP only, staggered+randomized)": galore_adamw(
+            lr, rank, update_proj_gap=gap, scale=0.25, mask=method_mask, refresh="staggered", svd="randomized"
+        ),
     }
 
 

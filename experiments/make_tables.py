@@ -20,21 +20,34 @@ def _load(name: str) -> dict | None:
 
 
 def tiny_table() -> str:
-    """The `tiny` pretraining runs: one row per results folder whose name starts with ``tiny``."""
+    """The `tiny` pretraining runs: one row per results folder whose name starts with ``tiny``.
+
+    "ppl / best full" divides by the best full-rank AdamW run (dense layers, any learning rate), so
+    each method is compared with a tuned baseline at equal tokens and seed.
+    """
+    runs = {d.parent.name: json.loads(d.read_text()) for d in sorted((HERE / "results").glob("tiny*/results.json"))}
+    full = [
+        r["final_val_ppl"]
+        for r in runs.values()
+        if r["config"]["optim"]["name"] == "adamw" and r["config"]["model"]["dense"] == "dense"
+    ]
+    best = min(full) if full else None
     rows = []
-    base = _load("tiny_full")
-    for d in sorted((HERE / "results").glob("tiny*/results.json")):
-        r = json.loads(d.read_text())
-        ratio = f"{r['final_val_ppl'] / base['final_val_ppl']:.3f}" if base else "-"
+    for name, r in runs.items():
+        c = r["config"]
+        ratio = f"{r['final_val_ppl'] / best:.3f}" if best else "-"
+        method = c["optim"]["name"]
+        if method.startswith("galore"):
+            g = c["galore"]
+            method += f" r={g['rank']} T={g['update_proj_gap']} {g['refresh']}/{g['svd']}/{g['moments']}"
         rows.append(
-            f"| {d.parent.name} | {r['config']['optim']['name']} | {r['config']['model']['dense']} | "
-            f"{r['params'] / 1e6:.2f}M | {r['optimizer_state_bytes'] / 2**20:.1f} MiB | {r['tokens']:,} | "
-            f"{r['final_val_ppl']:.2f} | {ratio} | {r['unigram_val_ppl']:.1f} | {r['tokens_per_s']:,.0f} | "
-            f"{r['device_kind']} |"
+            f"| {name} | {method} | {c['model']['dense']} | {c['optim']['lr']:g} | {r['params'] / 1e6:.2f}M | "
+            f"{r['optimizer_state_bytes'] / 2**20:.1f} MiB | {r['tokens']:,} | {r['final_val_ppl']:.2f} | {ratio} | "
+            f"{r['unigram_val_ppl']:.1f} | {r['tokens_per_s']:,.0f} |"
         )
     head = (
-        "| run | optimizer | dense | params | optimizer state | tokens | val ppl | ppl / full | unigram ppl "
-        "| tokens/s | device |\n|---|---|---|---|---|---|---|---|---|---|---|"
+        "| run | optimizer | dense | lr | params | optimizer state | tokens | val ppl | ppl / best full "
+        "| unigram ppl | tokens/s |\n|---|---|---|---|---|---|---|---|---|---|---|"
     )
     return head + "\n" + "\n".join(rows)
 
