@@ -68,6 +68,20 @@ def _optimizers(rank: int, gap: int, lr: float = 1e-3) -> dict[str, optax.Gradie
     }
 
 
+def _stats(times: list[float]) -> dict[str, float]:
+    """Step 0 (projector creation) apart; median and max over the rest, in ms."""
+    later = np.asarray(times[1:])
+    return {"step0_ms": 1e3 * times[0], "median_ms": 1e3 * float(np.median(later)), "max_ms": 1e3 * float(later.max())}
+
+
+def _add_ratios(rows: dict[str, dict], baseline: str) -> None:
+    base = rows[baseline]["median_ms"]
+    for r in rows.values():
+        r["median_vs_adamw"] = r["median_ms"] / base
+        r["max_vs_median"] = r["max_ms"] / r["median_ms"]
+        r["max_vs_adamw"] = r["max_ms"] / base
+
+
 def _time_updates(tx, params, grads, steps: int) -> tuple[list[float], int]:
     state_bytes = count_bytes(jax.eval_shape(tx.init, params))
 
@@ -97,24 +111,13 @@ def bench(shape_set: str, gap: int, periods: int) -> dict:
     rows = {}
     for name, tx in _optimizers(rank, gap).items():
         times, state_bytes = _time_updates(tx, params, grads, steps)
-        later = np.asarray(times[1:])
-        rows[name] = {
-            "step0_ms": 1e3 * times[0],
-            "median_ms": 1e3 * float(np.median(later)),
-            "max_ms": 1e3 * float(later.max()),
-            "state_bytes": state_bytes,
-            "times_ms": [1e3 * t for t in times],
-        }
+        rows[name] = {**_stats(times), "state_bytes": state_bytes, "times_ms": [1e3 * t for t in times]}
         print(
             f"  {shape_set:10s} {name:30s} median {rows[name]['median_ms']:9.2f} ms  max "
             f"{rows[name]['max_ms']:9.2f} ms  state {state_bytes / 2**20:8.1f} MiB",
             flush=True,
         )
-    base = rows["optax.adamw"]["median_ms"]
-    for r in rows.values():
-        r["median_vs_adamw"] = r["median_ms"] / base
-        r["max_vs_median"] = r["max_ms"] / r["median_ms"]
-        r["max_vs_adamw"] = r["max_ms"] / base
+    _add_ratios(rows, "optax.adamw")
     return {
         "shape_set": shape_set,
         "params": count_params(params),
@@ -154,21 +157,13 @@ def bench_train_steps(name: str, gap: int, periods: int) -> dict:
             state, m = step(state, b)
             jax.block_until_ready(m)
             times.append(time.perf_counter() - t0)
-        later = np.asarray(times[1:])
-        rows[label] = {
-            "median_ms": 1e3 * float(np.median(later)),
-            "max_ms": 1e3 * float(later.max()),
-            "step0_ms": 1e3 * times[0],
-        }
+        rows[label] = _stats(times)
         print(
             f"  train step {name} {label:36s} median {rows[label]['median_ms']:9.1f} ms  max "
             f"{rows[label]['max_ms']:9.1f} ms",
             flush=True,
         )
-    base_ms = rows["adamw"]["median_ms"]
-    for r in rows.values():
-        r["median_vs_adamw"] = r["median_ms"] / base_ms
-        r["max_vs_median"] = r["max_ms"] / r["median_ms"]
+    _add_ratios(rows, "adamw")
     return {"config": name, "rank": rank, "gap": gap, "steps": steps, "variants": rows}
 
 
