@@ -40,6 +40,10 @@ def tiny_table() -> str:
         if method.startswith("galore"):
             g = c["galore"]
             method += f" r={g['rank']} T={g['update_proj_gap']} {g['refresh']}/{g['svd']}/{g['moments']}"
+        if c["model"]["dense"] in ("lora", "lowrank"):
+            method += f" r={c['model']['lora_rank']}"
+            if c.get("relora", {}).get("every"):
+                method += f" ReLoRA every={c['relora']['every']} reset={c['relora']['reset']}"
         rows.append(
             f"| {name} | {method} | {c['model']['dense']} | {c['optim']['lr']:g} | {r['params'] / 1e6:.2f}M | "
             f"{r['optimizer_state_bytes'] / 2**20:.1f} MiB | {r['tokens']:,} | {r['final_val_ppl']:.2f} | {ratio} | "
