@@ -195,11 +195,7 @@ class LowRankDense(nnx.Module):
 
 def lora_settings(config: Any) -> tuple[int, float, bool]:
     """``(rank, alpha, trainable_scale)`` from a ModelConfig (defaults 128, 32.0, False: the official ones)."""
-    return (
-        int(getattr(config, "lora_rank", 128)),
-        float(getattr(config, "lora_alpha", 32.0)),
-        bool(getattr(config, "lora_trainable_scale", False)),
-    )
+    return config.lora_rank, config.lora_alpha, config.lora_trainable_scale
 
 
 @register_dense("lora")

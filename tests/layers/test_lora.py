@@ -27,18 +27,8 @@ from lowrank_jax.models import build_model, count_params, param_labels, split_mo
 BASE = ModelConfig(vocab_size=97, hidden=32, ffn=48, heads=4, layers=2, max_seq_len=16)
 
 
-@dataclasses.dataclass(frozen=True)
-class LoRAModelConfig(ModelConfig):
-    """ModelConfig with the LoRA fields the factory reads (until ModelConfig grows them)."""
-
-    lora_rank: int = 4
-    lora_alpha: float = 8.0
-    lora_trainable_scale: bool = False
-
-
-def _with_lora(**lora: object) -> LoRAModelConfig:
-    # explicit values: once ModelConfig has the lora_* fields, asdict(BASE) carries its defaults
-    return LoRAModelConfig(**{**dataclasses.asdict(BASE), **lora})
+def _with_lora(**lora: object) -> ModelConfig:
+    return dataclasses.replace(BASE, **lora)
 
 
 # Same shapes as tests/optim/test_relora.py's model, so the two files share compiled ops.
@@ -143,7 +133,7 @@ def test_registered_builders_read_the_model_config():
     assert layer.lora_a.shape == (12, 5) and layer.scaling == 2.0
     low = build("lowrank", cfg)
     assert isinstance(low, LowRankDense) and low.lowrank_b.shape == (5, 7)
-    # defaults when the config has no lora_* fields: the official r=128, alpha=32
+    # ModelConfig's defaults: the official r=128, alpha=32
     plain = build("lora", BASE)
     assert plain.rank == 128 and plain.scaling == 32.0 / 128 and plain.lora_scale is None
 

@@ -32,16 +32,9 @@ RANK, ALPHA = 4, 8.0
 S = ALPHA / RANK
 
 
-@dataclasses.dataclass(frozen=True)
-class LoRAModelConfig(ModelConfig):
-    """ModelConfig with the LoRA fields the factory reads (until ModelConfig grows them)."""
-
-    lora_rank: int = RANK
-    lora_alpha: float = ALPHA
-    lora_trainable_scale: bool = False
-
-
-CFG = LoRAModelConfig(vocab_size=97, hidden=32, ffn=48, heads=4, layers=2, max_seq_len=16, dense="lora")
+CFG = ModelConfig(
+    vocab_size=97, hidden=32, ffn=48, heads=4, layers=2, max_seq_len=16, dense="lora", lora_rank=RANK, lora_alpha=ALPHA
+)
 
 
 def _factor_mask(labels):
