@@ -205,8 +205,9 @@ def test_orbax_checkpoint_round_trip(tmp_path):
 # ------------------------------------------------------------------------------- optimizer maths
 
 
-def _hf_adamw_reference(grads: list[np.ndarray], b1: float, b2: float, eps: float) -> list[np.ndarray]:
-    """Float64 HF/galore-torch AdamW direction (before −lr): (m/(√v+ε))·√(1−b2ᵗ)/(1−b1ᵗ)."""
+def _adam_reference(grads: list[np.ndarray], b1: float, b2: float, eps: float, placement: str) -> list[np.ndarray]:
+    """Float64 Adam directions (before −lr). ``hf`` (HF/galore-torch AdamW): (m/(√v+ε))·√(1−b2ᵗ)/(1−b1ᵗ);
+    ``optax``: m̂/(√v̂+ε)."""
     m = np.zeros_like(grads[0], np.float64)
     v = np.zeros_like(grads[0], np.float64)
     out = []
@@ -214,40 +215,31 @@ def _hf_adamw_reference(grads: list[np.ndarray], b1: float, b2: float, eps: floa
         g = g.astype(np.float64)
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * g * g
-        out.append(m / (np.sqrt(v) + eps) * math.sqrt(1 - b2**t) / (1 - b1**t))
+        if placement == "hf":
+            out.append(m / (np.sqrt(v) + eps) * math.sqrt(1 - b2**t) / (1 - b1**t))
+        else:
+            out.append((m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps))
     return out
 
 
-def _optax_adam_reference(grads: list[np.ndarray], b1: float, b2: float, eps: float) -> list[np.ndarray]:
-    m = np.zeros_like(grads[0], np.float64)
-    v = np.zeros_like(grads[0], np.float64)
-    out = []
-    for t, g in enumerate(grads, start=1):
-        g = g.astype(np.float64)
-        m = b1 * m + (1 - b1) * g
-        v = b2 * v + (1 - b2) * g * g
-        out.append((m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps))
-    return out
-
-
-@pytest.mark.parametrize("placement, reference", [("hf", _hf_adamw_reference), ("optax", _optax_adam_reference)])
+@pytest.mark.parametrize("placement", ["hf", "optax"])
 @pytest.mark.parametrize("min_size", [10**9, 0])
-def test_first_step_matches_float64_reference(placement, reference, min_size):
+def test_first_step_matches_float64_reference(placement, min_size):
     """Step 1 starts from exact zero moments, so the quantized path is exact too."""
     rng = np.random.default_rng()
     b1, b2, eps = 0.9, 0.999, 1e-3  # a large eps so its placement matters
     g = (rng.standard_normal((48, 40)) * 10.0 ** rng.uniform(-4, 0, (48, 1))).astype(np.float32)
     tx = scale_by_adam_8bit(b1, b2, eps, eps_placement=placement, min_size=min_size)
     u, _ = jax.jit(tx.update)(jnp.asarray(g), tx.init(jnp.asarray(g)))
-    np.testing.assert_allclose(np.asarray(u), reference([g], b1, b2, eps)[0], rtol=2e-6, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(u), _adam_reference([g], b1, b2, eps, placement)[0], rtol=2e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("placement, reference", [("hf", _hf_adamw_reference), ("optax", _optax_adam_reference)])
-def test_several_steps_match_reference(placement, reference):
+@pytest.mark.parametrize("placement", ["hf", "optax"])
+def test_several_steps_match_reference(placement):
     rng = np.random.default_rng()
     b1, b2, eps = 0.9, 0.999, 1e-8
     grads = [rng.standard_normal((64, 64)).astype(np.float32) for _ in range(5)]
-    ref = reference(grads, b1, b2, eps)
+    ref = _adam_reference(grads, b1, b2, eps, placement)
     for min_size, rtol in ((10**9, 2e-6), (0, None)):
         tx = scale_by_adam_8bit(b1, b2, eps, eps_placement=placement, min_size=min_size)
         state, step = tx.init(jnp.asarray(grads[0])), jax.jit(tx.update)
@@ -267,6 +259,16 @@ def _np_blockwise_round_trip(x: np.ndarray, table: np.ndarray, block_size: int) 
     return (table[idx] * a).reshape(-1)[: x.size].reshape(x.shape)
 
 
+def _assert_within_one_level(got: np.ndarray, want: np.ndarray, table: np.ndarray, block_size: int) -> None:
+    """Stored values equal the float64 round trip ``want`` up to one map level (a float32 rounding tie)."""
+    g_KB, w_KB = _blocks(got, block_size), _blocks(want, block_size)
+    a = np.abs(w_KB).max(axis=1, keepdims=True)
+    idx = np.abs((w_KB / np.where(a > 0, a, 1.0))[..., None] - table).argmin(axis=-1)
+    gap = np.maximum(np.diff(table, prepend=table[0])[idx], np.diff(table, append=table[-1])[idx])
+    assert np.all(np.abs(g_KB - w_KB) <= 1.01 * gap * a + 1e-12)
+    assert np.mean(~np.isclose(g_KB, w_KB, rtol=1e-5, atol=0)) < 0.01  # same level for all but rare ties
+
+
 @pytest.mark.parametrize("placement", ["optax", "hf"])
 def test_quantized_path_matches_float64_8bit_reference(placement):
     """The whole quantized trajectory against a NumPy float64 re-implementation of 8-bit Adam."""
@@ -276,8 +278,11 @@ def test_quantized_path_matches_float64_8bit_reference(placement):
     grads = [rng.standard_normal((48, 70)) * 10.0 ** rng.uniform(-3, 0, (48, 1)) for _ in range(12)]
     tx = scale_by_adam_8bit(b1, b2, eps, block_size=block_size, eps_placement=placement, min_size=0)
     state, step = tx.init(jnp.zeros((48, 70))), jax.jit(tx.update)
-    m, v = np.zeros((48, 70)), np.zeros((48, 70))
     for t, g in enumerate(grads, start=1):
+        # Each step starts from the implementation's own (dequantized) moments: a float32-vs-float64
+        # rounding tie can move one stored value by a level, and carrying the reference's own state
+        # would let such flips accumulate over steps (seen in ~12% of random draws).
+        m, v = (np.asarray(x, np.float64) for x in get_moments(state))
         m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
         if placement == "optax":
             ref = (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps)
@@ -285,11 +290,10 @@ def test_quantized_path_matches_float64_8bit_reference(placement):
             ref = m / (np.sqrt(v) + eps) * math.sqrt(1 - b2**t) / (1 - b1**t)
         m, v = _np_blockwise_round_trip(m, s_map, block_size), _np_blockwise_round_trip(v, u_map, block_size)
         u, state = step(jnp.asarray(g, jnp.float32), state)
-        # float32 vs float64 can flip a rounding tie, moving one value by a level: compare in L2
         assert np.linalg.norm(np.asarray(u) - ref) <= 1e-4 * np.linalg.norm(ref), t
-    mu, nu = get_moments(state)
-    np.testing.assert_allclose(mu, m, rtol=1e-2, atol=1e-3 * np.abs(m).max())
-    np.testing.assert_allclose(nu, v, rtol=1e-2, atol=1e-3 * np.abs(v).max())
+        mu, nu = get_moments(state)
+        _assert_within_one_level(np.asarray(mu, np.float64), m, s_map, block_size)
+        _assert_within_one_level(np.asarray(nu, np.float64), v, u_map, block_size)
 
 
 def test_f32_path_equals_optax_scale_by_adam():
