@@ -39,10 +39,14 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     init_std: float = 0.02
-    dense: str = "dense"  # dense-factory kind for attention + MLP linears: dense | lora | lowrank
+    dense: str = "dense"  # dense-factory kind for attention + MLP linears: dense | lora | lowrank | sl | bitlinear
     lora_rank: int = 128  # rank of the lora / lowrank kinds
     lora_alpha: float = 32.0  # LoRA scale s = lora_alpha / lora_rank
     lora_trainable_scale: bool = False  # ReLoRA's trainable scale, used as tanh(s)
+    sl_rank: int = 128  # SLTrain: rank r of the low-rank part B A
+    sl_alpha: float = 32.0  # SLTrain: scale s = sl_alpha / sl_rank
+    sl_density: float = 0.03  # SLTrain: fraction delta of in*out entries in the fixed sparse support
+    sl_implementation: str = "auto"  # SLTrain matmul: xla | pallas | auto
     scan_layers: bool = True
     remat: bool = False
     dtype: str = "float32"  # compute dtype: float32 | bfloat16
@@ -399,6 +403,14 @@ def validate(cfg: Config) -> None:
 
     _check(m.lora_rank > 0, "model.lora_rank", f"must be positive, got {m.lora_rank}")
     _check(m.lora_alpha > 0, "model.lora_alpha", f"must be positive, got {m.lora_alpha}")
+    _check(m.sl_rank > 0, "model.sl_rank", f"must be positive, got {m.sl_rank}")
+    _check(m.sl_alpha > 0, "model.sl_alpha", f"must be positive, got {m.sl_alpha}")
+    _check(0.0 < m.sl_density <= 1.0, "model.sl_density", f"must be in (0, 1], got {m.sl_density}")
+    _check(
+        m.sl_implementation in ("xla", "pallas", "auto"),
+        "model.sl_implementation",
+        f"must be one of ('xla', 'pallas', 'auto'), got {m.sl_implementation!r}",
+    )
     r = cfg.relora
     _check(r.every >= 0, "relora.every", f"must be >= 0 (0: no restarts), got {r.every}")
     _check(
