@@ -19,6 +19,21 @@ def _load(name: str) -> dict | None:
     return json.loads(p.read_text()) if p.is_file() else None
 
 
+def _trainable(r: dict) -> int:
+    """Trainable parameters of a run: recorded since the ReLoRA warm start; else counted from its config."""
+    if "trainable_params" in r:
+        return r["trainable_params"]
+    import jax  # noqa: PLC0415
+
+    from lowrank_jax.config import ModelConfig  # noqa: PLC0415
+    from lowrank_jax.models import abstract_params, param_labels  # noqa: PLC0415
+
+    cfg = ModelConfig(**r["config"]["model"])
+    leaves = jax.tree.leaves(abstract_params(cfg)[1])
+    labels = jax.tree.leaves(param_labels(cfg))
+    return sum(x.size for x, lab in zip(leaves, labels, strict=True) if lab != "FrozenWeight")
+
+
 def tiny_table() -> str:
     """The `tiny` pretraining runs: one row per results folder whose name starts with ``tiny``.
 
@@ -42,16 +57,22 @@ def tiny_table() -> str:
             method += f" r={g['rank']} T={g['update_proj_gap']} {g['refresh']}/{g['svd']}/{g['moments']}"
         if c["model"]["dense"] in ("lora", "lowrank"):
             method += f" r={c['model']['lora_rank']}"
-            if c.get("relora", {}).get("every"):
-                method += f" ReLoRA every={c['relora']['every']} reset={c['relora']['reset']}"
+            rl = c.get("relora", {})
+            if rl.get("warm_start"):
+                method += f" warm start {rl['warm_start']}"
+            if rl.get("every"):
+                method += f" ReLoRA every={rl['every']} reset={rl['reset']}"
+            if (rl.get("every") or rl.get("warm_start")) and not rl.get("jagged", True):
+                method += " no jagged lr"
         rows.append(
             f"| {name} | {method} | {c['model']['dense']} | {c['optim']['lr']:g} | {r['params'] / 1e6:.2f}M | "
+            f"{_trainable(r) / 1e6:.2f}M | "
             f"{r['optimizer_state_bytes'] / 2**20:.1f} MiB | {r['tokens']:,} | {r['final_val_ppl']:.2f} | {ratio} | "
             f"{r['unigram_val_ppl']:.1f} | {r['tokens_per_s']:,.0f} |"
         )
     head = (
-        "| run | optimizer | dense | lr | params | optimizer state | tokens | val ppl | ppl / best full "
-        "| unigram ppl | tokens/s |\n|---|---|---|---|---|---|---|---|---|---|---|"
+        "| run | optimizer | dense | lr | params | trainable | optimizer state | tokens | val ppl | ppl / best full "
+        "| unigram ppl | tokens/s |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     return head + "\n" + "\n".join(rows)
 

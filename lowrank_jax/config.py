@@ -110,13 +110,18 @@ class ReloraConfig:
 
     ``every > 0``: merge the LoRA factors into the frozen weights every ``every`` steps, re-initialise
     them, prune the factors' optimizer moments (``reset``) and use the jagged cosine schedule with
-    ``restart_warmup`` re-warm steps. ``every = 0`` is plain LoRA.
+    ``restart_warmup`` re-warm steps. ``every = 0`` is plain LoRA. ``warm_start = N > 0`` trains the
+    first N steps full-rank (dense linears) and then switches to LoRA, carrying weights and optimizer
+    state over; the switch is the first restart (restarts follow at N + k·every). ``jagged=false`` and
+    ``reset=none`` switch those parts off for the paper's ablation (Table 6).
     """
 
     every: int = 0
     restart_warmup: int = 10
-    reset: str = "random"  # random | magnitude | zero
+    reset: str = "random"  # random | magnitude | zero | none
     reset_ratio: float = 0.999
+    warm_start: int = 0  # full-rank steps before switching to LoRA (0: LoRA from step 0)
+    jagged: bool = True  # lr drops to 0 and re-warms at each restart (and at the warm-start switch)
 
 
 @dataclass(frozen=True)
@@ -414,23 +419,30 @@ def validate(cfg: Config) -> None:
     r = cfg.relora
     _check(r.every >= 0, "relora.every", f"must be >= 0 (0: no restarts), got {r.every}")
     _check(
-        r.reset in ("random", "magnitude", "zero"),
+        r.reset in ("random", "magnitude", "zero", "none"),
         "relora.reset",
-        f"must be one of ('random', 'magnitude', 'zero'), got {r.reset!r}",
+        f"must be one of ('random', 'magnitude', 'zero', 'none'), got {r.reset!r}",
     )
     _check(0.0 <= r.reset_ratio < 1.0, "relora.reset_ratio", f"must be in [0, 1), got {r.reset_ratio}")
+    _check(r.warm_start >= 0, "relora.warm_start", f"must be >= 0 (0: no warm start), got {r.warm_start}")
+    if r.warm_start:
+        _check(m.dense == "lora", "relora.warm_start", f"a warm start switches to model.dense=lora, got {m.dense!r}")
+        _check(r.warm_start < cfg.steps, "relora.warm_start", f"must be < steps={cfg.steps}, got {r.warm_start}")
     if r.every:
         _check(m.dense == "lora", "relora.every", f"restarts need model.dense=lora, got {m.dense!r}")
+    if r.jagged and (r.every or r.warm_start):
+        cycle = r.every or cfg.steps - r.warm_start
         _check(
-            0 < r.restart_warmup < r.every,
+            0 < r.restart_warmup < cycle,
             "relora.restart_warmup",
-            f"must be in [1, relora.every={r.every}), got {r.restart_warmup}",
+            f"must be in [1, {cycle}) (the restart cycle), got {r.restart_warmup}",
         )
+        first_restart = r.warm_start or r.every
         first_warmup = int(o.warmup_ratio * cfg.steps)
         _check(
-            first_warmup <= r.every,
+            first_warmup <= first_restart,
             "optim.warmup_ratio",
-            f"the first warmup ({first_warmup} steps) must end before the first restart (relora.every={r.every})",
+            f"the first warmup ({first_warmup} steps) must end before the first restart (step {first_restart})",
         )
     if m.dense in ("lora", "lowrank"):
         _check(

@@ -25,6 +25,7 @@ from lowrank_jax.optim.relora import (
     merge_and_reinit,
     relora_restart,
     reset_optimizer_state,
+    warm_start_to_lora,
 )
 
 # Lets galore(moments='reproject' | 'reset') rotate / zero the 8-bit moments.
@@ -51,4 +52,5 @@ __all__ = [
     "merge_and_reinit",
     "relora_restart",
     "reset_optimizer_state",
+    "warm_start_to_lora",
 ]

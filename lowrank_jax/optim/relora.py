@@ -73,7 +73,7 @@ import optax
 from lowrank_jax.layers.lora import KERNEL, LORA_A, LORA_B, LORA_SCALE, kaiming_uniform
 from lowrank_jax.optim.adam_8bit import QuantizedArray, dequantize, quantize
 
-RESET_MODES = ("random", "magnitude", "zero")
+RESET_MODES = ("random", "magnitude", "zero", "none")
 FROZEN_LABEL = "FrozenWeight"
 FACTOR_LABEL = "LoRAFactor"
 MOMENT_FIELDS = ("mu", "nu")
@@ -298,7 +298,8 @@ def reset_optimizer_state(
         reset) or of bools (True: reset).
       mode: ``'random'`` keep an entry iff ``U(0,1) > ratio`` (independent draw per moment tensor);
         ``'magnitude'`` keep iff ``|x| > quantile(|x|, ratio)`` per matrix (per layer when stacked),
-        i.e. the top ``1 − ratio``; ``'zero'`` zero them all (``ratio`` unused).
+        i.e. the top ``1 − ratio``; ``'zero'`` zero them all (``ratio`` unused); ``'none'`` keep them
+        all (restarts without optimizer reset, the paper's ablation; the state is returned as is).
       ratio: fraction pruned, in [0, 1]; default 0.999 (the official ZeRO-compatible reset).
       key: PRNG key, required for ``'random'``; moment tree ``j`` and leaf ``i`` use
         ``fold_in(fold_in(key, j), i)``.
@@ -309,6 +310,8 @@ def reset_optimizer_state(
     if mode not in RESET_MODES:
         raise ValueError(f"mode: must be one of {RESET_MODES}, got {mode!r}")
     _check_real(ratio, "ratio", lo=0.0, hi=1.0)
+    if mode == "none":
+        return opt_state
     if mode == "random":
         key = _as_key(key)
     mask = _resolve_mask(labels_or_mask, factor_labels)
@@ -357,15 +360,21 @@ def jagged_cosine_schedule(
     restart_warmup: int,
     total: int,
     min_ratio: float = 0.1,
+    first_restart: int | None = None,
 ) -> optax.Schedule:
     """Global cosine with linear warmup, dropping to 0 and re-warming at every ReLoRA restart.
 
     With ``f(t) = peak·(m + (1 − m)·½(1 + cos(π·clip((t − warmup)/(total − warmup), 0, 1))))``,
-    ``m = min_ratio``, ``R = restart_every``, ``Wr = restart_warmup``, ``k = t // R``, ``j = t mod R``::
+    ``m = min_ratio``, ``R = restart_every``, ``Wr = restart_warmup``, ``F = first_restart`` (default
+    ``R``), ``k = (t − F) // R``, ``j = (t − F) mod R``::
 
         lr(t) = peak · t / warmup                 t < warmup
-              = (j / Wr) · f(k·R + Wr)             k ≥ 1 and j < Wr    (0 at every restart t = k·R)
+              = (j / Wr) · f(F + k·R + Wr)         t ≥ F and j < Wr    (0 at every restart t = F + k·R)
               = f(t)                               otherwise
+
+    ``first_restart`` moves the restarts to ``F, F + R, …``: with a full-rank warm start of ``N``
+    steps (``F = N``) the switch to LoRA is the first restart and the steps before it follow the
+    plain warmup + cosine.
 
     The re-warm ramps linearly to the curve's value at the end of the re-warm, joining the global
     cosine continuously (official ``_get_cosine_schedule_with_multiple_warmups_lambda`` with
@@ -382,8 +391,9 @@ def jagged_cosine_schedule(
         raise ValueError(f"restart_warmup: must be < restart_every={restart_every}, got {restart_warmup}")
     if warmup > total:
         raise ValueError(f"warmup: must be <= total={total}, got {warmup}")
-    if warmup > restart_every:
-        raise ValueError(f"warmup: the first restart would come before the warmup ends (restart_every={restart_every})")
+    first = restart_every if first_restart is None else _check_int(first_restart, "first_restart", lo=1)
+    if warmup > first:
+        raise ValueError(f"warmup: the first restart (step {first}) would come before the warmup ends")
     peak, min_ratio = float(peak), float(min_ratio)
     decay_len = float(max(1, total - warmup))
 
@@ -393,13 +403,12 @@ def jagged_cosine_schedule(
 
     def schedule(count: jax.Array | int) -> jax.Array:
         c = jnp.asarray(count, jnp.int32)
-        k, j = c // restart_every, c % restart_every
+        k, j = (c - first) // restart_every, (c - first) % restart_every
         t = c.astype(jnp.float32)
         warm = peak * t / float(max(1, warmup))
-        rewarm = (
-            j.astype(jnp.float32) / restart_warmup * curve((k * restart_every + restart_warmup).astype(jnp.float32))
-        )
-        lr = jnp.where((k >= 1) & (j < restart_warmup), rewarm, curve(t))
+        rewarm_end = (first + k * restart_every + restart_warmup).astype(jnp.float32)
+        rewarm = j.astype(jnp.float32) / restart_warmup * curve(rewarm_end)
+        lr = jnp.where((c >= first) & (j < restart_warmup), rewarm, curve(t))
         return jnp.where(c < warmup, warm, lr).astype(jnp.float32)
 
     return schedule
@@ -452,3 +461,99 @@ def relora_restart(
     params = merge_and_reinit(params, k_merge, alpha_over_rank=alpha_over_rank, labels=labels, scale_reset=scale_reset)
     opt_state = reset_optimizer_state(opt_state, labels, reset_mode, reset_ratio, k_reset)
     return params, opt_state
+
+
+# --------------------------------------------------------------------------------------------
+# Full-rank warm start
+# --------------------------------------------------------------------------------------------
+
+
+def _copy_matching(dst: Any, src: Any) -> Any:
+    """``dst`` with every leaf replaced by ``src``'s leaf at the same key path, where that leaf has its shape/dtype."""
+    by_path = {path: leaf for path, leaf in jax.tree_util.tree_flatten_with_path(src)[0]}
+
+    def pick(path: Any, x: Any) -> Any:
+        y = by_path.get(path)
+        return y if y is not None and y.shape == x.shape and y.dtype == x.dtype else x
+
+    return jax.tree_util.tree_map_with_path(pick, dst)
+
+
+def _collect(node: Any, found: list, has_field: str) -> None:
+    """Append, in traversal order, every NamedTuple inside ``node`` that has the field ``has_field``."""
+    if _is_namedtuple(node):
+        if has_field in node._fields:
+            found.append(node)
+        for v in node:
+            _collect(v, found, has_field)
+    elif isinstance(node, tuple | list):
+        for v in node:
+            _collect(v, found, has_field)
+    elif isinstance(node, dict):
+        for v in node.values():
+            _collect(v, found, has_field)
+
+
+def warm_start_to_lora(
+    dense_params: Any,
+    dense_opt_state: Any,
+    lora_params: Any,
+    lora_opt_state: Any,
+    *,
+    fields: Sequence[str] = MOMENT_FIELDS,
+) -> tuple[Any, Any]:
+    """Switch a full-rank run to ReLoRA, carrying the trained weights and optimizer state over.
+
+    ReLoRA's warm start (paper §3: a short full-rank phase, then LoRA with restarts) as a pure
+    function of four pytrees: the full-rank run's params and optimizer state, and a freshly
+    initialised LoRA model's params and optimizer state (``tx.init`` of the LoRA optimizer).
+
+    * Params: every LoRA-model leaf whose key path exists in ``dense_params`` with the same shape
+      and dtype takes the trained value. That is each frozen ``kernel`` (the dense kernel becomes
+      ``W``), the embeddings, norms and ``lm_head``; the new factors ``lora_a`` (Kaiming) and
+      ``lora_b`` (zeros) keep their initialisation, so the network function is unchanged.
+    * Optimizer state: the ``k``-th NamedTuple with moment fields (``mu``/``nu``) in the LoRA state
+      receives the moments of the ``k``-th one in the dense state at matching key paths (the dense
+      leaves' Adam moments carry over; the factors' moments stay at their initial zeros; frozen
+      weights have no state). Every ``count`` field is set to the dense state's count, so bias
+      correction and the schedule continue from the warm-start step exactly as at a ReLoRA restart
+      with the factors' moments reset.
+
+    Returns ``(params, opt_state)`` shaped like ``lora_params`` / ``lora_opt_state``. Jittable.
+    """
+    params = _copy_matching(lora_params, dense_params)
+    src_nodes: list = []
+    _collect(dense_opt_state, src_nodes, fields[0])
+    dst_nodes: list = []
+    _collect(lora_opt_state, dst_nodes, fields[0])
+    if len(src_nodes) != len(dst_nodes) or not dst_nodes:
+        raise ValueError(
+            f"dense_opt_state: {len(src_nodes)} moment trees ({fields[0]!r}) but lora_opt_state has "
+            f"{len(dst_nodes)}; both must come from the same optimizer"
+        )
+    counts: list = []
+    _collect(dense_opt_state, counts, "count")
+    if not counts:
+        raise ValueError("dense_opt_state: no 'count' field found")
+    count = counts[0].count
+    sources = iter(src_nodes)
+
+    def walk(node: Any) -> Any:
+        if _is_namedtuple(node):
+            src = next(sources) if fields[0] in node._fields else None
+            new = {}
+            for f, v in zip(node._fields, node, strict=True):
+                if src is not None and f in fields:
+                    new[f] = _copy_matching(v, getattr(src, f))
+                elif f == "count":
+                    new[f] = jnp.asarray(count, jnp.asarray(v).dtype)
+                else:
+                    new[f] = walk(v)
+            return node._replace(**new)
+        if isinstance(node, tuple | list):
+            return type(node)(walk(v) for v in node)
+        if isinstance(node, dict):
+            return type(node)((k, walk(v)) for k, v in node.items())
+        return node
+
+    return params, walk(lora_opt_state)

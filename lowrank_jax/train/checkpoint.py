@@ -55,13 +55,18 @@ class Checkpointer:
         )
 
     def restore_latest(self, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
-        """Restore the newest readable checkpoint; fall back to older ones with a message."""
-        flat_abstract, treedef = _flatten(abstract_state)
+        """Restore the newest readable checkpoint; fall back to older ones with a message.
+
+        ``abstract_state`` is the target pytree of ShapeDtypeStructs, or a function ``step -> pytree``
+        where the state's layout depends on the step (a ReLoRA warm start switches layouts).
+        """
+        layout = abstract_state if callable(abstract_state) else (lambda _: abstract_state)
         steps = sorted(self.manager.all_steps(), reverse=True)
         if not steps:
             raise CheckpointError(f"resume: no checkpoint in {str(self.directory)!r}")
         errors = []
         for step in steps:
+            flat_abstract, treedef = _flatten(layout(step))
             try:
                 out = self.manager.restore(
                     step,

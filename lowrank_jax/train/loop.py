@@ -19,10 +19,17 @@ from lowrank_jax import config as config_lib
 from lowrank_jax import sharding as shd
 from lowrank_jax.config import Config, ConfigError
 from lowrank_jax.data import BatchIterator, eval_batches, prepare_data, unigram_cross_entropy
-from lowrank_jax.models import count_bytes, count_params
+from lowrank_jax.models import count_bytes, count_params, param_labels
 from lowrank_jax.train import metrics as metrics_lib
 from lowrank_jax.train.checkpoint import Checkpointer, checkpoint_steps
-from lowrank_jax.train.step import compile_train_step, compiled_memory, evaluate, make_trainer
+from lowrank_jax.train.step import (
+    compile_train_step,
+    compiled_memory,
+    evaluate,
+    make_trainer,
+    switch_to_lora,
+    warm_start_config,
+)
 
 
 def train(cfg: Config, log=print) -> dict[str, Any]:
@@ -58,15 +65,30 @@ def train(cfg: Config, log=print) -> dict[str, Any]:
         raise ConfigError(f"seq_len: {e}") from None
     unigram_ce = unigram_cross_entropy(data.train, data.val, cfg.model.vocab_size)
 
+    switch = cfg.relora.warm_start  # ReLoRA warm start: full-rank steps [0, switch), then LoRA
     try:
         trainer = make_trainer(cfg)
+        warm = make_trainer(warm_start_config(cfg)) if switch else None
     except ValueError as e:
         raise ConfigError(str(e)) from None
     t0 = time.time()
     step_fn = compile_train_step(trainer)
+    warm_step_fn = compile_train_step(warm) if warm else None
     compile_s = time.time() - t0
+
+    def phase(step: int):
+        """(trainer, compiled step) that runs ``step``: the full-rank phase before the switch."""
+        return (warm, warm_step_fn) if warm is not None and step < switch else (trainer, step_fn)
+
     memory = compiled_memory(step_fn)
     n_params = count_params(trainer.abstract_state.params)
+    n_frozen = sum(
+        x.size
+        for x, lab in zip(
+            jax.tree.leaves(trainer.abstract_state.params), jax.tree.leaves(param_labels(cfg.model)), strict=True
+        )
+        if lab == "FrozenWeight"
+    )
     opt_bytes = count_bytes(trainer.abstract_state.opt_state)
     fmt = metrics_lib.fmt_bytes
     param_bytes = count_bytes(trainer.abstract_state.params)
@@ -79,13 +101,14 @@ def train(cfg: Config, log=print) -> dict[str, Any]:
     checkpointer = None
     if cfg.resume:
         checkpointer = Checkpointer(ckpt_dir, cfg.keep_checkpoints)
-        state, meta = checkpointer.restore_latest(trainer.abstract_state)
+        # a checkpoint at step s holds the state before step s runs: full-rank while s <= switch
+        state, meta = checkpointer.restore_latest(lambda s: phase(max(s - 1, 0))[0].abstract_state)
         if meta.get("data_digest") != data.digest:
             raise ConfigError(f"resume: checkpoint was trained on data {meta.get('data_digest')}, not {data.digest}")
         start = int(state.step)
         log(f"resumed from step {start} ({ckpt_dir})")
     else:
-        state, start = trainer.init_state(), 0
+        state, start = phase(0)[0].init_state(), 0
 
     out.mkdir(parents=True, exist_ok=True)
     if checkpointer is None:
@@ -106,7 +129,7 @@ def train(cfg: Config, log=print) -> dict[str, Any]:
         mlog.flush()
 
     def run_eval(s: int) -> float:
-        loss = evaluate(trainer, state.params, val_batches)
+        loss = evaluate(phase(s - 1)[0], state.params, val_batches)
         mlog.write({"step": s, "tokens": s * tps, "val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))})
         mlog.flush()
         return loss
@@ -116,7 +139,10 @@ def train(cfg: Config, log=print) -> dict[str, Any]:
     )
     t_loop = time.time()
     for step in range(start, cfg.steps):
-        state, m = step_fn(state, trainer.put_batch(iterator.batch(step)))
+        if warm is not None and step == switch:
+            state = switch_to_lora(state, trainer)
+            bar.write(f"step {step}: warm start done, switched to LoRA (model.dense={cfg.model.dense})")
+        state, m = phase(step)[1](state, trainer.put_batch(iterator.batch(step)))
         done = step + 1
         pending.append((done, m))
         if done % cfg.log_every == 0 or done == cfg.steps:
@@ -158,6 +184,7 @@ def train(cfg: Config, log=print) -> dict[str, Any]:
         "steps_this_run": steps_run,
         "tokens": cfg.steps * tps,
         "params": n_params,
+        "trainable_params": n_params - n_frozen,
         "param_bytes": param_bytes,
         "optimizer_state_bytes": opt_bytes,
         "skipped_steps": skipped,

@@ -38,15 +38,20 @@ def make_schedule(cfg: Config) -> optax.Schedule:
     """Linear warmup from 0 over ``warmup_ratio·steps``, then cosine decay to ``min_lr_ratio·lr``.
 
     The papers' recipe (GaLore, SLTrain, ReLoRA): warmup 10% of steps, decay to 10% of peak. With
-    ReLoRA restarts (``relora.every > 0``) the same curve is cut into ReLoRA's jagged schedule.
+    ReLoRA restarts or a warm start (and ``relora.jagged``) the same curve is cut into ReLoRA's
+    jagged schedule, restarting at ``warm_start`` (if any) and every ``relora.every`` steps after.
     """
     o = cfg.optim
     warmup = int(o.warmup_ratio * cfg.steps)
-    if cfg.relora.every:
+    r = cfg.relora
+    if r.jagged and (r.every or r.warm_start):
         from lowrank_jax.optim.relora import jagged_cosine_schedule  # noqa: PLC0415
 
-        r = cfg.relora
-        return jagged_cosine_schedule(o.lr, warmup, r.every, r.restart_warmup, cfg.steps, o.min_lr_ratio)
+        every = r.every or cfg.steps  # a warm start without restarts: one re-warm, at the switch
+        first = r.warm_start or r.every
+        return jagged_cosine_schedule(
+            o.lr, warmup, every, r.restart_warmup, cfg.steps, o.min_lr_ratio, first_restart=first
+        )
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=o.lr,

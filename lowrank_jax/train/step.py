@@ -8,6 +8,7 @@ norm is not finite leaves params and optimizer state unchanged and increments ``
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -171,12 +172,17 @@ def make_trainer(cfg: Config, mesh: Mesh | None = None) -> Trainer:
 
 
 def _maybe_restart(cfg: Config, new_step: jax.Array, params: Any, opt_state: Any, raw_key: jax.Array):
-    """ReLoRA: right after the update taken at lr 0 (steps k·every, k ≥ 1), merge, re-init and prune."""
+    """ReLoRA: right after the update taken at lr 0 (steps F + k·every), merge, re-init and prune.
+
+    ``F`` is the warm-start step (the switch to LoRA) or ``every``; at the switch ``B = 0``, so the
+    merge changes nothing and only re-draws ``A`` and prunes the one lr-0 step of factor moments.
+    """
     from lowrank_jax.optim.relora import relora_restart  # noqa: PLC0415
 
     r, m = cfg.relora, cfg.model
     labels = param_labels(m)
-    restart = (new_step > r.every) & (new_step % r.every == 1)
+    since_first = new_step - 1 - (r.warm_start or r.every)  # restarts at F, F + every, ... (F: first)
+    restart = (since_first >= 0) & (since_first % r.every == 0)
 
     def do(po):
         key = jax.random.fold_in(jax.random.wrap_key_data(raw_key), new_step)
@@ -191,6 +197,35 @@ def _maybe_restart(cfg: Config, new_step: jax.Array, params: Any, opt_state: Any
         )
 
     return jax.lax.cond(restart, do, lambda po: po, (params, opt_state))
+
+
+def warm_start_config(cfg: Config) -> Config:
+    """The full-rank phase of a ReLoRA warm start: dense linears, no restarts, the same schedule.
+
+    Only ``model.dense`` and ``relora.every`` change, so :func:`make_schedule` gives the run's
+    schedule, which before the switch (step ``relora.warm_start``) is the plain warmup + cosine.
+    """
+    return dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, dense="dense"),
+        relora=dataclasses.replace(cfg.relora, every=0),
+    )
+
+
+def switch_to_lora(dense_state: TrainState, lora_trainer: Trainer) -> TrainState:
+    """The ReLoRA warm-start switch: the full-rank state carried into ``lora_trainer``'s state layout.
+
+    Fresh LoRA factors come from ``lora_trainer.init_state()`` (the run's seed); weights, moments and
+    counts are carried over by :func:`lowrank_jax.optim.relora.warm_start_to_lora`.
+    """
+    from lowrank_jax.optim.relora import warm_start_to_lora  # noqa: PLC0415
+
+    fresh = lora_trainer.init_state()
+    shardings = lora_trainer.state_shardings
+    params, opt_state = jax.jit(warm_start_to_lora, out_shardings=(shardings.params, shardings.opt_state))(
+        dense_state.params, dense_state.opt_state, fresh.params, fresh.opt_state
+    )
+    return TrainState(dense_state.step, params, opt_state, dense_state.rng, dense_state.skipped)
 
 
 def evaluate(trainer: Trainer, params: Any, batches: list) -> float:

@@ -279,6 +279,14 @@ def test_reset_of_8bit_moments_dequantizes_prunes_requantizes():
         np.testing.assert_array_equal(new_f["norm"], old_f["norm"])
 
 
+def test_none_reset_keeps_every_moment(random_adam_state):
+    """``mode='none'``: restarts without optimizer reset (Table 6 ablation) leave the state untouched."""
+    new = reset_optimizer_state(random_adam_state, SMALL_LABELS, "none")
+    for x, y in zip(jax.tree.leaves(new), jax.tree.leaves(random_adam_state), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert np.abs(np.asarray(_moments(new).mu["blk"]["lora_a"])).min() > 0
+
+
 def test_reset_errors(random_adam_state):
     labels = SMALL_LABELS
     with pytest.raises(ValueError, match="mode"):
@@ -298,17 +306,37 @@ def test_reset_errors(random_adam_state):
 # ------------------------------------------------------------------------------------- schedule
 
 
-def _closed_form(t, *, peak, warmup, restart_every, restart_warmup, total, min_ratio):
+def _closed_form(t, *, peak, warmup, restart_every, restart_warmup, total, min_ratio, first_restart=None):
     def f(u):
         progress = min(max((u - warmup) / (total - warmup), 0.0), 1.0)
         return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
+    first = restart_every if first_restart is None else first_restart
     if t < warmup:
         return peak * t / warmup
-    k, j = divmod(t, restart_every)
-    if k >= 1 and j < restart_warmup:
-        return j / restart_warmup * f(k * restart_every + restart_warmup)
+    k, j = divmod(t - first, restart_every)
+    if t >= first and j < restart_warmup:
+        return j / restart_warmup * f(first + k * restart_every + restart_warmup)
     return f(t)
+
+
+def test_jagged_schedule_first_restart_at_the_warm_start_switch():
+    kw = dict(peak=2e-3, warmup=30, restart_every=100, restart_warmup=20, total=700, min_ratio=0.1, first_restart=250)
+    sched = jagged_cosine_schedule(**kw)
+    ts = [0, 15, 30, 100, 200, 249, 250, 260, 270, 300, 350, 360, 370, 450, 699, 700, 900]
+    got = np.asarray(jax.jit(jax.vmap(sched))(jnp.asarray(ts)))
+    for t, value in zip(ts, got, strict=True):
+        assert value == pytest.approx(_closed_form(t, **kw), rel=1e-5, abs=1e-9), t
+    # no drop before the switch (plain warmup + cosine), drops at the switch and every 100 after it
+    plain = jagged_cosine_schedule(**{**kw, "first_restart": 10_000, "restart_every": 10_000})
+    for t in (100, 200, 249):
+        assert float(sched(t)) == pytest.approx(float(plain(t)), rel=1e-6)
+    assert float(sched(250)) == 0.0 and float(sched(350)) == 0.0 and float(sched(450)) == 0.0
+    assert float(sched(260)) == pytest.approx(0.5 * float(plain(270)), rel=1e-5)
+    with pytest.raises(ValueError, match="^warmup"):
+        jagged_cosine_schedule(**{**kw, "first_restart": 20})
+    with pytest.raises(ValueError, match="^first_restart"):
+        jagged_cosine_schedule(**{**kw, "first_restart": 0})
 
 
 def test_jagged_schedule_matches_closed_form():
