@@ -1,0 +1,191 @@
+"""Packed ternary matmul: packing round-trips; Pallas (interpret mode) and XLA equal a float64 reference."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.ternary_matmul import (
+    default_blocks,
+    pack_ternary,
+    packed_rows,
+    ternary_matmul,
+    ternary_matmul_reference,
+    unpack_ternary,
+)
+from pallas_kernels.ternary_matmul.api import pad_operands
+from pallas_kernels.ternary_matmul.pallas_impl import ternary_matmul_pallas_padded
+
+RNG = np.random.default_rng()  # fresh draws every run; the failing seed is printed by the assertions
+
+
+def _ternary(rng, k, n, p_zero=None):
+    p_zero = rng.uniform(0.1, 0.7) if p_zero is None else p_zero
+    w = rng.choice([-1, 1], size=(k, n))
+    return np.where(rng.random((k, n)) < p_zero, 0, w).astype(np.int8)
+
+
+def _np_pack(w):
+    """Independent NumPy packer of the documented planar layout (bit pair j ↔ row j·Kq + r)."""
+    k, n = w.shape
+    kq = -(-k // 4)
+    codes = np.ones((4 * kq, n), np.uint8)
+    codes[:k] = (w.astype(np.int16) + 1).astype(np.uint8)
+    out = np.zeros((kq, n), np.uint8)
+    for j in range(4):
+        out |= codes[j * kq : (j + 1) * kq] << (2 * j)
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 7, 8, 33, 130])
+def test_pack_round_trip_and_layout(k):
+    rng = np.random.default_rng(RNG.integers(1 << 31))
+    n = int(rng.integers(1, 20))
+    w = _ternary(rng, k, n)
+    packed = pack_ternary(jnp.asarray(w))
+    assert packed.dtype == jnp.uint8 and packed.shape == (packed_rows(k), n)
+    np.testing.assert_array_equal(np.asarray(packed), _np_pack(w))
+    np.testing.assert_array_equal(np.asarray(unpack_ternary(packed, k)), w)
+    # float and int32 inputs pack the same way
+    np.testing.assert_array_equal(np.asarray(pack_ternary(jnp.asarray(w, jnp.float32))), _np_pack(w))
+    assert not np.any((np.asarray(packed) >> 6) == 3)  # code 3 is never written
+
+
+def test_pack_errors():
+    with pytest.raises(ValueError, match="w_KxN"):
+        pack_ternary(jnp.ones((2, 3, 4)))
+    with pytest.raises(ValueError, match="packed_KqxN"):
+        unpack_ternary(jnp.ones((2, 3), jnp.int32), 8)
+    with pytest.raises(ValueError, match="k:"):
+        unpack_ternary(jnp.ones((2, 3), jnp.uint8), 9)
+    with pytest.raises(ValueError, match="k:"):
+        packed_rows(0)
+
+
+def _reference64(x, w, scale, x_scale=None):
+    y = np.asarray(x, np.float64) @ w.astype(np.float64) * scale
+    return y if x_scale is None else y * np.asarray(x_scale, np.float64)[:, None]
+
+
+def _random_case(rng):
+    m = int(rng.choice([1, 2, 3, int(rng.integers(4, 70))]))
+    k = int(rng.integers(1, 400))
+    n = int(rng.integers(1, 150))
+    blocks = (int(rng.choice([16, 32])), int(rng.choice([16, 32, 64])), int(rng.choice([16, 32])))
+    dtype = rng.choice(["bfloat16", "int8", "float32"])
+    return m, k, n, blocks, str(dtype)
+
+
+CASES = 32
+
+
+@pytest.mark.parametrize("case", range(CASES))
+def test_pallas_kernel_matches_reference_on_random_shapes(case):
+    seed = int(RNG.integers(1 << 31))
+    rng = np.random.default_rng(seed)
+    m, k, n, blocks, dtype = _random_case(rng)
+    w = _ternary(rng, k, n)
+    packed = pack_ternary(jnp.asarray(w))
+    scale = float(rng.uniform(0.01, 2.0))
+    x_scale = None
+    if dtype == "int8":
+        x = jnp.asarray(rng.integers(-128, 128, (m, k)), jnp.int8)
+        x_scale = jnp.asarray(rng.uniform(1e-3, 0.1, m), jnp.float32)
+    else:
+        x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+    rowscale = scale * (x_scale if x_scale is not None else jnp.ones((m,), jnp.float32))
+    xp, wp, sp, (bm, bn, bkq) = pad_operands(x, packed, rowscale, k, blocks)
+    poison = jnp.full((xp.shape[0], wp.shape[1]), jnp.nan, jnp.float32)
+    out = ternary_matmul_pallas_padded(
+        xp, wp, sp, bm=bm, bn=bn, bkq=bkq, out_dtype=jnp.float32, interpret=True, out_init=poison
+    )
+    out = np.asarray(out)
+    msg = f"seed={seed} m={m} k={k} n={n} blocks={blocks} dtype={dtype}"
+    assert not np.isnan(out).any(), msg  # every tile written
+    np.testing.assert_array_equal(out[m:], 0.0, err_msg=msg)
+    np.testing.assert_array_equal(out[:, n:], 0.0, err_msg=msg)
+    expected = _reference64(x.astype(jnp.float32), w, scale, x_scale)
+    tol = 1e-5 * (np.abs(np.asarray(x, np.float64)) @ np.abs(w) * scale + 1)
+    if x_scale is not None:
+        tol = tol * np.asarray(x_scale, np.float64)[:, None]
+    assert np.all(np.abs(out[:m, :n] - expected) <= tol), msg
+    # the XLA reference path agrees too
+    ref = ternary_matmul(x, packed, scale, k=k, x_scale=x_scale, implementation="xla")
+    assert np.all(np.abs(np.asarray(ref, np.float64) - expected) <= tol), msg
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_api_batch_dims_and_vjp(impl):
+    seed = int(RNG.integers(1 << 31))
+    rng = np.random.default_rng(seed)
+    k, n = int(rng.integers(5, 90)), int(rng.integers(3, 70))
+    w = _ternary(rng, k, n)
+    packed = pack_ternary(jnp.asarray(w))
+    scale = float(rng.uniform(0.1, 1.0))
+    x = jnp.asarray(rng.standard_normal((2, 3, k)), jnp.float32)
+    dy = rng.standard_normal((2, 3, n))
+
+    def f(x):
+        y = ternary_matmul(x, packed, scale, k=k, implementation=impl, blocks=(16, 16, 16))
+        return jnp.sum(y * jnp.asarray(dy, jnp.float32)), y
+
+    (_, y), dx = jax.value_and_grad(f, has_aux=True)(x)
+    x64 = np.asarray(x, np.float64)
+    np.testing.assert_allclose(np.asarray(y), x64 @ w * scale, rtol=1e-5, atol=1e-5, err_msg=f"seed={seed}")
+    np.testing.assert_allclose(np.asarray(dx), dy @ w.T * scale, rtol=1e-5, atol=1e-5, err_msg=f"seed={seed}")
+
+
+def test_int8_activations_and_auto_implementation():
+    rng = np.random.default_rng(RNG.integers(1 << 31))
+    k, n, m = 77, 45, 4
+    w = _ternary(rng, k, n)
+    packed = pack_ternary(jnp.asarray(w))
+    xi = jnp.asarray(rng.integers(-128, 128, (m, k)), jnp.int8)
+    xs = jnp.asarray(rng.uniform(1e-3, 1e-1, m), jnp.float32)
+    y = ternary_matmul(xi, packed, 0.37, k=k, x_scale=xs)  # auto: XLA on CPU
+    np.testing.assert_allclose(np.asarray(y), _reference64(xi, w, 0.37, xs), rtol=1e-6, atol=1e-6)
+    yr = ternary_matmul_reference(xi, packed, 0.37, k, xs)
+    np.testing.assert_allclose(np.asarray(yr), np.asarray(y), rtol=1e-6, atol=1e-6)
+    bf = ternary_matmul(xi.astype(jnp.bfloat16), packed, 0.5, k=k, out_dtype=jnp.bfloat16)
+    assert bf.dtype == jnp.bfloat16
+
+
+def test_default_blocks_are_gpu_friendly():
+    for m, kq, n in [(1, 1024, 11008), (2048, 1024, 4096), (3, 5, 7)]:
+        bm, bn, bkq = default_blocks(m, kq, n)
+        for b in (bm, bn, bkq):
+            assert b >= 16 and b & (b - 1) == 0
+
+
+def test_api_errors():
+    packed = pack_ternary(jnp.ones((8, 4)))
+    x = jnp.ones((2, 8))
+    with pytest.raises(ValueError, match="implementation"):
+        ternary_matmul(x, packed, 1.0, k=8, implementation="cuda")
+    with pytest.raises(ValueError, match="k:"):
+        ternary_matmul(x, packed, 1.0, k=12)
+    with pytest.raises(ValueError, match="x:"):
+        ternary_matmul(jnp.ones((2, 7)), pack_ternary(jnp.ones((7, 4))), 1.0, k=8)
+    with pytest.raises(ValueError, match="x_scale"):
+        ternary_matmul(x.astype(jnp.int8), packed, 1.0, k=8)
+    with pytest.raises(ValueError, match="x_scale"):
+        ternary_matmul(x, packed, 1.0, k=8, x_scale=jnp.ones((3,)))
+    with pytest.raises(ValueError, match="x:"):
+        ternary_matmul(x.astype(jnp.int32), packed, 1.0, k=8)
+    with pytest.raises(ValueError, match="packed_KqxN"):
+        ternary_matmul(x, packed.astype(jnp.int32), 1.0, k=8)
+    with pytest.raises(ValueError, match="blocks"):
+        ternary_matmul(x, packed, 1.0, k=8, blocks=(16, 0, 16))
+    with pytest.raises(ValueError, match="shapes"):
+        ternary_matmul_pallas_padded(
+            jnp.ones((16, 64)),
+            jnp.ones((16, 16), jnp.uint8),
+            jnp.ones((16,)),
+            bm=16,
+            bn=16,
+            bkq=32,
+            out_dtype=jnp.float32,
+            interpret=True,
+        )
