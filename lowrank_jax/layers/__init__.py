@@ -1,5 +1,6 @@
 """Flax NNX linears selected through the dense factory (see :mod:`lowrank_jax.layers.dense`)."""
 
+from lowrank_jax.layers.bitlinear import BitLinear, pack_bitlinear  # noqa: F401
 from lowrank_jax.layers.dense import Dense, dense_kinds, make_dense, register_dense
 from lowrank_jax.layers.lora import FrozenWeight, LoRADense, LoRAFactor, LoRAScale, LowRankDense
 
