@@ -1,0 +1,219 @@
+"""SLTrain matmul kernels: Pallas (interpret mode) and the XLA custom VJP against the plain-XLA reference."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.sl_matmul import kernel as K
+from pallas_kernels.sl_matmul.api import resolve_implementation, sl_matmul
+from pallas_kernels.sl_matmul.kernel import KernelConfig, choose_blocks, sl_matmul_pallas, tile_layout
+from pallas_kernels.sl_matmul.reference import materialize_w, sl_matmul_reference
+from pallas_kernels.sl_matmul.xla import sl_matmul_xla
+
+# Small blocks so that every test shape spans several tiles in each dimension.
+CFG = KernelConfig(block_m=16, block_k=16, block_n=16, interpret=True, poison=True)
+TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}  # relative to the largest reference entry
+
+
+def _operands(rng, m, k, n, r, density, dtype, batch=()):
+    nnz = max(1, round(density * k * n))
+    x = jnp.asarray(rng.standard_normal((*batch, m, k)), dtype)
+    a = jnp.asarray(rng.standard_normal((k, r)) / math.sqrt(k), jnp.float32)
+    b = jnp.asarray(rng.standard_normal((r, n)), jnp.float32)
+    idx = jnp.asarray(rng.choice(k * n, nnz, replace=False), jnp.int32)
+    values = jnp.asarray(rng.uniform(-1, 1, nnz), jnp.float32)
+    dy = jnp.asarray(rng.standard_normal((*batch, m, n)), dtype)
+    return x, a, b, values, idx, dy
+
+
+def _fwd_vjp(fn, x, a, b, values, idx, dy, scale):
+    y, vjp = jax.vjp(lambda *p: fn(*p, idx, scale), x, a, b, values)
+    return (y, *vjp(dy))
+
+
+def _assert_close(got, want, dtype, names=("y", "dx", "da", "db", "dvalues")):
+    for name, g, w in zip(names, got, want, strict=True):
+        g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+        assert g.shape == w.shape, name
+        assert np.all(np.isfinite(g)), f"{name}: non-finite entries (poisoned output not overwritten?)"
+        err = np.max(np.abs(g - w)) / max(np.max(np.abs(w)), 1e-30)
+        assert err < TOL[dtype], f"{name}: relative error {err:.2e}"
+
+
+def _random_shapes(seed: int, count: int, hi: int):
+    rng = np.random.default_rng(seed)
+    shapes = []
+    for i in range(count):
+        m, k, n = (int(v) for v in rng.integers(3, hi, size=3))
+        r = int(rng.integers(1, min(k, n) + 1))
+        density = float(rng.choice([0.01, 0.03, 0.1, 0.3]))
+        dtype = (jnp.float32, jnp.bfloat16)[i % 2]
+        shapes.append((m, k, n, r, density, dtype))
+    return shapes
+
+
+# 30 random shapes (15 per dtype), most of them not multiples of the 16-wide blocks.
+SHAPES = _random_shapes(0, 30, 60)
+
+
+@pytest.mark.parametrize("m,k,n,r,density,dtype", SHAPES)
+def test_pallas_forward_and_vjp_match_reference(m, k, n, r, density, dtype):
+    rng = np.random.default_rng()
+    x, a, b, values, idx, dy = _operands(rng, m, k, n, r, density, dtype)
+    scale = float(rng.uniform(0.1, 4.0))
+    run = jax.jit(lambda *ops: _fwd_vjp(lambda *p: sl_matmul_pallas(*p, CFG), *ops, scale))
+    ref = jax.jit(lambda *ops: _fwd_vjp(sl_matmul_reference, *ops, scale))
+    _assert_close(run(x, a, b, values, idx, dy), ref(x, a, b, values, idx, dy), dtype)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("m,k,n,r,density,dtype", _random_shapes(1, 40, 300))
+def test_pallas_larger_sweep(m, k, n, r, density, dtype):
+    rng = np.random.default_rng()
+    x, a, b, values, idx, dy = _operands(rng, m, k, n, r, density, dtype)
+    cfg = KernelConfig(block_m=32, block_k=32, block_n=64, interpret=True, poison=True)
+    run = jax.jit(lambda *ops: _fwd_vjp(lambda *p: sl_matmul_pallas(*p, cfg), *ops, 0.5))
+    ref = jax.jit(lambda *ops: _fwd_vjp(sl_matmul_reference, *ops, 0.5))
+    _assert_close(run(x, a, b, values, idx, dy), ref(x, a, b, values, idx, dy), dtype)
+
+
+def test_pallas_leading_batch_dims_and_api():
+    rng = np.random.default_rng()
+    x, a, b, values, idx, dy = _operands(rng, 9, 40, 24, 4, 0.05, jnp.float32, batch=(2,))
+    got = _fwd_vjp(
+        lambda *p: sl_matmul(*p, implementation="pallas", block_m=8, block_k=16, block_n=8, interpret=True),
+        x,
+        a,
+        b,
+        values,
+        idx,
+        dy,
+        1.5,
+    )
+    _assert_close(got, _fwd_vjp(sl_matmul_reference, x, a, b, values, idx, dy, 1.5), jnp.float32)
+
+
+def test_overflowing_tile_falls_back_to_xla_exactly():
+    rng = np.random.default_rng()
+    x, a, b, values, idx, dy = _operands(rng, 20, 40, 40, 3, 0.2, jnp.float32)
+    cfg = KernelConfig(block_m=16, block_k=16, block_n=16, slots=4, interpret=True, poison=True)
+    layout = tile_layout(idx, 40, 40, 16, 16, 4)
+    assert bool(layout.overflow)  # 320 entries in 9 tiles cannot fit 4 slots each
+    got = jax.jit(lambda *o: _fwd_vjp(lambda *p: sl_matmul_pallas(*p, cfg), *o, 0.8))(x, a, b, values, idx, dy)
+    _assert_close(got, _fwd_vjp(sl_matmul_reference, x, a, b, values, idx, dy, 0.8), jnp.float32)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_xla_custom_vjp_matches_reference_autodiff(dtype):
+    rng = np.random.default_rng()
+    x, a, b, values, idx, dy = _operands(rng, 13, 37, 29, 5, 0.1, dtype, batch=(3,))
+    got = jax.jit(lambda *o: _fwd_vjp(sl_matmul_xla, *o, 2.0))(x, a, b, values, idx, dy)
+    want = jax.jit(lambda *o: _fwd_vjp(sl_matmul_reference, *o, 2.0))(x, a, b, values, idx, dy)
+    _assert_close(got, want, dtype)
+
+
+def test_reference_matches_float64_numpy():
+    rng = np.random.default_rng()
+    x, a, b, values, idx, dy = _operands(rng, 11, 23, 19, 4, 0.2, jnp.float32)
+    w = np.asarray(a, np.float64) @ np.asarray(b, np.float64) * 0.3
+    rows, cols = np.divmod(np.asarray(idx), 19)
+    w[rows, cols] += np.asarray(values, np.float64)
+    np.testing.assert_allclose(np.asarray(materialize_w(a, b, values, idx, 0.3), np.float64), w, rtol=1e-5, atol=1e-6)
+    y = np.asarray(sl_matmul_reference(x, a, b, values, idx, 0.3), np.float64)
+    np.testing.assert_allclose(y, np.asarray(x, np.float64) @ w, rtol=1e-5, atol=1e-5)
+
+
+def test_tile_layout_places_every_entry_once():
+    rng = np.random.default_rng()
+    k, n, bk, bn = 45, 70, 16, 32
+    idx = rng.choice(k * n, 400, replace=False).astype(np.int32)
+    lay = tile_layout(jnp.asarray(idx), k, n, bk, bn, 128)
+    local, slot = np.asarray(lay.local), np.asarray(lay.slot)
+    kt, nt = -(-k // bk), -(-n // bn)
+    assert local.shape == (kt, nt, 128) and not bool(lay.overflow)
+    assert len(np.unique(slot)) == 400
+    t, s = np.divmod(slot, 128)
+    ti, tj = np.divmod(t, nt)
+    lr, lc = np.divmod(local[ti, tj, s], bn)
+    np.testing.assert_array_equal(ti * bk + lr, idx // n)
+    np.testing.assert_array_equal(tj * bn + lc, idx % n)
+    assert np.sum(local >= 0) == 400  # everything else is padding
+
+
+def test_choose_blocks_slot_bound():
+    blk = choose_blocks(4096, 2048, 5461, round(0.03 * 2048 * 5461), KernelConfig())
+    mu = 0.03 * 64 * 64
+    assert blk.slots >= mu + 7 * math.sqrt(mu) and blk.slots & (blk.slots - 1) == 0
+    tiny = choose_blocks(5, 7, 9, 3, KernelConfig())  # whole matrix in one tile: P >= nnz, no overflow possible
+    assert tiny.slots >= 3 and (tiny.bm, tiny.bk, tiny.bn) == (8, 8, 16)
+
+
+def test_kernels_write_every_output_block():
+    """Direct kernel calls with NaN-poisoned outputs: every block is overwritten."""
+    rng = np.random.default_rng()
+    x, a, b, values, idx, dy = _operands(rng, 33, 40, 50, 6, 0.1, jnp.float32)
+    lay = K._layout_for(33, a, b, idx, CFG)
+    w = np.asarray(materialize_w(a, b, values, idx, 0.9), np.float64)
+    x64, dy64 = np.asarray(x, np.float64), np.asarray(dy, np.float64)
+    y = K.forward_kernel(x, a, b, values, lay, 0.9, CFG)
+    dx = K.dx_kernel(dy, a, b, values, lay, 0.9, CFG)
+    dv = K.dvalues_kernel(x, dy, a, b, lay, idx.shape[0], CFG)
+    np.testing.assert_allclose(np.asarray(y), x64 @ w, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(dx), dy64 @ w.T, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(dv), (x64.T @ dy64).reshape(-1)[np.asarray(idx)], rtol=1e-4, atol=1e-4)
+
+
+def test_resolve_implementation():
+    assert resolve_implementation(None, "cpu") == "xla"
+    assert resolve_implementation(None, "gpu") == "pallas"
+    assert resolve_implementation(None, "tpu") == "pallas"
+    assert resolve_implementation("auto", "cpu") == "xla"
+    assert resolve_implementation("pallas", "cpu") == "pallas"
+    with pytest.raises(ValueError, match="implementation"):
+        resolve_implementation("triton")
+
+
+@pytest.mark.parametrize(
+    "bad,arg",
+    [
+        (dict(a=np.ones((3,), np.float32)), "a"),
+        (dict(b=np.ones((4, 5), np.float32)), "b"),
+        (dict(x=np.ones((2, 9), np.float32)), "x"),
+        (dict(idx=np.ones((6,), np.float32)), "idx"),
+        (dict(values=np.ones((5,), np.float32)), "values"),
+        (dict(scale=float("nan")), "scale"),
+        (dict(scale=True), "scale"),
+    ],
+)
+def test_operand_errors_name_the_argument(bad, arg):
+    rng = np.random.default_rng()
+    ops = dict(
+        x=rng.standard_normal((2, 8)).astype(np.float32),
+        a=rng.standard_normal((8, 3)).astype(np.float32),
+        b=rng.standard_normal((3, 5)).astype(np.float32),
+        values=rng.standard_normal(6).astype(np.float32),
+        idx=np.arange(6, dtype=np.int32),
+        scale=1.0,
+    )
+    ops.update(bad)
+    with pytest.raises(ValueError, match=rf"^{arg}:"):
+        sl_matmul(**{k: (jnp.asarray(v) if k != "scale" else v) for k, v in ops.items()})
+
+
+@pytest.mark.parametrize(
+    "kw,arg",
+    [
+        (dict(block_m=12), "block_m"),
+        (dict(block_k=4), "block_k"),
+        (dict(block_n=True), "block_n"),
+        (dict(slots=0), "slots"),
+    ],
+)
+def test_kernel_config_errors(kw, arg):
+    with pytest.raises(ValueError, match=rf"^{arg}:"):
+        KernelConfig(**kw)
