@@ -34,7 +34,12 @@ DEFAULT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 
 def mesh_shape(requested: Sequence[int], n_devices: int) -> tuple[int, ...]:
-    """Resolve one ``-1`` to the remaining devices and check the product equals ``n_devices``."""
+    """Resolve one ``-1`` to the remaining devices and check the product equals ``n_devices``.
+
+    ``(1, 1, 1)`` (the default) always means one device, whatever the host has.
+    """
+    if tuple(requested) == (1, 1, 1):
+        return (1, 1, 1)
     sizes = list(requested)
     if -1 in sizes:
         rest = math.prod(s for s in sizes if s != -1)
@@ -49,10 +54,8 @@ def mesh_shape(requested: Sequence[int], n_devices: int) -> tuple[int, ...]:
 def make_mesh(requested: Sequence[int] = (1, 1, 1), devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A ``(data, fsdp, tensor)`` mesh; ``(1, 1, 1)`` takes the first device only."""
     devices = list(devices if devices is not None else jax.devices())
-    if tuple(requested) == (1, 1, 1):
-        devices = devices[:1]
     shape = mesh_shape(requested, len(devices))
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+    return Mesh(np.asarray(devices[: math.prod(shape)]).reshape(shape), MESH_AXES)
 
 
 def logical_to_mesh(
@@ -89,3 +92,64 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def _dict_keys(path: Sequence[Any]) -> tuple[Any, ...]:
+    return tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def _aligned_logical(shape: Sequence[int], param_shape: Sequence[int], param_logical: PartitionSpec) -> PartitionSpec:
+    """Logical names for a state leaf of ``shape`` that belongs to a param: each dim takes the name of
+    the param dim of the same size (same position first, else the first unused one); other dims
+    (GaLore's rank, 8-bit blocks) get none."""
+    names = tuple(param_logical) + (None,) * (len(param_shape) - len(param_logical))
+    used: set[int] = set()
+    out: list[Any] = []
+    for i, d in enumerate(shape):
+        if i < len(param_shape) and param_shape[i] == d and i not in used:
+            j: int | None = i
+        else:
+            j = next((j for j, pd in enumerate(param_shape) if pd == d and j not in used), None)
+        if j is None:
+            out.append(None)
+        else:
+            used.add(j)
+            out.append(names[j])
+    return PartitionSpec(*out)
+
+
+def state_shardings(
+    abstract_state: Any, abstract_params: Any, logical_params: Any, mesh: Mesh, rules=DEFAULT_RULES
+) -> Any:
+    """NamedShardings for optimizer state (any optax state), derived from the params' logical axes.
+
+    A state leaf belongs to the parameter whose key path is the longest suffix of the leaf's dict
+    keys (``mu['blocks']['attn']['q']['kernel']`` → ``blocks/attn/q/kernel``; partition and
+    GaLore wrappers only add a prefix). Its dims are aligned with the param's by size
+    (:func:`_aligned_logical`), so full-size moments shard exactly like their param, GaLore's
+    projectors ``(L, in, r)`` / ``(L, out, r)`` and low-rank moments ``(L, r, out)`` shard their
+    full-size dims and keep the rank dim whole. Leaves that match no dim but are large (8-bit
+    moment blocks ``(num_blocks, block)``) are split on their first dim over ``fsdp`` (ZeRO-style,
+    the state is elementwise); scalars (counts) are replicated.
+    """
+    params = {
+        _dict_keys(path): (x.shape, spec)
+        for (path, x), spec in zip(
+            jax.tree_util.tree_flatten_with_path(abstract_params)[0],
+            jax.tree.leaves(logical_params, is_leaf=lambda s: isinstance(s, PartitionSpec)),
+            strict=True,
+        )
+    }
+    fsdp = mesh.shape["fsdp"]
+
+    def one(path: Any, x: Any) -> NamedSharding:
+        keys = _dict_keys(path)
+        owner = next((params[keys[s:]] for s in range(len(keys)) if keys[s:] in params), None)
+        spec = PartitionSpec()
+        if owner is not None and x.ndim:
+            spec = logical_to_mesh(_aligned_logical(x.shape, *owner), x.shape, mesh, rules)
+        if x.ndim and all(a is None for a in spec) and fsdp > 1 and x.shape[0] % fsdp == 0 and x.size >= 1 << 16:
+            spec = PartitionSpec("fsdp", *(None,) * (x.ndim - 1))
+        return NamedSharding(mesh, spec)
+
+    return jax.tree_util.tree_map_with_path(one, abstract_state)

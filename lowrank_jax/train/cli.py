@@ -26,6 +26,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("config")
     c.add_argument("overrides", nargs="*")
     sub.add_parser("configs", help="list the named configs")
+    m = sub.add_parser(
+        "memory", help="per-device memory of the compiled train step (XLA memory analysis; nothing allocated)"
+    )
+    m.add_argument("config")
+    m.add_argument("overrides", nargs="*", help="key=value overrides; method=NAME expands to a method's overrides")
+    m.add_argument("--devices", type=int, default=None, help="number of fake CPU devices (for mesh=... on one host)")
     return p
 
 
@@ -35,6 +41,19 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(named_configs()))
         return 0
     try:
+        if args.command == "memory":
+            from lowrank_jax.train.memory import memory_command  # noqa: PLC0415
+            from lowrank_jax.train.metrics import fmt_bytes  # noqa: PLC0415
+
+            report = memory_command(args.config, args.overrides, args.devices)
+            mem = {k: fmt_bytes(v) for k, v in report["xla_memory"].items()}
+            print(json.dumps(report, indent=2))
+            print(
+                f"{args.config} on {report['devices']} device(s) {report['mesh']}: peak estimate "
+                f"{mem.get('peak_estimate_bytes', '?')}/device (arguments {mem.get('argument_size_in_bytes', '?')}, "
+                f"temporaries {mem.get('temp_size_in_bytes', '?')})"
+            )
+            return 0
         cfg = load_config(args.config, args.overrides)
         if args.command == "config":
             print(json.dumps(to_dict(cfg), indent=2))

@@ -89,27 +89,26 @@ def make_trainer(cfg: Config, mesh: Mesh | None = None) -> Trainer:
     graphdef, abstract_params = split_model(abstract_model)
     tx, schedule = make_optimizer(cfg, abstract_params)
 
-    param_shardings = shd.tree_shardings(logical_axes(model_cfg), abstract_params, mesh)
+    logical = logical_axes(model_cfg)
+    param_shardings = shd.tree_shardings(logical, abstract_params, mesh)
     repl = shd.replicated(mesh)
-
-    def make_state_abstract(raw_key, params):
-        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), raw_key, jnp.zeros((), jnp.int32))
-
-    key_abstract = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=repl)
-    params_abstract = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params, param_shardings
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    state_shardings = TrainState(
+        step=repl,
+        params=param_shardings,
+        opt_state=shd.state_shardings(abstract_opt, abstract_params, logical, mesh),
+        rng=repl,
+        skipped=repl,
     )
-    # Optimizer-state shardings follow the params through XLA's propagation; scalars replicate.
-    compiled = (
-        jax.jit(make_state_abstract, in_shardings=(repl, param_shardings))
-        .lower(key_abstract, params_abstract)
-        .compile()
-    )
-    state_shardings = compiled.output_shardings
-    state_shardings = state_shardings._replace(params=param_shardings)
     abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        jax.eval_shape(make_state_abstract, key_abstract, abstract_params),
+        TrainState(
+            jax.ShapeDtypeStruct((), jnp.int32),
+            abstract_params,
+            abstract_opt,
+            jax.ShapeDtypeStruct((2,), jnp.uint32),
+            jax.ShapeDtypeStruct((), jnp.int32),
+        ),
         state_shardings,
     )
 
