@@ -203,6 +203,34 @@ def run_adam_ste(lr, init_std, seed, xtr, ytr, xte, yte, idx, eval_every):
     }
 
 
+def memory_sweep(d_in: int, batch: int, n: int, chunks: tuple[int, ...]) -> dict:
+    """XLA memory_analysis of one noise_step (int8 and float32 weight storage) per chunk size, and of Adam+STE.
+
+    Compiled only (nothing runs): shows how forward-mode memory scales with chunk_size × batch.
+    """
+    shapes = shapes_for(d_in)
+    b_abs = (jax.ShapeDtypeStruct((batch, d_in), jnp.float32), jax.ShapeDtypeStruct((batch,), jnp.int32))
+    out = {"noise_step": {}, "params": sum(a * b for a, b in shapes.values())}
+    for storage in ("int8", "float32"):
+        for c in chunks:
+            cfg = NoiseStepConfig(num_perturbations=n, chunk_size=c)
+            params = {k: jax.ShapeDtypeStruct(s, jnp.dtype(storage)) for k, s in shapes.items()}
+            state = jax.eval_shape(lambda p, cfg=cfg: init_state(cfg, p), params)
+            step = jax.jit(lambda s, b, cfg=cfg: noise_step_update(cfg, noise_loss, s, b), donate_argnums=0)
+            out["noise_step"][f"{storage}_chunk{c}"] = compiled_memory(step.lower(state, b_abs).compile())
+    tx = optax.adam(1e-3)
+    params = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()}
+
+    def step_fn(p, o, x, y):
+        loss, g = jax.value_and_grad(lambda p: xent(bitlinear_logits(p, x), y))(p)
+        u, o = tx.update(g, o, p)
+        return optax.apply_updates(p, u), o, loss
+
+    lowered = jax.jit(step_fn, donate_argnums=(0, 1)).lower(params, jax.eval_shape(tx.init, params), *b_abs)
+    out["adam_ste"] = compiled_memory(lowered.compile())
+    return out
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib  # noqa: PLC0415
 
@@ -245,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--out", default=str(HERE / "results" / "noise_step_mnist"))
     p.add_argument("--skip-adam", action="store_true")
+    p.add_argument(
+        "--memory-only", action="store_true", help="only add the compiled-memory sweep over chunk sizes to results.json"
+    )
     a = p.parse_args(argv)
     try:
         cfg = NoiseStepConfig(
@@ -260,6 +291,16 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     x, y = load(a.dataset)
+    path = out / "results.json"
+    if a.memory_only:
+        results = json.loads(path.read_text()) if path.is_file() else {"datasets": {}}
+        entry = results["datasets"].setdefault(a.dataset, {})
+        entry["memory_by_chunk"] = memory_sweep(x.shape[1], a.batch, a.n, (1, 2, 4, 8, 16))
+        entry["memory_by_chunk"]["batch"] = a.batch
+        entry["memory_by_chunk"]["provenance"] = provenance()
+        write_json(path, results)
+        print(json.dumps(entry["memory_by_chunk"], indent=1))
+        return 0
     xtr, ytr, xte, yte = split(x, y)
     idx = batches(len(ytr), a.batch, a.steps, a.seed)
     print(f"{a.dataset}: train {len(ytr)}, test {len(yte)}, {a.steps} steps of {a.batch}", flush=True)
@@ -270,8 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         adam = run_adam_ste(
             a.adam_lr, a.init_std, a.seed, xtr, ytr, jnp.asarray(xte), jnp.asarray(yte), idx, a.eval_every
         )
-    path = out / "results.json"
     results = json.loads(path.read_text()) if path.is_file() else {"datasets": {}}
+    previous = results["datasets"].get(a.dataset, {})
     results["datasets"][a.dataset] = {
         "config": {
             "steps": a.steps,
@@ -290,12 +331,13 @@ def main(argv: list[str] | None = None) -> int:
             "adam_ste": {"lr": a.adam_lr, "init_std": a.init_std},
         },
         "noise_step": noise,
-        "adam_ste": adam if adam is not None else results["datasets"].get(a.dataset, {}).get("adam_ste"),
+        "adam_ste": adam if adam is not None else previous.get("adam_ste"),
+        "memory_by_chunk": previous.get("memory_by_chunk"),
         "provenance": provenance(),
         "note": "seconds are wall time on a shared, contended 2-core CPU",
     }
     write_json(path, results)
-    if all(r.get("adam_ste") for r in results["datasets"].values()):
+    if all(r.get("adam_ste") and r.get("noise_step") for r in results["datasets"].values()):
         plot(results, out / "accuracy.png")
     print(json.dumps({k: v for k, v in noise.items() if k not in ("curve", "step_memory")}, indent=1))
     if adam:
