@@ -1,0 +1,266 @@
+"""Fine-tune degradation: fine-tune a pretraining checkpoint on a second domain with fixed hyperparameters.
+
+Springer, Goyal, Wen, Kumar, Yue, Malladi, Neubig, Raghunathan, "Overtrained Language Models Are
+Harder to Fine-Tune", ICML 2025, arXiv 2503.19206, §3: every checkpoint of a pretraining run (one
+per token budget) is fine-tuned with the *same* hyperparameters on a downstream domain; the paper
+reports the fine-tune-domain quality and the pretraining-domain loss after fine-tuning, and finds
+both degrade past some budget (U-shaped quality vs budget: "catastrophic overtraining").
+
+:func:`finetune_degradation` does this for one checkpoint of this repository's training loop:
+
+1. restore the checkpoint's params (its run's ``config.json`` gives the model); with
+   ``parameterisation="effective"`` (default) factorised layers (LoRA/ReLoRA, low-rank, SLTrain)
+   are first merged into dense kernels (:func:`lowrank_jax.analysis.sensitivity.densify`) so that
+   every method is fine-tuned the same way, as a full-rank model; ``"native"`` keeps the model's
+   own parameterisation (then only its trainable tensors move);
+2. train with a *fresh* AdamW state (fine-tuning does not inherit pretraining moments) for
+   ``steps`` steps at peak ``lr`` with the loop's schedule (linear warmup over ``warmup_ratio`` of
+   the steps, cosine to ``min_lr_ratio``), on batches of the fine-tuning stream drawn by the same
+   deterministic :class:`~lowrank_jax.data.BatchIterator` — the jitted step of
+   :func:`lowrank_jax.train.step.make_trainer` does the work;
+3. report the fine-tune-domain validation loss and the pretraining-domain validation loss before
+   and after (``forgetting`` = its rise), plus the curve at ``eval_every`` steps.
+
+The fine-tuning text must be encoded with the *pretraining* tokenizer: :func:`finetune_token_data`
+loads the second corpus (e.g. ``data.source=pydoc`` when the model was pretrained on ``stdlib``)
+with ``data.tokenizer`` pointing at the pretraining run's cached tokenizer file, so token ids mean
+the same thing in both domains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lowrank_jax import config as config_lib
+from lowrank_jax.config import Config
+
+
+def _flatten_dict(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten_dict(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def run_config(run_dir: str | Path) -> Config:
+    """The validated :class:`Config` of a training run, read from its ``config.json``."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise ValueError(f"checkpoint: no config.json in run directory {str(run_dir)!r}")
+    return config_lib.load_config("tiny", _flatten_dict(json.loads(path.read_text())))
+
+
+def resolve_checkpoint(checkpoint: str | Path) -> tuple[Path, int]:
+    """``(run_dir, step)`` from ``RUN`` (latest step) or ``RUN/checkpoints/STEP``."""
+    from lowrank_jax.train.checkpoint import checkpoint_steps  # noqa: PLC0415
+
+    p = Path(checkpoint).expanduser()
+    if p.name.isdigit() and p.parent.name == "checkpoints":
+        run_dir, step = p.parent.parent, int(p.name)
+        if not p.is_dir():
+            raise ValueError(f"checkpoint: no such checkpoint {str(p)!r}")
+        return run_dir, step
+    steps = checkpoint_steps(p / "checkpoints")
+    if not steps:
+        raise ValueError(f"checkpoint: no checkpoints under {str(p / 'checkpoints')!r}")
+    return p, steps[-1]
+
+
+def load_params(checkpoint: str | Path) -> tuple[Any, Config, int]:
+    """``(params, run config, step)`` of a checkpoint (``RUN`` or ``RUN/checkpoints/STEP``), on the host."""
+    import orbax.checkpoint as ocp  # noqa: PLC0415
+
+    from lowrank_jax.train.checkpoint import Checkpointer, _flatten  # noqa: PLC0415
+    from lowrank_jax.train.step import make_trainer, warm_start_config  # noqa: PLC0415
+
+    run_dir, step = resolve_checkpoint(checkpoint)
+    cfg = run_config(run_dir)
+    meta_path = Path(run_dir) / "checkpoints" / str(step)
+    if cfg.model.vocab_size == 0:
+        raise ValueError(f"checkpoint: run config in {str(run_dir)!r} has no vocab_size")
+    # A ReLoRA warm start stores full-rank states up to its switch step.
+    layout_cfg = warm_start_config(cfg) if cfg.relora.warm_start and step <= cfg.relora.warm_start else cfg
+    abstract = make_trainer(layout_cfg).abstract_state
+    flat_abstract, treedef = _flatten(abstract)
+    ckpt = Checkpointer(meta_path.parent, keep=10_000, async_save=False)
+    try:
+        out = ckpt.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(flat_abstract), meta=ocp.args.JsonRestore())
+        )
+    finally:
+        ckpt.manager.close()
+    state = jax.tree_util.tree_unflatten(treedef, [out["state"][k] for k in flat_abstract])
+    return jax.device_get(state.params), layout_cfg, step
+
+
+def finetune_token_data(pretrain_cfg: Config, source: str = "pydoc", **data_changes: Any):
+    """The second corpus encoded with the pretraining tokenizer (a :class:`~lowrank_jax.data.TokenData`).
+
+    The pretraining tokenizer is the file named by ``pretrain_cfg.data.tokenizer`` or, for a trained
+    BPE, the cached file the pretraining run used (found again from the pretraining corpus digest).
+    """
+    from lowrank_jax.data import load_corpus, prepare_data  # noqa: PLC0415
+    from lowrank_jax.data.tokenizer import get_tokenizer  # noqa: PLC0415
+
+    d = pretrain_cfg.data
+    if d.tokenizer:
+        tok_path = d.tokenizer
+    else:
+        tok_path = get_tokenizer(d, load_corpus(d)).path
+    ft = dataclasses.replace(d, source=source, tokenizer=tok_path, **data_changes)
+    data = prepare_data(ft)
+    if data.vocab_size > pretrain_cfg.model.vocab_size:
+        raise ValueError(
+            f"source: tokenizer vocab {data.vocab_size} exceeds the model's {pretrain_cfg.model.vocab_size}"
+        )
+    return data
+
+
+def _as_stream(name: str, x: Any) -> np.ndarray:
+    a = np.asarray(x)
+    if a.ndim != 1 or a.size < 2 or not np.issubdtype(a.dtype, np.integer):
+        raise ValueError(f"{name}: expected a 1-D integer token stream, got {a.dtype} {a.shape}")
+    return a.astype(np.int32)
+
+
+def finetune_degradation(
+    checkpoint: str | Path,
+    finetune_data: Any,
+    pretrain_eval_data: Any,
+    steps: int,
+    lr: float,
+    *,
+    batch_size: int | None = None,
+    seq_len: int | None = None,
+    eval_tokens: int | None = None,
+    eval_every: int = 0,
+    warmup_ratio: float = 0.1,
+    min_lr_ratio: float = 0.1,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    parameterisation: str = "effective",
+) -> dict[str, Any]:
+    """Fine-tune ``checkpoint`` on ``finetune_data`` and measure both domains (see the module docstring).
+
+    ``finetune_data``: an object with ``train`` and ``val`` token streams (a ``TokenData``) or a
+    ``(train, val)`` pair; ``pretrain_eval_data``: the pretraining domain's validation token stream.
+    ``batch_size``/``seq_len``/``eval_tokens`` default to the pretraining run's. Returns a dict with
+    ``ft_loss_before/after``, ``pt_loss_before/after``, ``forgetting`` (pt after − before),
+    ``ft_gain`` (ft before − after), the ``curve`` and the settings.
+    """
+    from lowrank_jax.analysis.sensitivity import densify  # noqa: PLC0415
+    from lowrank_jax.data import BatchIterator, eval_batches  # noqa: PLC0415
+    from lowrank_jax.train.step import TrainState, evaluate, make_trainer  # noqa: PLC0415
+
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps: must be a positive integer, got {steps!r}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"lr: must be a positive number, got {lr!r}")
+    if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 0:
+        raise ValueError(f"eval_every: must be an integer >= 0, got {eval_every!r}")
+    if parameterisation not in ("effective", "native"):
+        raise ValueError(f"parameterisation: must be 'effective' or 'native', got {parameterisation!r}")
+    if hasattr(finetune_data, "train") and hasattr(finetune_data, "val"):
+        ft_train, ft_val = finetune_data.train, finetune_data.val
+    elif isinstance(finetune_data, (tuple, list)) and len(finetune_data) == 2:
+        ft_train, ft_val = finetune_data
+    else:
+        raise ValueError("finetune_data: expected a TokenData or a (train, val) pair of token streams")
+    ft_train, ft_val = _as_stream("finetune_data", ft_train), _as_stream("finetune_data", ft_val)
+    pt_val = _as_stream("pretrain_eval_data", pretrain_eval_data)
+
+    params, pre_cfg, step = load_params(checkpoint)
+    if parameterisation == "effective":
+        params, model_cfg = densify(params, pre_cfg.model)
+    else:
+        model_cfg = pre_cfg.model
+    vocab = model_cfg.vocab_size
+    for name, stream in (("finetune_data", ft_train), ("finetune_data", ft_val), ("pretrain_eval_data", pt_val)):
+        if stream.max() >= vocab or stream.min() < 0:
+            raise ValueError(f"{name}: token ids must lie in [0, {vocab}) (encode with the pretraining tokenizer)")
+    bs = batch_size or pre_cfg.batch_size
+    sl = seq_len or pre_cfg.seq_len
+    et = eval_tokens or pre_cfg.eval_tokens
+    ft_cfg = config_lib.replace(
+        pre_cfg,
+        model=model_cfg,
+        optim=dataclasses.replace(
+            pre_cfg.optim,
+            name="adamw",
+            lr=float(lr),
+            warmup_ratio=warmup_ratio,
+            min_lr_ratio=min_lr_ratio,
+            weight_decay=weight_decay,
+        ),
+        relora=dataclasses.replace(pre_cfg.relora, every=0, warm_start=0),
+        steps=steps,
+        batch_size=bs,
+        grad_accum=1,
+        seq_len=sl,
+        seed=seed,
+    )
+    trainer = make_trainer(ft_cfg)
+    ft_batches = eval_batches(ft_val, sl, et, ft_cfg.eval_batch_size)
+    pt_batches = eval_batches(pt_val, sl, et, ft_cfg.eval_batch_size)
+    iterator = BatchIterator(ft_train, bs, sl, seed)
+
+    def init(p, raw_key):
+        return TrainState(jnp.zeros((), jnp.int32), p, trainer.tx.init(p), raw_key, jnp.zeros((), jnp.int32))
+
+    raw_key = jax.random.key_data(jax.random.key(seed))
+    state = jax.jit(init, out_shardings=trainer.state_shardings)(params, raw_key)
+
+    def measure(s: int) -> dict[str, float]:
+        return {
+            "step": s,
+            "ft_loss": evaluate(trainer, state.params, ft_batches),
+            "pt_loss": evaluate(trainer, state.params, pt_batches),
+        }
+
+    curve = [measure(0)]
+    train_losses = []
+    for t in range(steps):
+        state, m = trainer.train_step(state, trainer.put_batch(iterator.batch(t)))
+        train_losses.append(float(m["loss"]))
+        done = t + 1
+        if done == steps or (eval_every and done % eval_every == 0):
+            curve.append(measure(done))
+    before, after = curve[0], curve[-1]
+    return {
+        "checkpoint_step": step,
+        "pretrain_tokens": step * pre_cfg.tokens_per_step,
+        "ft_loss_before": before["ft_loss"],
+        "ft_loss_after": after["ft_loss"],
+        "pt_loss_before": before["pt_loss"],
+        "pt_loss_after": after["pt_loss"],
+        "forgetting": after["pt_loss"] - before["pt_loss"],
+        "ft_gain": before["ft_loss"] - after["ft_loss"],
+        "curve": curve,
+        "train_losses": train_losses,
+        "skipped_steps": int(state.skipped),
+        "settings": {
+            "steps": steps,
+            "lr": float(lr),
+            "batch_size": bs,
+            "seq_len": sl,
+            "eval_tokens": et,
+            "warmup_ratio": warmup_ratio,
+            "min_lr_ratio": min_lr_ratio,
+            "weight_decay": weight_decay,
+            "seed": seed,
+            "parameterisation": parameterisation,
+            "model_dense_kind": pre_cfg.model.dense,
+            "finetune_dense_kind": model_cfg.dense,
+        },
+    }
