@@ -12,11 +12,14 @@ and cast to ``x.dtype`` for the matmul, accumulated in float32.
   (:mod:`pallas_kernels.sl_matmul.xla`).
 * ``'pallas'`` — the fused kernels (:mod:`pallas_kernels.sl_matmul.kernel`): W tiles built on chip in
   both passes, dvalues by a sampled dense-dense kernel. On CPU it runs in interpret mode.
-* ``None`` (auto) — ``'pallas'`` on GPU and TPU backends, ``'xla'`` elsewhere.
+* ``None`` (auto) — ``'pallas'`` on GPU and TPU backends when the kernels (forward and backward)
+  compile for the call's shapes and dtypes (checked once per signature by an ahead-of-time
+  compile of abstract operands, :func:`pallas_compiles`), ``'xla'`` elsewhere or if they do not.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from numbers import Real
 
@@ -38,6 +41,22 @@ def resolve_implementation(implementation: str | None, backend: str | None = Non
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation: must be 'xla', 'pallas' or None (auto), got {implementation!r}")
     return implementation
+
+
+@functools.lru_cache(maxsize=256)
+def pallas_compiles(signature: tuple, scale: float, cfg: KernelConfig) -> bool:
+    """Whether forward + backward of the Pallas path compile for ``signature`` (shape, dtype per operand)."""
+    abstract = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in signature]
+
+    def fwd_bwd(x, a, b, values, idx):
+        y, vjp = jax.vjp(lambda x, a, b, v: sl_matmul_pallas(x, a, b, v, idx, scale, cfg), x, a, b, values)
+        return y, vjp(y)
+
+    try:
+        jax.jit(fwd_bwd).lower(*abstract).compile()
+    except Exception:  # noqa: BLE001 - any lowering/compile failure means: use XLA
+        return False
+    return True
 
 
 def check_operands(x, a, b, values, idx, scale) -> None:
@@ -76,9 +95,12 @@ def sl_matmul(
     """``y = x @ (A B · scale + S)``; see the module docstring. Block sizes/slots/interpret: pallas only."""
     check_operands(x, a, b, values, idx, scale)
     impl = resolve_implementation(implementation)
-    if impl == "xla":
-        return sl_matmul_xla(x, a, b, values, idx, float(scale))
     if interpret is None:
         interpret = jax.default_backend() not in PALLAS_BACKENDS
     cfg = KernelConfig(block_m=block_m, block_k=block_k, block_n=block_n, slots=slots, interpret=bool(interpret))
+    if impl == "pallas" and implementation in (None, "auto"):
+        signature = tuple((tuple(o.shape), jnp.dtype(o.dtype)) for o in (x, a, b, values, idx))
+        impl = "pallas" if pallas_compiles(signature, float(scale), cfg) else "xla"
+    if impl == "xla":
+        return sl_matmul_xla(x, a, b, values, idx, float(scale))
     return sl_matmul_pallas(x, a, b, values, idx, float(scale), cfg)

@@ -74,8 +74,8 @@ class KernelConfig:
     def __post_init__(self):
         for name in ("block_m", "block_k", "block_n"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 8 or v & (v - 1):
-                raise ValueError(f"{name}: must be a power of two >= 8, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, int) or v < 16 or v & (v - 1):
+                raise ValueError(f"{name}: must be a power of two >= 16, got {v!r}")
         s = self.slots
         if s is not None and (isinstance(s, bool) or not isinstance(s, int) or s < 1):
             raise ValueError(f"slots: must be a positive integer or None, got {s!r}")
@@ -98,9 +98,9 @@ class Blocks(NamedTuple):
 
 def choose_blocks(m: int, k: int, n: int, nnz: int, cfg: KernelConfig) -> Blocks:
     """Block sizes for an ``(m, k) @ (k, n)`` problem and the per-tile slot count P."""
-    bm = min(cfg.block_m, max(8, _pow2(m)))
-    bk = min(cfg.block_k, max(8, _pow2(k)))
-    bn = min(cfg.block_n, max(8, _pow2(n)))
+    bm = min(cfg.block_m, max(16, _pow2(m)))  # >= 16: the smallest GPU (Triton) dot operand
+    bk = min(cfg.block_k, max(16, _pow2(k)))
+    bn = min(cfg.block_n, max(16, _pow2(n)))
     if cfg.slots is not None:
         p = cfg.slots
     else:

@@ -66,9 +66,13 @@ def test_pallas_forward_and_vjp_match_reference(m, k, n, r, density, dtype):
     rng = np.random.default_rng()
     x, a, b, values, idx, dy = _operands(rng, m, k, n, r, density, dtype)
     scale = float(rng.uniform(0.1, 4.0))
-    run = jax.jit(lambda *ops: _fwd_vjp(lambda *p: sl_matmul_pallas(*p, CFG), *ops, scale))
-    ref = jax.jit(lambda *ops: _fwd_vjp(sl_matmul_reference, *ops, scale))
-    _assert_close(run(x, a, b, values, idx, dy), ref(x, a, b, values, idx, dy), dtype)
+    both = jax.jit(  # one compilation per shape: kernel and reference side by side
+        lambda *ops: (
+            _fwd_vjp(lambda *p: sl_matmul_pallas(*p, CFG), *ops, scale),
+            _fwd_vjp(sl_matmul_reference, *ops, scale),
+        )
+    )
+    _assert_close(*both(x, a, b, values, idx, dy), dtype)
 
 
 @pytest.mark.slow
@@ -86,7 +90,7 @@ def test_pallas_leading_batch_dims_and_api():
     rng = np.random.default_rng()
     x, a, b, values, idx, dy = _operands(rng, 9, 40, 24, 4, 0.05, jnp.float32, batch=(2,))
     got = _fwd_vjp(
-        lambda *p: sl_matmul(*p, implementation="pallas", block_m=8, block_k=16, block_n=8, interpret=True),
+        lambda *p: sl_matmul(*p, implementation="pallas", block_m=16, block_k=32, block_n=16, interpret=True),
         x,
         a,
         b,
@@ -150,7 +154,7 @@ def test_choose_blocks_slot_bound():
     mu = 0.03 * 64 * 64
     assert blk.slots >= mu + 7 * math.sqrt(mu) and blk.slots & (blk.slots - 1) == 0
     tiny = choose_blocks(5, 7, 9, 3, KernelConfig())  # whole matrix in one tile: P >= nnz, no overflow possible
-    assert tiny.slots >= 3 and (tiny.bm, tiny.bk, tiny.bn) == (8, 8, 16)
+    assert tiny.slots >= 3 and (tiny.bm, tiny.bk, tiny.bn) == (16, 16, 16)
 
 
 def test_kernels_write_every_output_block():
@@ -208,8 +212,8 @@ def test_operand_errors_name_the_argument(bad, arg):
 @pytest.mark.parametrize(
     "kw,arg",
     [
-        (dict(block_m=12), "block_m"),
-        (dict(block_k=4), "block_k"),
+        (dict(block_m=24), "block_m"),
+        (dict(block_k=8), "block_k"),
         (dict(block_n=True), "block_n"),
         (dict(slots=0), "slots"),
     ],
@@ -217,3 +221,24 @@ def test_operand_errors_name_the_argument(bad, arg):
 def test_kernel_config_errors(kw, arg):
     with pytest.raises(ValueError, match=rf"^{arg}:"):
         KernelConfig(**kw)
+
+
+def test_auto_uses_pallas_only_where_it_compiles(monkeypatch):
+    from pallas_kernels.sl_matmul import api
+
+    rng = np.random.default_rng()
+    x, a, b, values, idx, _ = _operands(rng, 6, 20, 12, 2, 0.2, jnp.float32)
+    sig = tuple((tuple(o.shape), jnp.dtype(o.dtype)) for o in (x, a, b, values, idx))
+    assert api.pallas_compiles(sig, 1.0, KernelConfig(interpret=True))  # interpret mode compiles on CPU
+
+    def broken(*args):
+        raise NotImplementedError("no lowering for this backend")
+
+    api.pallas_compiles.cache_clear()
+    monkeypatch.setattr(api, "resolve_implementation", lambda impl: "pallas")  # as on a GPU/TPU backend
+    monkeypatch.setattr(api, "sl_matmul_pallas", broken)
+    y = sl_matmul(x, a, b, values, idx, 0.5)  # auto: the kernel does not compile -> XLA
+    np.testing.assert_allclose(np.asarray(y), np.asarray(sl_matmul_reference(x, a, b, values, idx, 0.5)), rtol=1e-6)
+    with pytest.raises(NotImplementedError):
+        sl_matmul(x, a, b, values, idx, 0.5, implementation="pallas")  # explicit: no silent fallback
+    api.pallas_compiles.cache_clear()
