@@ -1,0 +1,497 @@
+"""The overtraining study on CPU scale: progressive sensitivity, fine-tune degradation, the linear toy.
+
+Springer, Goyal, Wen, Kumar, Yue, Malladi, Neubig, Raghunathan, "Overtrained Language Models Are
+Harder to Fine-Tune", ICML 2025, arXiv 2503.19206. The paper pretrains models on growing token
+budgets and finds that (1) the validation-loss increase under a fixed Gaussian perturbation of the
+parameters (each tensor's init distribution scaled by λ) rises with the budget, larger λ bending
+the curve earlier; (2) fine-tuning every checkpoint with the same hyperparameters gives a U-shaped
+final quality vs budget. This script does the same with the repository's ``tiny`` LLaMA on the
+Python-stdlib corpus, fine-tuning on the pydoc prose corpus, and asks the question no paper answers:
+does the training method (full-rank AdamW, GaLore, ReLoRA, SLTrain) change the sensitivity at
+equal tokens?
+
+Parts (each can be run on its own; every part reads what the earlier ones wrote)::
+
+    python experiments/overtraining.py --part pretrain --methods full      # one run per method
+    python experiments/overtraining.py --part sensitivity                  # every method with checkpoints
+    python experiments/overtraining.py --part finetune                     # full-rank budgets
+    python experiments/overtraining.py --part toy                          # the linear toy
+    python experiments/overtraining.py --part report                       # table.md + results.json + plots
+
+``--part methods`` is ``sensitivity`` restricted to the final (equal-token) checkpoint of each method
+plus the comparison table. Pretraining uses the ``tiny`` recipe except that the learning rate stays
+constant after the warmup (``optim.min_lr_ratio=1``): the budgets are intermediate checkpoints of one
+run (``checkpoint_every=25``), and a constant learning rate keeps them comparable (a cosine schedule
+would anneal the later checkpoints and mix the effect of annealing into the effect of tokens).
+Runs go to ``runs/overtraining/<method>`` (git-ignored); records to
+``experiments/results/overtraining/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+RUNS = REPO / "runs" / "overtraining"
+RESULTS = HERE / "results" / "overtraining"
+
+# Common recipe: `tiny` (200 steps x 16 x 256 tokens) with a constant lr after warmup and a checkpoint
+# every 25 steps (25, 50, ..., 200; the geometric budgets 25/50/100/200 are among them).
+COMMON = [
+    "optim.min_lr_ratio=1.0",
+    "checkpoint_every=25",
+    "keep_checkpoints=100",
+    "eval_every=25",
+    "progress=false",
+]
+# Method overrides: the settings of the repository's other tiny comparisons (see experiments/results/tiny.md).
+METHODS: dict[str, list[str]] = {
+    "full": [],
+    "galore": ["optim.name=galore_adamw", "optim.lr=0.01", "galore.rank=32", "galore.update_proj_gap=25"],
+    "relora": [
+        "model.dense=lora",
+        "model.lora_rank=32",
+        "model.lora_alpha=32",
+        "optim.lr=0.006",
+        "relora.every=50",
+    ],
+    "sl": ["model.dense=sl", "model.sl_rank=32"],
+}
+
+
+def method_config(method: str, extra: list[str] | None = None):
+    from lowrank_jax.config import load_config  # noqa: PLC0415
+
+    return load_config("tiny", [*COMMON, *METHODS[method], f"out_dir={RUNS / method}", *(extra or [])])
+
+
+def part_pretrain(args) -> None:
+    from lowrank_jax.train.loop import train  # noqa: PLC0415
+
+    for method in args.methods:
+        cfg = method_config(method, args.overrides)
+        out = Path(cfg.out_dir)
+        if out.exists():
+            if not args.force:
+                print(f"pretrain {method}: {out} exists (pass --force to redo)")
+                continue
+            shutil.rmtree(out)
+        t0 = time.time()
+        res = train(cfg)
+        print(f"pretrain {method}: val_loss {res['final_val_loss']:.4f} in {time.time() - t0:.0f}s")
+
+
+# Sensitivity protocol: λ values, perturbation seeds, held-out tokens (stdlib validation stream).
+LAMBDAS = (0.25, 0.5, 1.0, 2.0)
+N_SEEDS = 4
+SENS_EVAL_TOKENS = 16384
+SENS_KEY = 20250324
+# Fine-tuning protocol (fixed for every budget): pydoc prose, AdamW from fresh moments.
+FT_STEPS = 40
+FT_LR = 1e-3
+FT_EVAL_TOKENS = 16384
+FT_EVAL_EVERY = 10
+# The linear toy: perturbation sizes γ (threshold τ = γ²·(d_in + d_out) = 16 γ²).
+TOY_GAMMAS = (0.25, 0.35, 0.5)
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _write(path: Path, obj: dict) -> None:
+    from lowrank_jax.train.metrics import write_json  # noqa: PLC0415
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, obj)
+
+
+def _checkpoints(method: str, only: list[int] | None) -> list[int]:
+    from lowrank_jax.train.checkpoint import checkpoint_steps  # noqa: PLC0415
+
+    steps = checkpoint_steps(RUNS / method / "checkpoints")
+    return [s for s in steps if not only or s in only]
+
+
+def part_sensitivity(args) -> None:
+    import jax  # noqa: PLC0415
+
+    from lowrank_jax.analysis.finetune import load_params  # noqa: PLC0415
+    from lowrank_jax.analysis.sensitivity import parameter_sensitivity  # noqa: PLC0415
+    from lowrank_jax.data import eval_batches, prepare_data  # noqa: PLC0415
+
+    for method in args.methods:
+        steps = _checkpoints(method, args.steps)
+        if not steps:
+            print(f"sensitivity {method}: no checkpoints under {RUNS / method} (run --part pretrain first)")
+            continue
+        out_path = RESULTS / f"sensitivity_{method}.json"
+        done = _json(out_path).get("budgets", {})
+        for step in steps:
+            if str(step) in done and not args.force:
+                continue
+            t0 = time.time()
+            params, cfg, _ = load_params(RUNS / method / "checkpoints" / str(step))
+            val = prepare_data(cfg.data).val
+            batches = eval_batches(val, cfg.seq_len, SENS_EVAL_TOKENS, cfg.eval_batch_size)
+            row = {"step": step, "tokens": step * cfg.tokens_per_step}
+            for relative in args.relative:
+                tab = parameter_sensitivity(
+                    params,
+                    batches,
+                    LAMBDAS,
+                    N_SEEDS,
+                    jax.random.key(SENS_KEY),
+                    model_cfg=cfg.model,
+                    relative=relative,
+                )
+                row[relative] = tab.to_dict()
+            done[str(step)] = row
+            _write(out_path, {"method": method, "overrides": METHODS[method], "budgets": done})
+            summary = ", ".join(f"λ={r['lambda']:g}: {r['mean_increase']:+.4f}" for r in row["init"]["rows"])
+            print(
+                f"sensitivity {method} step {step}: clean {row['init']['clean_loss']:.4f}; {summary} "
+                f"({time.time() - t0:.0f}s)",
+                flush=True,
+            )
+
+
+def part_finetune(args) -> None:
+    from lowrank_jax.analysis.finetune import finetune_degradation, finetune_token_data, run_config  # noqa: PLC0415
+    from lowrank_jax.data import prepare_data  # noqa: PLC0415
+
+    for method in args.methods:
+        steps = _checkpoints(method, args.steps or [25, 50, 100, 200])
+        if not steps:
+            print(f"finetune {method}: no checkpoints under {RUNS / method}")
+            continue
+        pre_cfg = run_config(RUNS / method)
+        ft = finetune_token_data(pre_cfg, "pydoc")
+        pt_val = prepare_data(pre_cfg.data).val
+        out_path = RESULTS / f"finetune_{method}.json"
+        done = _json(out_path).get("budgets", {})
+        for step in steps:
+            if str(step) in done and not args.force:
+                continue
+            t0 = time.time()
+            res = finetune_degradation(
+                RUNS / method / "checkpoints" / str(step),
+                ft,
+                pt_val,
+                steps=FT_STEPS,
+                lr=FT_LR,
+                eval_tokens=FT_EVAL_TOKENS,
+                eval_every=FT_EVAL_EVERY,
+            )
+            res["finetune_data"] = ft.info
+            done[str(step)] = res
+            _write(out_path, {"method": method, "budgets": done})
+            print(
+                f"finetune {method} step {step}: pydoc {res['ft_loss_before']:.4f} -> {res['ft_loss_after']:.4f}, "
+                f"stdlib {res['pt_loss_before']:.4f} -> {res['pt_loss_after']:.4f} ({time.time() - t0:.0f}s)",
+                flush=True,
+            )
+
+
+def part_methods(args) -> None:
+    """Sensitivity of every method's geometric-budget checkpoints (25/50/100/200 steps), then the report."""
+    args.methods = [m for m in METHODS if (RUNS / m / "checkpoints").is_dir()]
+    args.steps = args.steps or [25, 50, 100, 200]
+    part_sensitivity(args)
+    part_report(args)
+
+
+def part_toy(args) -> None:
+    import jax  # noqa: PLC0415
+
+    from lowrank_jax.analysis.linear_toy import linear_toy  # noqa: PLC0415
+
+    res = linear_toy(gammas=TOY_GAMMAS, n_perturb=64, key=jax.random.key(0))
+    _write(RESULTS / "toy.json", res.to_dict())
+    for inf in res.inflections:
+        print(
+            f"toy γ={inf.gamma}: τ={inf.threshold:.3f}, first mode below τ k*={inf.mode} "
+            f"(s={res.target_singular_values[inf.mode]:g}), predicted window {inf.predicted_window}, "
+            f"predicted step {inf.predicted_step}, observed minimum at step {inf.observed_step}"
+        )
+
+
+def _fmt_band(row: dict) -> str:
+    if row.get("ci95_high") is None:
+        return f"{row['mean_increase']:+.4f}"
+    return f"{row['mean_increase']:+.4f} ± {(row['ci95_high'] - row['ci95_low']) / 2:.4f}"
+
+
+def _plt():
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    return plt
+
+
+def _sens_series(sens: dict, relative: str = "init") -> tuple[list[int], dict[float, list[dict]], list[float]]:
+    budgets = sorted(sens.get("budgets", {}).values(), key=lambda r: r["step"])
+    budgets = [b for b in budgets if relative in b]
+    tokens = [b["tokens"] for b in budgets]
+    by_lam: dict[float, list[dict]] = {}
+    for b in budgets:
+        for r in b[relative]["rows"]:
+            by_lam.setdefault(r["lambda"], []).append(r)
+    clean = [b[relative]["clean_loss"] for b in budgets]
+    return tokens, by_lam, clean
+
+
+def plot_sensitivity(sens_by_method: dict[str, dict], path: Path) -> None:
+    plt = _plt()
+    full = sens_by_method.get("full")
+    methods = [m for m in METHODS if m in sens_by_method]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6), dpi=110)
+    if full:
+        tokens, by_lam, clean = _sens_series(full)
+        for lam, rows in sorted(by_lam.items()):
+            mean = [r["mean_increase"] for r in rows]
+            err = [(r["ci95_high"] - r["ci95_low"]) / 2 for r in rows]
+            axes[0].errorbar(tokens, mean, yerr=err, marker="o", capsize=3, label=f"λ={lam:g}")
+            axes[1].plot(tokens, [c + m for c, m in zip(clean, mean, strict=True)], marker="o", label=f"λ={lam:g}")
+        axes[1].plot(tokens, clean, "k--", marker="s", label="clean")
+    axes[0].set(xscale="log", yscale="log", xlabel="pretraining tokens", ylabel="loss increase (nats/token)")
+    axes[0].set_title("full-rank: sensitivity vs budget (95% t-band)")
+    axes[1].set(xscale="log", xlabel="pretraining tokens", ylabel="validation loss")
+    axes[1].set_title("full-rank: clean and perturbed loss")
+    lam_cmp = 1.0
+    for m in methods:
+        tokens, by_lam, _ = _sens_series(sens_by_method[m])
+        if lam_cmp in by_lam:
+            rows = by_lam[lam_cmp]
+            err = [(r["ci95_high"] - r["ci95_low"]) / 2 for r in rows]
+            axes[2].errorbar(tokens, [r["mean_increase"] for r in rows], yerr=err, marker="o", capsize=3, label=m)
+    axes[2].set(xscale="log", yscale="log", xlabel="pretraining tokens", ylabel="loss increase (nats/token)")
+    axes[2].set_title(f"methods at equal tokens, λ={lam_cmp:g} (effective weights)")
+    for ax in axes:
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_finetune(ft_by_method: dict[str, dict], path: Path) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), dpi=110)
+    for m, ft in ft_by_method.items():
+        rows = sorted(ft["budgets"].values(), key=lambda r: r["checkpoint_step"])
+        x = [r["pretrain_tokens"] for r in rows]
+        axes[0].plot(x, [r["ft_loss_after"] for r in rows], "o-", label=f"{m}: after fine-tuning")
+        axes[0].plot(x, [r["ft_loss_before"] for r in rows], "s--", alpha=0.6, label=f"{m}: before")
+        axes[1].plot(x, [r["pt_loss_after"] for r in rows], "o-", label=f"{m}: after fine-tuning")
+        axes[1].plot(x, [r["pt_loss_before"] for r in rows], "s--", alpha=0.6, label=f"{m}: before")
+    axes[0].set(xscale="log", xlabel="pretraining tokens", ylabel="pydoc validation loss")
+    axes[0].set_title(f"fine-tune domain ({FT_STEPS} steps, lr {FT_LR:g})")
+    axes[1].set(xscale="log", xlabel="pretraining tokens", ylabel="stdlib validation loss")
+    axes[1].set_title("pretraining domain (forgetting)")
+    for ax in axes:
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_toy(toy: dict, path: Path) -> None:
+    import numpy as np  # noqa: PLC0415
+
+    plt = _plt()
+    steps = np.asarray(toy["steps"])
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4), dpi=110)
+    learned = np.asarray(toy["learned"])
+    for k, s in enumerate(toy["target_singular_values"]):
+        axes[0].plot(steps, learned[:, k], label=f"σ_{k + 1} (target {s:g})")
+    axes[0].set(xlabel="gradient-descent step", ylabel="u_kᵀ W2 W1 v_k", xscale="symlog")
+    axes[0].set_title("learned singular values: largest first")
+    axes[1].plot(steps, toy["clean_error"], "k-")
+    axes[1].set(xlabel="gradient-descent step", ylabel="clean error ‖W2 W1 − Y‖²", xscale="symlog", yscale="log")
+    axes[1].set_title("clean error keeps falling")
+    for inf in toy["inflections"]:
+        curve = np.asarray(toy["perturbed_error"][str(inf["gamma"])])
+        label = f"γ={inf['gamma']:g} (τ={inf['threshold']:.2f})"
+        line = axes[2].plot(steps, curve - curve.min(), label=label)
+        axes[2].axvline(inf["observed_step"], color=line[0].get_color(), ls=":", lw=1)
+        if inf["predicted_window"]:
+            axes[2].axvspan(*inf["predicted_window"], color=line[0].get_color(), alpha=0.1)
+    axes[2].set(
+        xlabel="gradient-descent step", ylabel="perturbed error − its minimum", xscale="symlog", yscale="symlog"
+    )
+    axes[2].set_title("perturbed error: minimum in the predicted window (shaded)")
+    for ax in axes:
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=7)
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def part_report(args) -> None:
+    from lowrank_jax.train.metrics import provenance  # noqa: PLC0415
+
+    sens = {m: _json(RESULTS / f"sensitivity_{m}.json") for m in METHODS}
+    sens = {m: v for m, v in sens.items() if v.get("budgets")}
+    ft = {m: _json(RESULTS / f"finetune_{m}.json") for m in METHODS}
+    ft = {m: v for m, v in ft.items() if v.get("budgets")}
+    toy = _json(RESULTS / "toy.json")
+    runs = {m: _json(RUNS / m / "results.json") for m in METHODS}
+    runs = {m: r for m, r in runs.items() if r}
+    lines = ["# Overtraining study (CPU scale)", ""]
+    lines += [
+        "Generated by `experiments/overtraining.py --part report` from the JSON files next to it; do not edit.",
+        f"Sensitivity: Gaussian noise with each tensor's init std × λ on the effective weights, {N_SEEDS} seeds "
+        f"(common random numbers across λ and budgets), {SENS_EVAL_TOKENS:,} held-out stdlib tokens; "
+        "mean increase ± half-width of the 95% Student-t band.",
+        "",
+    ]
+    if runs:
+        lines += ["## Pretraining runs (`tiny`, constant lr after warmup)", ""]
+        lines += ["| method | overrides | params | tokens | final val loss | tokens/s |", "|---|---|---|---|---|---|"]
+        for m, r in runs.items():
+            lines.append(
+                f"| {m} | `{' '.join(METHODS[m]) or '-'}` | {r['params'] / 1e6:.2f}M | {r['tokens']:,} | "
+                f"{r['final_val_loss']:.4f} | {r['tokens_per_s']:,.0f} |"
+            )
+        lines.append("")
+    for m, v in sens.items():
+        tokens, by_lam, clean = _sens_series(v)
+        lams = sorted(by_lam)
+        lines += [f"## Sensitivity vs pretraining tokens: {m}", ""]
+        lines.append("| step | tokens | clean loss | " + " | ".join(f"Δ loss, λ={lam:g}" for lam in lams) + " |")
+        lines.append("|---|---|---|" + "---|" * len(lams))
+        budgets = sorted(v["budgets"].values(), key=lambda r: r["step"])
+        for i, b in enumerate(budgets):
+            cells = " | ".join(_fmt_band(by_lam[lam][i]) for lam in lams)
+            lines.append(f"| {b['step']} | {b['tokens']:,} | {clean[i]:.4f} | {cells} |")
+        lines.append("")
+        mono = []
+        for lam in lams:
+            means = [r["mean_increase"] for r in by_lam[lam]]
+            rises = sum(b > a for a, b in zip(means, means[1:], strict=False))
+            perturbed = [c + mm for c, mm in zip(clean, means, strict=True)]
+            best = budgets[perturbed.index(min(perturbed))]["step"]
+            mono.append(
+                f"| {lam:g} | {rises}/{len(means) - 1} | {'yes' if rises == len(means) - 1 else 'no'} | "
+                f"{means[-1] / means[0]:.2f} | {best} |"
+            )
+        lines += [
+            "| λ | rises between consecutive budgets | monotone | Δ(last)/Δ(first) | step of lowest perturbed loss |",
+            "|---|---|---|---|---|",
+            *mono,
+            "",
+        ]
+    if len(sens) > 1:
+        common = sorted(set.intersection(*(set(v["budgets"]) for v in sens.values())), key=int)
+        lines += ["## Methods at equal tokens (effective-weight perturbation)", ""]
+        lams = LAMBDAS
+        lines.append("| step | method | clean loss | " + " | ".join(f"Δ loss, λ={lam:g}" for lam in lams) + " |")
+        lines.append("|---|---|---|" + "---|" * len(lams))
+        for st in common:
+            for m, v in sens.items():
+                b = v["budgets"][st]
+                rows = {r["lambda"]: r for r in b["init"]["rows"]}
+                cells = " | ".join(_fmt_band(rows[lam]) for lam in lams)
+                lines.append(f"| {st} | {m} | {b['init']['clean_loss']:.4f} | {cells} |")
+        lines.append("")
+    for m, v in ft.items():
+        rows = sorted(v["budgets"].values(), key=lambda r: r["checkpoint_step"])
+        lines += [
+            f"## Fine-tuning on pydoc ({FT_STEPS} steps, AdamW lr {FT_LR:g}, same for every budget): {m}",
+            "",
+            "| step | tokens | pydoc loss before | pydoc loss after | stdlib loss before | stdlib loss after "
+            "| forgetting |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            lines.append(
+                f"| {r['checkpoint_step']} | {r['pretrain_tokens']:,} | {r['ft_loss_before']:.4f} | "
+                f"{r['ft_loss_after']:.4f} | {r['pt_loss_before']:.4f} | {r['pt_loss_after']:.4f} | "
+                f"{r['forgetting']:+.4f} |"
+            )
+        lines.append("")
+    if toy:
+        lines += [
+            "## Linear toy (two-layer linear network, GD from small init)",
+            "",
+            f"Target singular values {toy['target_singular_values']}; threshold τ = γ²(d_in + d_out).",
+            "",
+            "| γ | τ | first mode with s < τ | predicted window (steps) | predicted step | observed minimum |",
+            "|---|---|---|---|---|---|",
+        ]
+        for inf in toy["inflections"]:
+            k = inf["mode"]
+            s_k = toy["target_singular_values"][k] if k is not None else None
+            lines.append(
+                f"| {inf['gamma']:g} | {inf['threshold']:.3f} | k={k} (s={s_k:g}) | {inf['predicted_window']} | "
+                f"{inf['predicted_step']} | {inf['observed_step']} |"
+            )
+        lines.append("")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "table.md").write_text("\n".join(lines) + "\n")
+    if sens:
+        plot_sensitivity(sens, RESULTS / "sensitivity.png")
+    if ft:
+        plot_finetune(ft, RESULTS / "finetune.png")
+    if toy:
+        plot_toy(toy, RESULTS / "toy.png")
+    settings = {
+        "common_overrides": COMMON,
+        "methods": METHODS,
+        "lambdas": LAMBDAS,
+        "n_seeds": N_SEEDS,
+        "sensitivity_eval_tokens": SENS_EVAL_TOKENS,
+        "sensitivity_key": SENS_KEY,
+        "finetune": {"steps": FT_STEPS, "lr": FT_LR, "eval_tokens": FT_EVAL_TOKENS, "source": "pydoc"},
+        "toy_gammas": TOY_GAMMAS,
+    }
+    results = {
+        "settings": settings,
+        "pretrain": {
+            m: {k: r[k] for k in ("final_val_loss", "tokens", "params", "tokens_per_s", "wall_time_s", "config")}
+            for m, r in runs.items()
+        },
+        "sensitivity": sens,
+        "finetune": ft,
+        "toy": toy,
+        **provenance(),
+    }
+    _write(RESULTS / "results.json", results)
+    print((RESULTS / "table.md").read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--part", required=True, choices=["pretrain", "sensitivity", "methods", "finetune", "toy", "report"])
+    p.add_argument("--methods", nargs="+", default=["full"], choices=sorted(METHODS))
+    p.add_argument("--force", action="store_true", help="redo work whose results exist")
+    p.add_argument("--steps", nargs="*", type=int, default=None, help="only these checkpoint steps")
+    p.add_argument("--relative", nargs="+", default=["init"], choices=["init", "rms"])
+    p.add_argument("overrides", nargs="*", help="extra key=value config overrides for --part pretrain")
+    args = p.parse_args(argv)
+    parts = {
+        "pretrain": part_pretrain,
+        "sensitivity": part_sensitivity,
+        "finetune": part_finetune,
+        "toy": part_toy,
+        "report": part_report,
+        "methods": part_methods,
+    }
+    parts[args.part](args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
