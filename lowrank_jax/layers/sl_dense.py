@@ -27,10 +27,13 @@ axes ``('nnz',)``, ``sl_support`` :class:`SLSupport` — an ``nnx.Variable`` tha
 ``nnx.Param``: integer, read through ``stop_gradient``, no gradient and no optimizer state when
 the optimizer is partitioned by Variable type (as for ReLoRA's ``FrozenWeight``). With
 ``scan_layers`` every leaf gets a leading ``layers`` axis and each layer has its own support.
+Being integer, the support requires a train step that differentiates the params with
+``allow_int=True`` (its cotangent is ``float0``), hands the optimizer zeros for it and never
+applies an update to it (an int32 + float32 update would round indices above 2²⁴).
 
 The product goes through :func:`pallas_kernels.sl_matmul.sl_matmul` (``model.sl_implementation``:
 ``xla`` materialises W with the paper's recompute-in-backward custom VJP; ``pallas`` builds W tiles
-on chip; ``auto`` picks pallas on GPU/TPU).
+on chip; ``auto`` picks pallas on GPU/TPU where its kernels compile for the layer's shapes, else xla).
 """
 
 from __future__ import annotations
