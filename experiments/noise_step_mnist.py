@@ -231,6 +231,50 @@ def memory_sweep(d_in: int, batch: int, n: int, chunks: tuple[int, ...]) -> dict
     return out
 
 
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def table(results: dict) -> str:
+    """Markdown summary of results.json (accuracy, checkpoint sizes, compiled step memory)."""
+    lines = [
+        "| dataset | steps × batch | noise_step n | noise_step test acc (best) | Adam+STE test acc (best) "
+        "| seed ckpt | dense 2-bit | float32 | replay exact | step temp / peak: noise_step | Adam+STE |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in sorted(results["datasets"]):
+        r = results["datasets"][name]
+        if not r.get("noise_step") or not r.get("adam_ste"):
+            continue
+        c, ns, ad = r["config"], r["noise_step"], r["adam_ste"]
+        ck, mn, ma = ns["checkpoint"], ns["step_memory"], ad["step_memory"]
+        lines.append(
+            f"| {name} | {c['steps']} × {c['batch']} | {c['noise_step']['num_perturbations']} | "
+            f"{ns['final_test_acc']:.4f} ({ns['best_test_acc']:.4f}) | {ad['final_test_acc']:.4f} "
+            f"({ad['best_test_acc']:.4f}) | {ck['seed_checkpoint_bytes']:,} B | {ck['dense_ternary_2bit_bytes']:,} B | "
+            f"{ck['float32_bytes']:,} B | {ns['replay_bit_exact']} | {_mib(mn['temp_size_in_bytes'])} / "
+            f"{_mib(mn['peak_estimate_bytes'])} | {_mib(ma['temp_size_in_bytes'])} / "
+            f"{_mib(ma['peak_estimate_bytes'])} |"
+        )
+    for name in sorted(results["datasets"]):
+        sweep = results["datasets"][name].get("memory_by_chunk")
+        if not sweep:
+            continue
+        lines += [
+            "",
+            f"Compiled step memory on {name} (batch {sweep['batch']}, {sweep['params']:,} weights; "
+            "XLA memory_analysis):",
+            "",
+            "| step | temp | peak estimate |",
+            "|---|---|---|",
+        ]
+        for key, m in sweep["noise_step"].items():
+            lines.append(f"| noise_step {key} | {_mib(m['temp_size_in_bytes'])} | {_mib(m['peak_estimate_bytes'])} |")
+        m = sweep["adam_ste"]
+        lines.append(f"| Adam+STE (BitLinear) | {_mib(m['temp_size_in_bytes'])} | {_mib(m['peak_estimate_bytes'])} |")
+    return "\n".join(lines)
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib  # noqa: PLC0415
 
@@ -299,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         entry["memory_by_chunk"]["batch"] = a.batch
         entry["memory_by_chunk"]["provenance"] = provenance()
         write_json(path, results)
+        (out / "table.md").write_text(table(results) + "\n")
         print(json.dumps(entry["memory_by_chunk"], indent=1))
         return 0
     xtr, ytr, xte, yte = split(x, y)
@@ -339,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json(path, results)
     if all(r.get("adam_ste") and r.get("noise_step") for r in results["datasets"].values()):
         plot(results, out / "accuracy.png")
+    (out / "table.md").write_text(table(results) + "\n")
     print(json.dumps({k: v for k, v in noise.items() if k not in ("curve", "step_memory")}, indent=1))
     if adam:
         print(f"adam_ste final {adam['final_test_acc']:.4f}")
