@@ -191,15 +191,15 @@ def test_llama_zero_at_lambda_zero_grows_with_lambda_and_is_reproducible():
 
 
 def test_init_std_tree_measures_the_initialisers():
-    cfg = _cfg(vocab_size=401)
+    cfg = _cfg()
     stds = init_std_tree(cfg, 3)
-    assert stds["embed"] == pytest.approx(cfg.init_std, rel=0.03)
+    assert stds["embed"] == pytest.approx(cfg.init_std, rel=0.08)  # 61 x 32 draws
     assert stds["blocks"]["mlp"]["up"]["kernel"] == pytest.approx(cfg.init_std, rel=0.05)
     assert stds["blocks"]["attn_norm"]["scale"] == 0.0  # ones: not perturbed under the init protocol
-    lora = init_std_tree(_cfg(dense="lora", lora_rank=16), 0)
+    lora = init_std_tree(_cfg(dense="lora", lora_alpha=8.0), 0)
     q = lora["blocks"]["attn"]["q"]
     assert q["lora_b"] == 0.0
-    assert q["lora_a"] == pytest.approx(1 / np.sqrt(3 * 32), rel=0.08)  # U(-1/sqrt(in), 1/sqrt(in)), 1024 draws
+    assert q["lora_a"] == pytest.approx(1 / np.sqrt(3 * 32), rel=0.12)  # U(-1/sqrt(in), 1/sqrt(in)), 256 draws
 
 
 def _np_lora_effective(layer, s):
@@ -270,7 +270,7 @@ def test_sl_effective_weight_is_low_rank_plus_scattered_values():
 
 def test_native_rms_perturbs_every_stored_tensor_by_its_per_layer_rms():
     """Reference: the documented draws, scaled by the RMS of each stacked layer's slice, built in NumPy."""
-    cfg = _cfg(dense="lora")
+    cfg = _cfg(dense="lora", lora_alpha=8.0)
     graphdef, params = split_model(build_model(cfg, 4))
     params = _trained_like(params, 70)
     data = _tokens(cfg, 80, 1)
