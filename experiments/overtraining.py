@@ -88,7 +88,7 @@ def part_pretrain(args) -> None:
 
 
 # Sensitivity protocol: λ values, perturbation seeds, held-out tokens (stdlib validation stream).
-LAMBDAS = (0.25, 0.5, 1.0, 2.0)
+LAMBDAS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 N_SEEDS = 4
 SENS_EVAL_TOKENS = 16384
 SENS_KEY = 20250324
@@ -134,24 +134,37 @@ def part_sensitivity(args) -> None:
         out_path = RESULTS / f"sensitivity_{method}.json"
         done = _json(out_path).get("budgets", {})
         for step in steps:
-            if str(step) in done and not args.force:
+            row = {} if args.force else done.get(str(step), {})
+            todo = {
+                rel: [lam for lam in LAMBDAS if lam not in {r["lambda"] for r in row.get(rel, {}).get("rows", [])}]
+                for rel in args.relative
+            }
+            if not any(todo.values()):
                 continue
             t0 = time.time()
             params, cfg, _ = load_params(RUNS / method / "checkpoints" / str(step))
             val = prepare_data(cfg.data).val
             batches = eval_batches(val, cfg.seq_len, SENS_EVAL_TOKENS, cfg.eval_batch_size)
-            row = {"step": step, "tokens": step * cfg.tokens_per_step}
-            for relative in args.relative:
+            row.update({"step": step, "tokens": step * cfg.tokens_per_step})
+            for relative, lams in todo.items():
+                if not lams:
+                    continue
+                # Missing λ values are added to a stored table: the draws depend only on (key, seed), and the
+                # clean loss is recomputed bit for bit, so merged rows are the rows one call would give.
                 tab = parameter_sensitivity(
                     params,
                     batches,
-                    LAMBDAS,
+                    lams,
                     N_SEEDS,
                     jax.random.key(SENS_KEY),
                     model_cfg=cfg.model,
                     relative=relative,
-                )
-                row[relative] = tab.to_dict()
+                ).to_dict()
+                if relative in row:
+                    if row[relative]["clean_loss"] != tab["clean_loss"]:
+                        raise RuntimeError(f"{method} step {step}: clean loss changed since the stored table")
+                    tab["rows"] = sorted(row[relative]["rows"] + tab["rows"], key=lambda r: r["lambda"])
+                row[relative] = tab
             done[str(step)] = row
             _write(out_path, {"method": method, "overrides": METHODS[method], "budgets": done})
             summary = ", ".join(f"λ={r['lambda']:g}: {r['mean_increase']:+.4f}" for r in row["init"]["rows"])
@@ -200,10 +213,13 @@ def part_finetune(args) -> None:
 
 
 def part_methods(args) -> None:
-    """Sensitivity of every method's geometric-budget checkpoints (25/50/100/200 steps), then the report."""
-    args.methods = [m for m in METHODS if (RUNS / m / "checkpoints").is_dir()]
-    args.steps = args.steps or [25, 50, 100, 200]
-    part_sensitivity(args)
+    """Sensitivity of every pretrained method: full-rank at every checkpoint, the others at the geometric
+    budgets (25/50/100/200 steps); then the report."""
+    requested = args.steps
+    for method in [m for m in METHODS if (RUNS / m / "checkpoints").is_dir()]:
+        args.methods = [method]
+        args.steps = requested if (requested or method == "full") else [25, 50, 100, 200]
+        part_sensitivity(args)
     part_report(args)
 
 
@@ -238,13 +254,16 @@ def _plt():
 
 
 def _sens_series(sens: dict, relative: str = "init") -> tuple[list[int], dict[float, list[dict]], list[float]]:
+    """Budgets in order, ``{λ: rows}`` over the budgets that have that λ, clean losses; see :func:`_lam_tokens`."""
     budgets = sorted(sens.get("budgets", {}).values(), key=lambda r: r["step"])
     budgets = [b for b in budgets if relative in b]
     tokens = [b["tokens"] for b in budgets]
     by_lam: dict[float, list[dict]] = {}
     for b in budgets:
         for r in b[relative]["rows"]:
-            by_lam.setdefault(r["lambda"], []).append(r)
+            by_lam.setdefault(r["lambda"], []).append(
+                {**r, "tokens": b["tokens"], "clean_loss": b[relative]["clean_loss"]}
+            )
     clean = [b[relative]["clean_loss"] for b in budgets]
     return tokens, by_lam, clean
 
@@ -257,10 +276,11 @@ def plot_sensitivity(sens_by_method: dict[str, dict], path: Path) -> None:
     if full:
         tokens, by_lam, clean = _sens_series(full)
         for lam, rows in sorted(by_lam.items()):
+            x = [r["tokens"] for r in rows]
             mean = [r["mean_increase"] for r in rows]
             err = [(r["ci95_high"] - r["ci95_low"]) / 2 for r in rows]
-            axes[0].errorbar(tokens, mean, yerr=err, marker="o", capsize=3, label=f"λ={lam:g}")
-            axes[1].plot(tokens, [c + m for c, m in zip(clean, mean, strict=True)], marker="o", label=f"λ={lam:g}")
+            axes[0].errorbar(x, mean, yerr=err, marker="o", capsize=3, label=f"λ={lam:g}")
+            axes[1].plot(x, [r["perturbed_loss"] for r in rows], marker="o", label=f"λ={lam:g}")
         axes[1].plot(tokens, clean, "k--", marker="s", label="clean")
     axes[0].set(xscale="log", yscale="log", xlabel="pretraining tokens", ylabel="loss increase (nats/token)")
     axes[0].set_title("full-rank: sensitivity vs budget (95% t-band)")
@@ -272,7 +292,8 @@ def plot_sensitivity(sens_by_method: dict[str, dict], path: Path) -> None:
         if lam_cmp in by_lam:
             rows = by_lam[lam_cmp]
             err = [(r["ci95_high"] - r["ci95_low"]) / 2 for r in rows]
-            axes[2].errorbar(tokens, [r["mean_increase"] for r in rows], yerr=err, marker="o", capsize=3, label=m)
+            x = [r["tokens"] for r in rows]
+            axes[2].errorbar(x, [r["mean_increase"] for r in rows], yerr=err, marker="o", capsize=3, label=m)
     axes[2].set(xscale="log", yscale="log", xlabel="pretraining tokens", ylabel="loss increase (nats/token)")
     axes[2].set_title(f"methods at equal tokens, λ={lam_cmp:g} (effective weights)")
     for ax in axes:
@@ -374,22 +395,25 @@ def part_report(args) -> None:
         lines.append("|---|---|---|" + "---|" * len(lams))
         budgets = sorted(v["budgets"].values(), key=lambda r: r["step"])
         for i, b in enumerate(budgets):
-            cells = " | ".join(_fmt_band(by_lam[lam][i]) for lam in lams)
+            rows = {r["lambda"]: r for r in b["init"]["rows"]}
+            cells = " | ".join(_fmt_band(rows[lam]) if lam in rows else "-" for lam in lams)
             lines.append(f"| {b['step']} | {b['tokens']:,} | {clean[i]:.4f} | {cells} |")
         lines.append("")
         mono = []
         for lam in lams:
-            means = [r["mean_increase"] for r in by_lam[lam]]
+            rows = by_lam[lam]
+            means = [r["mean_increase"] for r in rows]
             rises = sum(b > a for a, b in zip(means, means[1:], strict=False))
-            perturbed = [c + mm for c, mm in zip(clean, means, strict=True)]
-            best = budgets[perturbed.index(min(perturbed))]["step"]
+            perturbed = [r["perturbed_loss"] for r in rows]
+            best = rows[perturbed.index(min(perturbed))]["step"]
             mono.append(
-                f"| {lam:g} | {rises}/{len(means) - 1} | {'yes' if rises == len(means) - 1 else 'no'} | "
+                f"| {lam:g} | {len(rows)} | {rises}/{len(means) - 1} | {'yes' if rises == len(means) - 1 else 'no'} | "
                 f"{means[-1] / means[0]:.2f} | {best} |"
             )
         lines += [
-            "| λ | rises between consecutive budgets | monotone | Δ(last)/Δ(first) | step of lowest perturbed loss |",
-            "|---|---|---|---|---|",
+            "| λ | budgets | rises between consecutive budgets | monotone | Δ(last)/Δ(first) "
+            "| step of lowest perturbed loss |",
+            "|---|---|---|---|---|---|",
             *mono,
             "",
         ]
@@ -403,7 +427,7 @@ def part_report(args) -> None:
             for m, v in sens.items():
                 b = v["budgets"][st]
                 rows = {r["lambda"]: r for r in b["init"]["rows"]}
-                cells = " | ".join(_fmt_band(rows[lam]) for lam in lams)
+                cells = " | ".join(_fmt_band(rows[lam]) if lam in rows else "-" for lam in lams)
                 lines.append(f"| {st} | {m} | {b['init']['clean_loss']:.4f} | {cells} |")
         lines.append("")
     for m, v in ft.items():
