@@ -254,16 +254,15 @@ def _plt():
 
 
 def _sens_series(sens: dict, relative: str = "init") -> tuple[list[int], dict[float, list[dict]], list[float]]:
-    """Budgets in order, ``{λ: rows}`` over the budgets that have that λ, clean losses; see :func:`_lam_tokens`."""
+    """Budget tokens in order, ``{λ: rows}`` (each row with its budget's step/tokens/clean loss), clean losses."""
     budgets = sorted(sens.get("budgets", {}).values(), key=lambda r: r["step"])
     budgets = [b for b in budgets if relative in b]
     tokens = [b["tokens"] for b in budgets]
     by_lam: dict[float, list[dict]] = {}
     for b in budgets:
         for r in b[relative]["rows"]:
-            by_lam.setdefault(r["lambda"], []).append(
-                {**r, "tokens": b["tokens"], "clean_loss": b[relative]["clean_loss"]}
-            )
+            extra = {"step": b["step"], "tokens": b["tokens"], "clean_loss": b[relative]["clean_loss"]}
+            by_lam.setdefault(r["lambda"], []).append({**r, **extra})
     clean = [b[relative]["clean_loss"] for b in budgets]
     return tokens, by_lam, clean
 
