@@ -61,7 +61,8 @@ METHODS: dict[str, list[str]] = {
         "optim.lr=0.006",
         "relora.every=50",
     ],
-    "sl": ["model.dense=sl", "model.sl_rank=32"],
+    # alpha 8 keeps SLTrain's scale s = alpha/r = 0.25 at r = 32, as the repository's tiny_sl run.
+    "sl": ["model.dense=sl", "model.sl_rank=32", "model.sl_alpha=8"],
 }
 
 
