@@ -418,18 +418,24 @@ def part_report(args) -> None:
             "",
         ]
     if len(sens) > 1:
-        common = sorted(set.intersection(*(set(v["budgets"]) for v in sens.values())), key=int)
-        lines += ["## Methods at equal tokens (effective-weight perturbation)", ""]
-        lams = LAMBDAS
-        lines.append("| step | method | clean loss | " + " | ".join(f"Δ loss, λ={lam:g}" for lam in lams) + " |")
-        lines.append("|---|---|---|" + "---|" * len(lams))
-        for st in common:
-            for m, v in sens.items():
-                b = v["budgets"][st]
-                rows = {r["lambda"]: r for r in b["init"]["rows"]}
-                cells = " | ".join(_fmt_band(rows[lam]) if lam in rows else "-" for lam in lams)
-                lines.append(f"| {st} | {m} | {b['init']['clean_loss']:.4f} | {cells} |")
-        lines.append("")
+        for relative, title in (("init", "init std × λ"), ("rms", "tensor RMS × λ")):
+            have = {m: v for m, v in sens.items() if any(relative in b for b in v["budgets"].values())}
+            if len(have) < 2:
+                continue
+            common = sorted(
+                set.intersection(*({k for k, b in v["budgets"].items() if relative in b} for v in have.values())),
+                key=int,
+            )
+            lines += [f"## Methods at equal tokens (effective weights, noise = {title})", ""]
+            lines.append("| step | method | clean loss | " + " | ".join(f"Δ loss, λ={lam:g}" for lam in LAMBDAS) + " |")
+            lines.append("|---|---|---|" + "---|" * len(LAMBDAS))
+            for st in common:
+                for m, v in have.items():
+                    b = v["budgets"][st]
+                    rows = {r["lambda"]: r for r in b[relative]["rows"]}
+                    cells = " | ".join(_fmt_band(rows[lam]) if lam in rows else "-" for lam in LAMBDAS)
+                    lines.append(f"| {st} | {m} | {b[relative]['clean_loss']:.4f} | {cells} |")
+            lines.append("")
     for m, v in ft.items():
         rows = sorted(v["budgets"].values(), key=lambda r: r["checkpoint_step"])
         lines += [
