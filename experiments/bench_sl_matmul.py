@@ -9,7 +9,9 @@ parameters. For each token count M, in one process:
 * ``dense``   — ``x @ W`` with a given dense bf16 W (the full-rank layer's cost; not an SL method);
 * ``naive``   — materialise W, matmul, plain autodiff (keeps W for the backward);
 * ``xla``     — materialise W, matmul, the paper's custom VJP (W recomputed in the backward);
-* ``pallas``  — the fused kernels (W tiles built on chip in both passes).
+* ``pallas``  — the fused kernels, low-rank part factored (``s·(x A) B`` plus sparse tiles built
+  on chip: W never exists);
+* ``pallas_tile`` — the fused kernels building every W tile ``A_t B_t s + S_t`` on chip.
 
 Per variant: forward and forward+backward time (median of ``--repeats`` runs after warm-up) and
 XLA ``memory_analysis`` of the compiled forward+backward (temp bytes and the peak estimate
@@ -39,7 +41,7 @@ from pallas_kernels.sl_matmul.reference import materialize_w, sl_matmul_referenc
 HERE = Path(__file__).resolve().parent
 FULL = {"shapes": [(2048, 5461), (5461, 2048)], "rank": 512, "tokens": [4096, 8192, 16384]}
 REDUCED = {"shapes": [(256, 683), (683, 256)], "rank": 64, "tokens": [256, 512]}
-VARIANTS = ("dense", "naive", "xla", "pallas")
+VARIANTS = ("dense", "naive", "xla", "pallas", "pallas_tile")
 
 
 def operands(k: int, n: int, rank: int, m: int, density: float, seed: int = 0):
@@ -60,9 +62,11 @@ def variant_fn(name: str, scale: float, interpret: bool):
         return lambda x, w, b, v, i: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
     if name == "naive":
         return lambda x, a, b, v, i: sl_matmul_reference(x, a, b, v, i, scale)
-    impl = {"xla": "xla", "pallas": "pallas"}[name]
-    kw = {"interpret": interpret} if impl == "pallas" else {}
-    return lambda x, a, b, v, i: sl_matmul(x, a, b, v, i, scale, implementation=impl, **kw)
+    if name == "xla":
+        return lambda x, a, b, v, i: sl_matmul(x, a, b, v, i, scale, implementation="xla")
+    lowrank = {"pallas": "factored", "pallas_tile": "tile"}[name]
+    kw = dict(implementation="pallas", interpret=interpret, lowrank=lowrank)
+    return lambda x, a, b, v, i: sl_matmul(x, a, b, v, i, scale, **kw)
 
 
 def timed(fn, args, repeats: int) -> float:
@@ -107,7 +111,7 @@ def bench_shape(k: int, n: int, rank: int, m: int, density: float, repeats: int,
         )
     ref = outs["naive"]
     for r in rows:
-        if r["variant"] in ("xla", "pallas"):
+        if r["variant"] in ("xla", "pallas", "pallas_tile"):
             got = outs[r["variant"]]
             r["max_rel_err"] = {
                 nm: float(np.max(np.abs(g - w)) / max(np.max(np.abs(w)), 1e-30))

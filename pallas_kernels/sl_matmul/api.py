@@ -90,14 +90,18 @@ def sl_matmul(
     block_k: int = 64,
     block_n: int = 64,
     slots: int | None = None,
+    lowrank: str = "factored",
     interpret: bool | None = None,
 ) -> jax.Array:
-    """``y = x @ (A B · scale + S)``; see the module docstring. Block sizes/slots/interpret: pallas only."""
+    """``y = x @ (A B · scale + S)``; see the module docstring. Block sizes, slots, lowrank
+    (:class:`~pallas_kernels.sl_matmul.kernel.KernelConfig`) and interpret: pallas only."""
     check_operands(x, a, b, values, idx, scale)
     impl = resolve_implementation(implementation)
     if interpret is None:
         interpret = jax.default_backend() not in PALLAS_BACKENDS
-    cfg = KernelConfig(block_m=block_m, block_k=block_k, block_n=block_n, slots=slots, interpret=bool(interpret))
+    cfg = KernelConfig(
+        block_m=block_m, block_k=block_k, block_n=block_n, slots=slots, lowrank=lowrank, interpret=bool(interpret)
+    )
     if impl == "pallas" and implementation in (None, "auto"):
         signature = tuple((tuple(o.shape), jnp.dtype(o.dtype)) for o in (x, a, b, values, idx))
         impl = "pallas" if pallas_compiles(signature, float(scale), cfg) else "xla"

@@ -17,9 +17,16 @@ The per-tile count is hypergeometric with mean ``μ = nnz·bk·bn/(in·out)``; `
 power of two of ``min(bk·bn, nnz, μ + 7√μ + 16)`` (power of two for the GPU lowering). A tile that
 overflows ``P`` (probability ~1e-12 per tile at the default bound, or forced by a small explicit
 ``slots``) is detected exactly and the whole call falls back to the XLA path under ``lax.cond``,
-so results are always exact. Padding costs ``P/μ`` ≤ ~2× slot storage (a few % of W's size).
+so results are always exact. The view holds ``Kt·Nt·P`` slots of 8 bytes (index + float32 value):
+at δ = 0.03 with 64×64 tiles ``P = 256 ≈ 2.1 μ``, i.e. ≈ 0.5 byte per weight entry (1/8 of a
+float32 W, 1/4 of a bf16 W), built per call and dropped after the kernel.
 
-Kernels (grid over output tiles, ``fori_loop`` over the reduction, float32 accumulators):
+Kernels (grid over output tiles, ``fori_loop`` over the reduction, float32 accumulators). Low-rank
+part, ``KernelConfig.lowrank``: ``'tile'`` builds every W tile ``A_t B_t s + S_t`` on chip as
+described below; ``'factored'`` (default) starts each output tile's accumulator from the low-rank
+product ``s·(x A)_m B_n`` (forward) / ``s·(dY Bᵀ)_m A_kᵀ`` (dX) with the ``(M, r)`` factor products
+computed by XLA, and builds only the sparse tiles ``S_t`` in the reduction loop — fewer FLOPs
+(``r/K + r/N`` instead of ``r/bm`` of the dense matmul) and W never exists, not even per tile.
 
 * forward, grid ``(M/bm, N/bn)``, loop over k-tiles: ``W_t = A[k-tile] B[:, n-tile] · s + S_t``,
   ``acc += x[m-tile, k-tile] W_t``. ``S_t`` is built on chip by a one-hot matmul
@@ -33,7 +40,10 @@ Kernels (grid over output tiles, ``fori_loop`` over the reduction, float32 accum
 
 Cost per W tile rebuild, relative to the tile matmul ``2·bm·bk·bn``: low-rank part ``r/bm``,
 sparse part ``P/bm`` (one-hot matmul), both paid once per (m-tile, k-tile, n-tile) in the forward
-and dX kernels and once per tile (not per m-tile) in the dvalues kernel. Memory: no ``(in, out)``
+and dX kernels; the dvalues kernel pays only the one-hot gather ``2·P·bk·bn``, once per weight
+tile (not per m-tile). So the ``'tile'`` kernels trade FLOPs (≈ (r + P)/bm extra, e.g. ≈ 6× at r = 512,
+P = 256, bm = 128) for never writing W; ``'factored'`` pays ≈ P/bm + r/K + r/N (≈ 2.3× at the
+1B MLP shapes) and larger ``block_m`` amortises the sparse part. Memory: no ``(in, out)``
 buffer in either pass; the inputs are zero-padded to multiples of the block sizes (a copy when
 the shapes are not multiples). Tested in interpret mode on CPU; the GPU/TPU lowering is written
 for it (power-of-two blocks, dynamic slices on one axis) but was not run on an accelerator here.
@@ -60,18 +70,24 @@ F32 = jnp.float32
 class KernelConfig:
     """Static kernel settings. Block sizes are upper bounds (shrunk to the padded problem size).
 
-    ``slots``: per-tile capacity P (None: the probabilistic bound above). ``poison``: fill every
-    kernel output with NaN (aliased input) before the kernel writes it — for tests.
+    ``slots``: per-tile capacity P (None: the probabilistic bound above). ``lowrank``: ``'factored'``
+    (default) adds the low-rank part as ``s·(x A) B`` with ``x A`` precomputed — the kernels then
+    build only the sparse tiles ``S_t`` — or ``'tile'``: every W tile ``A_t B_t s + S_t`` is built on
+    chip. ``poison``: fill every kernel output with NaN (aliased input) before the kernel writes it
+    — for tests.
     """
 
     block_m: int = 128
     block_k: int = 64
     block_n: int = 64
     slots: int | None = None
+    lowrank: str = "factored"
     interpret: bool = False
     poison: bool = False
 
     def __post_init__(self):
+        if self.lowrank not in ("factored", "tile"):
+            raise ValueError(f"lowrank: must be 'factored' or 'tile', got {self.lowrank!r}")
         for name in ("block_m", "block_k", "block_n"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 16 or v & (v - 1):
@@ -160,41 +176,62 @@ def _onehots(local: jax.Array, bk: int, bn: int) -> tuple[jax.Array, jax.Array]:
     return rows, cols
 
 
-def _w_tile(a: jax.Array, b: jax.Array, local: jax.Array, vals: jax.Array, scale: float) -> jax.Array:
-    """``A_t B_t · s + S_t`` in float32, ``S_t = Rᵀ (values ⊙ C)`` by a one-hot matmul."""
-    bk, bn = a.shape[0], b.shape[1]
+def _s_tile(local: jax.Array, vals: jax.Array, bk: int, bn: int) -> jax.Array:
+    """The sparse tile ``S_t = Rᵀ (values ⊙ C)`` (float32) by a one-hot matmul."""
     rows, cols = _onehots(local, bk, bn)
     c = jnp.where(cols, vals[:, None], 0.0)
-    s_t = jax.lax.dot_general(rows, c, (((0,), (0,)), ((), ())), precision=HIGHEST, preferred_element_type=F32)
+    return jax.lax.dot_general(rows, c, (TN, ((), ())), precision=HIGHEST, preferred_element_type=F32)
+
+
+def _w_tile(a: jax.Array, b: jax.Array, local: jax.Array, vals: jax.Array, scale: float) -> jax.Array:
+    """``A_t B_t · s + S_t`` in float32."""
     low = jnp.dot(a.astype(F32), b.astype(F32), precision=HIGHEST, preferred_element_type=F32)
-    return low * scale + s_t
+    return low * scale + _s_tile(local, vals, a.shape[0], b.shape[1])
 
 
-def _fwd_kernel(x_ref, a_ref, b_ref, loc_ref, val_ref, *rest, n_k: int, bk: int, scale: float, upcast: bool):
+def _fwd_kernel(
+    x_ref, lr_ref, b_ref, loc_ref, val_ref, *rest, n_k: int, bk: int, scale: float, upcast: bool, factored: bool
+):
+    """``lr_ref``: ``x A`` of this m-tile (bm, r) if ``factored``, else all of ``A`` (K, r)."""
     o_ref = rest[-1]
     b = b_ref[...]
+    bn = b.shape[1]
+    if factored:
+        acc0 = jnp.dot(lr_ref[...], b.astype(F32), precision=HIGHEST, preferred_element_type=F32) * scale
+    else:
+        acc0 = jnp.zeros(o_ref.shape, F32)
 
     def body(t, acc):
         k0 = pl.multiple_of(t * bk, bk)
-        w = _w_tile(a_ref[pl.ds(k0, bk), :], b, loc_ref[t, 0, :], val_ref[t, 0, :], scale)
+        loc, vals = loc_ref[t, 0, :], val_ref[t, 0, :]
+        w = _s_tile(loc, vals, bk, bn) if factored else _w_tile(lr_ref[pl.ds(k0, bk), :], b, loc, vals, scale)
         x = x_ref[:, pl.ds(k0, bk)]
         return acc + _mm(x, w.astype(x.dtype), NN, upcast)
 
-    acc = jax.lax.fori_loop(0, n_k, body, jnp.zeros(o_ref.shape, F32))
+    acc = jax.lax.fori_loop(0, n_k, body, acc0)
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
-def _dx_kernel(dy_ref, a_ref, b_ref, loc_ref, val_ref, *rest, n_n: int, bn: int, scale: float, upcast: bool):
+def _dx_kernel(
+    dy_ref, a_ref, lr_ref, loc_ref, val_ref, *rest, n_n: int, bn: int, scale: float, upcast: bool, factored: bool
+):
+    """``lr_ref``: ``dY Bᵀ`` of this m-tile (bm, r) if ``factored``, else all of ``B`` (r, N)."""
     o_ref = rest[-1]
     a = a_ref[...]
+    bk = a.shape[0]
+    if factored:
+        acc0 = jax.lax.dot_general(lr_ref[...], a.astype(F32), (NT, ((), ())), precision=HIGHEST) * scale
+    else:
+        acc0 = jnp.zeros(o_ref.shape, F32)
 
     def body(t, acc):
         n0 = pl.multiple_of(t * bn, bn)
-        w = _w_tile(a, b_ref[:, pl.ds(n0, bn)], loc_ref[0, t, :], val_ref[0, t, :], scale)
+        loc, vals = loc_ref[0, t, :], val_ref[0, t, :]
+        w = _s_tile(loc, vals, bk, bn) if factored else _w_tile(a, lr_ref[:, pl.ds(n0, bn)], loc, vals, scale)
         dy = dy_ref[:, pl.ds(n0, bn)]
         return acc + _mm(dy, w.astype(dy.dtype), NT, upcast)
 
-    acc = jax.lax.fori_loop(0, n_n, body, jnp.zeros(o_ref.shape, F32))
+    acc = jax.lax.fori_loop(0, n_n, body, acc0)
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
@@ -258,44 +295,57 @@ def forward_kernel(x2, a, b, values, layout: TileLayout, scale: float, cfg: Kern
     bm, bk, bn, p = pp.blocks
     kt, nt = pp.kp // bk, pp.np_ // bn
     vals = _layout_values(values, layout)
+    factored = cfg.lowrank == "factored"
+    if factored:  # x A (M, r), float32 accumulation
+        lr = _pad2(_mm(x2, a.astype(x2.dtype), NN, cfg.interpret), pp.mp, pp.rp)
+        lr_spec = pl.BlockSpec((bm, pp.rp), lambda i, j: (i, 0))
+    else:
+        lr, lr_spec = pp.a, pl.BlockSpec((pp.kp, pp.rp), lambda i, j: (0, 0))
     out = _call(
-        partial(_fwd_kernel, n_k=kt, bk=bk, scale=scale, upcast=cfg.interpret),
+        partial(_fwd_kernel, n_k=kt, bk=bk, scale=scale, upcast=cfg.interpret, factored=factored),
         jax.ShapeDtypeStruct((pp.mp, pp.np_), x2.dtype),
         (pp.mp // bm, nt),
         [
             pl.BlockSpec((bm, pp.kp), lambda i, j: (i, 0)),
-            pl.BlockSpec((pp.kp, pp.rp), lambda i, j: (0, 0)),
+            lr_spec,
             pl.BlockSpec((pp.rp, bn), lambda i, j: (0, j)),
             pl.BlockSpec((kt, 1, p), lambda i, j: (0, j, 0)),
             pl.BlockSpec((kt, 1, p), lambda i, j: (0, j, 0)),
         ],
         pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
-        (_pad2(x2, pp.mp, pp.kp), pp.a, pp.b, layout.local, vals),
+        (_pad2(x2, pp.mp, pp.kp), lr, pp.b, layout.local, vals),
         cfg,
     )
     return out[:m, :n]
 
 
-def dx_kernel(dy2, a, b, values, layout: TileLayout, scale: float, cfg: KernelConfig) -> jax.Array:
-    """``dX (M, K) = dY (M, N) @ (A B s + S)ᵀ`` by the dX kernel."""
+def dx_kernel(dy2, a, b, values, layout: TileLayout, scale: float, cfg: KernelConfig, dy_bt=None) -> jax.Array:
+    """``dX (M, K) = dY (M, N) @ (A B s + S)ᵀ`` by the dX kernel (``dy_bt``: ``dY Bᵀ`` if already computed)."""
     m, k = dy2.shape[0], a.shape[0]
     pp = _prepare(m, a, b, values.shape[0], cfg)
     bm, bk, bn, p = pp.blocks
     kt, nt = pp.kp // bk, pp.np_ // bn
     vals = _layout_values(values, layout)
+    factored = cfg.lowrank == "factored"
+    if factored:  # dY Bᵀ (M, r), float32 accumulation
+        if dy_bt is None:
+            dy_bt = _mm(dy2, b.astype(dy2.dtype), NT, cfg.interpret)
+        lr, lr_spec = _pad2(dy_bt, pp.mp, pp.rp), pl.BlockSpec((bm, pp.rp), lambda i, t: (i, 0))
+    else:
+        lr, lr_spec = pp.b, pl.BlockSpec((pp.rp, pp.np_), lambda i, t: (0, 0))
     out = _call(
-        partial(_dx_kernel, n_n=nt, bn=bn, scale=scale, upcast=cfg.interpret),
+        partial(_dx_kernel, n_n=nt, bn=bn, scale=scale, upcast=cfg.interpret, factored=factored),
         jax.ShapeDtypeStruct((pp.mp, pp.kp), dy2.dtype),
         (pp.mp // bm, kt),
         [
             pl.BlockSpec((bm, pp.np_), lambda i, t: (i, 0)),
             pl.BlockSpec((bk, pp.rp), lambda i, t: (t, 0)),
-            pl.BlockSpec((pp.rp, pp.np_), lambda i, t: (0, 0)),
+            lr_spec,
             pl.BlockSpec((1, nt, p), lambda i, t: (t, 0, 0)),
             pl.BlockSpec((1, nt, p), lambda i, t: (t, 0, 0)),
         ],
         pl.BlockSpec((bm, bk), lambda i, t: (i, t)),
-        (_pad2(dy2, pp.mp, pp.np_), pp.a, pp.b, layout.local, vals),
+        (_pad2(dy2, pp.mp, pp.np_), pp.a, lr, layout.local, vals),
         cfg,
     )
     return out[:m, :k]
@@ -346,10 +396,10 @@ def _pallas_backward(x, a, b, values, idx, scale, dy, cfg):
     layout = _layout_for(x2.shape[0], a, b, idx, cfg)
 
     def kernels():
-        dx = dx_kernel(dy2, a, b, values, layout, scale, cfg)
-        dv = dvalues_kernel(x2, dy2, a, b, layout, idx.shape[0], cfg)
         # dA = s·Xᵀ(dY Bᵀ), dB = s·(X A)ᵀ dY: (M, r) intermediates, float32 accumulation
         t = _mm(dy2, b.astype(dy2.dtype), NT, cfg.interpret)  # (M, r)
+        dx = dx_kernel(dy2, a, b, values, layout, scale, cfg, dy_bt=t)
+        dv = dvalues_kernel(x2, dy2, a, b, layout, idx.shape[0], cfg)
         da = _mm(x2, t, TN, True) * scale
         xa = _mm(x2, a.astype(x2.dtype), NN, cfg.interpret)  # (M, r)
         db = _mm(xa, dy2, TN, True) * scale

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -17,6 +18,7 @@ from pallas_kernels.sl_matmul.xla import sl_matmul_xla
 
 # Small blocks so that every test shape spans several tiles in each dimension.
 CFG = KernelConfig(block_m=16, block_k=16, block_n=16, interpret=True, poison=True)
+CFGS = {mode: dataclasses.replace(CFG, lowrank=mode) for mode in ("factored", "tile")}
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}  # relative to the largest reference entry
 
 
@@ -53,22 +55,23 @@ def _random_shapes(seed: int, count: int, hi: int):
         r = int(rng.integers(1, min(k, n) + 1))
         density = float(rng.choice([0.01, 0.03, 0.1, 0.3]))
         dtype = (jnp.float32, jnp.bfloat16)[i % 2]
-        shapes.append((m, k, n, r, density, dtype))
+        lowrank = ("factored", "tile")[(i // 2) % 2]
+        shapes.append((m, k, n, r, density, dtype, lowrank))
     return shapes
 
 
-# 30 random shapes (15 per dtype), most of them not multiples of the 16-wide blocks.
+# 30 random shapes (15 per dtype, both low-rank modes), most of them not multiples of the blocks.
 SHAPES = _random_shapes(0, 30, 60)
 
 
-@pytest.mark.parametrize("m,k,n,r,density,dtype", SHAPES)
-def test_pallas_forward_and_vjp_match_reference(m, k, n, r, density, dtype):
+@pytest.mark.parametrize("m,k,n,r,density,dtype,lowrank", SHAPES)
+def test_pallas_forward_and_vjp_match_reference(m, k, n, r, density, dtype, lowrank):
     rng = np.random.default_rng()
     x, a, b, values, idx, dy = _operands(rng, m, k, n, r, density, dtype)
     scale = float(rng.uniform(0.1, 4.0))
     both = jax.jit(  # one compilation per shape: kernel and reference side by side
         lambda *ops: (
-            _fwd_vjp(lambda *p: sl_matmul_pallas(*p, CFG), *ops, scale),
+            _fwd_vjp(lambda *p: sl_matmul_pallas(*p, CFGS[lowrank]), *ops, scale),
             _fwd_vjp(sl_matmul_reference, *ops, scale),
         )
     )
@@ -76,11 +79,11 @@ def test_pallas_forward_and_vjp_match_reference(m, k, n, r, density, dtype):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("m,k,n,r,density,dtype", _random_shapes(1, 40, 300))
-def test_pallas_larger_sweep(m, k, n, r, density, dtype):
+@pytest.mark.parametrize("m,k,n,r,density,dtype,lowrank", _random_shapes(1, 40, 300))
+def test_pallas_larger_sweep(m, k, n, r, density, dtype, lowrank):
     rng = np.random.default_rng()
     x, a, b, values, idx, dy = _operands(rng, m, k, n, r, density, dtype)
-    cfg = KernelConfig(block_m=32, block_k=32, block_n=64, interpret=True, poison=True)
+    cfg = KernelConfig(block_m=32, block_k=32, block_n=64, lowrank=lowrank, interpret=True, poison=True)
     run = jax.jit(lambda *ops: _fwd_vjp(lambda *p: sl_matmul_pallas(*p, cfg), *ops, 0.5))
     ref = jax.jit(lambda *ops: _fwd_vjp(sl_matmul_reference, *ops, 0.5))
     _assert_close(run(x, a, b, values, idx, dy), ref(x, a, b, values, idx, dy), dtype)
@@ -157,16 +160,20 @@ def test_choose_blocks_slot_bound():
     assert tiny.slots >= 3 and (tiny.bm, tiny.bk, tiny.bn) == (16, 16, 16)
 
 
-def test_kernels_write_every_output_block():
-    """Direct kernel calls with NaN-poisoned outputs: every block is overwritten."""
+@pytest.mark.parametrize("lowrank", ["factored", "tile"])
+def test_kernels_write_every_output_block(lowrank):
+    """Direct kernel calls with NaN-poisoned outputs: every block is overwritten; float64 reference."""
+    cfg = CFGS[lowrank]
     rng = np.random.default_rng()
     x, a, b, values, idx, dy = _operands(rng, 33, 40, 50, 6, 0.1, jnp.float32)
-    lay = K._layout_for(33, a, b, idx, CFG)
-    w = np.asarray(materialize_w(a, b, values, idx, 0.9), np.float64)
+    lay = K._layout_for(33, a, b, idx, cfg)
+    w = np.asarray(a, np.float64) @ np.asarray(b, np.float64) * 0.9
+    rows, cols = np.divmod(np.asarray(idx), 50)
+    w[rows, cols] += np.asarray(values, np.float64)
     x64, dy64 = np.asarray(x, np.float64), np.asarray(dy, np.float64)
-    y = K.forward_kernel(x, a, b, values, lay, 0.9, CFG)
-    dx = K.dx_kernel(dy, a, b, values, lay, 0.9, CFG)
-    dv = K.dvalues_kernel(x, dy, a, b, lay, idx.shape[0], CFG)
+    y = K.forward_kernel(x, a, b, values, lay, 0.9, cfg)
+    dx = K.dx_kernel(dy, a, b, values, lay, 0.9, cfg)
+    dv = K.dvalues_kernel(x, dy, a, b, lay, idx.shape[0], cfg)
     np.testing.assert_allclose(np.asarray(y), x64 @ w, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(np.asarray(dx), dy64 @ w.T, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(np.asarray(dv), (x64.T @ dy64).reshape(-1)[np.asarray(idx)], rtol=1e-4, atol=1e-4)
@@ -216,6 +223,7 @@ def test_operand_errors_name_the_argument(bad, arg):
         (dict(block_k=8), "block_k"),
         (dict(block_n=True), "block_n"),
         (dict(slots=0), "slots"),
+        (dict(lowrank="dense"), "lowrank"),
     ],
 )
 def test_kernel_config_errors(kw, arg):
