@@ -62,10 +62,12 @@ def measure_sl(name: str) -> dict:
     )
     _, params = abstract_params(cfg.model)
     is_float = lambda x: jnp.issubdtype(x.dtype, jnp.floating)  # noqa: E731
-    trainable = jax.tree.map(lambda x: x if is_float(x) else None, params)
+    trainable = [x for x in jax.tree.leaves(params) if is_float(x)]
     index = [x for x in jax.tree.leaves(params) if not is_float(x)]
-    tx, _ = make_optimizer(cfg, trainable)
-    state = jax.eval_shape(tx.init, trainable)
+    tx, _ = make_optimizer(cfg, params)
+    # Optimizer state of the trainable leaves: floating arrays and scalar counters. Integer arrays
+    # would be moments of the support, which the training loop does not keep (frozen partition).
+    state = [x for x in jax.tree.leaves(jax.eval_shape(tx.init, params)) if is_float(x) or x.ndim == 0]
     return {
         "config": name,
         "rank": rank,
