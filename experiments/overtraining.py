@@ -176,6 +176,10 @@ def part_sensitivity(args) -> None:
             )
 
 
+def _ft_name(method: str, lr: float) -> str:
+    return f"finetune_{method}.json" if lr == FT_LR else f"finetune_{method}_lr{lr:g}.json"
+
+
 def part_finetune(args) -> None:
     from lowrank_jax.analysis.finetune import finetune_degradation, finetune_token_data, run_config  # noqa: PLC0415
     from lowrank_jax.data import prepare_data  # noqa: PLC0415
@@ -188,7 +192,7 @@ def part_finetune(args) -> None:
         pre_cfg = run_config(RUNS / method)
         ft = finetune_token_data(pre_cfg, "pydoc")
         pt_val = prepare_data(pre_cfg.data).val
-        out_path = RESULTS / f"finetune_{method}.json"
+        out_path = RESULTS / _ft_name(method, args.ft_lr)
         done = _json(out_path).get("budgets", {})
         for step in steps:
             if str(step) in done and not args.force:
@@ -199,13 +203,13 @@ def part_finetune(args) -> None:
                 ft,
                 pt_val,
                 steps=FT_STEPS,
-                lr=FT_LR,
+                lr=args.ft_lr,
                 eval_tokens=FT_EVAL_TOKENS,
                 eval_every=FT_EVAL_EVERY,
             )
             res["finetune_data"] = ft.info
             done[str(step)] = res
-            _write(out_path, {"method": method, "budgets": done})
+            _write(out_path, {"method": method, "lr": args.ft_lr, "budgets": done})
             print(
                 f"finetune {method} step {step}: pydoc {res['ft_loss_before']:.4f} -> {res['ft_loss_after']:.4f}, "
                 f"stdlib {res['pt_loss_before']:.4f} -> {res['pt_loss_after']:.4f} ({time.time() - t0:.0f}s)",
@@ -315,7 +319,7 @@ def plot_finetune(ft_by_method: dict[str, dict], path: Path) -> None:
         axes[1].plot(x, [r["pt_loss_after"] for r in rows], "o-", label=f"{m}: after fine-tuning")
         axes[1].plot(x, [r["pt_loss_before"] for r in rows], "s--", alpha=0.6, label=f"{m}: before")
     axes[0].set(xscale="log", xlabel="pretraining tokens", ylabel="pydoc validation loss")
-    axes[0].set_title(f"fine-tune domain ({FT_STEPS} steps, lr {FT_LR:g})")
+    axes[0].set_title(f"fine-tune domain ({FT_STEPS} steps, fixed lr per curve)")
     axes[1].set(xscale="log", xlabel="pretraining tokens", ylabel="stdlib validation loss")
     axes[1].set_title("pretraining domain (forgetting)")
     for ax in axes:
@@ -365,8 +369,12 @@ def part_report(args) -> None:
 
     sens = {m: _json(RESULTS / f"sensitivity_{m}.json") for m in METHODS}
     sens = {m: v for m, v in sens.items() if v.get("budgets")}
-    ft = {m: _json(RESULTS / f"finetune_{m}.json") for m in METHODS}
-    ft = {m: v for m, v in ft.items() if v.get("budgets")}
+    ft = {}
+    for path in sorted(RESULTS.glob("finetune_*.json")):
+        v = _json(path)
+        if v.get("budgets"):
+            lr = next(iter(v["budgets"].values()))["settings"]["lr"]
+            ft[f"{v['method']} lr {lr:g}"] = v
     toy = _json(RESULTS / "toy.json")
     runs = {m: _json(RUNS / m / "results.json") for m in METHODS}
     runs = {m: r for m, r in runs.items() if r}
@@ -439,7 +447,7 @@ def part_report(args) -> None:
     for m, v in ft.items():
         rows = sorted(v["budgets"].values(), key=lambda r: r["checkpoint_step"])
         lines += [
-            f"## Fine-tuning on pydoc ({FT_STEPS} steps, AdamW lr {FT_LR:g}, same for every budget): {m}",
+            f"## Fine-tuning on pydoc ({FT_STEPS} steps, AdamW, same hyperparameters for every budget): {m}",
             "",
             "| step | tokens | pydoc loss before | pydoc loss after | stdlib loss before | stdlib loss after "
             "| forgetting |",
@@ -509,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="redo work whose results exist")
     p.add_argument("--steps", nargs="*", type=int, default=None, help="only these checkpoint steps")
     p.add_argument("--relative", nargs="+", default=["init"], choices=["init", "rms"])
+    p.add_argument("--ft-lr", type=float, default=FT_LR, help="fine-tuning peak learning rate")
     p.add_argument("overrides", nargs="*", help="extra key=value config overrides for --part pretrain")
     args = p.parse_args(argv)
     parts = {
