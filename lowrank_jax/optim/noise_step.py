@@ -40,6 +40,12 @@ Implementation and memory model
   versus backprop's stored activations of all layers + a P-sized gradient (+ optimizer moments).
 * The update sorts the n·capacity touched positions, sums duplicates per position and scatters
   the new ternary values: O(n·capacity) memory again, in place on the donated weights.
+* Measured (XLA memory_analysis, experiments/results/noise_step_mnist/table.md): the tangent
+  activations make memory grow with chunk_size × batch, so forward mode wins over backprop + Adam
+  only while chunk_size·batch·width is small next to the weights (LLM-like shapes; see the test
+  with wide layers and batch 8) or with small chunks (MNIST MLP, batch 256: peak 4.9 MiB at
+  chunk 1 vs 8.4 MiB for Adam+STE, but 18.9 MiB at chunk 16). With int8 storage XLA on CPU also
+  materialises a float32 copy of each kernel for the dot (hoisted out of the chunk loop).
 """
 
 from __future__ import annotations
