@@ -444,6 +444,35 @@ def part_report(args) -> None:
                     cells = " | ".join(_fmt_band(rows[lam]) if lam in rows else "-" for lam in LAMBDAS)
                     lines.append(f"| {st} | {m} | {b[relative]['clean_loss']:.4f} | {cells} |")
             lines.append("")
+    if "full" in sens and len(sens) > 1:
+        full_rows = sorted(sens["full"]["budgets"].values(), key=lambda r: r["step"])
+        show = [lam for lam in (1.0, 2.0, 4.0) if lam in LAMBDAS]
+        lines += [
+            "## Methods vs full-rank at matched clean loss (the full-rank checkpoint with the nearest clean loss)",
+            "",
+            "| method | step | clean loss | full-rank step | full-rank clean loss | "
+            + " | ".join(f"Δ λ={lam:g}: method / full" for lam in show)
+            + " |",
+            "|---|---|---|---|---|" + "---|" * len(show),
+        ]
+        for m, v in sens.items():
+            if m == "full":
+                continue
+            for b in sorted(v["budgets"].values(), key=lambda r: r["step"]):
+                near = min(full_rows, key=lambda f: abs(f["init"]["clean_loss"] - b["init"]["clean_loss"]))
+                mine = {r["lambda"]: r for r in b["init"]["rows"]}
+                theirs = {r["lambda"]: r for r in near["init"]["rows"]}
+                cells = " | ".join(
+                    f"{mine[lam]['mean_increase']:+.3f} / {theirs[lam]['mean_increase']:+.3f}"
+                    if lam in mine and lam in theirs
+                    else "-"
+                    for lam in show
+                )
+                lines.append(
+                    f"| {m} | {b['step']} | {b['init']['clean_loss']:.4f} | {near['step']} | "
+                    f"{near['init']['clean_loss']:.4f} | {cells} |"
+                )
+        lines.append("")
     for m, v in ft.items():
         rows = sorted(v["budgets"].values(), key=lambda r: r["checkpoint_step"])
         lines += [
