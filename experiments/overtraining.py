@@ -176,6 +176,52 @@ def part_sensitivity(args) -> None:
             )
 
 
+GROUPS = {
+    "embed+lm_head": lambda path: path[0] in ("embed", "lm_head"),
+    "block linears": lambda path: path[0] == "blocks" and path[-1] == "kernel",
+}
+
+
+def part_groups(args) -> None:
+    """Which tensors carry the sensitivity: noise on one group at a time (init std × λ, step 200 or --steps)."""
+    import jax  # noqa: PLC0415
+
+    from lowrank_jax.analysis.finetune import load_params  # noqa: PLC0415
+    from lowrank_jax.analysis.sensitivity import densify, init_std_tree, parameter_sensitivity  # noqa: PLC0415
+    from lowrank_jax.data import eval_batches, prepare_data  # noqa: PLC0415
+
+    out_path = RESULTS / "sensitivity_groups.json"
+    done = _json(out_path)
+    lams = (1.0, 2.0, 4.0)
+    for method in args.methods:
+        for step in args.steps or [200]:
+            ckpt = RUNS / method / "checkpoints" / str(step)
+            if not ckpt.is_dir() or (f"{method}/{step}" in done and not args.force):
+                continue
+            params, cfg, _ = load_params(ckpt)
+            dense, dense_cfg = densify(params, cfg.model)
+            stds = init_std_tree(dense_cfg, 0)
+            batches = eval_batches(prepare_data(cfg.data).val, cfg.seq_len, SENS_EVAL_TOKENS, cfg.eval_batch_size)
+            row = {}
+            for name, pick in GROUPS.items():
+                masked = jax.tree_util.tree_map_with_path(
+                    lambda path, sd, pick=pick: sd if pick([getattr(k, "key", None) for k in path]) else None,
+                    stds,
+                    is_leaf=lambda x: x is None,
+                )
+                tab = parameter_sensitivity(
+                    dense, batches, lams, N_SEEDS, jax.random.key(SENS_KEY), model_cfg=dense_cfg, init_std=masked
+                )
+                row[name] = tab.to_dict()
+            done[f"{method}/{step}"] = row
+            _write(out_path, done)
+            summary = "; ".join(
+                f"{g}: " + ", ".join(f"λ={r['lambda']:g} {r['mean_increase']:+.3f}" for r in t["rows"])
+                for g, t in row.items()
+            )
+            print(f"groups {method} step {step}: {summary}", flush=True)
+
+
 def _ft_name(method: str, lr: float) -> str:
     return f"finetune_{method}.json" if lr == FT_LR else f"finetune_{method}_lr{lr:g}.json"
 
@@ -477,6 +523,19 @@ def part_report(args) -> None:
                     f"{near['init']['clean_loss']:.4f} | {cells} |"
                 )
         lines.append("")
+    groups = _json(RESULTS / "sensitivity_groups.json")
+    if groups:
+        lines += [
+            "## Which tensors carry the sensitivity (noise on one group only, init std × λ)",
+            "",
+            "| method/step | group | " + " | ".join(f"Δ loss, λ={lam:g}" for lam in (1.0, 2.0, 4.0)) + " |",
+            "|---|---|---|---|---|",
+        ]
+        for key, row in groups.items():
+            for g, t in row.items():
+                cells = " | ".join(_fmt_band(r) for r in t["rows"])
+                lines.append(f"| {key} | {g} | {cells} |")
+        lines.append("")
     for m, v in ft.items():
         rows = sorted(v["budgets"].values(), key=lambda r: r["checkpoint_step"])
         lines += [
@@ -545,7 +604,8 @@ def part_report(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", required=True, choices=["pretrain", "sensitivity", "methods", "finetune", "toy", "report"])
+    parts = ["pretrain", "sensitivity", "methods", "finetune", "toy", "groups", "report"]
+    p.add_argument("--part", required=True, choices=parts)
     p.add_argument("--methods", nargs="+", default=["full"], choices=sorted(METHODS))
     p.add_argument("--force", action="store_true", help="redo work whose results exist")
     p.add_argument("--steps", nargs="*", type=int, default=None, help="only these checkpoint steps")
@@ -559,6 +619,7 @@ def main(argv: list[str] | None = None) -> int:
         "finetune": part_finetune,
         "toy": part_toy,
         "report": part_report,
+        "groups": part_groups,
         "methods": part_methods,
     }
     parts[args.part](args)
