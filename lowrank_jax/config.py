@@ -145,6 +145,7 @@ class Config:
     checkpoint_every: int = 0  # 0: no periodic checkpoints (a final one is still written)
     keep_checkpoints: int = 2
     mesh: tuple[int, ...] = (1, 1, 1)  # (data, fsdp, tensor); one -1 takes the remaining devices
+    layerwise_update: bool = False  # update each block inside the backward pass (no full gradient)
     out_dir: str = "runs/default"
     resume: bool = False
     progress: bool = True
@@ -443,6 +444,13 @@ def validate(cfg: Config) -> None:
             first_warmup <= first_restart,
             "optim.warmup_ratio",
             f"the first warmup ({first_warmup} steps) must end before the first restart (step {first_restart})",
+        )
+    if cfg.layerwise_update:
+        _check(m.scan_layers, "layerwise_update", "needs model.scan_layers=true (blocks stacked on a layers axis)")
+        _check(
+            not (r.every or r.warm_start),
+            "layerwise_update",
+            "does not combine with ReLoRA restarts or a warm start (relora.every / relora.warm_start)",
         )
     if m.dense in ("lora", "lowrank"):
         _check(

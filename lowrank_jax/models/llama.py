@@ -140,13 +140,24 @@ class Llama(nnx.Module):
             param_dtype=param_dtype,
         )
 
+    def embed_tokens(self, tokens_BT: jax.Array) -> jax.Array:
+        """Token embeddings ``(B, T, hidden)`` in the compute dtype."""
+        return jnp.take(self.embed[...], tokens_BT, axis=0).astype(dtype_of(self.cfg.dtype))
+
+    def rope(self, seq_len: int) -> tuple[jax.Array, jax.Array]:
+        cfg = self.cfg
+        if seq_len > cfg.max_seq_len:
+            raise ValueError(f"seq_len: {seq_len} exceeds model.max_seq_len={cfg.max_seq_len}")
+        return rope_tables(seq_len, cfg.hidden // cfg.heads, cfg.rope_theta)
+
+    def head(self, x_BTD: jax.Array) -> jax.Array:
+        """Final norm and ``lm_head``: logits ``(B, T, vocab)`` in float32."""
+        return self.lm_head(self.final_norm(x_BTD)).astype(jnp.float32)
+
     def __call__(self, tokens_BT: jax.Array) -> jax.Array:
         cfg = self.cfg
-        T = tokens_BT.shape[1]
-        if T > cfg.max_seq_len:
-            raise ValueError(f"seq_len: {T} exceeds model.max_seq_len={cfg.max_seq_len}")
-        cos, sin = rope_tables(T, cfg.hidden // cfg.heads, cfg.rope_theta)
-        x = jnp.take(self.embed[...], tokens_BT, axis=0).astype(dtype_of(cfg.dtype))
+        cos, sin = self.rope(tokens_BT.shape[1])
+        x = self.embed_tokens(tokens_BT)
         if cfg.scan_layers:
             graphdef, state = nnx.split(self.blocks)
 
@@ -159,5 +170,4 @@ class Llama(nnx.Module):
         else:
             for block in self.blocks:
                 x = nnx.remat(lambda blk, h: blk(h, cos, sin))(block, x) if cfg.remat else block(x, cos, sin)
-        x = self.final_norm(x)
-        return self.lm_head(x).astype(jnp.float32)
+        return self.head(x)

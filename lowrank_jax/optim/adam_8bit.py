@@ -204,27 +204,49 @@ def quantize(x: jax.typing.ArrayLike, signed: bool = True, block_size: int = 256
     n = math.prod(shape)
     num_blocks = -(-n // block_size)
     flat = jnp.pad(x.astype(jnp.float32).reshape(-1), (0, num_blocks * block_size - n))
-    x_KB = flat.reshape(num_blocks, block_size)
+    codes, absmax_K = _quantize_blocks(flat.reshape(num_blocks, block_size), signed)
+    return QuantizedArray(codes, absmax_K, shape, np.dtype(x.dtype), bool(signed))
+
+
+def _quantize_blocks(x_KB: jax.Array, signed: bool) -> tuple[jax.Array, jax.Array]:
+    """``(codes (K, B), absmax (K,))`` of float32 blocks ``x_KB``."""
     absmax_K = jnp.max(jnp.abs(x_KB), axis=1)
     y_KB = x_KB / jnp.where(absmax_K > 0, absmax_K, 1.0)[:, None]
     idx_KB = _nearest_level(y_KB, _SIGNED_MID if signed else _UNSIGNED_MID)
     if signed:
-        codes = (idx_KB - _SIGNED_OFFSET).astype(jnp.int8)
+        return (idx_KB - _SIGNED_OFFSET).astype(jnp.int8), absmax_K
+    return idx_KB.astype(jnp.uint8), absmax_K
+
+
+def _dequantize_blocks(codes_KB: jax.Array, scales_K: jax.Array, signed: bool) -> jax.Array:
+    """Float32 blocks ``map[code] · scale``."""
+    if signed:
+        idx = codes_KB.astype(jnp.int32) + _SIGNED_OFFSET
+        table = jnp.asarray(SIGNED_MAP)
     else:
-        codes = idx_KB.astype(jnp.uint8)
-    return QuantizedArray(codes, absmax_K, shape, np.dtype(x.dtype), bool(signed))
+        idx = codes_KB.astype(jnp.int32)
+        table = jnp.asarray(UNSIGNED_MAP)
+    return jnp.take(table, idx, mode="clip") * scales_K[:, None]
 
 
 def dequantize(q: QuantizedArray) -> jax.Array:
     """``map[code] · scale`` reshaped to ``q.shape`` in ``q.dtype``."""
-    if q.signed:
-        idx = q.codes.astype(jnp.int32) + _SIGNED_OFFSET
-        table = jnp.asarray(SIGNED_MAP)
-    else:
-        idx = q.codes.astype(jnp.int32)
-        table = jnp.asarray(UNSIGNED_MAP)
-    x_KB = jnp.take(table, idx, mode="clip") * q.scales[:, None]
+    x_KB = _dequantize_blocks(q.codes, q.scales, q.signed)
     return x_KB.reshape(-1)[: q.size].reshape(q.shape).astype(q.dtype)
+
+
+# Quantized leaves are updated in chunks of at most this many blocks (2^20 values at B = 256), so
+# the float32 / int32 temporaries of dequantize → Adam → requantize are chunk-sized, not leaf-sized,
+# whatever the backend fuses. Blocks are independent: the result is one pass's up to float rounding.
+CHUNK_BLOCKS = 4096
+
+
+def _chunk_count(num_blocks: int, chunk_blocks: int) -> int:
+    """The fewest equal chunks of at most ``chunk_blocks`` blocks that tile ``num_blocks`` exactly."""
+    for n in range(-(-num_blocks // chunk_blocks), num_blocks + 1):
+        if num_blocks % n == 0:
+            return n
+    return num_blocks  # pragma: no cover - n = num_blocks always divides
 
 
 def _quantized_zeros(shape: tuple[int, ...], signed: bool, block_size: int) -> QuantizedArray:
@@ -372,14 +394,42 @@ def scale_by_adam_8bit(
         mu_leaves = treedef.flatten_up_to(state.mu)
         nu_leaves = treedef.flatten_up_to(state.nu)
         u_leaves, new_mu, new_nu = [], [], []
-        for g, mu_s, nu_s in zip(g_leaves, mu_leaves, nu_leaves, strict=True):
-            g32 = g.astype(jnp.float32)
-            m = (1 - b1) * g32 + b1 * _load(mu_s)
-            v = (1 - b2) * jnp.square(g32) + b2 * _load(nu_s)
+
+        def adam(g32: jax.Array, m: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+            m = (1 - b1) * g32 + b1 * m
+            v = (1 - b2) * jnp.square(g32) + b2 * v
             if eps_placement == "optax":
-                u = (m / bc1) / (jnp.sqrt(v / bc2) + eps)
-            else:
-                u = m / (jnp.sqrt(v) + eps) * (jnp.sqrt(bc2) / bc1)
+                return (m / bc1) / (jnp.sqrt(v / bc2) + eps), m, v
+            return m / (jnp.sqrt(v) + eps) * (jnp.sqrt(bc2) / bc1), m, v
+
+        def quantized_leaf(g: jax.Array, mu_q: QuantizedArray, nu_q: QuantizedArray):
+            """Adam on one quantized leaf, block chunk by block chunk (zero padding stays zero)."""
+            num_blocks, block = mu_q.codes.shape
+            n_chunks = _chunk_count(num_blocks, CHUNK_BLOCKS)
+            flat = jnp.pad(g.astype(jnp.float32).reshape(-1), (0, num_blocks * block - mu_q.size))
+
+            def chunk(args):
+                g_CB, mc, ms, nc, ns = args
+                u, m, v = adam(g_CB, _dequantize_blocks(mc, ms, True), _dequantize_blocks(nc, ns, False))
+                return (u.astype(g.dtype), *_quantize_blocks(m, True), *_quantize_blocks(v, False))
+
+            parts = (flat.reshape(num_blocks, block), mu_q.codes, mu_q.scales, nu_q.codes, nu_q.scales)
+            split = [x.reshape(n_chunks, num_blocks // n_chunks, *x.shape[1:]) for x in parts]
+            u, mc, ms, nc, ns = jax.lax.map(chunk, tuple(split)) if n_chunks > 1 else chunk(tuple(parts))
+            merge = lambda x: x.reshape(num_blocks, *x.shape[2:]) if n_chunks > 1 else x  # noqa: E731
+            u = merge(u).reshape(-1)[: mu_q.size].reshape(g.shape)
+            mu_new = QuantizedArray(merge(mc), merge(ms), mu_q.shape, mu_q.dtype, True)
+            nu_new = QuantizedArray(merge(nc), merge(ns), nu_q.shape, nu_q.dtype, False)
+            return u, mu_new, nu_new
+
+        for g, mu_s, nu_s in zip(g_leaves, mu_leaves, nu_leaves, strict=True):
+            if _is_quantized(mu_s) and _is_quantized(nu_s) and mu_s.signed and not nu_s.signed:
+                u, mu_q, nu_q = quantized_leaf(g, mu_s, nu_s)
+                u_leaves.append(u)
+                new_mu.append(mu_q)
+                new_nu.append(nu_q)
+                continue
+            u, m, v = adam(g.astype(jnp.float32), _load(mu_s), _load(nu_s))
             u_leaves.append(u.astype(g.dtype))
             new_mu.append(_store(m, mu_s))
             new_nu.append(_store(v, nu_s))

@@ -32,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("config")
     m.add_argument("overrides", nargs="*", help="key=value overrides; method=NAME expands to a method's overrides")
     m.add_argument("--devices", type=int, default=None, help="number of fake CPU devices (for mesh=... on one host)")
+    m.add_argument(
+        "--no-licm", action="store_true", help="disable XLA loop-invariant code motion (see lowrank_jax.train.memory)"
+    )
     return p
 
 
@@ -45,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             from lowrank_jax.train.memory import memory_command  # noqa: PLC0415
             from lowrank_jax.train.metrics import fmt_bytes  # noqa: PLC0415
 
-            report = memory_command(args.config, args.overrides, args.devices)
+            report = memory_command(args.config, args.overrides, args.devices, args.no_licm)
             mem = {k: fmt_bytes(v) for k, v in report["xla_memory"].items()}
             print(json.dumps(report, indent=2))
             print(

@@ -8,6 +8,11 @@ device, and the peak estimate ``argument + output + temp − alias``. ``method=`
 overrides of one of :data:`METHODS`; any other ``key=value`` is a config override. On a CPU host,
 ``--devices N`` asks XLA for N host devices (``--xla_force_host_platform_device_count``) so a mesh
 such as ``mesh=1,8,1`` (FSDP over 8) can be compiled and measured without the hardware.
+
+``--no-licm`` disables XLA's while-loop-invariant code motion. On the CPU backend bf16 matmuls
+run in float32 and that pass hoists a float32 copy of every stacked bf16 weight out of the layer
+loop (``L × in × out × 4`` bytes that a GPU compile, whose bf16 matmuls are native, never
+allocates); the CPU figures for bf16 models are taken with it off and say so.
 """
 
 from __future__ import annotations
@@ -44,12 +49,21 @@ def expand_method(overrides: list[str]) -> list[str]:
     return out
 
 
+NO_LICM_FLAG = "--xla_disable_hlo_passes=while-loop-invariant-code-motion"
+
+
+def _set_xla_flag(flag: str) -> None:
+    """Add ``--name=value`` to XLA_FLAGS (replacing the same name); must run before JAX initialises backends."""
+    name = flag.split("=", 1)[0]
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if f.split("=", 1)[0] != name]
+    os.environ["XLA_FLAGS"] = " ".join([*flags, flag])
+
+
 def request_host_devices(n: int) -> None:
     """Ask XLA for ``n`` CPU devices; must run before JAX initialises its backends."""
     if n < 1:
         raise ConfigError(f"--devices: must be >= 1, got {n}")
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-    os.environ["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={n}"])
+    _set_xla_flag(f"--xla_force_host_platform_device_count={n}")
 
 
 def step_memory(cfg: Config) -> dict[str, Any]:
@@ -80,9 +94,13 @@ def step_memory(cfg: Config) -> dict[str, Any]:
     }
 
 
-def memory_command(config: str, overrides: list[str], devices: int | None = None) -> dict[str, Any]:
+def memory_command(
+    config: str, overrides: list[str], devices: int | None = None, no_licm: bool = False
+) -> dict[str, Any]:
     """What ``lowrank-jax memory`` prints: the resolved method/config and :func:`step_memory`."""
     if devices is not None:
         request_host_devices(devices)
+    if no_licm:
+        _set_xla_flag(NO_LICM_FLAG)
     cfg = load_config(config, expand_method(overrides))
-    return {"config": config, "overrides": overrides, **step_memory(cfg)}
+    return {"config": config, "overrides": overrides, "xla_flags": os.environ.get("XLA_FLAGS", ""), **step_memory(cfg)}

@@ -7,6 +7,7 @@ Every builder returns an optax GradientTransformation that already includes the 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -61,15 +62,29 @@ def make_schedule(cfg: Config) -> optax.Schedule:
     )
 
 
-def matrix_mask(params: Any) -> Any:
-    """True for leaves with ndim >= 2 (weight decay applies to matrices, not norms)."""
-    return jax.tree.map(lambda x: x.ndim >= 2, params)
+def matrix_mask(params: Any, *, stacked_blocks: bool = False) -> Any:
+    """True for matrices (weight decay applies to matrices, not to norm scales or vectors).
+
+    With ``stacked_blocks`` the leaves under ``blocks`` carry a leading ``layers`` axis
+    (``model.scan_layers``), which does not count: a stacked norm scale ``(layers, d)`` is a vector.
+    """
+
+    def is_matrix(path: Any, x: Any) -> bool:
+        stacked = stacked_blocks and bool(path) and getattr(path[0], "key", None) == "blocks"
+        return x.ndim - int(stacked) >= 2
+
+    return jax.tree_util.tree_map_with_path(is_matrix, params)
+
+
+def decay_mask(cfg: Config) -> Callable[[Any], Any]:
+    """The weight-decay mask for ``cfg``'s params layout (:func:`matrix_mask`)."""
+    return functools.partial(matrix_mask, stacked_blocks=cfg.model.scan_layers)
 
 
 @register_optimizer("adamw")
 def _adamw(cfg: Config, schedule: optax.Schedule, params: Any) -> optax.GradientTransformation:
     o = cfg.optim
-    return optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=matrix_mask)
+    return optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask(cfg))
 
 
 def method_mask(params: Any) -> Any:
@@ -111,7 +126,7 @@ def _galore_adamw(cfg: Config, schedule: optax.Schedule, params: Any) -> optax.G
         b1=o.b1,
         b2=o.b2,
         eps=o.eps,
-        weight_decay_mask=matrix_mask,
+        weight_decay_mask=decay_mask(cfg),
         **_galore_kwargs(cfg),
     )
 
@@ -125,7 +140,7 @@ def _galore_adamw8bit(cfg: Config, schedule: optax.Schedule, params: Any) -> opt
     inner = scale_by_adam_8bit(o.b1, o.b2, o.eps, eps_placement="hf")
     return optax.chain(
         galore(cfg.galore.rank, inner=inner, **_galore_kwargs(cfg)),
-        optax.add_decayed_weights(o.weight_decay, mask=matrix_mask),
+        optax.add_decayed_weights(o.weight_decay, mask=decay_mask(cfg)),
         optax.scale_by_learning_rate(schedule),
     )
 
@@ -137,23 +152,29 @@ def _adamw8bit(cfg: Config, schedule: optax.Schedule, params: Any) -> optax.Grad
     o = cfg.optim
     return optax.chain(
         scale_by_adam_8bit(o.b1, o.b2, o.eps),
-        optax.add_decayed_weights(o.weight_decay, mask=matrix_mask),
+        optax.add_decayed_weights(o.weight_decay, mask=decay_mask(cfg)),
         optax.scale_by_learning_rate(schedule),
     )
 
 
-def make_optimizer(cfg: Config, params: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """``(tx, schedule)`` for ``cfg``; ``params`` may be abstract (ShapeDtypeStruct leaves)."""
+def make_optimizer(
+    cfg: Config, params: Any, *, labels: Any | None = None, clip: bool = True
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """``(tx, schedule)`` for ``cfg``; ``params`` may be abstract (ShapeDtypeStruct leaves).
+
+    ``labels`` (Variable class names, default the whole model's) lets the per-layer update build the
+    optimizer of a sub-tree; ``clip=False`` leaves global-norm clipping to the caller.
+    """
     name = cfg.optim.name
     if name not in _OPTIMIZERS:
         raise ValueError(f"optim.name: unknown optimizer {name!r} (known: {', '.join(optimizer_names())})")
     schedule = make_schedule(cfg)
     tx = _OPTIMIZERS[name](cfg, schedule, params)
-    labels = param_labels(cfg.model)
+    labels = param_labels(cfg.model) if labels is None else labels
     if "FrozenWeight" in jax.tree.leaves(labels):  # LoRA: frozen weights get no optimizer state
         from lowrank_jax.optim.relora import frozen_partition  # noqa: PLC0415
 
         tx = frozen_partition(tx, labels)
-    if cfg.optim.grad_clip > 0:
+    if clip and cfg.optim.grad_clip > 0:
         tx = optax.chain(optax.clip_by_global_norm(cfg.optim.grad_clip), tx)
     return tx, schedule

@@ -87,7 +87,12 @@ def make_trainer(cfg: Config, mesh: Mesh | None = None) -> Trainer:
     model_cfg = cfg.model
     abstract_model = nnx.eval_shape(lambda: build_model(model_cfg, 0))
     graphdef, abstract_params = split_model(abstract_model)
-    tx, schedule = make_optimizer(cfg, abstract_params)
+    if cfg.layerwise_update:
+        from lowrank_jax.train.layerwise import layerwise_optimizer  # noqa: PLC0415
+
+        tx, schedule = layerwise_optimizer(cfg)
+    else:
+        tx, schedule = make_optimizer(cfg, abstract_params)
 
     logical = logical_axes(model_cfg)
     param_shardings = shd.tree_shardings(logical, abstract_params, mesh)
@@ -152,6 +157,11 @@ def make_trainer(cfg: Config, mesh: Mesh | None = None) -> Trainer:
             "skipped": (~ok).astype(jnp.int32),
         }
         return new_state, metrics
+
+    if cfg.layerwise_update:
+        from lowrank_jax.train.layerwise import make_layerwise_step  # noqa: PLC0415
+
+        step_fn = make_layerwise_step(cfg, graphdef, tx, schedule, TrainState)  # noqa: F811
 
     def eval_fn(params, batch):
         logits = nnx.merge(graphdef, params)(batch[:, :-1])
