@@ -2,10 +2,12 @@
 
 from lowrank_jax.models.llama import Llama
 from lowrank_jax.models.params import (
+    FROZEN_LABELS,
     abstract_params,
     build_model,
     count_bytes,
     count_params,
+    count_trainable,
     formula_param_count,
     logical_axes,
     param_labels,
@@ -14,6 +16,8 @@ from lowrank_jax.models.params import (
 )
 
 __all__ = [
+    "FROZEN_LABELS",
+    "count_trainable",
     "Llama",
     "abstract_params",
     "build_model",

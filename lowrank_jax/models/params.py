@@ -62,6 +62,17 @@ def param_labels(cfg_or_state: ModelConfig | nnx.State) -> dict[str, Any]:
     return _metadata_tree(state, lambda v: type(v).__name__)
 
 
+# Variable classes that are constants of the model: no gradient, no optimizer state (ReLoRA's frozen W,
+# SLTrain's int32 sparse support).
+FROZEN_LABELS = ("FrozenWeight", "SLSupport")
+
+
+def count_trainable(params: Any, labels: Any) -> int:
+    """Number of parameters outside :data:`FROZEN_LABELS` (``labels`` from :func:`param_labels`)."""
+    leaves, labs = jax.tree.leaves(params), jax.tree.leaves(labels)
+    return sum(math.prod(x.shape) for x, lab in zip(leaves, labs, strict=True) if lab not in FROZEN_LABELS)
+
+
 def count_params(tree: Any) -> int:
     return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree))
 

@@ -47,6 +47,7 @@ from flax import nnx
 from lowrank_jax.config import Config
 from lowrank_jax.models import build_model, param_labels
 from lowrank_jax.train.optimizer import make_optimizer
+from lowrank_jax.train.step import cross_entropy, float_grads, keep_int_params
 
 BLOCKS = "blocks"
 
@@ -109,7 +110,7 @@ def make_layerwise_step(
 
         cos, sin = model_with({}).rope(batch.shape[-1] - 1)
 
-        def block_fn(layer: Any, h: jax.Array) -> jax.Array:
+        def block_fn(layer: Any, h: jax.Array) -> jax.Array:  # int leaves (SL support) get float0 cotangents
             layer_state = nnx.State(jax.tree.map(lambda x: x, block_template))
             layer_state.replace_by_pure_dict(layer)
             return nnx.merge(block_graphdef, layer_state)(h, cos, sin)
@@ -118,7 +119,6 @@ def make_layerwise_step(
             return model_with({"embed": embed}).embed_tokens(tokens)
 
         def head_loss(head: dict[str, Any], x: jax.Array, targets: jax.Array) -> jax.Array:
-            from lowrank_jax.train.step import cross_entropy  # noqa: PLC0415
 
             return cross_entropy(model_with(head).head(x), targets)
 
@@ -145,9 +145,10 @@ def make_layerwise_step(
                 h, d = x
                 _, vjp = jax.vjp(block_fn, layer, h)
                 g, dh_in = vjp(d)
-                return jax.tree.map(jnp.add, acc, g), dh_in
+                return jax.tree.map(jnp.add, acc, float_grads(g, layer)), dh_in
 
-            return jax.lax.scan(one, jax.tree.map(jnp.zeros_like, layer), (inputs_ABTD, dh_ABTD))
+            zeros = float_grads(jax.tree.map(jnp.zeros_like, layer), layer)
+            return jax.lax.scan(one, zeros, (inputs_ABTD, dh_ABTD))
 
         def embed_grad(dh_ABTD: jax.Array) -> jax.Array:
             def one(acc, x):
@@ -187,7 +188,7 @@ def make_layerwise_step(
                 g, dh = layer_grad(layer, inputs_ABTD, dh)
                 layer_state = jax.tree.map(lambda a: a[index], blk_state)
                 updates, new_state = opt.block.update({BLOCKS: scaled(g, c)}, layer_state, {BLOCKS: layer})
-                new_layer = select(optax.apply_updates(layer, updates[BLOCKS]), layer)
+                new_layer = select(keep_int_params(optax.apply_updates(layer, updates[BLOCKS]), layer), layer)
                 new_state = select(new_state, layer_state)
                 put = lambda full, part: jax.lax.dynamic_update_index_in_dim(full, part, index, 0)  # noqa: E731
                 carry = (jax.tree.map(put, blk, new_layer), jax.tree.map(put, blk_state, new_state), dh, sq + _sumsq(g))

@@ -19,7 +19,7 @@ from lowrank_jax import config as config_lib
 from lowrank_jax import sharding as shd
 from lowrank_jax.config import Config, ConfigError
 from lowrank_jax.data import BatchIterator, eval_batches, prepare_data, unigram_cross_entropy
-from lowrank_jax.models import count_bytes, count_params, param_labels
+from lowrank_jax.models import count_bytes, count_params, count_trainable, param_labels
 from lowrank_jax.train import metrics as metrics_lib
 from lowrank_jax.train.checkpoint import Checkpointer, checkpoint_steps
 from lowrank_jax.train.step import (
@@ -82,13 +82,7 @@ def train(cfg: Config, log=print) -> dict[str, Any]:
 
     memory = compiled_memory(step_fn)
     n_params = count_params(trainer.abstract_state.params)
-    n_frozen = sum(
-        x.size
-        for x, lab in zip(
-            jax.tree.leaves(trainer.abstract_state.params), jax.tree.leaves(param_labels(cfg.model)), strict=True
-        )
-        if lab == "FrozenWeight"
-    )
+    n_trainable = count_trainable(trainer.abstract_state.params, param_labels(cfg.model))
     opt_bytes = count_bytes(trainer.abstract_state.opt_state)
     fmt = metrics_lib.fmt_bytes
     param_bytes = count_bytes(trainer.abstract_state.params)
@@ -184,7 +178,7 @@ def train(cfg: Config, log=print) -> dict[str, Any]:
         "steps_this_run": steps_run,
         "tokens": cfg.steps * tps,
         "params": n_params,
-        "trainable_params": n_params - n_frozen,
+        "trainable_params": n_trainable,
         "param_bytes": param_bytes,
         "optimizer_state_bytes": opt_bytes,
         "skipped_steps": skipped,

@@ -30,7 +30,7 @@ METHODS: dict[str, list[str]] = {
     "galore": ["optim.name=galore_adamw", "galore.rank=1024"],
     "galore8bit": ["optim.name=galore_adamw8bit", "galore.rank=1024"],
     "sl": ["model.dense=sl", "model.sl_rank=1024", "model.sl_alpha=8", "model.sl_density=0.05"],
-    "relora": ["model.dense=lora", "model.lora_rank=128", "relora.every=1000"],
+    "relora": ["model.dense=lora", "model.lora_rank=128"],  # restarts (relora.every) add no memory
     "bitlinear": ["model.dense=bitlinear"],
 }
 

@@ -15,7 +15,7 @@ import jax
 import optax
 
 from lowrank_jax.config import Config
-from lowrank_jax.models import param_labels
+from lowrank_jax.models import FROZEN_LABELS, param_labels
 
 OptimizerBuilder = Callable[[Config, optax.Schedule, Any], optax.GradientTransformation]
 _OPTIMIZERS: dict[str, OptimizerBuilder] = {}
@@ -171,10 +171,11 @@ def make_optimizer(
     schedule = make_schedule(cfg)
     tx = _OPTIMIZERS[name](cfg, schedule, params)
     labels = param_labels(cfg.model) if labels is None else labels
-    if "FrozenWeight" in jax.tree.leaves(labels):  # LoRA: frozen weights get no optimizer state
+    frozen = tuple(lab for lab in FROZEN_LABELS if lab in jax.tree.leaves(labels))
+    if frozen:  # LoRA's frozen weights and SLTrain's int32 support get no optimizer state
         from lowrank_jax.optim.relora import frozen_partition  # noqa: PLC0415
 
-        tx = frozen_partition(tx, labels)
+        tx = frozen_partition(tx, labels, frozen_labels=frozen)
     if clip and cfg.optim.grad_clip > 0:
         tx = optax.chain(optax.clip_by_global_norm(cfg.optim.grad_clip), tx)
     return tx, schedule

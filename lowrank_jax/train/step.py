@@ -33,6 +33,21 @@ class TrainState(NamedTuple):
     skipped: jax.Array  # int32 scalar: steps skipped for non-finite loss/grads
 
 
+def _is_float(x: Any) -> bool:
+    return jnp.issubdtype(x.dtype, jnp.inexact)
+
+
+def float_grads(grads: Any, params: Any) -> Any:
+    """Integer params (SLTrain's support) get float0 cotangents under ``allow_int``: replace them by
+    float32 zeros, which global-norm clipping and optax accept (the frozen partition gives them no state)."""
+    return jax.tree.map(lambda g, p: g if _is_float(p) else jnp.zeros(p.shape, jnp.float32), grads, params)
+
+
+def keep_int_params(new: Any, old: Any) -> Any:
+    """Integer params are constants of the model and never change (int32 + a float update would round)."""
+    return jax.tree.map(lambda n, o: n if _is_float(o) else o, new, old)
+
+
 def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
     """Mean next-token negative log-likelihood in nats (float32)."""
     logp = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
@@ -122,24 +137,28 @@ def make_trainer(cfg: Config, mesh: Mesh | None = None) -> Trainer:
         return cross_entropy(logits, tokens[:, 1:])
 
     def step_fn(state: TrainState, batch: jax.Array):
+        def loss_and_grads(tokens):
+            loss, grads = jax.value_and_grad(loss_fn, allow_int=True)(state.params, tokens)
+            return loss, float_grads(grads, state.params)
+
         if cfg.grad_accum == 1:
-            loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
+            loss, grads = loss_and_grads(batch)
         else:
             micro_batches = batch.reshape(cfg.grad_accum, micro, batch.shape[-1])
 
             def accumulate(carry, mb):
                 loss_sum, grad_sum = carry
-                loss, grads = jax.value_and_grad(loss_fn)(state.params, mb)
+                loss, grads = loss_and_grads(mb)
                 return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            zeros = float_grads(jax.tree.map(jnp.zeros_like, state.params), state.params)
             (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros), micro_batches)
             loss = loss / cfg.grad_accum
             grads = jax.tree.map(lambda g: g / cfg.grad_accum, grads)
         grad_norm = optax.global_norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params = keep_int_params(optax.apply_updates(state.params, updates), state.params)
         if cfg.relora.every:
             params, opt_state = _maybe_restart(cfg, state.step + 1, params, opt_state, state.rng)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
