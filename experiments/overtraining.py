@@ -595,7 +595,7 @@ def part_report(args) -> None:
         },
         "sensitivity": sens,
         "finetune": ft,
-        "toy": toy,
+        "toy": {k: toy[k] for k in ("settings", "target_singular_values", "half_steps", "inflections")} if toy else {},
         **provenance(),
     }
     _write(RESULTS / "results.json", results)
