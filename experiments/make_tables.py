@@ -126,10 +126,8 @@ TABLES = {
     "bench_optim": _copied("bench_optim"),
     "relora_ablation": relora_ablation_table,
     "noise_step_mnist": _copied("noise_step_mnist"),
-    "bench_ternary": _copied("bench_ternary"),
     "sl_memory": _copied("sl_memory"),
     "memory_7b": _copied("memory_7b"),
-    "overtraining": _copied("overtraining"),
 }
 
 
