@@ -47,7 +47,7 @@ from flax import nnx
 from lowrank_jax.config import Config
 from lowrank_jax.models import build_model, param_labels
 from lowrank_jax.train.optimizer import make_optimizer
-from lowrank_jax.train.step import cross_entropy, float_grads, keep_int_params
+from lowrank_jax.train.step import cross_entropy, finish_step, float_grads, keep_int_params
 
 BLOCKS = "blocks"
 
@@ -89,11 +89,11 @@ def _sumsq(tree: Any) -> jax.Array:
 
 
 def make_layerwise_step(
-    cfg: Config, graphdef: nnx.GraphDef, opt: LayerwiseOptimizer, schedule: optax.Schedule, state_cls: Any
+    cfg: Config, graphdef: nnx.GraphDef, opt: LayerwiseOptimizer, schedule: optax.Schedule
 ) -> Callable:
     """``step(state, batch) -> (state, metrics)`` with the per-layer fused update (see the module doc).
 
-    ``state_cls`` is :class:`~lowrank_jax.train.step.TrainState`; metrics match the ordinary step's.
+    The state is a :class:`~lowrank_jax.train.step.TrainState`; metrics match the ordinary step's.
     """
     if not cfg.model.scan_layers:
         raise ValueError("layerwise_update: needs model.scan_layers=true (the blocks stacked on a layers axis)")
@@ -214,19 +214,6 @@ def make_layerwise_step(
         else:
             ok = jnp.isfinite(loss)
             new_params, new_opt, grad_norm = update_pass(jnp.ones((), jnp.float32), ok)
-        new_state = state_cls(
-            step=state.step + 1,
-            params=new_params,
-            opt_state=new_opt,
-            rng=state.rng,
-            skipped=state.skipped + (~ok).astype(jnp.int32),
-        )
-        metrics = {
-            "loss": loss,
-            "grad_norm": grad_norm,
-            "lr": schedule(state.step - state.skipped),
-            "skipped": (~ok).astype(jnp.int32),
-        }
-        return new_state, metrics
+        return finish_step(state, new_params, new_opt, ok, loss, grad_norm, schedule)
 
     return step

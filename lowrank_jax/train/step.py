@@ -162,25 +162,13 @@ def make_trainer(cfg: Config, mesh: Mesh | None = None) -> Trainer:
         if cfg.relora.every:
             params, opt_state = _maybe_restart(cfg, state.step + 1, params, opt_state, state.rng)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
-        new_state = TrainState(
-            step=state.step + 1,
-            params=keep(params, state.params),
-            opt_state=keep(opt_state, state.opt_state),
-            rng=state.rng,
-            skipped=state.skipped + (~ok).astype(jnp.int32),
-        )
-        metrics = {
-            "loss": loss,
-            "grad_norm": grad_norm,
-            "lr": schedule(state.step - state.skipped),
-            "skipped": (~ok).astype(jnp.int32),
-        }
-        return new_state, metrics
+        params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+        return finish_step(state, params, opt_state, ok, loss, grad_norm, schedule)
 
     if cfg.layerwise_update:
         from lowrank_jax.train.layerwise import make_layerwise_step  # noqa: PLC0415
 
-        step_fn = make_layerwise_step(cfg, graphdef, tx, schedule, TrainState)  # noqa: F811
+        step_fn = make_layerwise_step(cfg, graphdef, tx, schedule)  # noqa: F811
 
     def eval_fn(params, batch):
         logits = nnx.merge(graphdef, params)(batch[:, :-1])
@@ -197,6 +185,16 @@ def make_trainer(cfg: Config, mesh: Mesh | None = None) -> Trainer:
     )
     eval_step = jax.jit(eval_fn, in_shardings=(param_shardings, batch_shard), out_shardings=repl)
     return Trainer(cfg, mesh, graphdef, tx, schedule, state_shardings, abstract_state, train_step, eval_step)
+
+
+def finish_step(
+    state: TrainState, params: Any, opt_state: Any, ok: jax.Array, loss: jax.Array, grad_norm: jax.Array, schedule
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """The next state (``params``/``opt_state`` already left unchanged where ``ok`` is false) and the step metrics."""
+    skipped = (~ok).astype(jnp.int32)
+    new_state = TrainState(state.step + 1, params, opt_state, state.rng, state.skipped + skipped)
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step - state.skipped), "skipped": skipped}
+    return new_state, metrics
 
 
 def _maybe_restart(cfg: Config, new_step: jax.Array, params: Any, opt_state: Any, raw_key: jax.Array):
