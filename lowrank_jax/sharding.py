@@ -9,6 +9,7 @@ in/out shardings runs everywhere.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -153,3 +154,55 @@ def state_shardings(
         return NamedSharding(mesh, spec)
 
     return jax.tree_util.tree_map_with_path(one, abstract_state)
+
+
+def maybe_initialize_distributed(env: dict[str, str] | None = None) -> bool:
+    """Start multi-host JAX when the environment asks for it; returns whether it did.
+
+    ``LOWRANK_JAX_DISTRIBUTED=auto`` calls ``jax.distributed.initialize()`` with no arguments (TPU
+    pods, SLURM and other clusters JAX detects itself); ``JAX_COORDINATOR_ADDRESS`` with
+    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` passes them explicitly. Must run before anything
+    touches the devices.
+    """
+    env = dict(os.environ if env is None else env)
+    if env.get("LOWRANK_JAX_DISTRIBUTED") == "auto":
+        jax.distributed.initialize()
+        return True
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        try:
+            n, i = int(env["JAX_NUM_PROCESSES"]), int(env["JAX_PROCESS_ID"])
+        except (KeyError, ValueError) as e:
+            raise ValueError(
+                f"JAX_COORDINATOR_ADDRESS: also set integer JAX_NUM_PROCESSES and JAX_PROCESS_ID ({e})"
+            ) from None
+        jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"], num_processes=n, process_id=i)
+        return True
+    return False
+
+
+def host_rows(sharding: NamedSharding, global_shape: Sequence[int]) -> slice:
+    """The contiguous rows of a ``(batch, ...)`` array that this process's devices hold under ``sharding``."""
+    starts, stops = [], []
+    for index in sharding.addressable_devices_indices_map(tuple(global_shape)).values():
+        rows = index[0] if index else slice(None)
+        start, stop, _ = rows.indices(global_shape[0])
+        starts.append(start)
+        stops.append(stop)
+    lo, hi = min(starts), max(stops)
+    covered = sorted(set(zip(starts, stops, strict=True)))
+    if sum(b - a for a, b in covered) < hi - lo and len(covered) > 1:
+        raise ValueError("batch: this process's rows are not contiguous under the data sharding")
+    return slice(lo, hi)
+
+
+def global_batch(batch: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A global ``jax.Array`` from the full host batch: each process contributes only its own rows.
+
+    On one process this is ``jax.device_put``; on several, every process computes the same
+    deterministic global batch (it is a pure function of the step) and hands JAX just the rows its
+    devices hold (``jax.make_array_from_process_local_data``).
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(batch, sharding)
+    rows = host_rows(sharding, batch.shape)
+    return jax.make_array_from_process_local_data(sharding, np.asarray(batch[rows]), batch.shape)

@@ -41,3 +41,25 @@ def test_logical_rules_map_and_skip_indivisible_dims():
     assert logical_to_mesh(PartitionSpec("embed", "mlp"), (512, 1376), _FakeMesh(8, 1, 1)) == PartitionSpec(None, None)
     # Unnamed trailing dims are replicated.
     assert logical_to_mesh(PartitionSpec("embed"), (512, 3), mesh) == PartitionSpec("fsdp", None)
+
+
+def test_distributed_start_only_when_the_environment_asks():
+    from lowrank_jax.sharding import maybe_initialize_distributed
+
+    assert maybe_initialize_distributed({}) is False
+    with pytest.raises(ValueError, match="^JAX_COORDINATOR_ADDRESS"):
+        maybe_initialize_distributed({"JAX_COORDINATOR_ADDRESS": "localhost:1234", "JAX_NUM_PROCESSES": "2"})
+
+
+def test_global_batch_on_one_process_is_the_whole_batch():
+    import numpy as np
+
+    from lowrank_jax.sharding import batch_sharding, global_batch, host_rows
+
+    mesh = make_mesh()
+    sharding = batch_sharding(mesh)
+    batch = np.random.default_rng(0).integers(0, 100, (6, 9)).astype(np.int32)
+    assert host_rows(sharding, batch.shape) == slice(0, 6)
+    out = global_batch(batch, sharding)
+    assert out.sharding == sharding
+    np.testing.assert_array_equal(np.asarray(out), batch)

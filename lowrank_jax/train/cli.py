@@ -69,9 +69,14 @@ def main(argv: list[str] | None = None) -> int:
             report = param_report(model)
             print(json.dumps({**report, "formula_params": formula_param_count(model)}))
         else:
+            from lowrank_jax.sharding import maybe_initialize_distributed  # noqa: PLC0415
             from lowrank_jax.train.checkpoint import CheckpointError  # noqa: PLC0415
             from lowrank_jax.train.loop import train  # noqa: PLC0415
 
+            try:
+                maybe_initialize_distributed()
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
             try:
                 train(cfg)
             except CheckpointError as e:

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh
@@ -87,7 +88,8 @@ class Trainer:
         )
 
     def put_batch(self, batch: Any) -> jax.Array:
-        return jax.device_put(jnp.asarray(batch, jnp.int32), shd.batch_sharding(self.mesh))
+        """The global batch on the mesh (on several hosts each contributes only its own rows)."""
+        return shd.global_batch(np.asarray(batch, np.int32), shd.batch_sharding(self.mesh))
 
 
 def make_trainer(cfg: Config, mesh: Mesh | None = None) -> Trainer:
