@@ -438,7 +438,10 @@ def part_report(args) -> None:
     ]
     if runs:
         lines += ["## Pretraining runs (`tiny`, constant lr after warmup)", ""]
-        lines += ["| method | overrides | params | tokens | final val loss | tokens/s |", "|---|---|---|---|---|---|"]
+        lines += [
+            "| method | overrides | params | tokens | final val loss | tokens/s (shared CPU: not comparable) |",
+            "|---|---|---|---|---|---|",
+        ]
         for m, r in runs.items():
             lines.append(
                 f"| {m} | `{' '.join(METHODS[m]) or '-'}` | {r['params'] / 1e6:.2f}M | {r['tokens']:,} | "
