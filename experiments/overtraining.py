@@ -14,12 +14,14 @@ Parts (each can be run on its own; every part reads what the earlier ones wrote)
 
     python experiments/overtraining.py --part pretrain --methods full      # one run per method
     python experiments/overtraining.py --part sensitivity                  # every method with checkpoints
-    python experiments/overtraining.py --part finetune                     # full-rank budgets
+    python experiments/overtraining.py --part finetune [--ft-lr 3e-3]      # budgets 25/50/100/200
+    python experiments/overtraining.py --part groups --methods full galore # noise on one tensor group
     python experiments/overtraining.py --part toy                          # the linear toy
     python experiments/overtraining.py --part report                       # table.md + results.json + plots
 
-``--part methods`` is ``sensitivity`` restricted to the final (equal-token) checkpoint of each method
-plus the comparison table. Pretraining uses the ``tiny`` recipe except that the learning rate stays
+``--part methods`` runs ``sensitivity`` for every pretrained method (full-rank at every checkpoint, the
+others at 25/50/100/200 steps) and then the report; ``--relative rms`` adds RMS-relative noise.
+Pretraining uses the ``tiny`` recipe except that the learning rate stays
 constant after the warmup (``optim.min_lr_ratio=1``): the budgets are intermediate checkpoints of one
 run (``checkpoint_every=25``), and a constant learning rate keeps them comparable (a cosine schedule
 would anneal the later checkpoints and mix the effect of annealing into the effect of tokens).
