@@ -13,7 +13,7 @@ equal tokens?
 Parts (each can be run on its own; every part reads what the earlier ones wrote)::
 
     python experiments/overtraining.py --part pretrain --methods full      # one run per method
-    python experiments/overtraining.py --part sensitivity                  # every method with checkpoints
+    python experiments/overtraining.py --part sensitivity --methods full   # every checkpoint of a run
     python experiments/overtraining.py --part finetune [--ft-lr 3e-3]      # budgets 25/50/100/200
     python experiments/overtraining.py --part groups --methods full galore # noise on one tensor group
     python experiments/overtraining.py --part toy                          # the linear toy
