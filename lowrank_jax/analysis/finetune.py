@@ -79,28 +79,20 @@ def resolve_checkpoint(checkpoint: str | Path) -> tuple[Path, int]:
 
 def load_params(checkpoint: str | Path) -> tuple[Any, Config, int]:
     """``(params, run config, step)`` of a checkpoint (``RUN`` or ``RUN/checkpoints/STEP``), on the host."""
-    import orbax.checkpoint as ocp  # noqa: PLC0415
-
-    from lowrank_jax.train.checkpoint import Checkpointer, _flatten  # noqa: PLC0415
+    from lowrank_jax.train.checkpoint import Checkpointer  # noqa: PLC0415
     from lowrank_jax.train.step import make_trainer, warm_start_config  # noqa: PLC0415
 
     run_dir, step = resolve_checkpoint(checkpoint)
     cfg = run_config(run_dir)
-    meta_path = Path(run_dir) / "checkpoints" / str(step)
     if cfg.model.vocab_size == 0:
         raise ValueError(f"checkpoint: run config in {str(run_dir)!r} has no vocab_size")
     # A ReLoRA warm start stores full-rank states up to its switch step.
     layout_cfg = warm_start_config(cfg) if cfg.relora.warm_start and step <= cfg.relora.warm_start else cfg
-    abstract = make_trainer(layout_cfg).abstract_state
-    flat_abstract, treedef = _flatten(abstract)
-    ckpt = Checkpointer(meta_path.parent, keep=10_000, async_save=False)
+    ckpt = Checkpointer(Path(run_dir) / "checkpoints", keep=10_000, async_save=False)
     try:
-        out = ckpt.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(flat_abstract), meta=ocp.args.JsonRestore())
-        )
+        state, _ = ckpt.restore(step, make_trainer(layout_cfg).abstract_state)
     finally:
-        ckpt.manager.close()
-    state = jax.tree_util.tree_unflatten(treedef, [out["state"][k] for k in flat_abstract])
+        ckpt.close()
     return jax.device_get(state.params), layout_cfg, step
 
 

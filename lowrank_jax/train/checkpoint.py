@@ -66,12 +66,8 @@ class Checkpointer:
             raise CheckpointError(f"resume: no checkpoint in {str(self.directory)!r}")
         errors = []
         for step in steps:
-            flat_abstract, treedef = _flatten(layout(step))
             try:
-                out = self.manager.restore(
-                    step,
-                    args=ocp.args.Composite(state=ocp.args.StandardRestore(flat_abstract), meta=ocp.args.JsonRestore()),
-                )
+                state, meta = self.restore(step, layout(step))
             except Exception as e:  # noqa: BLE001 - any read failure means "damaged"
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
                 print(
@@ -87,10 +83,17 @@ class Checkpointer:
                 print(f"moved unreadable checkpoint {bad} to {target}", file=sys.stderr)
             if errors:
                 self.manager.reload()
-            flat = out["state"]
-            state = jax.tree_util.tree_unflatten(treedef, [flat[k] for k in flat_abstract])
-            return state, dict(out["meta"])
+            return state, meta
         raise CheckpointError(f"resume: every checkpoint in {str(self.directory)!r} is unreadable (steps {errors})")
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+        """Restore checkpoint ``step`` into the layout of ``abstract_state`` (no fallback)."""
+        flat_abstract, treedef = _flatten(abstract_state)
+        out = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(flat_abstract), meta=ocp.args.JsonRestore())
+        )
+        state = jax.tree_util.tree_unflatten(treedef, [out["state"][k] for k in flat_abstract])
+        return state, dict(out["meta"])
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
