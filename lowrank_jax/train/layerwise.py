@@ -103,7 +103,7 @@ def make_layerwise_step(
     def step(state: Any, batch: jax.Array):
         params = state.params
         rest, blocks = split_blocks(params)
-        head_keys = [k for k in rest if k != "embed"]
+        head = {k: v for k, v in rest.items() if k != "embed"}  # final_norm, lm_head
 
         def model_with(overrides: dict[str, Any]):
             return nnx.merge(graphdef, {**params, **overrides})
@@ -119,7 +119,6 @@ def make_layerwise_step(
             return model_with({"embed": embed}).embed_tokens(tokens)
 
         def head_loss(head: dict[str, Any], x: jax.Array, targets: jax.Array) -> jax.Array:
-
             return cross_entropy(model_with(head).head(x), targets)
 
         micro = batch.reshape(accum, batch.shape[0] // accum, batch.shape[-1])
@@ -128,12 +127,11 @@ def make_layerwise_step(
             loss_sum, dhead_sum = carry
             x0 = embed_fn(rest["embed"], tokens[:, :-1])
             x_last, inputs = jax.lax.scan(lambda h, layer: (block_fn(layer, h), h), x0, blocks)
-            head = {k: rest[k] for k in head_keys}
             loss, head_vjp = jax.vjp(lambda hd, x: head_loss(hd, x, tokens[:, 1:]), head, x_last)
             dhead, dx = head_vjp(jnp.asarray(1.0 / accum, loss.dtype))
             return (loss_sum + loss, jax.tree.map(jnp.add, dhead_sum, dhead)), (inputs, dx)
 
-        zero_head = jax.tree.map(jnp.zeros_like, {k: rest[k] for k in head_keys})
+        zero_head = jax.tree.map(jnp.zeros_like, head)
         (loss, dhead), (inputs_ALBTD, dx_ABTD) = jax.lax.scan(forward, (jnp.zeros((), jnp.float32), zero_head), micro)
         loss = loss / accum
         inputs_LABTD = jnp.swapaxes(inputs_ALBTD, 0, 1)
@@ -158,10 +156,8 @@ def make_layerwise_step(
 
             return jax.lax.scan(one, jnp.zeros_like(rest["embed"]), (micro, dh_ABTD))[0]
 
-        def clip_factor(norm: jax.Array) -> jax.Array:
-            if max_norm <= 0:
-                return jnp.ones((), jnp.float32)
-            return jnp.where(norm < max_norm, 1.0, max_norm / norm)  # optax.clip_by_global_norm
+        def clip_factor(norm: jax.Array) -> jax.Array:  # optax.clip_by_global_norm (max_norm > 0)
+            return jnp.where(norm < max_norm, 1.0, max_norm / norm)
 
         def scaled(tree: Any, c: jax.Array) -> Any:
             return jax.tree.map(lambda g: (g.astype(jnp.float32) * c).astype(g.dtype), tree)
