@@ -517,8 +517,15 @@ def _refresh_leaf(
 
         return jax.lax.map(body, (g_b, pin_b, pout_b, do_b, keys_b))
 
-    # Every matrix of the leaf is due at the same steps (or B == 1): one cond, batched SVD inside.
+    # Every matrix of the leaf is due at the same steps (or B == 1): one cond, all SVDs inside.
     def refresh_all(g: jax.Array, pi: Any, po: Any, k: Any) -> tuple[Any, Any, jax.Array]:
+        if jax.default_backend() == "cpu":
+            # Batched CPU LAPACK kernels fan their batch out onto the thread pool that every host
+            # device also runs on; with several CPU devices refreshing at once they all wait on
+            # tasks that no free thread can pick up (a deadlock seen with jax 0.10.2 on 8 devices).
+            # One matrix at a time keeps each kernel unbatched; on CPU this costs no parallelism
+            # the thunk executor does not already get from the independent leaves.
+            return jax.lax.map(lambda a: one(*a), (g, pi, po, k))
         return jax.vmap(one)(g, pi, po, k)
 
     def keep_all(g: jax.Array, pi: Any, po: Any, k: Any) -> tuple[Any, Any, jax.Array]:
