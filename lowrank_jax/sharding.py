@@ -130,8 +130,9 @@ def state_shardings(
     (:func:`_aligned_logical`), so full-size moments shard exactly like their param, GaLore's
     projectors ``(L, in, r)`` / ``(L, out, r)`` and low-rank moments ``(L, r, out)`` shard their
     full-size dims and keep the rank dim whole. Leaves that match no dim but are large (8-bit
-    moment blocks ``(num_blocks, block)``) are split on their first dim over ``fsdp`` (ZeRO-style,
-    the state is elementwise); scalars (counts) are replicated.
+    moment blocks ``(num_blocks, block)``) are split on their largest dim over ``fsdp`` (ZeRO-style,
+    the state is elementwise; never the leading layers / chunks axis of the per-layer update's
+    stacked states, which it reads one slice at a time); scalars (counts) are replicated.
     """
     params = {
         _dict_keys(path): (x.shape, spec)
@@ -149,8 +150,13 @@ def state_shardings(
         spec = PartitionSpec()
         if owner is not None and x.ndim:
             spec = logical_to_mesh(_aligned_logical(x.shape, *owner), x.shape, mesh, rules)
-        if x.ndim and all(a is None for a in spec) and fsdp > 1 and x.shape[0] % fsdp == 0 and x.size >= 1 << 16:
-            spec = PartitionSpec("fsdp", *(None,) * (x.ndim - 1))
+        if x.ndim and all(a is None for a in spec) and fsdp > 1 and x.size >= 1 << 16:
+            # the largest dim that divides: the blocks of (num_blocks, block), not a stacked
+            # (layers / chunks, ...) axis that the per-layer update indexes one slice of at a time
+            dims = [d for d in range(x.ndim) if x.shape[d] % fsdp == 0]
+            if dims:
+                d = max(dims, key=lambda d: x.shape[d])
+                spec = PartitionSpec(*(("fsdp" if i == d else None) for i in range(x.ndim)))
         return NamedSharding(mesh, spec)
 
     return jax.tree_util.tree_map_with_path(one, abstract_state)

@@ -403,23 +403,34 @@ def scale_by_adam_8bit(
             return m / (jnp.sqrt(v) + eps) * (jnp.sqrt(bc2) / bc1), m, v
 
         def quantized_leaf(g: jax.Array, mu_q: QuantizedArray, nu_q: QuantizedArray):
-            """Adam on one quantized leaf, block chunk by block chunk (zero padding stays zero)."""
+            """Adam on one quantized leaf, block chunk by block chunk (zero padding stays zero).
+
+            A loop whose carry is updated in place: the gradient buffer becomes the update and the
+            codes and scales are rewritten chunk by chunk, so the only leaf-sized temporaries are
+            the (padded) gradient in its own dtype and the new codes; float32 exists per chunk.
+            """
             num_blocks, block = mu_q.codes.shape
-            n_chunks = _chunk_count(num_blocks, CHUNK_BLOCKS)
-            flat = jnp.pad(g.astype(jnp.float32).reshape(-1), (0, num_blocks * block - mu_q.size))
+            per = num_blocks // _chunk_count(num_blocks, CHUNK_BLOCKS)
+            g_KB = jnp.pad(g.reshape(-1), (0, num_blocks * block - mu_q.size)).reshape(num_blocks, block)
 
-            def chunk(args):
-                g_CB, mc, ms, nc, ns = args
-                u, m, v = adam(g_CB, _dequantize_blocks(mc, ms, True), _dequantize_blocks(nc, ns, False))
-                return (u.astype(g.dtype), *_quantize_blocks(m, True), *_quantize_blocks(v, False))
+            def chunk(i: jax.Array, carry: tuple) -> tuple:
+                start = i * per
+                part = lambda x: jax.lax.dynamic_slice_in_dim(x, start, per, 0)  # noqa: E731
+                put = lambda full, x: jax.lax.dynamic_update_slice_in_dim(full, x, start, 0)  # noqa: E731
+                u_KB, mc, ms, nc, ns = carry
+                u, m, v = adam(
+                    part(u_KB).astype(jnp.float32),
+                    _dequantize_blocks(part(mc), part(ms), True),
+                    _dequantize_blocks(part(nc), part(ns), False),
+                )
+                new = (u.astype(g.dtype), *_quantize_blocks(m, True), *_quantize_blocks(v, False))
+                return tuple(put(full, x) for full, x in zip(carry, new, strict=True))
 
-            parts = (flat.reshape(num_blocks, block), mu_q.codes, mu_q.scales, nu_q.codes, nu_q.scales)
-            split = [x.reshape(n_chunks, num_blocks // n_chunks, *x.shape[1:]) for x in parts]
-            u, mc, ms, nc, ns = jax.lax.map(chunk, tuple(split)) if n_chunks > 1 else chunk(tuple(parts))
-            merge = lambda x: x.reshape(num_blocks, *x.shape[2:]) if n_chunks > 1 else x  # noqa: E731
-            u = merge(u).reshape(-1)[: mu_q.size].reshape(g.shape)
-            mu_new = QuantizedArray(merge(mc), merge(ms), mu_q.shape, mu_q.dtype, True)
-            nu_new = QuantizedArray(merge(nc), merge(ns), nu_q.shape, nu_q.dtype, False)
+            init = (g_KB, mu_q.codes, mu_q.scales, nu_q.codes, nu_q.scales)
+            u, mc, ms, nc, ns = jax.lax.fori_loop(0, num_blocks // per, chunk, init)
+            u = u.reshape(-1)[: mu_q.size].reshape(g.shape)
+            mu_new = QuantizedArray(mc, ms, mu_q.shape, mu_q.dtype, True)
+            nu_new = QuantizedArray(nc, ns, nu_q.shape, nu_q.dtype, False)
             return u, mu_new, nu_new
 
         for g, mu_s, nu_s in zip(g_leaves, mu_leaves, nu_leaves, strict=True):

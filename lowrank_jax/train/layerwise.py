@@ -10,31 +10,39 @@ does it in one jitted function over the scanned (``model.scan_layers``) LLaMA::
               layer inputs x_l (what remat keeps anyway); loss_a and (∂head, ∂x_L) from the head's vjp
     pass 1    (only with optim.grad_clip > 0) reverse loop over layers, vjp of block l per
               micro-batch, summing only ‖∂θ_l‖²; then ‖∂embed‖², ‖∂head‖²  →  global norm, clip factor c
-    pass 2    reverse loop over layers l = L−1 … 0: ∂θ_l = Σ_a vjp_l(x_l^a, ∂x_{l+1}^a) (the gradient of
-              the *whole* accumulated batch, so the update happens only at the accumulation
-              boundary), θ_l, s_l ← opt(c·∂θ_l, s_l, θ_l) written back in place; finally embed,
-              final norm and lm_head get their update with c·∂
+    pass 2    first final norm and lm_head get their update with c·∂ (so their gradient is dead before
+              the layers' backward); then a reverse loop over layers l = L−1 … 0: ∂θ_l = Σ_a
+              vjp_l(x_l^a, ∂x_{l+1}^a) (the gradient of the *whole* accumulated batch, so the update
+              happens only at the accumulation boundary), θ_l, s_l ← opt(c·∂θ_l, s_l, θ_l) written
+              back in place; finally the embedding
     skip      a non-finite loss or global norm leaves params and optimizer state unchanged
 
+The non-block leaves are updated in row chunks of at most :data:`CHUNK_VALUES` values (the
+embedding and lm_head of a 7B model are 131M values each): chunk by chunk, in place, with the
+optimizer state of one chunk. The embedding's gradient is never whole: chunk ``i`` is the
+lookup's vjp restricted to its rows.
+
 Memory: one block's gradient and optimizer temporaries at a time instead of a params-sized
-gradient pytree (plus the one embedding and head gradient); the layer inputs of every
+gradient pytree (plus the lm_head gradient, until its update); the layer inputs of every
 micro-batch of the step are kept (with ``grad_accum`` > 1 that is the activation checkpoint of the
 whole batch, the price of exact accumulation without a gradient accumulator). Compute: with
 clipping, pass 1 repeats the backward once (≈ 1.75× a rematerialised step); without clipping
 (``optim.grad_clip=0``) there is one pass and only the loss is checked for finiteness before updating.
 
-The optimizer is the run's optimizer (``optim.name``) built twice: once for the non-block leaves
-and once for one block's leaves, whose state is ``vmap``-initialised with a leading ``layers``
-axis (:class:`LayerwiseOptState`). Element-wise optimizers (AdamW, 8-bit Adam, GaLore with
+The optimizer is the run's optimizer (``optim.name``) built for one chunk of each non-block leaf
+and for one block's leaves; their states are ``vmap``-initialised with a leading chunks /
+``layers`` axis (:class:`LayerwiseOptState`). Element-wise optimizers (AdamW, 8-bit Adam, GaLore with
 ``refresh='all'``) give the same trajectory as the ordinary step; GaLore's ``refresh='staggered'``
 staggers over the 7 matrices of a block instead of over all matrices, and 8-bit moments are
-quantized per layer (the same blocks as the stacked leaf when a layer's matrix is a multiple of
-the block size, and only matrices of at least ``min_size`` values per layer are quantized).
+quantized per layer and per chunk (the same blocks as the whole leaf when a layer's matrix is a
+multiple of the block size, and only matrices of at least ``min_size`` values per layer are
+quantized; chunks are whole rows and multiples of 256 values).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -45,15 +53,19 @@ import optax
 from flax import nnx
 
 from lowrank_jax.config import Config
-from lowrank_jax.models import build_model, param_labels
+from lowrank_jax.models import abstract_params, build_model, param_labels
 from lowrank_jax.train.optimizer import make_optimizer
 from lowrank_jax.train.step import cross_entropy, finish_step, float_grads, keep_int_params
 
 BLOCKS = "blocks"
 
 
+# Non-block leaves (embedding, lm_head) are updated in chunks of at most this many values.
+CHUNK_VALUES = 1 << 22
+
+
 class LayerwiseOptState(NamedTuple):
-    rest: Any  # optimizer state of the non-block leaves (embed, final_norm, lm_head)
+    rest: Any  # {non-block leaf name: optimizer state of one chunk of it, stacked on a leading chunks axis}
     blocks: Any  # optimizer state of one block's leaves, stacked on a leading layers axis
 
 
@@ -62,26 +74,98 @@ def split_blocks(tree: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     return {k: v for k, v in tree.items() if k != BLOCKS}, tree[BLOCKS]
 
 
+def _flat(tree: dict[str, Any]) -> dict[str, Any]:
+    """``{'lm_head/kernel': leaf, ...}`` of a nested dict."""
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: not isinstance(x, dict))[0]
+    return {"/".join(k.key for k in path): leaf for path, leaf in flat}
+
+
+def _nest(name: str, leaf: Any) -> dict[str, Any]:
+    """``'lm_head/kernel', x`` → ``{'lm_head': {'kernel': x}}``."""
+    for key in reversed(name.split("/")):
+        leaf = {key: leaf}
+    return leaf
+
+
+def _unflat(flat: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`_flat`."""
+    out: dict[str, Any] = {}
+    for name, leaf in flat.items():
+        *parents, last = name.split("/")
+        node = out
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = leaf
+    return out
+
+
+def _leaf(name: str, tree: dict[str, Any]) -> Any:
+    for key in name.split("/"):
+        tree = tree[key]
+    return tree
+
+
+@dataclass(frozen=True)
+class Chunking:
+    """A non-block leaf updated ``n`` row slices of ``size`` rows at a time."""
+
+    n: int
+    size: int
+
+    def split(self, x: jax.Array) -> jax.Array:
+        """``(n, size, ...)``: the row slices stacked on a new leading axis."""
+        return x.reshape(self.n, self.size, *x.shape[1:])
+
+    def get(self, x: jax.Array, i: jax.Array) -> jax.Array:
+        return jax.lax.dynamic_slice_in_dim(x, i * self.size, self.size, 0)
+
+    def put(self, x: jax.Array, part: jax.Array, i: jax.Array) -> jax.Array:
+        return jax.lax.dynamic_update_slice_in_dim(x, part, i * self.size, 0)
+
+
+def chunking(shape: tuple[int, ...]) -> Chunking:
+    """The fewest equal row slices of at most :data:`CHUNK_VALUES` values each.
+
+    Rows are contiguous and every slice of several holds a multiple of 256 values, so 8-bit Adam's
+    blocks fall exactly as in the whole leaf; a leaf that cannot be cut so is one chunk.
+    """
+    rows, total = (shape[0] if shape else 1), math.prod(shape)
+    for n in range(2, rows + 1) if total > CHUNK_VALUES else ():
+        if rows % n == 0 and total // n <= CHUNK_VALUES and (total // n) % 256 == 0:
+            return Chunking(n, rows // n)
+    return Chunking(1, rows)
+
+
 @dataclass(frozen=True)
 class LayerwiseOptimizer:
-    """The run's optimizer for the non-block leaves (``rest``) and for one block (``block``)."""
+    """The run's optimizer for one chunk of each non-block leaf (``rest``) and for one block (``block``)."""
 
-    rest: optax.GradientTransformation
+    rest: dict[str, tuple[optax.GradientTransformation, Chunking]]
     block: optax.GradientTransformation
 
     def init(self, params: dict[str, Any]) -> LayerwiseOptState:
         rest, blocks = split_blocks(params)
-        return LayerwiseOptState(self.rest.init(rest), jax.vmap(lambda b: self.block.init({BLOCKS: b}))(blocks))
+        flat = _flat(rest)
+
+        def init_rest(name: str) -> Any:
+            tx, ch = self.rest[name]
+            return jax.vmap(lambda x: tx.init(_nest(name, x)))(ch.split(flat[name]))
+
+        block_state = jax.vmap(lambda b: self.block.init({BLOCKS: b}))(blocks)
+        return LayerwiseOptState({name: init_rest(name) for name in self.rest}, block_state)
 
 
 def layerwise_optimizer(cfg: Config) -> tuple[LayerwiseOptimizer, optax.Schedule]:
-    """The two optimizers (without clipping, which the step applies with the global norm) and the schedule."""
+    """The optimizers (without clipping, which the step applies with the global norm) and the schedule."""
     rest_labels, block_labels = split_blocks(param_labels(cfg.model))
-    tx_rest, schedule = make_optimizer(cfg, None, labels=rest_labels, clip=False)
+    rest = {}
+    for name, x in _flat(split_blocks(abstract_params(cfg.model)[1])[0]).items():
+        tx, _ = make_optimizer(cfg, None, labels=_nest(name, _leaf(name, rest_labels)), clip=False)
+        rest[name] = (tx, chunking(x.shape))
     # the block optimizer sees one layer at a time: no leading layers axis (weight-decay mask)
     one_layer = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scan_layers=False))
-    tx_block, _ = make_optimizer(one_layer, None, labels={BLOCKS: block_labels}, clip=False)
-    return LayerwiseOptimizer(tx_rest, tx_block), schedule
+    tx_block, schedule = make_optimizer(one_layer, None, labels={BLOCKS: block_labels}, clip=False)
+    return LayerwiseOptimizer(rest, tx_block), schedule
 
 
 def _sumsq(tree: Any) -> jax.Array:
@@ -148,13 +232,21 @@ def make_layerwise_step(
             zeros = float_grads(jax.tree.map(jnp.zeros_like, layer), layer)
             return jax.lax.scan(one, zeros, (inputs_ABTD, dh_ABTD))
 
-        def embed_grad(dh_ABTD: jax.Array) -> jax.Array:
-            def one(acc, x):
-                tokens, d = x
-                _, vjp = jax.vjp(lambda e: embed_fn(e, tokens[:, :-1]), rest["embed"])
-                return acc + vjp(d)[0], None
+        def embed_grad(dh_ABTD: jax.Array, i: jax.Array) -> jax.Array:
+            """Chunk ``i`` of the embedding's gradient: the vjp of the lookup, rows outside the chunk dropped."""
+            ch, table = opt.rest["embed"][1], rest["embed"]
+            tokens = micro[..., :-1].reshape(-1) - i * ch.size
+            rows = jnp.where((tokens >= 0) & (tokens < ch.size), tokens, ch.size)
+            d = dh_ABTD.reshape(-1, table.shape[-1]).astype(table.dtype)
+            return jnp.zeros((ch.size, table.shape[-1]), table.dtype).at[rows].add(d, mode="drop")
 
-            return jax.lax.scan(one, jnp.zeros_like(rest["embed"]), (micro, dh_ABTD))[0]
+        def rest_grad(dh0: Any) -> dict[str, Callable[[jax.Array], jax.Array]]:
+            """Per non-block leaf, ``i ->`` chunk ``i`` of its gradient (``dh0``: cotangents of the embeddings)."""
+            out = {name: (lambda i, g=g, ch=opt.rest[name][1]: ch.get(g, i)) for name, g in _flat(dhead).items()}
+            return {**out, "embed": lambda i: embed_grad(dh0, i)}
+
+        def chunked_sumsq(name: str, grad_of: Callable) -> jax.Array:
+            return jax.lax.fori_loop(0, opt.rest[name][1].n, lambda i, acc: acc + _sumsq(grad_of(i)), jnp.zeros(()))
 
         def clip_factor(norm: jax.Array) -> jax.Array:  # optax.clip_by_global_norm (max_norm > 0)
             return jnp.where(norm < max_norm, 1.0, max_norm / norm)
@@ -168,14 +260,29 @@ def make_layerwise_step(
                 g, dh = layer_grad(*x, dh)
                 return (dh, sq + _sumsq(g)), None
 
-            (dh0, sq), _ = jax.lax.scan(body, (dx_ABTD, _sumsq(dhead)), (blocks, inputs_LABTD), reverse=True)
-            return jnp.sqrt(sq + _sumsq(embed_grad(dh0)))
+            (dh0, sq), _ = jax.lax.scan(body, (dx_ABTD, jnp.zeros(())), (blocks, inputs_LABTD), reverse=True)
+            return jnp.sqrt(sq + sum(chunked_sumsq(name, g) for name, g in rest_grad(dh0).items()))
 
         def update_pass(c: jax.Array, ok: jax.Array):
             """Backward with in-place updates; where ``ok`` is false every slice is written back unchanged."""
 
             def select(new: Any, old: Any) -> Any:
                 return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+            def rest_update(name: str, grad_of: Callable) -> tuple[jax.Array, Any, jax.Array]:
+                """Leaf ``name`` updated chunk by chunk in place; also its gradient's sum of squares."""
+                tx, ch = opt.rest[name]
+
+                def chunk(i, carry):
+                    leaf, st, sq = carry
+                    p, s, g = ch.get(leaf, i), jax.tree.map(lambda a: a[i], st), grad_of(i)
+                    updates, new_s = tx.update(_nest(name, scaled(g, c)), s, _nest(name, p))
+                    new_p = jnp.where(ok, optax.apply_updates(p, _leaf(name, updates)), p)
+                    put = lambda full, part: jax.lax.dynamic_update_index_in_dim(full, part, i, 0)  # noqa: E731
+                    return ch.put(leaf, new_p, i), jax.tree.map(put, st, select(new_s, s)), sq + _sumsq(g)
+
+                init = (_leaf(name, rest), state.opt_state.rest[name], jnp.zeros(()))
+                return jax.lax.fori_loop(0, ch.n, chunk, init)
 
             def body(carry, x):
                 blk, blk_state, dh, sq = carry
@@ -190,16 +297,20 @@ def make_layerwise_step(
                 carry = (jax.tree.map(put, blk, new_layer), jax.tree.map(put, blk_state, new_state), dh, sq + _sumsq(g))
                 return carry, None
 
+            # final norm and lm_head first: their gradients are dead before the layer loop starts
+            grads = rest_grad(None)
+            new_rest = {name: rest_update(name, grads[name]) for name in opt.rest if name != "embed"}
+            new_rest, blocks_in = jax.lax.optimization_barrier((new_rest, blocks))
             n_layers = jax.tree.leaves(blocks)[0].shape[0]
-            init = (blocks, state.opt_state.blocks, dx_ABTD, _sumsq(dhead))
+            init = (blocks_in, state.opt_state.blocks, dx_ABTD, jnp.zeros(()))
             (new_blocks, new_blocks_state, dh0, sq), _ = jax.lax.scan(
                 body, init, (jnp.arange(n_layers), inputs_LABTD), reverse=True
             )
-            grads_rest = {"embed": embed_grad(dh0), **dhead}
-            updates, rest_state = opt.rest.update(scaled(grads_rest, c), state.opt_state.rest, rest)
-            new_rest = select(optax.apply_updates(rest, updates), rest)
-            new_opt = LayerwiseOptState(select(rest_state, state.opt_state.rest), new_blocks_state)
-            return {**new_rest, BLOCKS: new_blocks}, new_opt, jnp.sqrt(sq + _sumsq(grads_rest["embed"]))
+            new_rest["embed"] = rest_update("embed", rest_grad(dh0)["embed"])
+            sq = sq + sum(r[2] for r in new_rest.values())
+            params = _unflat({name: r[0] for name, r in new_rest.items()})
+            opt_rest = {name: r[1] for name, r in new_rest.items()}
+            return {**params, BLOCKS: new_blocks}, LayerwiseOptState(opt_rest, new_blocks_state), jnp.sqrt(sq)
 
         # No lax.cond around the update: a cond's operands cannot be updated in place, which would copy
         # every block's weights and state; a skipped step writes each slice back unchanged instead.

@@ -11,6 +11,7 @@ import pytest
 from helpers import run_cli
 
 from lowrank_jax.config import ConfigError, load_config, replace
+from lowrank_jax.train import layerwise
 from lowrank_jax.train.layerwise import LayerwiseOptState
 from lowrank_jax.train.step import make_trainer
 
@@ -18,29 +19,42 @@ SMALL = ["model.hidden=32", "model.ffn=64", "model.heads=2", "model.layers=3", "
 SMALL += ["seq_len=16", "batch_size=4", "grad_accum=2", "optim.grad_clip=0.5", "optim.warmup_ratio=0.25", "steps=8"]
 
 
-def _pair(*overrides):
-    cfg = replace(load_config("tiny", [*SMALL, *overrides]), model__vocab_size=64)
+def _pair(*overrides, vocab=64):
+    cfg = replace(load_config("tiny", [*SMALL, *overrides]), model__vocab_size=vocab)
     return make_trainer(cfg), make_trainer(replace(cfg, layerwise_update=True))
 
 
 @pytest.mark.parametrize(
-    "overrides",
+    "overrides,chunk_values",
     [
-        ["optim.name=adamw", "optim.weight_decay=0.1"],
-        ["optim.name=galore_adamw", "galore.rank=4", "galore.update_proj_gap=2"],
-        ["optim.name=adamw8bit", "model.hidden=64"],  # every matrix >= 4096 values per layer: quantized alike
-        ["optim.name=adamw", "optim.grad_clip=0"],
+        (["optim.name=adamw", "optim.weight_decay=0.1"], None),
+        (["optim.name=galore_adamw", "galore.rank=4", "galore.update_proj_gap=2"], None),
+        (["optim.name=adamw8bit", "model.hidden=64"], None),  # every matrix >= 4096 values per layer: quantized alike
+        (["optim.name=adamw", "optim.grad_clip=0"], None),
+        # embed (64, 32) and lm_head (32, 64) updated in 4 row chunks each
+        (["optim.name=adamw", "optim.weight_decay=0.1"], 512),
+        (["optim.name=adamw", "optim.grad_clip=0"], 512),
+        # embed (128, 64) and lm_head (64, 128) in 2 chunks of 4096 values: the same 8-bit blocks
+        (["optim.name=adamw8bit", "model.hidden=64", "model.vocab_size=128"], 4096),
     ],
-    ids=["adamw", "galore", "adamw8bit", "no_clip"],
+    ids=["adamw", "galore", "adamw8bit", "no_clip", "adamw_chunked", "no_clip_chunked", "adamw8bit_chunked"],
 )
-def test_layerwise_matches_the_ordinary_step(overrides):
-    ref, lw = _pair(*overrides)
+def test_layerwise_matches_the_ordinary_step(overrides, chunk_values, monkeypatch):
+    if chunk_values:
+        monkeypatch.setattr(layerwise, "CHUNK_VALUES", chunk_values)
+    vocab = 128 if "model.vocab_size=128" in overrides else 64
+    ref, lw = _pair(*overrides, vocab=vocab)
     assert isinstance(lw.abstract_state.opt_state, LayerwiseOptState)
+    chunks = {name: tx_ch[1].n for name, tx_ch in lw.tx.rest.items()}
+    want = {"embed": 1, "lm_head/kernel": 1, "final_norm/scale": 1}
+    if chunk_values:
+        want.update({"embed": 4, "lm_head/kernel": 4} if chunk_values == 512 else {"embed": 2, "lm_head/kernel": 2})
+    assert chunks == want
     s_ref, s_lw = ref.init_state(), lw.init_state()
     rng = np.random.default_rng(3)
     clipped = 0
     for _ in range(5):
-        batch = rng.integers(0, 64, (4, 17))
+        batch = rng.integers(0, vocab, (4, 17))
         s_ref, m_ref = ref.train_step(s_ref, ref.put_batch(batch))
         s_lw, m_lw = lw.train_step(s_lw, lw.put_batch(batch))
         np.testing.assert_allclose(float(m_lw["loss"]), float(m_ref["loss"]), rtol=1e-6)
@@ -59,7 +73,10 @@ def test_layerwise_matches_the_ordinary_step(overrides):
     assert moved > 1e-3
 
 
-def test_nonfinite_step_is_skipped():
+@pytest.mark.parametrize("chunk_values", [None, 512])
+def test_nonfinite_step_is_skipped(chunk_values, monkeypatch):
+    if chunk_values:
+        monkeypatch.setattr(layerwise, "CHUNK_VALUES", chunk_values)
     _, lw = _pair()
     state = lw.init_state()
     state = state._replace(params={**state.params, "embed": state.params["embed"].at[0, 0].set(jnp.nan)})
