@@ -119,6 +119,16 @@ def _aligned_logical(shape: Sequence[int], param_shape: Sequence[int], param_log
     return PartitionSpec(*out)
 
 
+def _state_logical(shape: Sequence[int], param_shape: Sequence[int], param_logical: PartitionSpec) -> PartitionSpec:
+    """:func:`_aligned_logical`, except for 8-bit codes that keep the param's leading dims,
+    ``(*param_shape[:-1], param_shape[-1] // B, B)``: their block-count dim takes the param's last name."""
+    p = tuple(param_shape)
+    if len(shape) == len(p) + 1 and tuple(shape[:-2]) == p[:-1] and shape[-2] * shape[-1] == p[-1]:
+        names = tuple(param_logical) + (None,) * (len(p) - len(param_logical))
+        return PartitionSpec(*names, None)
+    return _aligned_logical(shape, param_shape, param_logical)
+
+
 def state_shardings(
     abstract_state: Any, abstract_params: Any, logical_params: Any, mesh: Mesh, rules=DEFAULT_RULES
 ) -> Any:
@@ -149,7 +159,7 @@ def state_shardings(
         owner = next((params[keys[s:]] for s in range(len(keys)) if keys[s:] in params), None)
         spec = PartitionSpec()
         if owner is not None and x.ndim:
-            spec = logical_to_mesh(_aligned_logical(x.shape, *owner), x.shape, mesh, rules)
+            spec = logical_to_mesh(_state_logical(x.shape, *owner), x.shape, mesh, rules)
         if x.ndim and all(a is None for a in spec) and fsdp > 1 and x.size >= 1 << 16:
             # the largest dim that divides: the blocks of (num_blocks, block), not a stacked
             # (layers / chunks, ...) axis that the per-layer update indexes one slice of at a time

@@ -52,7 +52,7 @@ is inherent to the method (use smaller blocks if it matters).
 
 State: ``ScaleByAdam8bitState(count, mu, nu)``; ``mu``/``nu`` mirror the updates and their leaves
 are float32 arrays (small leaves) or :class:`QuantizedArray` pytree nodes whose children are the
-``codes`` (num_blocks, block_size) and ``scales`` (num_blocks,) arrays and whose static metadata
+``codes`` (..., block_size) and ``scales`` (...) arrays and whose static metadata
 holds the original shape, dtype and signedness; so the state flattens to arrays only (orbax, jit,
 ``eval_shape``) and each moment's shape is known statically. Memory for an n-element quantized
 leaf: 2·⌈n/B⌉·B bytes of codes + 8·⌈n/B⌉ bytes of scales (≈ 2.03 bytes/param at B = 256) vs
@@ -159,8 +159,10 @@ def _nearest_level(y: jax.Array, mid_256: np.ndarray) -> jax.Array:
 class QuantizedArray:
     """A block-wise quantized array: a pytree node with array children only.
 
-    ``codes``: int8 (signed map) or uint8 (unsigned map), shape (num_blocks, block_size), the
-    flattened array zero-padded to whole blocks. ``scales``: float32 (num_blocks,) absmax per block.
+    ``codes``: int8 (signed map) or uint8 (unsigned map), the blocks of the flattened array: shape
+    ``(*shape[:-1], shape[-1] // B, B)`` when the last dim is a multiple of the block size ``B``
+    (the array's leading dims are kept, so codes shard like the array), else ``(⌈n / B⌉, B)`` of
+    the zero-padded flattened array. ``scales``: float32 ``codes.shape[:-1]``, absmax per block.
     Static: ``shape``/``dtype`` of the original array (what :func:`dequantize` returns), ``signed``.
     """
 
@@ -192,6 +194,28 @@ def _check_block_size(block_size: Any) -> int:
     return block_size
 
 
+def _blocked_shape(shape: tuple[int, ...], block_size: int) -> tuple[int, ...]:
+    """Shape of the codes of an array of ``shape``: ``(*shape[:-1], shape[-1] // B, B)`` when the
+    last dim is a multiple of ``B`` (the blocks of the flattened array, kept in the array's own
+    leading dims so a sharded array needs no reshuffle), else ``(⌈n / B⌉, B)`` of the zero-padded
+    flattened array."""
+    if len(shape) >= 2 and shape[-1] % block_size == 0:
+        return (*shape[:-1], shape[-1] // block_size, block_size)
+    return (-(-math.prod(shape) // block_size), block_size)
+
+
+def _to_blocks(x: jax.Array, blocked: tuple[int, ...]) -> jax.Array:
+    """``x`` viewed as its blocks (zero padding appended in the flattened layout)."""
+    if len(blocked) > 2:
+        return x.reshape(blocked)
+    return jnp.pad(x.reshape(-1), (0, math.prod(blocked) - x.size)).reshape(blocked)
+
+
+def _from_blocks(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Inverse of :func:`_to_blocks`."""
+    return x.reshape(shape) if x.ndim > 2 else x.reshape(-1)[: math.prod(shape)].reshape(shape)
+
+
 def quantize(x: jax.typing.ArrayLike, signed: bool = True, block_size: int = 256) -> QuantizedArray:
     """Block-wise quantize ``x`` with the signed (int8) or unsigned (uint8) dynamic tree map.
 
@@ -201,17 +225,15 @@ def quantize(x: jax.typing.ArrayLike, signed: bool = True, block_size: int = 256
     block_size = _check_block_size(block_size)
     x = jnp.asarray(x)
     shape = tuple(x.shape)
-    n = math.prod(shape)
-    num_blocks = -(-n // block_size)
-    flat = jnp.pad(x.astype(jnp.float32).reshape(-1), (0, num_blocks * block_size - n))
-    codes, absmax_K = _quantize_blocks(flat.reshape(num_blocks, block_size), signed)
-    return QuantizedArray(codes, absmax_K, shape, np.dtype(x.dtype), bool(signed))
+    blocks = _to_blocks(x.astype(jnp.float32), _blocked_shape(shape, block_size))
+    codes, absmax = _quantize_blocks(blocks, signed)
+    return QuantizedArray(codes, absmax, shape, np.dtype(x.dtype), bool(signed))
 
 
 def _quantize_blocks(x_KB: jax.Array, signed: bool) -> tuple[jax.Array, jax.Array]:
-    """``(codes (K, B), absmax (K,))`` of float32 blocks ``x_KB``."""
-    absmax_K = jnp.max(jnp.abs(x_KB), axis=1)
-    y_KB = x_KB / jnp.where(absmax_K > 0, absmax_K, 1.0)[:, None]
+    """``(codes (..., B), absmax (...))`` of float32 blocks ``x_KB`` (blocks on the last axis)."""
+    absmax_K = jnp.max(jnp.abs(x_KB), axis=-1)
+    y_KB = x_KB / jnp.where(absmax_K > 0, absmax_K, 1.0)[..., None]
     idx_KB = _nearest_level(y_KB, _SIGNED_MID if signed else _UNSIGNED_MID)
     if signed:
         return (idx_KB - _SIGNED_OFFSET).astype(jnp.int8), absmax_K
@@ -226,33 +248,35 @@ def _dequantize_blocks(codes_KB: jax.Array, scales_K: jax.Array, signed: bool) -
     else:
         idx = codes_KB.astype(jnp.int32)
         table = jnp.asarray(UNSIGNED_MAP)
-    return jnp.take(table, idx, mode="clip") * scales_K[:, None]
+    return jnp.take(table, idx, mode="clip") * scales_K[..., None]
 
 
 def dequantize(q: QuantizedArray) -> jax.Array:
     """``map[code] · scale`` reshaped to ``q.shape`` in ``q.dtype``."""
-    x_KB = _dequantize_blocks(q.codes, q.scales, q.signed)
-    return x_KB.reshape(-1)[: q.size].reshape(q.shape).astype(q.dtype)
+    return _from_blocks(_dequantize_blocks(q.codes, q.scales, q.signed), q.shape).astype(q.dtype)
 
 
-# Quantized leaves are updated in chunks of at most this many blocks (2^20 values at B = 256), so
+# Quantized leaves are updated in chunks of at most this many blocks (2^20 values at B = 256; along
+# the codes' block axis, so a row-blocked leaf's chunk is at least one block column), so
 # the float32 / int32 temporaries of dequantize → Adam → requantize are chunk-sized, not leaf-sized,
 # whatever the backend fuses. Blocks are independent: the result is one pass's up to float rounding.
 CHUNK_BLOCKS = 4096
 
 
-def _chunk_count(num_blocks: int, chunk_blocks: int) -> int:
-    """The fewest equal chunks of at most ``chunk_blocks`` blocks that tile ``num_blocks`` exactly."""
-    for n in range(-(-num_blocks // chunk_blocks), num_blocks + 1):
-        if num_blocks % n == 0:
+def _chunk_count(codes_shape: tuple[int, ...], chunk_blocks: int) -> int:
+    """The fewest equal chunks along the codes' block axis (``-2``) of at most ``chunk_blocks``
+    blocks each, or one block column per chunk when even that is larger."""
+    dim, blocks = codes_shape[-2], math.prod(codes_shape[:-1])
+    for n in range(-(-blocks // chunk_blocks), dim + 1):
+        if dim % n == 0:
             return n
-    return num_blocks  # pragma: no cover - n = num_blocks always divides
+    return dim
 
 
 def _quantized_zeros(shape: tuple[int, ...], signed: bool, block_size: int) -> QuantizedArray:
-    num_blocks = -(-math.prod(shape) // block_size)
-    codes = jnp.zeros((num_blocks, block_size), jnp.int8 if signed else jnp.uint8)  # code 0 ↔ 0.0 in both maps
-    return QuantizedArray(codes, jnp.zeros((num_blocks,), jnp.float32), shape, np.dtype(np.float32), signed)
+    blocked = _blocked_shape(shape, block_size)
+    codes = jnp.zeros(blocked, jnp.int8 if signed else jnp.uint8)  # code 0 ↔ 0.0 in both maps
+    return QuantizedArray(codes, jnp.zeros(blocked[:-1], jnp.float32), shape, np.dtype(np.float32), signed)
 
 
 # ------------------------------------------------------------------------------------- optimizer
@@ -409,14 +433,14 @@ def scale_by_adam_8bit(
             codes and scales are rewritten chunk by chunk, so the only leaf-sized temporaries are
             the (padded) gradient in its own dtype and the new codes; float32 exists per chunk.
             """
-            num_blocks, block = mu_q.codes.shape
-            per = num_blocks // _chunk_count(num_blocks, CHUNK_BLOCKS)
-            g_KB = jnp.pad(g.reshape(-1), (0, num_blocks * block - mu_q.size)).reshape(num_blocks, block)
+            axis = mu_q.codes.ndim - 2  # the block axis; the leading dims are the array's own
+            per = mu_q.codes.shape[axis] // _chunk_count(mu_q.codes.shape, CHUNK_BLOCKS)
+            g_KB = _to_blocks(g, mu_q.codes.shape)
 
             def chunk(i: jax.Array, carry: tuple) -> tuple:
                 start = i * per
-                part = lambda x: jax.lax.dynamic_slice_in_dim(x, start, per, 0)  # noqa: E731
-                put = lambda full, x: jax.lax.dynamic_update_slice_in_dim(full, x, start, 0)  # noqa: E731
+                part = lambda x: jax.lax.dynamic_slice_in_dim(x, start, per, axis)  # noqa: E731
+                put = lambda full, x: jax.lax.dynamic_update_slice_in_dim(full, x, start, axis)  # noqa: E731
                 u_KB, mc, ms, nc, ns = carry
                 u, m, v = adam(
                     part(u_KB).astype(jnp.float32),
@@ -427,8 +451,8 @@ def scale_by_adam_8bit(
                 return tuple(put(full, x) for full, x in zip(carry, new, strict=True))
 
             init = (g_KB, mu_q.codes, mu_q.scales, nu_q.codes, nu_q.scales)
-            u, mc, ms, nc, ns = jax.lax.fori_loop(0, num_blocks // per, chunk, init)
-            u = u.reshape(-1)[: mu_q.size].reshape(g.shape)
+            u, mc, ms, nc, ns = jax.lax.fori_loop(0, mu_q.codes.shape[axis] // per, chunk, init)
+            u = _from_blocks(u, g.shape)
             mu_new = QuantizedArray(mc, ms, mu_q.shape, mu_q.dtype, True)
             nu_new = QuantizedArray(nc, ns, nu_q.shape, nu_q.dtype, False)
             return u, mu_new, nu_new

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -73,21 +76,32 @@ def test_maps_are_monotone_dynamic_trees(table, n, fraction_bits):
 
 
 @pytest.mark.parametrize("signed", [True, False])
-@pytest.mark.parametrize("shape, block_size", [((37, 29), 256), ((3, 5, 7), 16), ((4096,), 2048)])
-def test_round_trip_rounds_to_nearest_level(signed, shape, block_size):
+@pytest.mark.parametrize(
+    "shape, block_size, codes_shape",
+    [
+        ((37, 29), 256, (5, 256)),  # last dim not a multiple of the block: the padded flattened array
+        ((3, 5, 7), 16, (7, 16)),
+        ((4096,), 2048, (2, 2048)),
+        ((6, 512), 256, (6, 2, 256)),  # a multiple: the same blocks, kept in the array's leading dims
+        ((2, 3, 64), 16, (2, 3, 4, 16)),
+    ],
+)
+def test_round_trip_rounds_to_nearest_level(signed, shape, block_size, codes_shape):
     rng = np.random.default_rng()
     x = rng.standard_normal(shape).astype(np.float32) * rng.uniform(0.01, 100)
     if not signed:
         x = x**2
     q = _quantize(x, signed, block_size)
     assert q.codes.dtype == (jnp.int8 if signed else jnp.uint8)
-    assert q.codes.shape == (math.ceil(x.size / block_size), block_size) and q.shape == shape
+    assert q.codes.shape == codes_shape and q.scales.shape == codes_shape[:-1] and q.shape == shape
+    assert math.prod(codes_shape[:-1]) == math.ceil(x.size / block_size)
     deq = np.asarray(_dequantize(q))
     assert deq.shape == shape and deq.dtype == np.float32
 
+    # blocks of the flattened array, whatever the codes' layout
     x_KB, d_KB = _blocks(x, block_size).astype(np.float64), _blocks(deq, block_size).astype(np.float64)
     absmax = np.abs(x_KB).max(axis=1, keepdims=True)
-    np.testing.assert_allclose(np.asarray(q.scales), absmax[:, 0], rtol=1e-7)
+    np.testing.assert_allclose(np.asarray(q.scales).reshape(-1), absmax[:, 0], rtol=1e-7)
     err = np.abs(x_KB - d_KB) / absmax
     assert err.max() <= (SIGNED_BOUND if signed else UNSIGNED_BOUND)
     # the chosen level is the nearest map entry (brute force over the whole map)
@@ -179,7 +193,8 @@ def test_state_is_array_leaves_with_static_shapes():
     abstract = jax.eval_shape(tx.init, params)
     assert jax.tree.structure(abstract) == jax.tree.structure(state)
     assert abstract.mu["w"].shape == (33, 70) and abstract.nu["emb"].shape == (5, 1000)
-    assert abstract.mu["w"].codes.shape == (math.ceil(33 * 70 / 128), 128)
+    assert abstract.mu["w"].codes.shape == (math.ceil(33 * 70 / 128), 128)  # 70: not a multiple of 128
+    assert abstract.nu["emb"].codes.shape == (math.ceil(5 * 1000 / 128), 128)
     # stable through an update (structure and dtypes)
     _, state2 = jax.jit(tx.update)(jax.tree.map(jnp.ones_like, params), state)
     assert jax.tree.structure(state2) == jax.tree.structure(state)
@@ -488,14 +503,16 @@ def test_bad_arguments_raise_naming_them(kwargs, name):
         scale_by_adam_8bit(**kwargs)
 
 
-def test_chunked_quantized_update_equals_one_pass(monkeypatch):
+# (30, 50): 1500 values, 6 flat blocks of 256 -> 2 chunks of 3; (6, 512): codes (6, 2, 256) -> 2 chunks
+@pytest.mark.parametrize("shape", [(30, 50), (6, 512)])
+def test_chunked_quantized_update_equals_one_pass(shape, monkeypatch):
     """Large quantized leaves are updated in block chunks; the result equals one pass up to float rounding."""
     from lowrank_jax.optim import adam_8bit
 
     rng = np.random.default_rng(17)
-    params = {"w": jnp.asarray(rng.standard_normal((30, 50)), jnp.float32)}  # 1500 values: 6 blocks of 256
+    params = {"w": jnp.asarray(rng.standard_normal(shape), jnp.float32)}
     tx = scale_by_adam_8bit(min_size=64)
-    grads = [{"w": jnp.asarray(rng.standard_normal((30, 50)), jnp.float32)} for _ in range(3)]
+    grads = [{"w": jnp.asarray(rng.standard_normal(shape), jnp.float32)} for _ in range(3)]
 
     def run():
         state, outs = tx.init(params), []
@@ -506,7 +523,8 @@ def test_chunked_quantized_update_equals_one_pass(monkeypatch):
 
     whole_u, whole_state = run()
     monkeypatch.setattr(adam_8bit, "CHUNK_BLOCKS", 4)  # 6 blocks -> 2 chunks of 3
-    assert adam_8bit._chunk_count(6, 4) == 2 and adam_8bit._chunk_count(7, 4) == 7
+    assert adam_8bit._chunk_count((6, 256), 4) == 2 and adam_8bit._chunk_count((7, 256), 4) == 7
+    assert adam_8bit._chunk_count((3, 4, 256), 4) == 4  # row-blocked (3, 4 blocks): 4 chunks of 3 blocks
     chunk_u, chunk_state = run()
     # the same per-block arithmetic, compiled differently: equal up to float rounding (1 ulp) and, for the
     # stored codes, a rounding tie flipping by one level at most
@@ -520,3 +538,37 @@ def test_chunked_quantized_update_equals_one_pass(monkeypatch):
         else:
             np.testing.assert_allclose(a, b, rtol=1e-6)
     assert np.abs(np.asarray(whole_u[-1])).max() > 0
+
+
+_SHARDED = textwrap.dedent(
+    """
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from lowrank_jax.optim import scale_by_adam_8bit
+    mesh = Mesh(np.array(jax.devices()), ("x",))
+    rng = np.random.default_rng(0)
+    g = {"w": jnp.asarray(rng.standard_normal((4, 64, 512)), jnp.float32)}  # a stacked (layers, in, out) leaf
+    tx = scale_by_adam_8bit()
+    st = tx.init(g)
+    assert st.mu["w"].codes.shape == (4, 64, 2, 256)
+    sh = lambda x: NamedSharding(mesh, P(None, "x") if x.ndim >= 2 else P())  # like the param: in over x
+    g_sh, st_sh = jax.tree.map(sh, g), jax.tree.map(sh, st)
+    upd = jax.jit(tx.update, in_shardings=(g_sh, st_sh), out_shardings=(g_sh, st_sh))
+    hlo = upd.lower(g, st).compile().as_text()
+    assert "all-gather" not in hlo and "all-to-all" not in hlo, "the update moved the leaf between devices"
+    u_s, st_s = upd(jax.device_put(g, g_sh), jax.device_put(st, st_sh))
+    u, st1 = jax.jit(tx.update)(g, st)
+    np.testing.assert_array_equal(np.asarray(u_s["w"]), np.asarray(u["w"]))
+    np.testing.assert_array_equal(np.asarray(st_s.nu["w"].codes), np.asarray(st1.nu["w"].codes))
+    print("SHARDED-OK")
+    """
+)
+
+
+def test_update_of_an_fsdp_sharded_leaf_moves_no_data_between_devices() -> None:
+    """Codes keep the leaf's leading dims, so blocks of a sharded leaf live where its values live."""
+    res = subprocess.run([sys.executable, "-c", _SHARDED], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "SHARDED-OK" in res.stdout, res.stderr[-3000:]

@@ -49,7 +49,11 @@ def test_llama_7b_shardings_match_the_golden_file():
         GOLDEN.write_text(json.dumps(specs, indent=1, sort_keys=True) + "\n")
     golden = json.loads(GOLDEN.read_text())
     assert specs == golden
-    # spot checks of the rules: kernels over fsdp/tensor, GaLore rank dims whole, 8-bit blocks over fsdp
+    # spot checks of the rules: kernels over fsdp/tensor, GaLore rank dims whole, 8-bit codes like their array
     assert specs[".params['blocks']['mlp']['up']['kernel']"] == "(None, 'fsdp', 'tensor')"
     assert specs[".opt_state[1][0].proj_in['blocks']['mlp']['up']['kernel']"] == "(None, 'fsdp', None)"  # (L, in, r)
-    assert specs[".opt_state[1][0].inner_state.mu['blocks']['mlp']['up']['kernel'].codes"] == "('fsdp', None)"
+    # low-rank (L, r, out) moment: codes (L, r, out / 256, 256), nothing aligned, split on the largest dim
+    up_codes = ".opt_state[1][0].inner_state.mu['blocks']['mlp']['up']['kernel'].codes"
+    assert specs[up_codes] == "(None, 'fsdp', None, None)"
+    # embed (vocab, embed) moment: codes (vocab, embed / 256, 256) shard like the embedding
+    assert specs[".opt_state[1][0].inner_state.mu['embed'].codes"] == "('tensor', 'fsdp', None)"
