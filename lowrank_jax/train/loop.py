@@ -32,9 +32,21 @@ from lowrank_jax.train.step import (
 )
 
 
+def is_primary() -> bool:
+    """Whether this process writes the run's files and logs: process 0 of a multi-host run.
+
+    Every process computes the same replicated metrics and takes part in checkpoint saves (orbax
+    coordinates them); only the primary writes metrics.jsonl, config.json, results.json and the plot.
+    """
+    return jax.process_index() == 0
+
+
 def train(cfg: Config, log=print) -> dict[str, Any]:
     """Run ``cfg`` to ``cfg.steps``; returns the results dict also written to ``out_dir/results.json``."""
     t_start = time.time()
+    primary = is_primary()
+    if not primary:
+        log = lambda *args, **kwargs: None  # noqa: E731
     out = Path(cfg.out_dir).expanduser()
     ckpt_dir = out / "checkpoints"
     if cfg.resume and not checkpoint_steps(ckpt_dir):
@@ -107,8 +119,9 @@ def train(cfg: Config, log=print) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     if checkpointer is None:
         checkpointer = Checkpointer(ckpt_dir, cfg.keep_checkpoints)
-    mlog = metrics_lib.MetricsLog(out / "metrics.jsonl", resume_step=start if cfg.resume else None)
-    metrics_lib.write_json(out / "config.json", config_lib.to_dict(cfg))
+    mlog = metrics_lib.MetricsLog(out / "metrics.jsonl", resume_step=start if cfg.resume else None, enabled=primary)
+    if primary:
+        metrics_lib.write_json(out / "config.json", config_lib.to_dict(cfg))
 
     tps = cfg.tokens_per_step
     meta = {"data_digest": data.digest, "tokens_per_step": tps}
@@ -129,7 +142,12 @@ def train(cfg: Config, log=print) -> dict[str, Any]:
         return loss
 
     bar = tqdm(
-        total=cfg.steps, initial=start, disable=not cfg.progress, unit="step", dynamic_ncols=True, file=sys.stderr
+        total=cfg.steps,
+        initial=start,
+        disable=not (cfg.progress and primary),
+        unit="step",
+        dynamic_ncols=True,
+        file=sys.stderr,
     )
     t_loop = time.time()
     for step in range(start, cfg.steps):
@@ -165,8 +183,9 @@ def train(cfg: Config, log=print) -> dict[str, Any]:
     checkpointer.close()
     mlog.close()
 
-    records = metrics_lib.read_metrics(out / "metrics.jsonl")
-    metrics_lib.plot_losses(records, out / "loss.png", title=f"{out.name}: {n_params / 1e6:.2f}M params")
+    if primary:
+        records = metrics_lib.read_metrics(out / "metrics.jsonl")
+        metrics_lib.plot_losses(records, out / "loss.png", title=f"{out.name}: {n_params / 1e6:.2f}M params")
     skipped = int(state.skipped)
     steps_run = cfg.steps - start
     results = {
@@ -191,7 +210,8 @@ def train(cfg: Config, log=print) -> dict[str, Any]:
         "config": config_lib.to_dict(cfg),
         **metrics_lib.provenance(),
     }
-    metrics_lib.write_json(out / "results.json", results)
+    if primary:
+        metrics_lib.write_json(out / "results.json", results)
     log(
         f"done: {cfg.steps} steps, {cfg.steps * tps:,} tokens, val_loss {val_loss:.4f}, "
         f"val_ppl {math.exp(val_loss):.2f} (unigram baseline {math.exp(unigram_ce):.1f}), "

@@ -12,10 +12,16 @@ import jax
 
 
 class MetricsLog:
-    """Append-only JSONL of per-step records. On resume, records past the restored step are dropped."""
+    """Append-only JSONL of per-step records. On resume, records past the restored step are dropped.
 
-    def __init__(self, path: str | Path, resume_step: int | None = None):
+    With ``enabled=False`` (a non-primary process of a multi-host run) nothing is read or written.
+    """
+
+    def __init__(self, path: str | Path, resume_step: int | None = None, enabled: bool = True):
         self.path = Path(path)
+        self._f = None
+        if not enabled:
+            return
         records = read_metrics(self.path) if resume_step is not None else []
         kept = [r for r in records if r["step"] <= (resume_step or 0)]
         with open(self.path, "w") as f:
@@ -24,13 +30,16 @@ class MetricsLog:
         self._f = open(self.path, "a")  # noqa: SIM115 - closed in close()
 
     def write(self, record: dict[str, Any]) -> None:
-        self._f.write(json.dumps(record) + "\n")
+        if self._f is not None:
+            self._f.write(json.dumps(record) + "\n")
 
     def flush(self) -> None:
-        self._f.flush()
+        if self._f is not None:
+            self._f.flush()
 
     def close(self) -> None:
-        self._f.close()
+        if self._f is not None:
+            self._f.close()
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

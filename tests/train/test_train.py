@@ -72,6 +72,20 @@ def test_train_end_to_end_and_determinism(small_overrides, tmp_path):
     assert _losses(tmp_path / "c") != losses
 
 
+def test_only_the_primary_process_writes_run_files(small_overrides, tmp_path, monkeypatch):
+    """A non-primary process of a multi-host run trains and checkpoints but writes no records or logs."""
+    from lowrank_jax.train import loop
+
+    monkeypatch.setattr(loop, "is_primary", lambda: False)
+    logged = []
+    res = train(_cfg(small_overrides, tmp_path / "w1", "steps=4"), log=logged.append)
+    out = tmp_path / "w1"
+    assert math.isfinite(res["final_val_loss"]) and res["steps"] == 4
+    assert logged == []
+    assert not any((out / name).exists() for name in ("results.json", "metrics.jsonl", "loss.png", "config.json"))
+    assert checkpoint_steps(out / "checkpoints") == [4]
+
+
 def _cli_cmd(small_overrides, out_dir, *extra):
     return [
         sys.executable,
