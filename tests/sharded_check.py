@@ -27,6 +27,8 @@ METHODS = {
     "galore": ["optim.name=galore_adamw", "galore.rank=8", "galore.update_proj_gap=2"],
     "sl": ["model.dense=sl", "model.sl_rank=8"],
     "relora": ["model.dense=lora", "model.lora_rank=8", "relora.every=2", "relora.restart_warmup=1"],
+    "adamw8bit": ["optim.name=adamw8bit", "model.ffn=256"],  # mlp up/gate codes (L, 64, 1, 256): row-blocked
+    "galore8bit": ["optim.name=galore_adamw8bit", "galore.rank=8", "galore.update_proj_gap=2"],
     "galore8bit_layerwise": ["optim.name=galore_adamw8bit", "galore.rank=8", "layerwise_update=true"],
     "bitlinear": ["model.dense=bitlinear"],
 }

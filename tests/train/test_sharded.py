@@ -30,6 +30,8 @@ def _run(*args: str) -> dict:
         "galore",  # the stacked refresh on 8 CPU devices deadlocked before galore._refresh_leaf mapped on CPU
         pytest.param("sl", marks=pytest.mark.slow),
         pytest.param("relora", marks=pytest.mark.slow),
+        pytest.param("adamw8bit", marks=pytest.mark.slow),
+        pytest.param("galore8bit", marks=pytest.mark.slow),
         pytest.param("galore8bit_layerwise", marks=pytest.mark.slow),
         pytest.param("bitlinear", marks=pytest.mark.slow),
     ],
