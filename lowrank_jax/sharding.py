@@ -139,8 +139,10 @@ def state_shardings(
     GaLore wrappers only add a prefix). Its dims are aligned with the param's by size
     (:func:`_aligned_logical`), so full-size moments shard exactly like their param, GaLore's
     projectors ``(L, in, r)`` / ``(L, out, r)`` and low-rank moments ``(L, r, out)`` shard their
-    full-size dims and keep the rank dim whole. Leaves that match no dim but are large (8-bit
-    moment blocks ``(num_blocks, block)``) are split on their largest dim over ``fsdp`` (ZeRO-style,
+    full-size dims and keep the rank dim whole; 8-bit codes ``(*param.shape[:-1], last / B, B)``
+    shard like their param, the block-count dim taking the last dim's axis. Leaves that match no
+    dim but are large (flat 8-bit codes ``(num_blocks, block)``, codes of low-rank moments) are
+    split on their largest dim over ``fsdp`` (ZeRO-style,
     the state is elementwise; never the leading layers / chunks axis of the per-layer update's
     stacked states, which it reads one slice at a time); scalars (counts) are replicated.
     """
