@@ -278,6 +278,34 @@ def _is_namedtuple(x: Any) -> bool:
     return isinstance(x, tuple) and hasattr(x, "_fields")
 
 
+def _map_namedtuples(node: Any, visit: Callable[[Any], dict[str, Any]]) -> Any:
+    """Rebuild an optax state (nested tuples, lists, dicts, NamedTuples), visiting every NamedTuple in
+    pre-order: ``visit(nt)`` returns new values for the fields it handles; the others are walked."""
+    if _is_namedtuple(node):
+        new = visit(node)
+        return node._replace(
+            **{f: new[f] if f in new else _map_namedtuples(v, visit) for f, v in zip(node._fields, node, strict=True)}
+        )
+    if isinstance(node, tuple | list):
+        return type(node)(_map_namedtuples(v, visit) for v in node)
+    if isinstance(node, dict):
+        return type(node)((k, _map_namedtuples(v, visit)) for k, v in node.items())
+    return node
+
+
+def _collect(node: Any, has_field: str) -> list:
+    """Every NamedTuple inside ``node`` that has the field ``has_field``, in traversal order."""
+    found: list = []
+
+    def visit(nt: Any) -> dict[str, Any]:
+        if has_field in nt._fields:
+            found.append(nt)
+        return {}
+
+    _map_namedtuples(node, visit)
+    return found
+
+
 def reset_optimizer_state(
     opt_state: Any,
     labels_or_mask: Any,
@@ -331,18 +359,7 @@ def reset_optimizer_state(
         ]
         return mask_def.unflatten(new)
 
-    def walk(node: Any) -> Any:
-        if _is_namedtuple(node):
-            return node._replace(
-                **{f: prune_tree(v) if f in fields else walk(v) for f, v in zip(node._fields, node, strict=True)}
-            )
-        if isinstance(node, tuple | list):
-            return type(node)(walk(v) for v in node)
-        if isinstance(node, dict):
-            return type(node)((k, walk(v)) for k, v in node.items())
-        return node
-
-    out = walk(opt_state)
+    out = _map_namedtuples(opt_state, lambda nt: {f: prune_tree(getattr(nt, f)) for f in nt._fields if f in fields})
     if n_trees[0] == 0:
         raise ValueError(f"opt_state: no moment fields {tuple(fields)} found in the optimizer state")
     return out
@@ -479,21 +496,6 @@ def _copy_matching(dst: Any, src: Any) -> Any:
     return jax.tree_util.tree_map_with_path(pick, dst)
 
 
-def _collect(node: Any, found: list, has_field: str) -> None:
-    """Append, in traversal order, every NamedTuple inside ``node`` that has the field ``has_field``."""
-    if _is_namedtuple(node):
-        if has_field in node._fields:
-            found.append(node)
-        for v in node:
-            _collect(v, found, has_field)
-    elif isinstance(node, tuple | list):
-        for v in node:
-            _collect(v, found, has_field)
-    elif isinstance(node, dict):
-        for v in node.values():
-            _collect(v, found, has_field)
-
-
 def warm_start_to_lora(
     dense_params: Any,
     dense_opt_state: Any,
@@ -522,38 +524,25 @@ def warm_start_to_lora(
     Returns ``(params, opt_state)`` shaped like ``lora_params`` / ``lora_opt_state``. Jittable.
     """
     params = _copy_matching(lora_params, dense_params)
-    src_nodes: list = []
-    _collect(dense_opt_state, src_nodes, fields[0])
-    dst_nodes: list = []
-    _collect(lora_opt_state, dst_nodes, fields[0])
+    src_nodes, dst_nodes = _collect(dense_opt_state, fields[0]), _collect(lora_opt_state, fields[0])
     if len(src_nodes) != len(dst_nodes) or not dst_nodes:
         raise ValueError(
             f"dense_opt_state: {len(src_nodes)} moment trees ({fields[0]!r}) but lora_opt_state has "
             f"{len(dst_nodes)}; both must come from the same optimizer"
         )
-    counts: list = []
-    _collect(dense_opt_state, counts, "count")
+    counts = _collect(dense_opt_state, "count")
     if not counts:
         raise ValueError("dense_opt_state: no 'count' field found")
     count = counts[0].count
     sources = iter(src_nodes)
 
-    def walk(node: Any) -> Any:
-        if _is_namedtuple(node):
-            src = next(sources) if fields[0] in node._fields else None
-            new = {}
-            for f, v in zip(node._fields, node, strict=True):
-                if src is not None and f in fields:
-                    new[f] = _copy_matching(v, getattr(src, f))
-                elif f == "count":
-                    new[f] = jnp.asarray(count, jnp.asarray(v).dtype)
-                else:
-                    new[f] = walk(v)
-            return node._replace(**new)
-        if isinstance(node, tuple | list):
-            return type(node)(walk(v) for v in node)
-        if isinstance(node, dict):
-            return type(node)((k, walk(v)) for k, v in node.items())
-        return node
+    def visit(nt: Any) -> dict[str, Any]:
+        new = {}
+        if fields[0] in nt._fields:
+            src = next(sources)
+            new = {f: _copy_matching(getattr(nt, f), getattr(src, f)) for f in fields if f in nt._fields}
+        if "count" in nt._fields:
+            new["count"] = jnp.asarray(count, jnp.asarray(nt.count).dtype)
+        return new
 
-    return params, walk(lora_opt_state)
+    return params, _map_namedtuples(lora_opt_state, visit)
