@@ -306,6 +306,16 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, axes, path: Path) -> None:
+    """Grid and legend on every panel, then write and close the figure."""
+    for ax in axes:
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def _sens_series(sens: dict, relative: str = "init") -> tuple[list[int], dict[float, list[dict]], list[float]]:
     """Budget tokens in order, ``{λ: rows}`` (each row with its budget's step/tokens/clean loss), clean losses."""
     budgets = sorted(sens.get("budgets", {}).values(), key=lambda r: r["step"])
@@ -348,12 +358,7 @@ def plot_sensitivity(sens_by_method: dict[str, dict], path: Path) -> None:
             axes[2].errorbar(x, [r["mean_increase"] for r in rows], yerr=err, marker="o", capsize=3, label=m)
     axes[2].set(xscale="log", yscale="log", xlabel="pretraining tokens", ylabel="loss increase (nats/token)")
     axes[2].set_title(f"methods at equal tokens, λ={lam_cmp:g} (effective weights)")
-    for ax in axes:
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(plt, fig, axes, path)
 
 
 def plot_finetune(ft_by_method: dict[str, dict], path: Path) -> None:
@@ -370,12 +375,7 @@ def plot_finetune(ft_by_method: dict[str, dict], path: Path) -> None:
     axes[0].set_title(f"fine-tune domain ({FT_STEPS} steps, fixed lr per curve)")
     axes[1].set(xscale="log", xlabel="pretraining tokens", ylabel="stdlib validation loss")
     axes[1].set_title("pretraining domain (forgetting)")
-    for ax in axes:
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(plt, fig, axes, path)
 
 
 def plot_toy(toy: dict, path: Path) -> None:
