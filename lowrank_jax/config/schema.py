@@ -1,0 +1,322 @@
+"""The run configuration as a typed schema: frozen pydantic dataclasses, validated on construction.
+
+Each section checks its own fields: strict types, ``Literal`` choices imported from the modules
+that own them, ``Field`` bounds. :class:`Config` adds, in one ``model_validator``, the rules that
+involve several fields or a registry filled at import time (``model.dense`` against
+:func:`~lowrank_jax.layers.dense_kinds`, ``optim.name`` against
+:func:`~lowrank_jax.optim.registry.optimizer_names`), so a section may hold a kind registered
+later (``dataclasses.replace(model_cfg, dense="my_kind")``). Nothing here reads the filesystem:
+:func:`check_paths` does, after the schema. Every problem is a one-line :class:`ConfigError`
+naming the field (:mod:`lowrank_jax.config.errors`).
+
+Types are strict, as a config file should be: ``2.5`` is not an int, ``1`` is not a bool, ``3`` is
+not a string. A float field takes an int, a NumPy number and a numeric string (YAML 1.1 reads
+``1e-6`` without a dot as a string); an int field takes an integral float (``16.0``); a tuple field
+takes a list or a single item.
+"""
+
+import dataclasses
+import glob
+import os
+from numbers import Integral, Real
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, ConfigDict, Field, model_validator
+from pydantic.dataclasses import dataclass
+
+from lowrank_jax.config.errors import ConfigError, one_line_errors
+from lowrank_jax.data.corpus import SOURCES
+from lowrank_jax.layers import dense_kinds
+from lowrank_jax.layers.dense import DTYPES
+from lowrank_jax.optim.galore import MOMENT_MODES, PROJ_TYPES, REFRESH_MODES, SVD_MODES
+from lowrank_jax.optim.registry import optimizer_names
+from lowrank_jax.optim.relora import RESET_MODES
+from pallas_kernels.sl_matmul.api import IMPLEMENTATIONS
+
+# the values of model.sl_implementation: the kernel's implementations and "auto" (whether or not its tuple names it)
+SL_IMPLEMENTATIONS = IMPLEMENTATIONS if "auto" in IMPLEMENTATIONS else (*IMPLEMENTATIONS, "auto")
+SCHEMA = ConfigDict(extra="forbid", strict=True)
+
+
+def _int(v: Any) -> Any:
+    """An integral float (``16.0``) or a NumPy integer as an int; anything else is left to the strict check."""
+    if isinstance(v, Integral) and not isinstance(v, bool):
+        return int(v)
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return v
+
+
+def _float(v: Any) -> Any:
+    """A numeric string (YAML 1.1's ``1e-6``), an int or a NumPy number as a float; not a bool."""
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    if isinstance(v, Real) and not isinstance(v, bool):
+        return float(v)
+    return v
+
+
+def _tuple(v: Any) -> Any:
+    """A list (YAML, JSON) as a tuple, a single string or int as a 1-tuple."""
+    if isinstance(v, list):
+        return tuple(v)
+    if isinstance(v, (str, int)) and not isinstance(v, bool):
+        return (v,)
+    return v
+
+
+Int = Annotated[int, BeforeValidator(_int)]
+Float = Annotated[float, BeforeValidator(_float)]
+Positive = Field(gt=0)
+NonNegative = Field(ge=0)
+Fraction = Field(ge=0, lt=1)  # [0, 1)
+
+
+@one_line_errors("model")
+@dataclass(frozen=True, config=SCHEMA)
+class ModelConfig:
+    """LLaMA architecture. ``vocab_size=0`` takes the tokenizer's vocabulary size."""
+
+    vocab_size: Annotated[Int, Field(ge=0, description="0: from tokenizer")] = 0
+    hidden: Annotated[Int, Positive] = 256
+    ffn: Annotated[Int, Positive] = 688
+    heads: Annotated[Int, Positive] = 4
+    layers: Annotated[Int, Positive] = 4
+    max_seq_len: Annotated[Int, Positive] = 256
+    rope_theta: Annotated[Float, Positive] = 10000.0
+    norm_eps: Annotated[Float, Positive] = 1e-6
+    init_std: Annotated[Float, Positive] = 0.02
+    dense: str = "dense"  # dense-factory kind for attention + MLP linears: dense | lora | lowrank | sl | bitlinear
+    lora_rank: Annotated[Int, Positive] = 128  # rank of the lora / lowrank kinds
+    lora_alpha: Annotated[Float, Positive] = 32.0  # LoRA scale s = lora_alpha / lora_rank
+    lora_trainable_scale: bool = False  # ReLoRA's trainable scale, used as tanh(s)
+    sl_rank: Annotated[Int, Positive] = 128  # SLTrain: rank r of the low-rank part B A
+    sl_alpha: Annotated[Float, Positive] = 32.0  # SLTrain: scale s = sl_alpha / sl_rank
+    sl_density: Annotated[Float, Field(gt=0, le=1)] = 0.03  # SLTrain: fraction delta of in*out entries in the support
+    sl_implementation: Literal[SL_IMPLEMENTATIONS] = "auto"  # SLTrain matmul: xla | pallas | auto
+    scan_layers: bool = True
+    remat: bool = False
+    dtype: Literal[DTYPES] = "float32"  # compute dtype
+    param_dtype: Literal[DTYPES] = "float32"
+
+
+@one_line_errors("data")
+@dataclass(frozen=True, config=SCHEMA)
+class DataConfig:
+    """Corpus, tokenizer and split. See :mod:`lowrank_jax.data`."""
+
+    source: Literal[SOURCES] = "stdlib"
+    paths: Annotated[tuple[str, ...], BeforeValidator(_tuple)] = ()  # globs, for source=files
+    tfds_name: str = "c4/en:3.1.0"
+    tfds_data_dir: str = ""
+    tfds_split: str = "train"
+    tfds_val_split: str = "validation"
+    max_docs: Annotated[Int, NonNegative] = 0  # 0: all documents (cap for tfds streams / quick runs)
+    val_fraction: Annotated[Float, Field(gt=0, lt=1)] = 0.05
+    tokenizer: str = ""  # "": train a BPE tokenizer; else a SentencePiece .model or tokenizer.json
+    vocab_size: Int = 8192  # of a trained tokenizer (>= 257, checked with `tokenizer` by Config)
+    tokenizer_train_chars: Annotated[Int, Positive] = 8_000_000
+    cache_dir: str = "~/.cache/lowrank_jax"
+
+
+@one_line_errors("optim")
+@dataclass(frozen=True, config=SCHEMA)
+class OptimConfig:
+    """Optimizer and schedule: AdamW, linear warmup then cosine decay to ``min_lr_ratio``.
+
+    ``name`` is one of :func:`~lowrank_jax.optim.registry.optimizer_names` (checked by :class:`Config`).
+    """
+
+    name: str = "adamw"
+    lr: Annotated[Float, Positive] = 1e-3
+    warmup_ratio: Annotated[Float, Fraction] = 0.1
+    min_lr_ratio: Annotated[Float, Field(ge=0, le=1)] = 0.1
+    b1: Annotated[Float, Fraction] = 0.9
+    b2: Annotated[Float, Fraction] = 0.999
+    eps: Annotated[Float, Positive] = 1e-8
+    weight_decay: Annotated[Float, NonNegative] = 0.0
+    grad_clip: Annotated[Float, Field(ge=0, description="0 disables")] = 1.0
+
+
+@one_line_errors("galore")
+@dataclass(frozen=True, config=SCHEMA)
+class GaloreConfig:
+    """GaLore settings for ``optim.name=galore_adamw`` / ``galore_adamw8bit`` (see lowrank_jax.optim.galore).
+
+    The field names are exactly keyword arguments of :func:`lowrank_jax.optim.galore.galore`: the
+    optimizer builders pass this section as ``**dataclasses.asdict(cfg.galore)``, so a new GaLore
+    option is one field here plus its keyword in the transform.
+
+    Applied to the attention and MLP kernels only; embeddings, norms and lm_head use the same Adam
+    at full size. Paper recipe: rank 128 (60M) … 1024 (7B), update_proj_gap 200, scale 0.25, lr 0.01.
+    """
+
+    rank: Annotated[Int, Positive] = 32
+    update_proj_gap: Annotated[Int, Positive] = 200
+    scale: Annotated[Float, Positive] = 0.25
+    proj_type: Literal[PROJ_TYPES] = "std"
+    refresh: Literal[REFRESH_MODES] = "all"
+    svd: Literal[SVD_MODES] = "exact"
+    moments: Literal[MOMENT_MODES] = "keep"
+    canonical_signs: bool = False
+
+
+@one_line_errors("relora")
+@dataclass(frozen=True, config=SCHEMA)
+class ReloraConfig:
+    """ReLoRA restarts for ``model.dense=lora`` (see lowrank_jax.optim.relora).
+
+    ``every > 0``: merge the LoRA factors into the frozen weights every ``every`` steps, re-initialise
+    them, prune the factors' optimizer moments (``reset``) and use the jagged cosine schedule with
+    ``restart_warmup`` re-warm steps. ``every = 0`` is plain LoRA. ``warm_start = N > 0`` trains the
+    first N steps full-rank (dense linears) and then switches to LoRA, carrying weights and optimizer
+    state over; the switch is the first restart (restarts follow at N + k·every). ``jagged=false`` and
+    ``reset=none`` switch those parts off for the paper's ablation (Table 6).
+    """
+
+    every: Annotated[Int, Field(ge=0, description="0: no restarts")] = 0
+    restart_warmup: Int = 10  # in [1, restart cycle), checked by Config when restarts are on
+    reset: Literal[RESET_MODES] = "random"
+    reset_ratio: Annotated[Float, Fraction] = 0.999
+    warm_start: Annotated[Int, Field(ge=0, description="0: no warm start")] = 0  # full-rank steps before LoRA
+    jagged: bool = True  # lr drops to 0 and re-warms at each restart (and at the warm-start switch)
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "galore": GaloreConfig,
+    "relora": ReloraConfig,
+}
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+@one_line_errors("")
+@dataclass(frozen=True, config=SCHEMA)
+class Config:
+    """A whole run. ``steps * batch_size * seq_len`` tokens are seen."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    galore: GaloreConfig = dataclasses.field(default_factory=GaloreConfig)
+    relora: ReloraConfig = dataclasses.field(default_factory=ReloraConfig)
+    steps: Annotated[Int, Positive] = 300
+    batch_size: Annotated[Int, Positive] = 16
+    grad_accum: Annotated[Int, Positive] = 1
+    seq_len: Annotated[Int, Positive] = 256
+    seed: Int = 0
+    eval_every: Annotated[Int, NonNegative] = 100  # 0: evaluate only at the end
+    eval_tokens: Annotated[Int, Positive] = 65536
+    eval_batch_size: Annotated[Int, Positive] = 16
+    log_every: Annotated[Int, Positive] = 10
+    checkpoint_every: Annotated[Int, NonNegative] = 0  # 0: no periodic checkpoints (a final one is still written)
+    keep_checkpoints: Annotated[Int, Positive] = 2
+    mesh: Annotated[tuple[Int, ...], BeforeValidator(_tuple)] = (1, 1, 1)  # (data, fsdp, tensor); one -1: the rest
+    layerwise_update: bool = False  # update each block inside the backward pass (no full gradient)
+    out_dir: Annotated[str, Field(min_length=1)] = "runs/default"
+    resume: bool = False
+    progress: bool = True
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> "Config":
+        """The rules that involve several fields or a registry (no data is read, nothing is written)."""
+        m, d, o, r = self.model, self.data, self.optim, self.relora
+        _check(m.hidden % m.heads == 0, "model.heads", f"{m.heads} heads do not divide hidden={m.hidden}")
+        _check(
+            (m.hidden // m.heads) % 2 == 0, "model.heads", "head dim hidden/heads must be even for rotary embeddings"
+        )
+        kinds = dense_kinds()
+        _check(m.dense in kinds, "model.dense", f"unknown dense kind {m.dense!r} (known: {', '.join(kinds)})")
+
+        if d.source == "files":
+            _check(bool(d.paths), "data.paths", "source=files needs at least one glob")
+        if d.source == "tfds":
+            _check(bool(d.tfds_data_dir), "data.tfds_data_dir", "source=tfds needs the prepared data directory")
+        if not d.tokenizer:
+            _check(
+                d.vocab_size >= 257,
+                "data.vocab_size",
+                f"must be >= 257 (256 bytes + end-of-document) to train a tokenizer, got {d.vocab_size}",
+            )
+
+        names = optimizer_names()
+        _check(o.name in names, "optim.name", f"unknown optimizer {o.name!r} (known: {', '.join(names)})")
+
+        if r.warm_start:
+            _check(
+                m.dense == "lora", "relora.warm_start", f"a warm start switches to model.dense=lora, got {m.dense!r}"
+            )
+            _check(r.warm_start < self.steps, "relora.warm_start", f"must be < steps={self.steps}, got {r.warm_start}")
+        if r.every:
+            _check(m.dense == "lora", "relora.every", f"restarts need model.dense=lora, got {m.dense!r}")
+        if r.jagged and (r.every or r.warm_start):
+            cycle = r.every or self.steps - r.warm_start
+            _check(
+                0 < r.restart_warmup < cycle,
+                "relora.restart_warmup",
+                f"must be in [1, {cycle}) (the restart cycle), got {r.restart_warmup}",
+            )
+            first_restart = r.warm_start or r.every
+            first_warmup = int(o.warmup_ratio * self.steps)
+            _check(
+                first_warmup <= first_restart,
+                "optim.warmup_ratio",
+                f"the first warmup ({first_warmup} steps) must end before the first restart (step {first_restart})",
+            )
+        if self.layerwise_update:
+            _check(m.scan_layers, "layerwise_update", "needs model.scan_layers=true (blocks stacked on a layers axis)")
+            _check(
+                not (r.every or r.warm_start),
+                "layerwise_update",
+                "does not combine with ReLoRA restarts or a warm start (relora.every / relora.warm_start)",
+            )
+        if m.dense in ("lora", "lowrank"):
+            _check(
+                not o.name.startswith("galore"),
+                "optim.name",
+                f"{o.name} projects the kernels; it does not combine with model.dense={m.dense}",
+            )
+
+        b = self.batch_size
+        _check(b % self.grad_accum == 0, "grad_accum", f"{self.grad_accum} does not divide batch_size={b}")
+        _check(self.seq_len <= m.max_seq_len, "seq_len", f"{self.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+        _check(len(self.mesh) == 3, "mesh", f"needs three sizes (data, fsdp, tensor), got {self.mesh}")
+        _check(
+            all(n > 0 or n == -1 for n in self.mesh) and self.mesh.count(-1) <= 1,
+            "mesh",
+            f"sizes must be positive, with at most one -1, got {self.mesh}",
+        )
+        return self
+
+
+def check_paths(cfg: Config) -> None:
+    """The filesystem checks of a valid config: corpus globs match files, named files and directories exist."""
+    d = cfg.data
+    if d.source == "files":
+        for pattern in d.paths:
+            hits = [p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)]
+            _check(bool(hits), "data.paths", f"glob {pattern!r} matches no files")
+    if d.source == "tfds":
+        _check(
+            os.path.isdir(os.path.expanduser(d.tfds_data_dir)),
+            "data.tfds_data_dir",
+            f"no such directory {d.tfds_data_dir!r}",
+        )
+    if d.tokenizer:
+        _check(os.path.isfile(os.path.expanduser(d.tokenizer)), "data.tokenizer", f"no such file {d.tokenizer!r}")
+    out = Path(cfg.out_dir).expanduser()
+    _check(not out.exists() or out.is_dir(), "out_dir", f"{cfg.out_dir!r} exists and is not a directory")
