@@ -19,20 +19,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _report import markdown_table, save_figure, step_seconds, subplots, write_results, write_table
 from optax import contrib
 
 from lowrank_jax.config import load_config, replace
 from lowrank_jax.models import abstract_params, count_bytes, count_params
 from lowrank_jax.optim import galore_adamw
-from lowrank_jax.train.metrics import provenance, write_json
-from lowrank_jax.train.optimizer import method_mask
+from lowrank_jax.optim.registry import method_mask
+from lowrank_jax.train.step import compile_train_step, make_trainer
 
 HERE = Path(__file__).resolve().parent
 RANKS = {"tiny": 32, "llama_60m": 128, "llama_130m": 256}
@@ -92,12 +92,11 @@ def _time_updates(tx, params, grads, steps: int) -> tuple[list[float], int]:
     p = jax.tree.map(jnp.copy, params)
     s = tx.init(p)
     fn = jax.jit(step, donate_argnums=(0, 1)).lower(p, s, grads[0]).compile()
-    times = []
-    for i in range(steps):
-        t0 = time.perf_counter()
-        p, s = fn(p, s, grads[i % len(grads)])
-        jax.block_until_ready((p, s))
-        times.append(time.perf_counter() - t0)
+
+    def update(ps, g):  # step_seconds' (state, aux) form: the state is (params, optimizer state), no aux
+        return fn(*ps, g), None
+
+    times, _, _ = step_seconds(update, (p, s), [grads[i % len(grads)] for i in range(steps)])
     return times, state_bytes
 
 
@@ -130,8 +129,6 @@ def bench(shape_set: str, gap: int, periods: int) -> dict:
 
 def bench_train_steps(name: str, gap: int, periods: int) -> dict:
     """Whole jitted train steps (forward + backward + update) of ``name`` with each optimizer, side by side."""
-    from lowrank_jax.train.step import compile_train_step, make_trainer  # noqa: PLC0415
-
     rank = RANKS.get(name, 32)
     base = load_config(name, [f"galore.rank={rank}", f"galore.update_proj_gap={gap}"])
     base = replace(base, model__vocab_size=base.model.vocab_size or base.data.vocab_size)
@@ -150,13 +147,7 @@ def bench_train_steps(name: str, gap: int, periods: int) -> dict:
     for label, changes in variants.items():
         trainer = make_trainer(replace(base, **changes))
         step = compile_train_step(trainer)
-        state, b = trainer.init_state(), trainer.put_batch(batch)
-        times = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            state, m = step(state, b)
-            jax.block_until_ready(m)
-            times.append(time.perf_counter() - t0)
+        times, _, _ = step_seconds(step, trainer.init_state(), [trainer.put_batch(batch)] * steps)
         rows[label] = _stats(times)
         print(
             f"  train step {name} {label:36s} median {rows[label]['median_ms']:9.1f} ms  max "
@@ -168,43 +159,48 @@ def bench_train_steps(name: str, gap: int, periods: int) -> dict:
 
 
 def train_table(res: dict) -> str:
-    lines = [
-        f"Whole train steps of `{res['config']}` (r={res['rank']}, T={res['gap']}, {res['steps']} steps):",
-        "",
-        "| optimizer | median step (ms) | median / adamw | max step (ms) | max / median |",
-        "|---|---|---|---|---|",
+    rows = [
+        [
+            label,
+            f"{r['median_ms']:.1f}",
+            f"{r['median_vs_adamw']:.3f}",
+            f"{r['max_ms']:.1f}",
+            f"{r['max_vs_median']:.2f}",
+        ]
+        for label, r in res["variants"].items()
     ]
-    for label, r in res["variants"].items():
-        lines.append(
-            f"| {label} | {r['median_ms']:.1f} | {r['median_vs_adamw']:.3f} | {r['max_ms']:.1f} | "
-            f"{r['max_vs_median']:.2f} |"
-        )
-    return "\n".join(lines)
+    header = "optimizer | median step (ms) | median / adamw | max step (ms) | max / median"
+    return (
+        f"Whole train steps of `{res['config']}` (r={res['rank']}, T={res['gap']}, {res['steps']} steps):\n\n"
+        + markdown_table(header, rows)
+    )
 
 
 def table(results: list[dict]) -> str:
-    lines = [
-        "| shapes | optimizer | median step (ms) | median / adamw | max step (ms) | max / median | max / adamw "
-        "| step 0 (ms) | state (MiB) |",
-        "|---|---|---|---|---|---|---|---|---|",
+    header = (
+        "shapes | optimizer | median step (ms) | median / adamw | max step (ms) | max / median | max / adamw"
+        " | step 0 (ms) | state (MiB)"
+    )
+    rows = [
+        [
+            f"{res['shape_set']} ({res['params'] / 1e6:.1f}M, r={res['rank']}, T={res['gap']})",
+            name,
+            f"{r['median_ms']:.2f}",
+            f"{r['median_vs_adamw']:.2f}",
+            f"{r['max_ms']:.2f}",
+            f"{r['max_vs_median']:.2f}",
+            f"{r['max_vs_adamw']:.2f}",
+            f"{r['step0_ms']:.1f}",
+            f"{r['state_bytes'] / 2**20:.1f}",
+        ]
+        for res in results
+        for name, r in res["optimizers"].items()
     ]
-    for res in results:
-        for name, r in res["optimizers"].items():
-            lines.append(
-                f"| {res['shape_set']} ({res['params'] / 1e6:.1f}M, r={res['rank']}, T={res['gap']}) | {name} | "
-                f"{r['median_ms']:.2f} | {r['median_vs_adamw']:.2f} | {r['max_ms']:.2f} | {r['max_vs_median']:.2f} | "
-                f"{r['max_vs_adamw']:.2f} | {r['step0_ms']:.1f} | {r['state_bytes'] / 2**20:.1f} |"
-            )
-    return "\n".join(lines)
+    return markdown_table(header, rows)
 
 
 def plot(results: list[dict], path: Path) -> None:
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), dpi=110, squeeze=False)
+    fig, axes = subplots(1, len(results), figsize=(6 * len(results), 4), dpi=110, squeeze=False)
     for ax, res in zip(axes[0], results, strict=True):
         for name, r in res["optimizers"].items():
             ax.plot(r["times_ms"][1:], label=name, lw=1)
@@ -212,11 +208,7 @@ def plot(results: list[dict], path: Path) -> None:
         ax.set_xlabel("update step (after step 0)")
         ax.set_ylabel("ms")
         ax.set_title(f"{res['shape_set']}: rank {res['rank']}, refresh gap {res['gap']}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path, axes[0], grid=True, legend={"fontsize": 7})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -229,12 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     results = [bench(s, args.gap, args.periods) for s in args.shapes]
     train_res = bench_train_steps("tiny", args.gap, args.periods)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     md = "Optimizer updates alone:\n\n" + table(results) + "\n\n" + train_table(train_res)
     print(md)
-    (out / "table.md").write_text(md + "\n")
+    write_table(out, md)
     plot(results, out / "step_times.png")
-    write_json(out / "results.json", {"results": results, "train_steps": train_res, "args": vars(args), **provenance()})
+    write_results(out, {"results": results, "train_steps": train_res, "args": vars(args)})
     return 0
 
 

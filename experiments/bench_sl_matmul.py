@@ -24,16 +24,14 @@ y and every gradient against the naive reference); GPU/TPU runs use the full sha
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _report import markdown_table, median_seconds, save_figure, subplots, write_results, write_table
 
-from lowrank_jax.train.metrics import provenance, write_json
 from lowrank_jax.train.step import compiled_memory
 from pallas_kernels.sl_matmul.api import sl_matmul
 from pallas_kernels.sl_matmul.reference import materialize_w, sl_matmul_reference
@@ -69,16 +67,6 @@ def variant_fn(name: str, scale: float, interpret: bool):
     return lambda x, a, b, v, i: sl_matmul(x, a, b, v, i, scale, **kw)
 
 
-def timed(fn, args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # warm-up (compiled already)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def bench_shape(k: int, n: int, rank: int, m: int, density: float, repeats: int, interpret: bool) -> list[dict]:
     scale = 16.0 / rank  # any constant; the paper's alpha/r
     x, a, b, values, idx, dy = operands(k, n, rank, m, density)
@@ -102,8 +90,8 @@ def bench_shape(k: int, n: int, rank: int, m: int, density: float, repeats: int,
                 "shape": f"{k}x{n}",
                 "tokens": m,
                 "variant": name,
-                "fwd_s": timed(fwd, args, repeats),
-                "fwd_bwd_s": timed(both, (*args, dy), repeats),
+                "fwd_s": median_seconds(fwd, *args, repeats=repeats),
+                "fwd_bwd_s": median_seconds(both, *args, dy, repeats=repeats),
                 "fwd_bwd_temp_bytes": mem.get("temp_size_in_bytes"),
                 "fwd_bwd_peak_bytes": mem.get("peak_estimate_bytes"),
                 "fwd_memory": compiled_memory(fwd),
@@ -120,33 +108,38 @@ def bench_shape(k: int, n: int, rank: int, m: int, density: float, repeats: int,
     return rows
 
 
+def _mib(v: int | None) -> str:
+    return f"{v / 2**20:,.1f} MiB" if v is not None else "-"
+
+
 def table(rows: list[dict]) -> str:
-    out = [
-        "| shape (in×out) | tokens | variant | fwd ms | fwd+bwd ms | fwd+bwd vs xla | temp (fwd+bwd) | peak est. | "
-        "max rel. err vs naive (y, dx, dA, dB, dvalues) |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    header = (
+        "shape (in×out) | tokens | variant | fwd ms | fwd+bwd ms | fwd+bwd vs xla | temp (fwd+bwd) | peak est."
+        " | max rel. err vs naive (y, dx, dA, dB, dvalues)"
+    )
     base = {(r["shape"], r["tokens"]): r for r in rows if r["variant"] == "xla"}
+    cells = []
     for r in rows:
         b = base[(r["shape"], r["tokens"])]
         err = r.get("max_rel_err")
-        err_s = ", ".join(f"{v:.1e}" for v in err.values()) if err else "-"
-        mib = lambda v: f"{v / 2**20:,.1f} MiB" if v is not None else "-"  # noqa: E731
-        out.append(
-            f"| {r['shape']} | {r['tokens']} | {r['variant']} | {1e3 * r['fwd_s']:.2f} | {1e3 * r['fwd_bwd_s']:.2f} | "
-            f"{r['fwd_bwd_s'] / b['fwd_bwd_s']:.2f}× | {mib(r['fwd_bwd_temp_bytes'])} | "
-            f"{mib(r['fwd_bwd_peak_bytes'])} | {err_s} |"
+        cells.append(
+            [
+                r["shape"],
+                r["tokens"],
+                r["variant"],
+                f"{1e3 * r['fwd_s']:.2f}",
+                f"{1e3 * r['fwd_bwd_s']:.2f}",
+                f"{r['fwd_bwd_s'] / b['fwd_bwd_s']:.2f}×",
+                _mib(r["fwd_bwd_temp_bytes"]),
+                _mib(r["fwd_bwd_peak_bytes"]),
+                ", ".join(f"{v:.1e}" for v in err.values()) if err else "-",
+            ]
         )
-    return "\n".join(out)
+    return markdown_table(header, cells)
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = subplots(1, 2, figsize=(10, 4))
     for v in VARIANTS:
         sel = [r for r in rows if r["variant"] == v]
         labels = [f"{r['shape']}\nM={r['tokens']}" for r in sel]
@@ -156,11 +149,8 @@ def plot(rows: list[dict], path: Path) -> None:
     axes[1].set_ylabel("XLA peak estimate (MiB)")
     for ax in axes:
         ax.tick_params(axis="x", labelsize=7)
-        ax.legend()
     fig.suptitle(f"SLTrain matmul on {jax.devices()[0].device_kind}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, axes, legend=True, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,13 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     print(note)
     print(md)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text(note + "\n\n" + md + "\n")
+    write_table(out, note + "\n\n" + md)
     plot(rows, out / "bench.png")
-    write_json(
-        out / "results.json",
-        {"rows": rows, "setup": setup, "density": args.density, "interpret": interpret, **provenance()},
-    )
+    write_results(out, {"rows": rows, "setup": setup, "density": args.density, "interpret": interpret})
     return 0
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _report import save_figure, step_seconds, subplots, write_results
 
 from lowrank_jax import config as config_lib
 from lowrank_jax.analysis import flops
@@ -78,12 +79,7 @@ def bench(cfg: config_lib.Config, steps: int, warmup: int) -> dict[str, Any]:
     for batch in batches[:warmup]:
         state, m = step_fn(state, batch)
     jax.block_until_ready(state)
-    times = []
-    for batch in batches[warmup:]:
-        t = time.perf_counter()
-        state, m = step_fn(state, batch)
-        jax.block_until_ready(state)
-        times.append(time.perf_counter() - t)
+    times, state, m = step_seconds(step_fn, state, batches[warmup:])
     last_loss = float(m["loss"])
 
     median = statistics.median(times)
@@ -152,23 +148,14 @@ def format_table(name: str, res: dict[str, Any], device_kind: str) -> str:
 
 def plot_step_times(times: list[float], path: Path, title: str) -> None:
     """Per-step wall time of the timed steps, with the median."""
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    fig, ax = subplots(figsize=(6, 3.5), dpi=110)
     ms = [t * 1e3 for t in times]
     ax.plot(range(1, len(ms) + 1), ms, "o-", lw=1, ms=3, label="step")
     ax.axhline(statistics.median(ms), color="tab:red", lw=1, ls="--", label="median")
     ax.set_xlabel("timed step")
     ax.set_ylabel("wall time (ms)")
     ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path, [ax], grid=True, legend=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,16 +174,14 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(name, res, device_kind))
 
     out = Path(args.out) if args.out else REPO / "experiments" / "results" / "bench_step" / name
-    out.mkdir(parents=True, exist_ok=True)
     results = {
         "benchmark": "bench_step",
         "config_name": name,
         "overrides": list(args.overrides),
         **res,
         "config": config_lib.to_dict(cfg),
-        **metrics_lib.provenance(),
     }
-    metrics_lib.write_json(out / "results.json", results)
+    write_results(out, results)
     plot_step_times(res["step_times_s"], out / "step_times.png", f"{name}: train step on {device_kind}")
     print(f"wrote {out / 'results.json'}")
     return 0

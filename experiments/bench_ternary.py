@@ -23,32 +23,21 @@ Writes ``results.json`` (timings, ratios, config, provenance), ``table.md`` and 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _report import markdown_table, median_seconds, save_figure, subplots, write_record, write_table
 
-from lowrank_jax.train.metrics import provenance, write_json
+from lowrank_jax.train.metrics import provenance
 from pallas_kernels.ternary_matmul import pack_ternary, ternary_matmul
 
 HERE = Path(__file__).resolve().parent
 SHAPES = ((4096, 4096), (4096, 11008))
 TOKENS = (1, 2048)
-
-
-def timed(fn, *args, reps: int) -> float:
-    """Median seconds of ``reps`` calls after one warm-up (compile) call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+METHODS = ("ternary_pallas_bf16", "ternary_pallas_int8", "ternary_xla_bf16")  # each timed against bf16
 
 
 def block_candidates(m: int, tune: bool) -> list[tuple[int, int, int] | None]:
@@ -82,7 +71,7 @@ def bench_case(k: int, n: int, m: int, reps: int, interpret: bool, key: jax.Arra
 
     tiles = {}
     for blocks in block_candidates(m, tune):
-        tiles[str(blocks)] = timed(pallas_bf16_with(blocks), x_bf16, packed, reps=reps)
+        tiles[str(blocks)] = median_seconds(pallas_bf16_with(blocks), x_bf16, packed, repeats=reps)
     best = min(tiles, key=tiles.get)
     best_blocks = None if best == "None" else tuple(int(v) for v in best.strip("()").split(","))
     pallas_bf16 = pallas_bf16_with(best_blocks)
@@ -102,10 +91,10 @@ def bench_case(k: int, n: int, m: int, reps: int, interpret: bool, key: jax.Arra
     if not err < 1e-3:
         raise RuntimeError(f"kernel mismatch at k={k} n={n} m={m}: relative error {err}")
     t = {
-        "bf16": timed(dense, x_bf16, w_bf16, reps=reps),
-        "ternary_pallas_bf16": timed(pallas_bf16, x_bf16, packed, reps=reps),
-        "ternary_pallas_int8": timed(pallas_int8, x_int8, x_scale, packed, reps=reps),
-        "ternary_xla_bf16": timed(xla_bf16, x_bf16, packed, reps=reps),
+        "bf16": median_seconds(dense, x_bf16, w_bf16, repeats=reps),
+        "ternary_pallas_bf16": median_seconds(pallas_bf16, x_bf16, packed, repeats=reps),
+        "ternary_pallas_int8": median_seconds(pallas_int8, x_int8, x_scale, packed, repeats=reps),
+        "ternary_xla_bf16": median_seconds(xla_bf16, x_bf16, packed, repeats=reps),
     }
     return {
         "k": k,
@@ -121,43 +110,31 @@ def bench_case(k: int, n: int, m: int, reps: int, interpret: bool, key: jax.Arra
 
 
 def table(rows: list[dict], device: str) -> str:
-    head = (
-        f"Device: {device}. Median seconds; speed-up = time(bf16) / time(method).\n\n"
-        "| in × out | tokens | bf16 ms | pallas bf16 ms (×) | pallas int8 ms (×) | XLA unpack ms (×) |\n"
-        "|---|---|---|---|---|---|"
-    )
-    lines = []
-    for r in rows:
-        s, x = r["seconds"], r["speedup_vs_bf16"]
-        lines.append(
-            f"| {r['k']}×{r['n']} | {r['tokens']} | {1e3 * s['bf16']:.3f} | "
-            f"{1e3 * s['ternary_pallas_bf16']:.3f} ({x['ternary_pallas_bf16']:.2f}×) | "
-            f"{1e3 * s['ternary_pallas_int8']:.3f} ({x['ternary_pallas_int8']:.2f}×) | "
-            f"{1e3 * s['ternary_xla_bf16']:.3f} ({x['ternary_xla_bf16']:.2f}×) |"
-        )
-    return head + "\n" + "\n".join(lines)
+    header = "in × out | tokens | bf16 ms | pallas bf16 ms (×) | pallas int8 ms (×) | XLA unpack ms (×)"
+    cells = [
+        [
+            f"{r['k']}×{r['n']}",
+            r["tokens"],
+            f"{1e3 * r['seconds']['bf16']:.3f}",
+            *(f"{1e3 * r['seconds'][q]:.3f} ({r['speedup_vs_bf16'][q]:.2f}×)" for q in METHODS),
+        ]
+        for r in rows
+    ]
+    caption = f"Device: {device}. Median seconds; speed-up = time(bf16) / time(method)."
+    return caption + "\n\n" + markdown_table(header, cells)
 
 
 def plot(rows: list[dict], path: Path, device: str) -> None:
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    names = ("ternary_pallas_bf16", "ternary_pallas_int8", "ternary_xla_bf16")
     labels = [f"{r['k']}×{r['n']}\nM={r['tokens']}" for r in rows]
     xs = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(8, 4), dpi=110)
-    for i, name in enumerate(names):
+    fig, ax = subplots(figsize=(8, 4), dpi=110)
+    for i, name in enumerate(METHODS):
         ax.bar(xs + (i - 1) * 0.27, [r["speedup_vs_bf16"][name] for r in rows], 0.27, label=name)
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xticks(xs, labels)
     ax.set_ylabel("speed-up vs bf16 matmul")
     ax.set_title(device)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path, [ax], legend=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,11 +160,10 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(r)
             print(f"{kk}x{nn} M={mm}: " + ", ".join(f"{q} {v:.2f}x" for q, v in r["speedup_vs_bf16"].items()))
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     md = table(rows, device)
-    (out / "table.md").write_text(md + "\n")
+    write_table(out, md)
     plot(rows, out / "ratios.png", device)
-    write_json(
+    write_record(
         out / "results.json",
         {"rows": rows, "config": {"scale": a.scale, "reps": a.reps, "interpret": interpret}, "provenance": prov},
     )

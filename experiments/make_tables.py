@@ -10,6 +10,11 @@ import json
 import re
 from pathlib import Path
 
+from _report import markdown_table, write_table
+
+from lowrank_jax.config import ModelConfig
+from lowrank_jax.models import abstract_params, count_trainable, param_labels
+
 HERE = Path(__file__).resolve().parent
 README = HERE.parent / "README.md"
 
@@ -23,9 +28,6 @@ def _trainable(r: dict) -> int:
     """Trainable parameters of a run: recorded since the ReLoRA warm start; else counted from its config."""
     if "trainable_params" in r:
         return r["trainable_params"]
-    from lowrank_jax.config import ModelConfig  # noqa: PLC0415
-    from lowrank_jax.models import abstract_params, count_trainable, param_labels  # noqa: PLC0415
-
     cfg = ModelConfig(**r["config"]["model"])
     return count_trainable(abstract_params(cfg)[1], param_labels(cfg))
 
@@ -64,16 +66,26 @@ def tiny_table() -> str:
             if (rl.get("every") or rl.get("warm_start")) and not rl.get("jagged", True):
                 method += " no jagged lr"
         rows.append(
-            f"| {name} | {method} | {c['model']['dense']} | {c['optim']['lr']:g} | {r['params'] / 1e6:.2f}M | "
-            f"{_trainable(r) / 1e6:.2f}M | "
-            f"{r['optimizer_state_bytes'] / 2**20:.1f} MiB | {r['tokens']:,} | {r['final_val_ppl']:.2f} | {ratio} | "
-            f"{r['unigram_val_ppl']:.1f} | {r['tokens_per_s']:,.0f} |"
+            [
+                name,
+                method,
+                c["model"]["dense"],
+                f"{c['optim']['lr']:g}",
+                f"{r['params'] / 1e6:.2f}M",
+                f"{_trainable(r) / 1e6:.2f}M",
+                f"{r['optimizer_state_bytes'] / 2**20:.1f} MiB",
+                f"{r['tokens']:,}",
+                f"{r['final_val_ppl']:.2f}",
+                ratio,
+                f"{r['unigram_val_ppl']:.1f}",
+                f"{r['tokens_per_s']:,.0f}",
+            ]
         )
-    head = (
-        "| run | optimizer | dense | lr | params | trainable | optimizer state | tokens | val ppl | ppl / best full "
-        "| unigram ppl | tokens/s |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+    header = (
+        "run | optimizer | dense | lr | params | trainable | optimizer state | tokens | val ppl | ppl / best full"
+        " | unigram ppl | tokens/s"
     )
-    return head + "\n" + "\n".join(rows)
+    return markdown_table(header, rows)
 
 
 # ReLoRA paper Table 6 (130M, validation perplexity) next to the tiny runs that mirror each row.
@@ -101,13 +113,11 @@ def relora_ablation_table() -> str:
         r = _load(name)
         ppl = f"{r['final_val_ppl']:.2f}" if r else "(not run)"
         ratio = f"{r['final_val_ppl'] / best:.3f}" if r and best else "-"
-        rows.append(f"| {name} | {label} | {restarts} | {reset} | {jagged} | {warm} | {ppl} | {ratio} | {paper} |")
-    head = (
-        "| run | variant | restarts | reset | jagged lr | warm start | val ppl | / best full-rank | paper 130M ppl |\n"
-        "|---|---|---|---|---|---|---|---|---|"
-    )
-    tail = f"\n| best full-rank | AdamW | - | - | - | - | {best:.2f} | 1.000 | 23.65 |" if best else ""
-    return head + "\n" + "\n".join(rows) + tail
+        rows.append([name, label, restarts, reset, jagged, warm, ppl, ratio, paper])
+    if best:
+        rows.append(["best full-rank", "AdamW", "-", "-", "-", "-", f"{best:.2f}", "1.000", "23.65"])
+    header = "run | variant | restarts | reset | jagged lr | warm start | val ppl | / best full-rank | paper 130M ppl"
+    return markdown_table(header, rows)
 
 
 def _copied(name: str):
@@ -136,7 +146,7 @@ def main() -> None:
     for name, fn in TABLES.items():
         table = fn()
         if name in ("tiny", "relora_ablation"):
-            (HERE / "results" / f"{name}.md").write_text(table + "\n")
+            write_table(HERE / "results", table, f"{name}.md")
         pattern = re.compile(rf"(<!-- table:{name} -->\n).*?(<!-- /table:{name} -->)", re.S)
         text = pattern.sub(lambda m, t=table: m.group(1) + t + "\n" + m.group(2), text)
     if text:

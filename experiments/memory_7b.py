@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from lowrank_jax.train.metrics import provenance, write_json
+from _report import markdown_table, write_results, write_table
 
 HERE = Path(__file__).resolve().parent
 GIB = 2**30
@@ -50,22 +50,23 @@ def measure(overrides: list[str]) -> dict:
     return {**report, "seconds": time.time() - t0}
 
 
-def table(rows: list[dict]) -> str:
-    out = [
-        "| method | devices | params + state (GiB) | arguments | temporaries | peak estimate / device |",
-        "|---|---|---|---|---|---|",
+def _cells(r: dict) -> list[str]:
+    if "error" in r:
+        return [r["label"], r["mesh_label"], "-", "-", "-", f"error: {r['error'][:80]}"]
+    m = r["xla_memory"]
+    return [
+        r["label"],
+        r["mesh_label"],
+        f"{(r['param_bytes'] + r['optimizer_state_bytes']) / GIB:.2f}",
+        f"{m['argument_size_in_bytes'] / GIB:.2f}",
+        f"{m['temp_size_in_bytes'] / GIB:.2f}",
+        f"**{m['peak_estimate_bytes'] / GIB:.2f}**",
     ]
-    for r in rows:
-        if "error" in r:
-            out.append(f"| {r['label']} | {r['mesh_label']} | - | - | - | error: {r['error'][:80]} |")
-            continue
-        m = r["xla_memory"]
-        state = (r["param_bytes"] + r["optimizer_state_bytes"]) / GIB
-        out.append(
-            f"| {r['label']} | {r['mesh_label']} | {state:.2f} | {m['argument_size_in_bytes'] / GIB:.2f} | "
-            f"{m['temp_size_in_bytes'] / GIB:.2f} | **{m['peak_estimate_bytes'] / GIB:.2f}** |"
-        )
-    return "\n".join(out)
+
+
+def table(rows: list[dict]) -> str:
+    header = "method | devices | params + state (GiB) | arguments | temporaries | peak estimate / device"
+    return markdown_table(header, [_cells(r) for r in rows])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,9 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             print(table([r]).splitlines()[-1], flush=True)
             rows.append(r)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "results.json", {"rows": rows, "common_overrides": COMMON, **provenance()})
-    (out / "table.md").write_text(table(rows) + "\n")
+    write_results(out, {"rows": rows, "common_overrides": COMMON})
+    write_table(out, table(rows))
     print(table(rows))
     return 0
 

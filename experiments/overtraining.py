@@ -38,6 +38,18 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import numpy as np
+from _report import markdown_table, save_figure, subplots, write_record, write_results, write_table
+
+from lowrank_jax.analysis.finetune import finetune_degradation, finetune_token_data, load_params, run_config
+from lowrank_jax.analysis.linear_toy import linear_toy
+from lowrank_jax.analysis.sensitivity import densify, init_std_tree, parameter_sensitivity
+from lowrank_jax.config import load_config
+from lowrank_jax.data import eval_batches, prepare_data
+from lowrank_jax.train.checkpoint import checkpoint_steps
+from lowrank_jax.train.loop import train
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RUNS = REPO / "runs" / "overtraining"
@@ -69,14 +81,10 @@ METHODS: dict[str, list[str]] = {
 
 
 def method_config(method: str, extra: list[str] | None = None):
-    from lowrank_jax.config import load_config  # noqa: PLC0415
-
     return load_config("tiny", [*COMMON, *METHODS[method], f"out_dir={RUNS / method}", *(extra or [])])
 
 
 def part_pretrain(args) -> None:
-    from lowrank_jax.train.loop import train  # noqa: PLC0415
-
     for method in args.methods:
         cfg = method_config(method, args.overrides)
         out = Path(cfg.out_dir)
@@ -108,27 +116,12 @@ def _json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _write(path: Path, obj: dict) -> None:
-    from lowrank_jax.train.metrics import write_json  # noqa: PLC0415
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, obj)
-
-
 def _checkpoints(method: str, only: list[int] | None) -> list[int]:
-    from lowrank_jax.train.checkpoint import checkpoint_steps  # noqa: PLC0415
-
     steps = checkpoint_steps(RUNS / method / "checkpoints")
     return [s for s in steps if not only or s in only]
 
 
 def part_sensitivity(args) -> None:
-    import jax  # noqa: PLC0415
-
-    from lowrank_jax.analysis.finetune import load_params  # noqa: PLC0415
-    from lowrank_jax.analysis.sensitivity import parameter_sensitivity  # noqa: PLC0415
-    from lowrank_jax.data import eval_batches, prepare_data  # noqa: PLC0415
-
     for method in args.methods:
         steps = _checkpoints(method, args.steps)
         if not steps:
@@ -169,7 +162,7 @@ def part_sensitivity(args) -> None:
                     tab["rows"] = sorted(row[relative]["rows"] + tab["rows"], key=lambda r: r["lambda"])
                 row[relative] = tab
             done[str(step)] = row
-            _write(out_path, {"method": method, "overrides": METHODS[method], "budgets": done})
+            write_record(out_path, {"method": method, "overrides": METHODS[method], "budgets": done})
             summary = ", ".join(f"λ={r['lambda']:g}: {r['mean_increase']:+.4f}" for r in row["init"]["rows"])
             print(
                 f"sensitivity {method} step {step}: clean {row['init']['clean_loss']:.4f}; {summary} "
@@ -186,12 +179,6 @@ GROUPS = {
 
 def part_groups(args) -> None:
     """Which tensors carry the sensitivity: noise on one group at a time (init std × λ, step 200 or --steps)."""
-    import jax  # noqa: PLC0415
-
-    from lowrank_jax.analysis.finetune import load_params  # noqa: PLC0415
-    from lowrank_jax.analysis.sensitivity import densify, init_std_tree, parameter_sensitivity  # noqa: PLC0415
-    from lowrank_jax.data import eval_batches, prepare_data  # noqa: PLC0415
-
     out_path = RESULTS / "sensitivity_groups.json"
     done = _json(out_path)
     lams = (1.0, 2.0, 4.0)
@@ -216,7 +203,7 @@ def part_groups(args) -> None:
                 )
                 row[name] = tab.to_dict()
             done[f"{method}/{step}"] = row
-            _write(out_path, done)
+            write_record(out_path, done)
             summary = "; ".join(
                 f"{g}: " + ", ".join(f"λ={r['lambda']:g} {r['mean_increase']:+.3f}" for r in t["rows"])
                 for g, t in row.items()
@@ -229,9 +216,6 @@ def _ft_name(method: str, lr: float) -> str:
 
 
 def part_finetune(args) -> None:
-    from lowrank_jax.analysis.finetune import finetune_degradation, finetune_token_data, run_config  # noqa: PLC0415
-    from lowrank_jax.data import prepare_data  # noqa: PLC0415
-
     for method in args.methods:
         steps = _checkpoints(method, args.steps or [25, 50, 100, 200])
         if not steps:
@@ -257,7 +241,7 @@ def part_finetune(args) -> None:
             )
             res["finetune_data"] = ft.info
             done[str(step)] = res
-            _write(out_path, {"method": method, "lr": args.ft_lr, "budgets": done})
+            write_record(out_path, {"method": method, "lr": args.ft_lr, "budgets": done})
             print(
                 f"finetune {method} step {step}: pydoc {res['ft_loss_before']:.4f} -> {res['ft_loss_after']:.4f}, "
                 f"stdlib {res['pt_loss_before']:.4f} -> {res['pt_loss_after']:.4f} ({time.time() - t0:.0f}s)",
@@ -277,12 +261,8 @@ def part_methods(args) -> None:
 
 
 def part_toy(args) -> None:
-    import jax  # noqa: PLC0415
-
-    from lowrank_jax.analysis.linear_toy import linear_toy  # noqa: PLC0415
-
     res = linear_toy(gammas=TOY_GAMMAS, n_perturb=64, key=jax.random.key(0))
-    _write(RESULTS / "toy.json", res.to_dict())
+    write_record(RESULTS / "toy.json", res.to_dict())
     for inf in res.inflections:
         print(
             f"toy γ={inf.gamma}: τ={inf.threshold:.3f}, first mode below τ k*={inf.mode} "
@@ -297,23 +277,8 @@ def _fmt_band(row: dict) -> str:
     return f"{row['mean_increase']:+.4f} ± {(row['ci95_high'] - row['ci95_low']) / 2:.4f}"
 
 
-def _plt():
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    return plt
-
-
-def _save(plt, fig, axes, path: Path) -> None:
-    """Grid and legend on every panel, then write and close the figure."""
-    for ax in axes:
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+# Grid lines of every panel (log axes: minor ticks too).
+GRID = {"alpha": 0.3, "which": "both"}
 
 
 def _sens_series(sens: dict, relative: str = "init") -> tuple[list[int], dict[float, list[dict]], list[float]]:
@@ -331,10 +296,9 @@ def _sens_series(sens: dict, relative: str = "init") -> tuple[list[int], dict[fl
 
 
 def plot_sensitivity(sens_by_method: dict[str, dict], path: Path) -> None:
-    plt = _plt()
     full = sens_by_method.get("full")
     methods = [m for m in METHODS if m in sens_by_method]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6), dpi=110)
+    fig, axes = subplots(1, 3, figsize=(16, 4.6), dpi=110)
     if full:
         tokens, by_lam, clean = _sens_series(full)
         for lam, rows in sorted(by_lam.items()):
@@ -358,12 +322,11 @@ def plot_sensitivity(sens_by_method: dict[str, dict], path: Path) -> None:
             axes[2].errorbar(x, [r["mean_increase"] for r in rows], yerr=err, marker="o", capsize=3, label=m)
     axes[2].set(xscale="log", yscale="log", xlabel="pretraining tokens", ylabel="loss increase (nats/token)")
     axes[2].set_title(f"methods at equal tokens, λ={lam_cmp:g} (effective weights)")
-    _save(plt, fig, axes, path)
+    save_figure(fig, path, axes, grid=GRID, legend={"fontsize": 8})
 
 
 def plot_finetune(ft_by_method: dict[str, dict], path: Path) -> None:
-    plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), dpi=110)
+    fig, axes = subplots(1, 2, figsize=(11, 4.4), dpi=110)
     for m, ft in ft_by_method.items():
         rows = sorted(ft["budgets"].values(), key=lambda r: r["checkpoint_step"])
         x = [r["pretrain_tokens"] for r in rows]
@@ -375,15 +338,12 @@ def plot_finetune(ft_by_method: dict[str, dict], path: Path) -> None:
     axes[0].set_title(f"fine-tune domain ({FT_STEPS} steps, fixed lr per curve)")
     axes[1].set(xscale="log", xlabel="pretraining tokens", ylabel="stdlib validation loss")
     axes[1].set_title("pretraining domain (forgetting)")
-    _save(plt, fig, axes, path)
+    save_figure(fig, path, axes, grid=GRID, legend={"fontsize": 8})
 
 
 def plot_toy(toy: dict, path: Path) -> None:
-    import numpy as np  # noqa: PLC0415
-
-    plt = _plt()
     steps = np.asarray(toy["steps"])
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4), dpi=110)
+    fig, axes = subplots(1, 3, figsize=(16, 4.4), dpi=110)
     learned = np.asarray(toy["learned"])
     for k, s in enumerate(toy["target_singular_values"]):
         axes[0].plot(steps, learned[:, k], label=f"σ_{k + 1} (target {s:g})")
@@ -403,18 +363,12 @@ def plot_toy(toy: dict, path: Path) -> None:
         xlabel="gradient-descent step", ylabel="perturbed error − its minimum", xscale="symlog", yscale="symlog"
     )
     axes[2].set_title("perturbed error: minimum in the predicted window (shaded)")
-    for ax in axes:
-        ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=7)
     axes[2].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path, axes, grid=GRID)
 
 
 def part_report(args) -> None:
-    from lowrank_jax.train.metrics import provenance  # noqa: PLC0415
-
     sens = {m: _json(RESULTS / f"sensitivity_{m}.json") for m in METHODS}
     sens = {m: v for m, v in sens.items() if v.get("budgets")}
     ft = {}
@@ -439,29 +393,30 @@ def part_report(args) -> None:
         "",
     ]
     if runs:
-        lines += ["## Pretraining runs (`tiny`, constant lr after warmup)", ""]
-        lines += [
-            "| method | overrides | params | tokens | final val loss | tokens/s (shared CPU: not comparable) |",
-            "|---|---|---|---|---|---|",
+        header = "method | overrides | params | tokens | final val loss | tokens/s (shared CPU: not comparable)"
+        cells = [
+            [
+                m,
+                f"`{' '.join(METHODS[m]) or '-'}`",
+                f"{r['params'] / 1e6:.2f}M",
+                f"{r['tokens']:,}",
+                f"{r['final_val_loss']:.4f}",
+                f"{r['tokens_per_s']:,.0f}",
+            ]
+            for m, r in runs.items()
         ]
-        for m, r in runs.items():
-            lines.append(
-                f"| {m} | `{' '.join(METHODS[m]) or '-'}` | {r['params'] / 1e6:.2f}M | {r['tokens']:,} | "
-                f"{r['final_val_loss']:.4f} | {r['tokens_per_s']:,.0f} |"
-            )
-        lines.append("")
+        lines += ["## Pretraining runs (`tiny`, constant lr after warmup)", "", markdown_table(header, cells), ""]
     for m, v in sens.items():
         tokens, by_lam, clean = _sens_series(v)
         lams = sorted(by_lam)
-        lines += [f"## Sensitivity vs pretraining tokens: {m}", ""]
-        lines.append("| step | tokens | clean loss | " + " | ".join(f"Δ loss, λ={lam:g}" for lam in lams) + " |")
-        lines.append("|---|---|---|" + "---|" * len(lams))
         budgets = sorted(v["budgets"].values(), key=lambda r: r["step"])
+        cells = []
         for i, b in enumerate(budgets):
             rows = {r["lambda"]: r for r in b["init"]["rows"]}
-            cells = " | ".join(_fmt_band(rows[lam]) if lam in rows else "-" for lam in lams)
-            lines.append(f"| {b['step']} | {b['tokens']:,} | {clean[i]:.4f} | {cells} |")
-        lines.append("")
+            bands = [_fmt_band(rows[lam]) if lam in rows else "-" for lam in lams]
+            cells.append([b["step"], f"{b['tokens']:,}", f"{clean[i]:.4f}", *bands])
+        header = ["step", "tokens", "clean loss", *(f"Δ loss, λ={lam:g}" for lam in lams)]
+        lines += [f"## Sensitivity vs pretraining tokens: {m}", "", markdown_table(header, cells), ""]
         mono = []
         for lam in lams:
             rows = by_lam[lam]
@@ -470,16 +425,20 @@ def part_report(args) -> None:
             perturbed = [r["perturbed_loss"] for r in rows]
             best = rows[perturbed.index(min(perturbed))]["step"]
             mono.append(
-                f"| {lam:g} | {len(rows)} | {rises}/{len(means) - 1} | {'yes' if rises == len(means) - 1 else 'no'} | "
-                f"{means[-1] / means[0]:.2f} | {best} |"
+                [
+                    f"{lam:g}",
+                    len(rows),
+                    f"{rises}/{len(means) - 1}",
+                    "yes" if rises == len(means) - 1 else "no",
+                    f"{means[-1] / means[0]:.2f}",
+                    best,
+                ]
             )
-        lines += [
-            "| λ | budgets | rises between consecutive budgets | monotone | Δ(last)/Δ(first) "
-            "| step of lowest perturbed loss |",
-            "|---|---|---|---|---|---|",
-            *mono,
-            "",
-        ]
+        header = (
+            "λ | budgets | rises between consecutive budgets | monotone | Δ(last)/Δ(first)"
+            " | step of lowest perturbed loss"
+        )
+        lines += [markdown_table(header, mono), ""]
     if len(sens) > 1:
         for relative, title in (("init", "init std × λ"), ("rms", "tensor RMS × λ")):
             have = {m: v for m, v in sens.items() if any(relative in b for b in v["budgets"].values())}
@@ -489,27 +448,20 @@ def part_report(args) -> None:
                 set.intersection(*({k for k, b in v["budgets"].items() if relative in b} for v in have.values())),
                 key=int,
             )
-            lines += [f"## Methods at equal tokens (effective weights, noise = {title})", ""]
-            lines.append("| step | method | clean loss | " + " | ".join(f"Δ loss, λ={lam:g}" for lam in LAMBDAS) + " |")
-            lines.append("|---|---|---|" + "---|" * len(LAMBDAS))
+            cells = []
             for st in common:
                 for m, v in have.items():
                     b = v["budgets"][st]
                     rows = {r["lambda"]: r for r in b[relative]["rows"]}
-                    cells = " | ".join(_fmt_band(rows[lam]) if lam in rows else "-" for lam in LAMBDAS)
-                    lines.append(f"| {st} | {m} | {b[relative]['clean_loss']:.4f} | {cells} |")
-            lines.append("")
+                    bands = [_fmt_band(rows[lam]) if lam in rows else "-" for lam in LAMBDAS]
+                    cells.append([st, m, f"{b[relative]['clean_loss']:.4f}", *bands])
+            header = ["step", "method", "clean loss", *(f"Δ loss, λ={lam:g}" for lam in LAMBDAS)]
+            lines += [f"## Methods at equal tokens (effective weights, noise = {title})", ""]
+            lines += [markdown_table(header, cells), ""]
     if "full" in sens and len(sens) > 1:
         full_rows = sorted(sens["full"]["budgets"].values(), key=lambda r: r["step"])
         show = [lam for lam in (1.0, 2.0, 4.0) if lam in LAMBDAS]
-        lines += [
-            "## Methods vs full-rank at matched clean loss (the full-rank checkpoint with the nearest clean loss)",
-            "",
-            "| method | step | clean loss | full-rank step | full-rank clean loss | "
-            + " | ".join(f"Δ λ={lam:g}: method / full" for lam in show)
-            + " |",
-            "|---|---|---|---|---|" + "---|" * len(show),
-        ]
+        cells = []
         for m, v in sens.items():
             if m == "full":
                 continue
@@ -517,65 +469,83 @@ def part_report(args) -> None:
                 near = min(full_rows, key=lambda f: abs(f["init"]["clean_loss"] - b["init"]["clean_loss"]))
                 mine = {r["lambda"]: r for r in b["init"]["rows"]}
                 theirs = {r["lambda"]: r for r in near["init"]["rows"]}
-                cells = " | ".join(
+                ratios = [
                     f"{mine[lam]['mean_increase']:+.3f} / {theirs[lam]['mean_increase']:+.3f}"
                     if lam in mine and lam in theirs
                     else "-"
                     for lam in show
-                )
-                lines.append(
-                    f"| {m} | {b['step']} | {b['init']['clean_loss']:.4f} | {near['step']} | "
-                    f"{near['init']['clean_loss']:.4f} | {cells} |"
-                )
-        lines.append("")
+                ]
+                matched = [f"{b['init']['clean_loss']:.4f}", near["step"], f"{near['init']['clean_loss']:.4f}"]
+                cells.append([m, b["step"], *matched, *ratios])
+        header = [
+            "method",
+            "step",
+            "clean loss",
+            "full-rank step",
+            "full-rank clean loss",
+            *(f"Δ λ={lam:g}: method / full" for lam in show),
+        ]
+        lines += [
+            "## Methods vs full-rank at matched clean loss (the full-rank checkpoint with the nearest clean loss)",
+            "",
+            markdown_table(header, cells),
+            "",
+        ]
     groups = _json(RESULTS / "sensitivity_groups.json")
     if groups:
+        header = ["method/step", "group", *(f"Δ loss, λ={lam:g}" for lam in (1.0, 2.0, 4.0))]
+        cells = [[key, g, *(_fmt_band(r) for r in t["rows"])] for key, row in groups.items() for g, t in row.items()]
         lines += [
             "## Which tensors carry the sensitivity (noise on one group only, init std × λ)",
             "",
-            "| method/step | group | " + " | ".join(f"Δ loss, λ={lam:g}" for lam in (1.0, 2.0, 4.0)) + " |",
-            "|---|---|---|---|---|",
+            markdown_table(header, cells),
+            "",
         ]
-        for key, row in groups.items():
-            for g, t in row.items():
-                cells = " | ".join(_fmt_band(r) for r in t["rows"])
-                lines.append(f"| {key} | {g} | {cells} |")
-        lines.append("")
     for m, v in ft.items():
         rows = sorted(v["budgets"].values(), key=lambda r: r["checkpoint_step"])
+        header = (
+            "step | tokens | pydoc loss before | pydoc loss after | stdlib loss before | stdlib loss after | forgetting"
+        )
+        cells = [
+            [
+                r["checkpoint_step"],
+                f"{r['pretrain_tokens']:,}",
+                *(f"{r[k]:.4f}" for k in ("ft_loss_before", "ft_loss_after", "pt_loss_before", "pt_loss_after")),
+                f"{r['forgetting']:+.4f}",
+            ]
+            for r in rows
+        ]
         lines += [
             f"## Fine-tuning on pydoc ({FT_STEPS} steps, AdamW, same hyperparameters for every budget): {m}",
             "",
-            "| step | tokens | pydoc loss before | pydoc loss after | stdlib loss before | stdlib loss after "
-            "| forgetting |",
-            "|---|---|---|---|---|---|---|",
+            markdown_table(header, cells),
+            "",
         ]
-        for r in rows:
-            lines.append(
-                f"| {r['checkpoint_step']} | {r['pretrain_tokens']:,} | {r['ft_loss_before']:.4f} | "
-                f"{r['ft_loss_after']:.4f} | {r['pt_loss_before']:.4f} | {r['pt_loss_after']:.4f} | "
-                f"{r['forgetting']:+.4f} |"
-            )
-        lines.append("")
     if toy:
+        cells = []
+        for inf in toy["inflections"]:
+            k = inf["mode"]
+            s_k = toy["target_singular_values"][k] if k is not None else None
+            cells.append(
+                [
+                    f"{inf['gamma']:g}",
+                    f"{inf['threshold']:.3f}",
+                    f"k={k} (s={s_k:g})",
+                    inf["predicted_window"],
+                    inf["predicted_step"],
+                    inf["observed_step"],
+                ]
+            )
+        header = "γ | τ | first mode with s < τ | predicted window (steps) | predicted step | observed minimum"
         lines += [
             "## Linear toy (two-layer linear network, GD from small init)",
             "",
             f"Target singular values {toy['target_singular_values']}; threshold τ = γ²(d_in + d_out).",
             "",
-            "| γ | τ | first mode with s < τ | predicted window (steps) | predicted step | observed minimum |",
-            "|---|---|---|---|---|---|",
+            markdown_table(header, cells),
+            "",
         ]
-        for inf in toy["inflections"]:
-            k = inf["mode"]
-            s_k = toy["target_singular_values"][k] if k is not None else None
-            lines.append(
-                f"| {inf['gamma']:g} | {inf['threshold']:.3f} | k={k} (s={s_k:g}) | {inf['predicted_window']} | "
-                f"{inf['predicted_step']} | {inf['observed_step']} |"
-            )
-        lines.append("")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "table.md").write_text("\n".join(lines) + "\n")
+    write_table(RESULTS, "\n".join(lines))
     if sens:
         plot_sensitivity(sens, RESULTS / "sensitivity.png")
     if ft:
@@ -601,9 +571,8 @@ def part_report(args) -> None:
         "sensitivity": sens,
         "finetune": ft,
         "toy": {k: toy[k] for k in ("settings", "target_singular_values", "half_steps", "inflections")} if toy else {},
-        **provenance(),
     }
-    _write(RESULTS / "results.json", results)
+    write_results(RESULTS, results)
     print((RESULTS / "table.md").read_text())
 
 

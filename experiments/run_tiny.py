@@ -13,6 +13,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from make_tables import main as make_tables
+
 from lowrank_jax.config import ConfigError, load_config
 from lowrank_jax.train.loop import train
 
@@ -38,8 +40,6 @@ def main(argv: list[str] | None = None) -> int:
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("results.json", "metrics.jsonl", "loss.png"):
         shutil.copy2(run_dir / name, dest / name)
-    from make_tables import main as make_tables  # noqa: PLC0415
-
     make_tables()
     return 0
 

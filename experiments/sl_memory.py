@@ -20,11 +20,11 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from _report import markdown_table, save_figure, subplots, write_results, write_table
 from optim_memory import measure
 
 from lowrank_jax.config import load_config, replace
 from lowrank_jax.models import abstract_params, count_bytes, count_params
-from lowrank_jax.train.metrics import provenance, write_json
 from lowrank_jax.train.optimizer import make_optimizer
 
 HERE = Path(__file__).resolve().parent
@@ -81,52 +81,52 @@ def measure_sl(name: str) -> dict:
     }
 
 
+def _gb(b: float) -> str:
+    return f"{b / 1e9:.2f} GB"
+
+
 def table(rows: list[dict]) -> str:
-    gb = lambda b: f"{b / 1e9:.2f} GB"  # noqa: E731
-    out = [
-        "| config | r / alpha / δ | params: full → SL (ours) | paper | param bytes (bf16): full → SL | "
-        "SL index bytes (int32) | AdamW state: full → SL | params + state + index: full → SL (saving) | "
-        "paper Fig. 3 measured: Adam / 8-bit GaLore / SLTrain |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    header = (
+        "config | r / alpha / δ | params: full → SL (ours) | paper | param bytes (bf16): full → SL"
+        " | SL index bytes (int32) | AdamW state: full → SL | params + state + index: full → SL (saving)"
+        " | paper Fig. 3 measured: Adam / 8-bit GaLore / SLTrain"
+    )
+    cells = []
     for r in rows:
         f, s = r["full"], r["sl"]
         tot_f = f["param_bytes"] + f["state_bytes"]
         tot_s = s["param_bytes"] + s["state_bytes"] + s["index_bytes"]
         pp = PAPER_PARAMS[r["config"]]
         fig = PAPER_FIG3.get(r["config"])
-        out.append(
-            f"| {r['config']} | {s['rank']} / {s['alpha']:g} / {s['density']:g} | "
-            f"{f['params'] / 1e6:,.1f}M → {s['params'] / 1e6:,.1f}M | {pp[0]:,.1f}M → {pp[1]:,.1f}M | "
-            f"{gb(f['param_bytes'])} → {gb(s['param_bytes'])} | {s['index_bytes'] / 1e6:,.1f} MB | "
-            f"{gb(f['state_bytes'])} → {gb(s['state_bytes'])} | {gb(tot_f)} → {gb(tot_s)} "
-            f"(−{100 * (1 - tot_s / tot_f):.0f}%) | "
-            f"{' / '.join(f'{v:g}' for v in fig) + ' GB' if fig else '-'} |"
+        cells.append(
+            [
+                r["config"],
+                f"{s['rank']} / {s['alpha']:g} / {s['density']:g}",
+                f"{f['params'] / 1e6:,.1f}M → {s['params'] / 1e6:,.1f}M",
+                f"{pp[0]:,.1f}M → {pp[1]:,.1f}M",
+                f"{_gb(f['param_bytes'])} → {_gb(s['param_bytes'])}",
+                f"{s['index_bytes'] / 1e6:,.1f} MB",
+                f"{_gb(f['state_bytes'])} → {_gb(s['state_bytes'])}",
+                f"{_gb(tot_f)} → {_gb(tot_s)} (−{100 * (1 - tot_s / tot_f):.0f}%)",
+                " / ".join(f"{v:g}" for v in fig) + " GB" if fig else "-",
+            ]
         )
-    return "\n".join(out)
+    return markdown_table(header, cells)
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
     names = [r["config"].removeprefix("llama_") for r in rows]
     x = range(len(rows))
     full = [(r["full"]["param_bytes"] + r["full"]["state_bytes"]) / 1e9 for r in rows]
     sl = [(r["sl"]["param_bytes"] + r["sl"]["state_bytes"] + r["sl"]["index_bytes"]) / 1e9 for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = subplots(figsize=(7, 4))
     ax.bar([i - 0.2 for i in x], full, 0.4, label="full-rank AdamW (params + state)")
     ax.bar([i + 0.2 for i in x], sl, 0.4, label="SLTrain AdamW (params + state + index)")
     ax.set_xticks(list(x), names)
     ax.set_yscale("log")
     ax.set_ylabel("GB (1e9 bytes), bf16 params")
     ax.set_title("SLTrain parameter + optimizer-state memory (jax.eval_shape)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, [ax], legend=True, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,10 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     md = table(rows)
     print(md)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text(md + "\n")
+    write_table(out, md)
     plot(rows, out / "memory.png")
-    write_json(out / "results.json", {"rows": rows, **provenance()})
+    write_results(out, {"rows": rows})
     return 0
 
 
