@@ -32,7 +32,7 @@ import optax
 from _report import markdown_table, save_figure, subplots, write_table
 
 from lowrank_jax.layers.bitlinear import bitlinear
-from lowrank_jax.optim.noise_step import (
+from lowrank_jax.noise_step import (
     NoiseStepConfig,
     checkpoint_sizes,
     init_state,

@@ -1,4 +1,7 @@
-"""Optax GradientTransformations of the memory-efficient methods (GaLore, 8-bit Adam, ReLoRA) and noise_step."""
+"""Optax GradientTransformations of the memory-efficient methods (GaLore, 8-bit Adam, ReLoRA).
+
+noise_step is its own package, :mod:`lowrank_jax.noise_step`.
+"""
 
 from lowrank_jax.optim.adam_8bit import (
     QuantizedArray,
@@ -17,17 +20,6 @@ from lowrank_jax.optim.galore import (
     galore_adamw,
     register_moments,
     scale_by_adam_hf,
-)
-from lowrank_jax.optim.noise_step import (
-    NoiseStepConfig,
-    NoiseStepState,
-    SeedCheckpoint,
-    checkpoint_sizes,
-    make_checkpoint,
-    noise_step_update,
-    pack_terns,
-    replay,
-    unpack_terns,
 )
 from lowrank_jax.optim.relora import (
     find_lora_layers,
@@ -57,15 +49,6 @@ __all__ = [
     "quantize",
     "scale_by_adam_8bit",
     "set_moments",
-    "NoiseStepConfig",
-    "NoiseStepState",
-    "SeedCheckpoint",
-    "checkpoint_sizes",
-    "make_checkpoint",
-    "noise_step_update",
-    "pack_terns",
-    "replay",
-    "unpack_terns",
     "find_lora_layers",
     "frozen_partition",
     "jagged_cosine_schedule",

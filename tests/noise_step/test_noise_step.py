@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from lowrank_jax.optim.noise_step import (
+from lowrank_jax.noise_step import (
     Layout,
     NoiseStepConfig,
     SeedCheckpoint,

@@ -1,64 +1,19 @@
-"""noise_step: training pure ternary weights from forward-mode directional derivatives, no gradient memory.
+"""The noise_step update: config, state, sparse perturbations, forward-mode directional derivatives, ternary step.
 
-Will Brickner, "noise_step: Training in 1.58b With No Gradient Memory", preprint, December 2024
-(no arXiv id: the author reports arXiv declined it; distributed as a PDF on GitHub; paper only, no
-code). It builds on Baydin et al., "Gradients without Backpropagation", arXiv 2202.08587. The
-weights θ ∈ {−1, 0, 1}^P carry no scale. One step on a batch:
-
-    ν_i ~ Bernoulli(s) ⊙ U{−1, +1}                  i = 1..n, regenerated from (seed, step, i)
-    α_i = J·ν_i = d/dε L(θ + ε ν_i)|ε=0              forward mode (jax.jvp), no backward pass
-    α_τ,i = sgn(α_i) · 1[|α_i| ≥ median_j |α_j|]     one tern per perturbation
-    ĝ = Σ_i ν_i α_τ,i ;   θ ← T(θ − T(ĝ))            T: ≤ −1/3 → −1, ≥ 1/3 → +1, else 0
-
-J is the Jacobian of the batch-mean loss with respect to the weights read as real numbers, so α_i is
-the directional derivative along ν_i (what reverse mode would give as ∇L·ν_i, here without ever
-forming ∇L). No learning rate, no momentum, no optimizer state. The density s follows the loss: by
-default 6e-5, then 1.5e-5 once the loss falls below 2, then 3.7e-6 below 1 (the paper's MNIST
-schedule; ``densities`` / ``loss_thresholds``); the stage never goes back.
-
-A model is its init seed plus the per-step terns α_τ (log2 3 bits each, packed 5 per byte by
-:func:`pack_terns`) and the steps at which the density stage changed: :func:`replay` regenerates
-every ν_i and re-applies every update, reconstructing the weights bit-exactly (integer arithmetic
-only) without data or forward passes.
-
-Implementation and memory model
--------------------------------
-* Weights are a dict of int8 kernels ``(in, out)`` used as ``y = x @ W``. A perturbation is stored
-  sparsely: ``capacity`` slots of (global flat position, value ±1 or 0 for unused). The number of
-  non-zeros is drawn ~ Binomial(P, s), positions uniformly; a position drawn twice is kept once
-  (probability ≈ k²/2P per perturbation, e.g. 6e-4 at k = 20, P = 3.3e5), so ν matches
-  Bernoulli(s) ⊙ U{±1} up to these rare collisions. Counts beyond ``capacity`` (> 6σ) are cut.
-* The loss is written against a hook ``perturb(name, x, y)`` that each linear calls on its output:
-  under the jvp the hook adds the tangent ``x ν_name`` computed as a gather of the ≤ capacity
-  touched input columns and a scatter-add into the output columns; its primal is ``y`` (the
-  perturbation enters at ε = 0 only). So the tangent of the weights is never materialised: no
-  P-sized float buffer exists, only the int8 weights themselves.
-* Perturbations are evaluated ``chunk_size`` at a time with ``vmap`` (``lax.map`` over chunks):
-  the primal forward is computed once per chunk and shared; each perturbation in the chunk carries
-  its own tangent activations. Live memory ≈ primal activations of one layer + chunk_size × tangent
-  activations of one layer (forward mode keeps nothing for a backward pass) + O(n·capacity) indices,
-  versus backprop's stored activations of all layers + a P-sized gradient (+ optimizer moments).
-* The update sorts the n·capacity touched positions, sums duplicates per position and scatters
-  the new ternary values: O(n·capacity) memory again, in place on the donated weights.
-* Measured (XLA memory_analysis, experiments/results/noise_step_mnist/table.md): the tangent
-  activations make memory grow with chunk_size × batch, so forward mode wins over backprop + Adam
-  only while chunk_size·batch·width is small next to the weights (LLM-like shapes; see the test
-  with wide layers and batch 8) or with small chunks (MNIST MLP, batch 256: peak 4.9 MiB at
-  chunk 1 vs 8.4 MiB for Adam+STE, but 18.9 MiB at chunk 16). With int8 storage XLA on CPU also
-  materialises a float32 copy of each kernel for the dot (hoisted out of the chunk loop).
+See :mod:`lowrank_jax.noise_step` for the algorithm, the reference and the memory model.
 """
 
 from __future__ import annotations
 
 import math
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from lowrank_jax.optim._checks import check_int
 
 Params = dict[str, jax.Array]
 # loss_fn(params, batch, perturb) -> scalar; every linear calls y = perturb(name, x, x @ params[name]).
@@ -83,10 +38,9 @@ class NoiseStepConfig:
     capacity: int = 0  # sparse slots per perturbation; 0: mean + 6σ + 8 at the largest density
 
     def __post_init__(self):
-        n, c = self.num_perturbations, self.chunk_size
-        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-            raise ValueError(f"num_perturbations: must be an integer >= 2, got {n!r}")
-        if isinstance(c, bool) or not isinstance(c, int) or c < 1 or n % c:
+        n = check_int(self.num_perturbations, "num_perturbations", lo=2)
+        c = check_int(self.chunk_size, "chunk_size", lo=1)
+        if n % c:
             raise ValueError(f"chunk_size: must be a positive divisor of num_perturbations={n}, got {c!r}")
         d = tuple(self.densities)
         if not d or any(not (0.0 < float(x) <= 1.0) for x in d):
@@ -96,10 +50,10 @@ class NoiseStepConfig:
             raise ValueError(f"loss_thresholds: need {len(d) - 1} finite values, got {self.loss_thresholds!r}")
         if any(b >= a for a, b in zip(t, t[1:], strict=False)):
             raise ValueError(f"loss_thresholds: must be strictly decreasing, got {self.loss_thresholds!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
-            raise ValueError(f"seed: must be an integer in [0, 2**32), got {self.seed!r}")
-        if isinstance(self.capacity, bool) or not isinstance(self.capacity, int) or self.capacity < 0:
-            raise ValueError(f"capacity: must be an integer >= 0 (0: automatic), got {self.capacity!r}")
+        seed = check_int(self.seed, "seed", lo=0, hi=2**32 - 1)
+        capacity = check_int(self.capacity, "capacity", lo=0)  # 0: automatic
+        for name, value in (("num_perturbations", n), ("chunk_size", c), ("seed", seed), ("capacity", capacity)):
+            object.__setattr__(self, name, value)  # Python ints (a NumPy integer would not serialise)
         object.__setattr__(self, "densities", tuple(float(x) for x in d))
         object.__setattr__(self, "loss_thresholds", tuple(float(x) for x in t))
 
@@ -348,134 +302,3 @@ def noise_step_update(
     }
     new = NoiseStepState(state.count + 1, params, next_stage(cfg, state.stage, loss))
     return new, terns, metrics
-
-
-# ----------------------------------------------------------------------------------------------
-# Seed-only checkpoints
-
-
-def pack_terns(terns: np.ndarray) -> np.ndarray:
-    """Pack terns in {−1, 0, 1} five per byte (base 3, 3⁵ = 243 ≤ 256) along the last axis."""
-    t = np.asarray(terns)
-    if t.size and (t.min() < -1 or t.max() > 1):
-        raise ValueError("terns: values must be in {-1, 0, 1}")
-    n = t.shape[-1]
-    pad = (-n) % 5
-    d = np.pad(t.astype(np.int64) + 1, [(0, 0)] * (t.ndim - 1) + [(0, pad)], constant_values=1)
-    d = d.reshape(*t.shape[:-1], -1, 5)
-    return (d * (3 ** np.arange(5))).sum(-1).astype(np.uint8)
-
-
-def unpack_terns(packed: np.ndarray, n: int) -> np.ndarray:
-    """Inverse of :func:`pack_terns`: the first ``n`` terns (int8) of each row."""
-    p = np.asarray(packed)
-    if p.dtype != np.uint8:
-        raise ValueError(f"packed: expected uint8, got {p.dtype}")
-    if p.size and p.max() > 242:
-        raise ValueError("packed: bytes above 242 are not 5-tern codes")
-    if n < 0 or n > 5 * p.shape[-1]:
-        raise ValueError(f"n: {n} terns do not fit {p.shape[-1]} bytes")
-    d = (p[..., None].astype(np.int64) // (3 ** np.arange(5))) % 3
-    return (d.reshape(*p.shape[:-1], -1)[..., :n] - 1).astype(np.int8)
-
-
-@dataclass(frozen=True)
-class SeedCheckpoint:
-    """A whole noise_step model: config (seed included), kernel shapes, per-step terns and stage changes."""
-
-    cfg: NoiseStepConfig
-    shapes: tuple[tuple[str, tuple[int, int]], ...]
-    terns_packed: np.ndarray  # (steps, ceil(n/5)) uint8
-    stage_starts: tuple[int, ...]  # step at which stage k began (stage 0 at 0); len ≤ len(densities)
-
-    @property
-    def steps(self) -> int:
-        return int(self.terns_packed.shape[0])
-
-    def stages(self) -> np.ndarray:
-        """The density stage of every step."""
-        s = np.zeros(self.steps, np.int32)
-        for k, start in enumerate(self.stage_starts[1:], 1):
-            s[start:] = k
-        return s
-
-    def to_bytes(self) -> bytes:
-        """``header length (u32) | JSON header | packed terns``."""
-        import json  # noqa: PLC0415
-
-        c = self.cfg
-        header = json.dumps(
-            {
-                "n": c.num_perturbations,
-                "chunk": c.chunk_size,
-                "densities": c.densities,
-                "thresholds": c.loss_thresholds,
-                "seed": c.seed,
-                "capacity": c.capacity,
-                "shapes": [[n, list(s)] for n, s in self.shapes],
-                "steps": self.steps,
-                "stage_starts": list(self.stage_starts),
-            },
-            separators=(",", ":"),
-        ).encode()
-        return struct.pack("<I", len(header)) + header + np.ascontiguousarray(self.terns_packed).tobytes()
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> SeedCheckpoint:
-        import json  # noqa: PLC0415
-
-        (hlen,) = struct.unpack("<I", data[:4])
-        h = json.loads(data[4 : 4 + hlen])
-        cfg = NoiseStepConfig(
-            num_perturbations=h["n"],
-            chunk_size=h["chunk"],
-            densities=tuple(h["densities"]),
-            loss_thresholds=tuple(h["thresholds"]),
-            seed=h["seed"],
-            capacity=h["capacity"],
-        )
-        width = -(-cfg.num_perturbations // 5)
-        terns = np.frombuffer(data[4 + hlen :], np.uint8).reshape(h["steps"], width)
-        shapes = tuple((n, tuple(s)) for n, s in h["shapes"])
-        return cls(cfg, shapes, terns.copy(), tuple(h["stage_starts"]))
-
-
-def make_checkpoint(cfg: NoiseStepConfig, params: Params, terns: np.ndarray, stages: np.ndarray) -> SeedCheckpoint:
-    """A :class:`SeedCheckpoint` from a run's logged terns ``(steps, n)`` and per-step stages ``(steps,)``."""
-    t, s = np.asarray(terns), np.asarray(stages)
-    if t.ndim != 2 or t.shape[1] != cfg.num_perturbations:
-        raise ValueError(f"terns: expected (steps, {cfg.num_perturbations}), got {t.shape}")
-    if s.shape != (t.shape[0],) or (s.size and (np.any(np.diff(s) < 0) or s[0] != 0)):
-        raise ValueError("stages: expected one non-decreasing stage per step, starting at 0")
-    starts = [0] + [int(np.argmax(s >= k)) for k in range(1, int(s.max(initial=0)) + 1)]
-    shapes = tuple((n, tuple(int(d) for d in params[n].shape)) for n in sorted(params))
-    return SeedCheckpoint(cfg, shapes, pack_terns(t), tuple(starts))
-
-
-def replay(ckpt: SeedCheckpoint) -> Params:
-    """Reconstruct the trained weights from a seed checkpoint (bit-exact; no data, no forward pass)."""
-    cfg = ckpt.cfg
-    shapes = dict(ckpt.shapes)
-    params = init_ternary(cfg, shapes)
-    layout = Layout.of(params)
-    terns = jnp.asarray(unpack_terns(ckpt.terns_packed, cfg.num_perturbations))
-    stages = jnp.asarray(ckpt.stages())
-
-    def body(p, xs):
-        step, t, stage = xs
-        pos, val = perturbations(cfg, layout, step, stage)
-        return apply_update(p, layout, pos, val, t), None
-
-    run = jax.jit(lambda p: jax.lax.scan(body, p, (jnp.arange(ckpt.steps, dtype=jnp.int32), terns, stages))[0])
-    return run(params)
-
-
-def checkpoint_sizes(ckpt: SeedCheckpoint) -> dict[str, int]:
-    """Bytes of the seed checkpoint vs the same weights stored dense at 2 bits and in float32."""
-    p = sum(a * b for _, (a, b) in ckpt.shapes)
-    return {
-        "params": p,
-        "seed_checkpoint_bytes": len(ckpt.to_bytes()),
-        "dense_ternary_2bit_bytes": -(-p // 4),
-        "float32_bytes": 4 * p,
-    }
