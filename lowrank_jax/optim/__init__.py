@@ -1,5 +1,8 @@
-"""Optax GradientTransformations of the memory-efficient methods (GaLore, 8-bit Adam, ReLoRA).
+"""Optax GradientTransformations of the memory-efficient methods: GaLore, 8-bit Adam, ReLoRA.
 
+One home each: :mod:`~lowrank_jax.optim.galore` (package: plan, projectors, moments, transform),
+:mod:`~lowrank_jax.optim.adam_hf` (GaLore's official inner Adam), :mod:`~lowrank_jax.optim.adam_8bit`,
+:mod:`~lowrank_jax.optim.relora`; shared argument checks in ``_checks`` and the optax-state walk in ``_tree``.
 noise_step is its own package, :mod:`lowrank_jax.noise_step`.
 """
 
@@ -12,14 +15,13 @@ from lowrank_jax.optim.adam_8bit import (
     scale_by_adam_8bit,
     set_moments,
 )
+from lowrank_jax.optim.adam_hf import ScaleByAdamHFState, scale_by_adam_hf
 from lowrank_jax.optim.galore import (
     GaLoreDims,
     GaLoreState,
-    ScaleByAdamHFState,
     galore,
     galore_adamw,
     register_moments,
-    scale_by_adam_hf,
 )
 from lowrank_jax.optim.relora import (
     find_lora_layers,
