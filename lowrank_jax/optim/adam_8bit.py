@@ -89,7 +89,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lowrank_jax.optim._checks import check_choice, check_int, check_real, is_traced, static_int
+
 __all__ = [
+    "EPS_PLACEMENTS",
     "QuantizedArray",
     "ScaleByAdam8bitState",
     "SIGNED_MAP",
@@ -186,12 +189,11 @@ def _is_quantized(x: Any) -> bool:
 
 
 def _check_block_size(block_size: Any) -> int:
-    if isinstance(block_size, bool) or not isinstance(block_size, int | np.integer):
-        raise ValueError(f"block_size must be a positive power of 2, got {block_size!r}")
-    block_size = int(block_size)
-    if block_size < 1 or block_size & (block_size - 1):
-        raise ValueError(f"block_size must be a positive power of 2, got {block_size!r}")
-    return block_size
+    """A positive power of 2, as an int (it sets the codes' shape, so it must be static)."""
+    size = static_int(block_size, "block_size", "it sets the quantization layout", lo=1)
+    if size & (size - 1):
+        raise ValueError(f"block_size: must be a power of 2, got {size}")
+    return size
 
 
 def _blocked_shape(shape: tuple[int, ...], block_size: int) -> tuple[int, ...]:
@@ -282,6 +284,9 @@ def _quantized_zeros(shape: tuple[int, ...], signed: bool, block_size: int) -> Q
 # ------------------------------------------------------------------------------------- optimizer
 
 
+EPS_PLACEMENTS = ("optax", "hf")  # m̂/(√v̂+ε) as optax.scale_by_adam, or the HF / galore-torch AdamW form
+
+
 class ScaleByAdam8bitState(NamedTuple):
     """State of :func:`scale_by_adam_8bit`; mu/nu leaves are float32 arrays or QuantizedArray."""
 
@@ -324,25 +329,6 @@ def set_moments(state: ScaleByAdam8bitState, mu: Any | None, nu: Any | None) -> 
     return state._replace(mu=store(state.mu, mu), nu=store(state.nu, nu))
 
 
-def _concrete_float(name: str, value: Any) -> float | None:
-    """``float(value)``, or None for a tracer (inject_hyperparams under jit)."""
-    if isinstance(value, jax.core.Tracer):
-        return None
-    try:
-        return float(np.asarray(value))
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{name} must be a real number, got {value!r}") from err
-
-
-def _concrete_int(name: str, value: Any) -> int | None:
-    if isinstance(value, jax.core.Tracer):
-        return None
-    arr = np.asarray(value)
-    if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer) or arr.ndim:
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    return int(arr)
-
-
 def _bias_correction(decay: Any, count: jax.Array) -> jax.Array:
     """``1 − decayᵗ`` as ``−expm1(t·log decay)``: no cancellation (``1 − 0.999ᵗ`` in float32 loses ~5e-5)."""
     if isinstance(decay, int | float):  # log in float64 on the host
@@ -377,25 +363,17 @@ def scale_by_adam_8bit(
       ``min_size`` (``update`` takes the layout from the state); pass them in
       ``optax.inject_hyperparams(..., static_args=("block_size", "min_size"))``.
     """
-    for name, value in (("b1", b1), ("b2", b2)):
-        v = _concrete_float(name, value)
-        if v is not None and not 0.0 <= v < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-    v = _concrete_float("eps", eps)
-    if v is not None and not v > 0.0:
-        raise ValueError(f"eps must be > 0, got {eps!r}")
-    if eps_placement not in ("optax", "hf"):
-        raise ValueError(f"eps_placement must be 'optax' or 'hf', got {eps_placement!r}")
-    block_size_ = _concrete_int("block_size", block_size)
-    if block_size_ is not None:
-        _check_block_size(block_size_)
-    min_size_ = _concrete_int("min_size", min_size)
-    if min_size_ is not None and min_size_ < 0:
-        raise ValueError(f"min_size must be >= 0, got {min_size!r}")
+    check_real(b1, "b1", lo=0.0, hi=1.0, hi_open=True)
+    check_real(b2, "b2", lo=0.0, hi=1.0, hi_open=True)
+    check_real(eps, "eps", lo=0.0, lo_open=True)
+    check_choice(eps_placement, "eps_placement", EPS_PLACEMENTS)
+    if not is_traced(block_size):  # a traced one is reported by init_fn
+        _check_block_size(block_size)
+    check_int(min_size, "min_size", lo=0)
 
     def init_fn(params: optax.Params) -> ScaleByAdam8bitState:
-        if block_size_ is None or min_size_ is None:
-            raise ValueError("block_size and min_size must be static (inject_hyperparams: pass them in static_args)")
+        block_size_ = _check_block_size(block_size)
+        min_size_ = static_int(min_size, "min_size", "it decides which leaves are quantized")
 
         def zeros(p: Any, signed: bool) -> Any:
             shape = tuple(p.shape)

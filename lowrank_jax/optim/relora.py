@@ -27,7 +27,7 @@ Pure functions of the pure-dict params (``nnx.State.to_pure_dict``) and optax st
   ``FrozenWeight`` / ``LoRAFactor``. Stacked (``scan_layers``) leaves carry a leading ``layers``
   axis; the merge is batched over it and every layer's ``A`` is drawn from its own key.
 * :func:`reset_optimizer_state` prunes the moment trees (NamedTuple fields ``mu`` / ``nu`` of e.g.
-  ``optax.ScaleByAdamState``, :class:`~lowrank_jax.optim.galore.ScaleByAdamHFState`,
+  ``optax.ScaleByAdamState``, :class:`~lowrank_jax.optim.adam_hf.ScaleByAdamHFState`,
   :class:`~lowrank_jax.optim.adam_8bit.ScaleByAdam8bitState`, found anywhere inside chains,
   ``optax.partition`` / masked states) on the leaves selected by a mask over the params (by
   default: labelled ``LoRAFactor``). The step ``count`` and every other leaf are untouched.
@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Hashable, Sequence
-from numbers import Integral, Real
 from typing import Any
 
 import jax
@@ -71,6 +70,8 @@ import numpy as np
 import optax
 
 from lowrank_jax.layers.lora import KERNEL, LORA_A, LORA_B, LORA_SCALE, kaiming_uniform
+from lowrank_jax.optim._checks import check_choice, check_real, static_int
+from lowrank_jax.optim._tree import find_namedtuples, map_namedtuples
 from lowrank_jax.optim.adam_8bit import QuantizedArray, dequantize, quantize
 
 RESET_MODES = ("random", "magnitude", "zero", "none")
@@ -82,36 +83,8 @@ Path = tuple[Hashable, ...]
 
 
 # --------------------------------------------------------------------------------------------
-# Argument checks
+# Argument checks (the numeric ones are shared: lowrank_jax.optim._checks)
 # --------------------------------------------------------------------------------------------
-
-
-def _is_concrete(x: Any) -> bool:
-    return not isinstance(x, jax.core.Tracer)
-
-
-def _check_real(
-    value: Any, name: str, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False
-) -> None:
-    if isinstance(value, bool) or not (isinstance(value, Real) or (hasattr(value, "shape") and value.shape == ())):
-        raise ValueError(f"{name}: must be a real number, got {value!r}")
-    if not _is_concrete(value):
-        return
-    v = float(value)
-    if not math.isfinite(v):
-        raise ValueError(f"{name}: must be finite, got {value!r}")
-    if lo is not None and (v < lo or (lo_open and v == lo)):
-        raise ValueError(f"{name}: must be {'>' if lo_open else '>='} {lo}, got {value!r}")
-    if hi is not None and v > hi:
-        raise ValueError(f"{name}: must be <= {hi}, got {value!r}")
-
-
-def _check_int(value: Any, name: str, *, lo: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral):
-        raise ValueError(f"{name}: must be an integer, got {value!r}")
-    if value < lo:
-        raise ValueError(f"{name}: must be >= {lo}, got {value!r}")
-    return int(value)
 
 
 def _as_key(key: Any) -> jax.Array:
@@ -206,8 +179,8 @@ def merge_and_reinit(
       New params; the network function is unchanged up to float rounding (``B = 0`` afterwards).
       The merge is computed in float32 and cast back to ``W``'s dtype.
     """
-    _check_real(alpha_over_rank, "alpha_over_rank")
-    _check_real(scale_reset, "scale_reset")
+    check_real(alpha_over_rank, "alpha_over_rank")
+    check_real(scale_reset, "scale_reset")
     key = _as_key(key)
     paths = find_lora_layers(params, labels)
     if not paths:
@@ -274,38 +247,6 @@ def _prune_leaf(x: Any, selected: bool, key: jax.Array | None, mode: str, ratio:
     return x  # MaskedNode, None, ...
 
 
-def _is_namedtuple(x: Any) -> bool:
-    return isinstance(x, tuple) and hasattr(x, "_fields")
-
-
-def _map_namedtuples(node: Any, visit: Callable[[Any], dict[str, Any]]) -> Any:
-    """Rebuild an optax state (nested tuples, lists, dicts, NamedTuples), visiting every NamedTuple in
-    pre-order: ``visit(nt)`` returns new values for the fields it handles; the others are walked."""
-    if _is_namedtuple(node):
-        new = visit(node)
-        return node._replace(
-            **{f: new[f] if f in new else _map_namedtuples(v, visit) for f, v in zip(node._fields, node, strict=True)}
-        )
-    if isinstance(node, tuple | list):
-        return type(node)(_map_namedtuples(v, visit) for v in node)
-    if isinstance(node, dict):
-        return type(node)((k, _map_namedtuples(v, visit)) for k, v in node.items())
-    return node
-
-
-def _collect(node: Any, has_field: str) -> list:
-    """Every NamedTuple inside ``node`` that has the field ``has_field``, in traversal order."""
-    found: list = []
-
-    def visit(nt: Any) -> dict[str, Any]:
-        if has_field in nt._fields:
-            found.append(nt)
-        return {}
-
-    _map_namedtuples(node, visit)
-    return found
-
-
 def reset_optimizer_state(
     opt_state: Any,
     labels_or_mask: Any,
@@ -335,9 +276,8 @@ def reset_optimizer_state(
     Returns:
       The state with the selected moment leaves pruned; counts and all other leaves unchanged.
     """
-    if mode not in RESET_MODES:
-        raise ValueError(f"mode: must be one of {RESET_MODES}, got {mode!r}")
-    _check_real(ratio, "ratio", lo=0.0, hi=1.0)
+    check_choice(mode, "mode", RESET_MODES)
+    check_real(ratio, "ratio", lo=0.0, hi=1.0)
     if mode == "none":
         return opt_state
     if mode == "random":
@@ -359,7 +299,7 @@ def reset_optimizer_state(
         ]
         return mask_def.unflatten(new)
 
-    out = _map_namedtuples(opt_state, lambda nt: {f: prune_tree(getattr(nt, f)) for f in nt._fields if f in fields})
+    out = map_namedtuples(opt_state, lambda nt: {f: prune_tree(getattr(nt, f)) for f in nt._fields if f in fields})
     if n_trees[0] == 0:
         raise ValueError(f"opt_state: no moment fields {tuple(fields)} found in the optimizer state")
     return out
@@ -398,17 +338,18 @@ def jagged_cosine_schedule(
     ``adjust_step=0``). After ``total`` the curve stays at ``m·peak`` (the official lambda would
     rise again). Unlike the official code, ``total`` need not be a multiple of ``restart_every``.
     """
-    _check_real(peak, "peak", lo=0.0, lo_open=True)
-    warmup = _check_int(warmup, "warmup", lo=0)
-    restart_every = _check_int(restart_every, "restart_every", lo=1)
-    restart_warmup = _check_int(restart_warmup, "restart_warmup", lo=1)
-    total = _check_int(total, "total", lo=1)
-    _check_real(min_ratio, "min_ratio", lo=0.0, hi=1.0)
+    why = "it shapes the schedule"
+    check_real(peak, "peak", lo=0.0, lo_open=True)
+    warmup = static_int(warmup, "warmup", why, lo=0)
+    restart_every = static_int(restart_every, "restart_every", why, lo=1)
+    restart_warmup = static_int(restart_warmup, "restart_warmup", why, lo=1)
+    total = static_int(total, "total", why, lo=1)
+    check_real(min_ratio, "min_ratio", lo=0.0, hi=1.0)
     if restart_warmup >= restart_every:
         raise ValueError(f"restart_warmup: must be < restart_every={restart_every}, got {restart_warmup}")
     if warmup > total:
         raise ValueError(f"warmup: must be <= total={total}, got {warmup}")
-    first = restart_every if first_restart is None else _check_int(first_restart, "first_restart", lo=1)
+    first = restart_every if first_restart is None else static_int(first_restart, "first_restart", why, lo=1)
     if warmup > first:
         raise ValueError(f"warmup: the first restart (step {first}) would come before the warmup ends")
     peak, min_ratio = float(peak), float(min_ratio)
@@ -524,13 +465,13 @@ def warm_start_to_lora(
     Returns ``(params, opt_state)`` shaped like ``lora_params`` / ``lora_opt_state``. Jittable.
     """
     params = _copy_matching(lora_params, dense_params)
-    src_nodes, dst_nodes = _collect(dense_opt_state, fields[0]), _collect(lora_opt_state, fields[0])
+    src_nodes, dst_nodes = find_namedtuples(dense_opt_state, fields[0]), find_namedtuples(lora_opt_state, fields[0])
     if len(src_nodes) != len(dst_nodes) or not dst_nodes:
         raise ValueError(
             f"dense_opt_state: {len(src_nodes)} moment trees ({fields[0]!r}) but lora_opt_state has "
             f"{len(dst_nodes)}; both must come from the same optimizer"
         )
-    counts = _collect(dense_opt_state, "count")
+    counts = find_namedtuples(dense_opt_state, "count")
     if not counts:
         raise ValueError("dense_opt_state: no 'count' field found")
     count = counts[0].count
@@ -545,4 +486,4 @@ def warm_start_to_lora(
             new["count"] = jnp.asarray(count, jnp.asarray(nt.count).dtype)
         return new
 
-    return params, _map_namedtuples(lora_opt_state, visit)
+    return params, map_namedtuples(lora_opt_state, visit)

@@ -16,6 +16,7 @@ from flax import nnx
 
 from lowrank_jax.config import ModelConfig
 from lowrank_jax.models import build_model, split_model
+from lowrank_jax.optim import adam_8bit
 from lowrank_jax.optim.adam_8bit import (
     SIGNED_MAP,
     UNSIGNED_MAP,
@@ -507,8 +508,6 @@ def test_bad_arguments_raise_naming_them(kwargs, name):
 @pytest.mark.parametrize("shape", [(30, 50), (6, 512)])
 def test_chunked_quantized_update_equals_one_pass(shape, monkeypatch):
     """Large quantized leaves are updated in block chunks; the result equals one pass up to float rounding."""
-    from lowrank_jax.optim import adam_8bit
-
     rng = np.random.default_rng(17)
     params = {"w": jnp.asarray(rng.standard_normal(shape), jnp.float32)}
     tx = scale_by_adam_8bit(min_size=64)
