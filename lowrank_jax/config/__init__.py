@@ -3,7 +3,7 @@
 - :mod:`~lowrank_jax.config.schema`: the sections and :class:`Config` as frozen pydantic
   dataclasses (types, choices, bounds, cross-field rules) and :func:`check_paths`;
 - :mod:`~lowrank_jax.config.loading`: named presets (``presets/*.yaml``) or YAML files, ``base:``
-  chains, ``key=value`` overrides, :func:`load_config` and :func:`replace`;
+  chains, ``key=value`` overrides, :func:`load_config`, :func:`replace` and :func:`derive` (internal phases);
 - :mod:`~lowrank_jax.config.errors`: every problem is a :class:`ConfigError` naming the field,
   which the CLI prints on one line and exits with status 2 before writing anything.
 
@@ -12,7 +12,15 @@ own them (dense kinds, dtypes, data sources, optimizer names, GaLore and ReLoRA 
 """
 
 from lowrank_jax.config.errors import ConfigError
-from lowrank_jax.config.loading import CONFIG_DIR, load_config, named_configs, parse_overrides, replace, to_dict
+from lowrank_jax.config.loading import (
+    CONFIG_DIR,
+    derive,
+    load_config,
+    named_configs,
+    parse_overrides,
+    replace,
+    to_dict,
+)
 from lowrank_jax.config.schema import (
     SECTIONS,
     Config,
@@ -35,6 +43,7 @@ __all__ = [
     "OptimConfig",
     "ReloraConfig",
     "check_paths",
+    "derive",
     "load_config",
     "named_configs",
     "parse_overrides",

@@ -11,6 +11,7 @@ except that a string field keeps the text as written and a list field splits it 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import typing
@@ -137,8 +138,8 @@ def load_config(name_or_path: str, overrides: list[str] | dict[str, Any] | None 
     return cfg
 
 
-def replace(cfg: Config, **changes: Any) -> Config:
-    """``dataclasses.replace`` that accepts ``section__field`` keys and re-validates, paths included."""
+def _split_changes(changes: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """``(top-level changes, {section: changes})`` from ``field`` / ``section__field`` keys."""
     sections: dict[str, dict[str, Any]] = {}
     top = {}
     for k, v in changes.items():
@@ -149,11 +150,40 @@ def replace(cfg: Config, **changes: Any) -> Config:
             sections.setdefault(head, {})[tail] = v
         else:
             top[k] = v
+    return top, sections
+
+
+def replace(cfg: Config, **changes: Any) -> Config:
+    """``dataclasses.replace`` that accepts ``section__field`` keys and re-validates, paths included."""
+    top, sections = _split_changes(changes)
     for name, values in sections.items():
         top[name] = dataclasses.replace(getattr(cfg, name), **values)
     out = dataclasses.replace(cfg, **top)
     check_paths(out)
     return out
+
+
+def _unchecked(obj: Any, values: dict[str, Any]) -> Any:
+    out = copy.copy(obj)  # no __init__, so no validation
+    for k, v in values.items():
+        if k not in obj.__dataclass_fields__:
+            raise ConfigError(f"{k}: unknown key")
+        object.__setattr__(out, k, v)
+    return out
+
+
+def derive(cfg: Config, **changes: Any) -> Config:
+    """A variant of a run's config that the library builds for itself, not validated as a user config.
+
+    For internal phases whose config is deliberately not a valid run on its own: ReLoRA's full-rank
+    warm-start phase (``model.dense=dense`` with ``relora.warm_start`` kept, so the schedule stays the
+    run's) and the per-layer update's one-block optimizer (``model.scan_layers=false`` under
+    ``layerwise_update``). Same ``section__field`` keys as :func:`replace`.
+    """
+    top, sections = _split_changes(changes)
+    for name, values in sections.items():
+        top[name] = _unchecked(getattr(cfg, name), values)
+    return _unchecked(cfg, top)
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -34,8 +34,6 @@ from lowrank_jax.optim.registry import optimizer_names
 from lowrank_jax.optim.relora import RESET_MODES
 from pallas_kernels.sl_matmul.api import IMPLEMENTATIONS
 
-# the values of model.sl_implementation: the kernel's implementations and "auto" (whether or not its tuple names it)
-SL_IMPLEMENTATIONS = IMPLEMENTATIONS if "auto" in IMPLEMENTATIONS else (*IMPLEMENTATIONS, "auto")
 SCHEMA = ConfigDict(extra="forbid", strict=True)
 
 
@@ -97,7 +95,7 @@ class ModelConfig:
     sl_rank: Annotated[Int, Positive] = 128  # SLTrain: rank r of the low-rank part B A
     sl_alpha: Annotated[Float, Positive] = 32.0  # SLTrain: scale s = sl_alpha / sl_rank
     sl_density: Annotated[Float, Field(gt=0, le=1)] = 0.03  # SLTrain: fraction delta of in*out entries in the support
-    sl_implementation: Literal[SL_IMPLEMENTATIONS] = "auto"  # SLTrain matmul: xla | pallas | auto
+    sl_implementation: Literal[IMPLEMENTATIONS] = "auto"  # SLTrain matmul: xla | pallas | auto
     scan_layers: bool = True
     remat: bool = False
     dtype: Literal[DTYPES] = "float32"  # compute dtype

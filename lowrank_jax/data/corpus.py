@@ -23,8 +23,11 @@ import os
 import sysconfig
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from lowrank_jax.config import DataConfig
+if TYPE_CHECKING:  # annotations only: config imports this package's choice lists
+    from lowrank_jax.config import DataConfig
+
 
 EXCLUDED_DIRS = ("site-packages", "dist-packages")
 
@@ -189,10 +192,11 @@ def _load_tfds(cfg: DataConfig) -> Corpus:
 
 
 LOADERS = {"stdlib": _load_stdlib, "pydoc": _load_pydoc, "files": _load_files, "tfds": _load_tfds}
+SOURCES = tuple(LOADERS)  # the values of data.source
 
 
 def load_corpus(cfg: DataConfig) -> Corpus:
     """Read the corpus named by ``cfg.source`` and split it into training and validation documents."""
     if cfg.source not in LOADERS:
-        raise ValueError(f"data.source: must be one of {tuple(LOADERS)}, got {cfg.source!r}")
+        raise ValueError(f"data.source: must be one of {SOURCES}, got {cfg.source!r}")
     return LOADERS[cfg.source](cfg)

@@ -21,13 +21,15 @@ import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lowrank_jax.config import DataConfig
 from lowrank_jax.data.corpus import load_corpus
 from lowrank_jax.data.tokenizer import Tokenizer, atomic_write_bytes, get_tokenizer
+
+if TYPE_CHECKING:  # annotations only: config imports this package's choice lists
+    from lowrank_jax.config import DataConfig
 
 ENCODE_CHUNK_CHARS = 4_000_000  # characters handed to one encode_batch call
 

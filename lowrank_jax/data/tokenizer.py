@@ -18,9 +18,12 @@ import hashlib
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
-from lowrank_jax.config import DataConfig
 from lowrank_jax.data.corpus import Corpus
+
+if TYPE_CHECKING:  # annotations only: config imports this package's choice lists
+    from lowrank_jax.config import DataConfig
 
 EOS = "<|eos|>"
 # End-of-document tokens recognised in user-supplied tokenizer.json files, in order of preference.

@@ -9,7 +9,7 @@ import pytest
 from lowrank_jax.config import load_config, replace
 from lowrank_jax.models import count_bytes
 from lowrank_jax.optim import GaLoreState
-from lowrank_jax.train.optimizer import method_mask, optimizer_names
+from lowrank_jax.optim.registry import method_mask, optimizer_names
 from lowrank_jax.train.step import make_trainer
 
 

@@ -1,0 +1,132 @@
+"""The optimizers of the training loop by name (``optim.name``), each built from a run's config.
+
+A builder is ``builder(cfg, schedule, abstract_params) -> GradientTransformation`` and already
+includes the learning rate (``schedule``); the training loop adds clipping and the frozen-leaf
+partition around it (:func:`lowrank_jax.train.optimizer.make_optimizer`). Methods add themselves
+with :func:`register_optimizer`; the config schema checks ``optim.name`` against
+:func:`optimizer_names`. This module reads the config only through its attributes, so the config
+package can import the names from here without an import cycle.
+
+GaLore's builders pass the whole ``galore`` config section to :func:`~lowrank_jax.optim.galore.galore`
+as keyword arguments: a new GaLore option is one schema field plus the transform's keyword.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import jax
+import optax
+
+from lowrank_jax.optim.adam_8bit import scale_by_adam_8bit
+from lowrank_jax.optim.galore import galore, galore_adamw
+
+if TYPE_CHECKING:  # annotations only: the config package imports optimizer_names from here
+    from lowrank_jax.config import Config
+
+OptimizerBuilder = Callable[["Config", optax.Schedule, Any], optax.GradientTransformation]
+_OPTIMIZERS: dict[str, OptimizerBuilder] = {}
+
+
+def register_optimizer(name: str) -> Callable[[OptimizerBuilder], OptimizerBuilder]:
+    """Register ``builder(cfg, schedule, abstract_params) -> GradientTransformation`` as ``name``."""
+
+    def wrap(builder: OptimizerBuilder) -> OptimizerBuilder:
+        _OPTIMIZERS[name] = builder
+        return builder
+
+    return wrap
+
+
+def optimizer_names() -> list[str]:
+    return sorted(_OPTIMIZERS)
+
+
+def build_optimizer(cfg: Config, schedule: optax.Schedule, params: Any) -> optax.GradientTransformation:
+    """The transformation registered as ``cfg.optim.name`` (learning rate included, no clipping)."""
+    name = cfg.optim.name
+    if name not in _OPTIMIZERS:
+        raise ValueError(f"optim.name: unknown optimizer {name!r} (known: {', '.join(optimizer_names())})")
+    return _OPTIMIZERS[name](cfg, schedule, params)
+
+
+def matrix_mask(params: Any, *, stacked_blocks: bool = False) -> Any:
+    """True for matrices (weight decay applies to matrices, not to norm scales or vectors).
+
+    With ``stacked_blocks`` the leaves under ``blocks`` carry a leading ``layers`` axis
+    (``model.scan_layers``), which does not count: a stacked norm scale ``(layers, d)`` is a vector.
+    """
+
+    def is_matrix(path: Any, x: Any) -> bool:
+        stacked = stacked_blocks and bool(path) and getattr(path[0], "key", None) == "blocks"
+        return x.ndim - int(stacked) >= 2
+
+    return jax.tree_util.tree_map_with_path(is_matrix, params)
+
+
+def decay_mask(cfg: Config) -> Callable[[Any], Any]:
+    """The weight-decay mask for ``cfg``'s params layout (:func:`matrix_mask`)."""
+    return functools.partial(matrix_mask, stacked_blocks=cfg.model.scan_layers)
+
+
+def method_mask(params: Any) -> Any:
+    """True for the attention and MLP kernels (``blocks/.../kernel``), the leaves the papers' methods wrap.
+
+    Embeddings, norms and ``lm_head`` stay dense with plain Adam (GaLore / SLTrain / ReLoRA recipe).
+    """
+
+    def is_method_leaf(path, _):
+        keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
+        return bool(keys) and keys[0] == "blocks" and keys[-1] == "kernel"
+
+    return jax.tree_util.tree_map_with_path(is_method_leaf, params)
+
+
+def _galore_kwargs(cfg: Config) -> dict[str, Any]:
+    """The ``galore`` section as :func:`~lowrank_jax.optim.galore.galore` keywords, on the method's kernels."""
+    return {**dataclasses.asdict(cfg.galore), "mask": method_mask}
+
+
+def _decayed(cfg: Config, schedule: optax.Schedule, scaling: optax.GradientTransformation):
+    """``scaling``, then decoupled weight decay on matrices, then the learning rate."""
+    return optax.chain(
+        scaling,
+        optax.add_decayed_weights(cfg.optim.weight_decay, mask=decay_mask(cfg)),
+        optax.scale_by_learning_rate(schedule),
+    )
+
+
+@register_optimizer("adamw")
+def _adamw(cfg: Config, schedule: optax.Schedule, params: Any) -> optax.GradientTransformation:
+    o = cfg.optim
+    return optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask(cfg))
+
+
+@register_optimizer("adamw8bit")
+def _adamw8bit(cfg: Config, schedule: optax.Schedule, params: Any) -> optax.GradientTransformation:
+    o = cfg.optim
+    return _decayed(cfg, schedule, scale_by_adam_8bit(o.b1, o.b2, o.eps))
+
+
+@register_optimizer("galore_adamw")
+def _galore_adamw(cfg: Config, schedule: optax.Schedule, params: Any) -> optax.GradientTransformation:
+    o = cfg.optim
+    return galore_adamw(
+        schedule,
+        weight_decay=o.weight_decay,
+        b1=o.b1,
+        b2=o.b2,
+        eps=o.eps,
+        weight_decay_mask=decay_mask(cfg),
+        **_galore_kwargs(cfg),
+    )
+
+
+@register_optimizer("galore_adamw8bit")
+def _galore_adamw8bit(cfg: Config, schedule: optax.Schedule, params: Any) -> optax.GradientTransformation:
+    o = cfg.optim
+    inner = scale_by_adam_8bit(o.b1, o.b2, o.eps, eps_placement="hf")
+    return _decayed(cfg, schedule, galore(inner=inner, **_galore_kwargs(cfg)))
