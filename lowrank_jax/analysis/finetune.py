@@ -40,7 +40,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowrank_jax import config as config_lib
+from lowrank_jax.analysis.sensitivity import densify
 from lowrank_jax.config import Config
+from lowrank_jax.data import BatchIterator, eval_batches, load_corpus, prepare_data
+from lowrank_jax.data.tokenizer import get_tokenizer
+from lowrank_jax.train.checkpoint import Checkpointer, checkpoint_steps
+from lowrank_jax.train.relora import warm_start_config
+from lowrank_jax.train.state import TrainState
+from lowrank_jax.train.step import evaluate, make_trainer
 
 
 def _flatten_dict(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -63,7 +70,6 @@ def run_config(run_dir: str | Path) -> Config:
 
 def resolve_checkpoint(checkpoint: str | Path) -> tuple[Path, int]:
     """``(run_dir, step)`` from ``RUN`` (latest step) or ``RUN/checkpoints/STEP``."""
-    from lowrank_jax.train.checkpoint import checkpoint_steps  # noqa: PLC0415
 
     p = Path(checkpoint).expanduser()
     if p.name.isdigit() and p.parent.name == "checkpoints":
@@ -79,8 +85,6 @@ def resolve_checkpoint(checkpoint: str | Path) -> tuple[Path, int]:
 
 def load_params(checkpoint: str | Path) -> tuple[Any, Config, int]:
     """``(params, run config, step)`` of a checkpoint (``RUN`` or ``RUN/checkpoints/STEP``), on the host."""
-    from lowrank_jax.train.checkpoint import Checkpointer  # noqa: PLC0415
-    from lowrank_jax.train.step import make_trainer, warm_start_config  # noqa: PLC0415
 
     run_dir, step = resolve_checkpoint(checkpoint)
     cfg = run_config(run_dir)
@@ -102,8 +106,6 @@ def finetune_token_data(pretrain_cfg: Config, source: str = "pydoc", **data_chan
     The pretraining tokenizer is the file named by ``pretrain_cfg.data.tokenizer`` or, for a trained
     BPE, the cached file the pretraining run used (found again from the pretraining corpus digest).
     """
-    from lowrank_jax.data import load_corpus, prepare_data  # noqa: PLC0415
-    from lowrank_jax.data.tokenizer import get_tokenizer  # noqa: PLC0415
 
     d = pretrain_cfg.data
     if d.tokenizer:
@@ -151,9 +153,6 @@ def finetune_degradation(
     ``ft_loss_before/after``, ``pt_loss_before/after``, ``forgetting`` (pt after − before),
     ``ft_gain`` (ft before − after), the ``curve`` and the settings.
     """
-    from lowrank_jax.analysis.sensitivity import densify  # noqa: PLC0415
-    from lowrank_jax.data import BatchIterator, eval_batches  # noqa: PLC0415
-    from lowrank_jax.train.step import TrainState, evaluate, make_trainer  # noqa: PLC0415
 
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps: must be a positive integer, got {steps!r}")

@@ -11,6 +11,12 @@ import json
 import sys
 
 from lowrank_jax.config import ConfigError, load_config, named_configs, to_dict
+from lowrank_jax.models import formula_param_count, param_report
+from lowrank_jax.sharding import maybe_initialize_distributed
+from lowrank_jax.train.checkpoint import CheckpointError
+from lowrank_jax.train.loop import train
+from lowrank_jax.train.memory import memory_command
+from lowrank_jax.train.metrics import fmt_bytes
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,9 +51,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         if args.command == "memory":
-            from lowrank_jax.train.memory import memory_command  # noqa: PLC0415
-            from lowrank_jax.train.metrics import fmt_bytes  # noqa: PLC0415
-
             report = memory_command(args.config, args.overrides, args.devices, args.no_licm)
             mem = {k: fmt_bytes(v) for k, v in report["xla_memory"].items()}
             print(json.dumps(report, indent=2))
@@ -61,18 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "config":
             print(json.dumps(to_dict(cfg), indent=2))
         elif args.command == "params":
-            from lowrank_jax.models import formula_param_count, param_report  # noqa: PLC0415
-
             model = cfg.model
             if model.vocab_size == 0:
                 raise ConfigError("model.vocab_size: set it (the tokenizer decides it only when training)")
             report = param_report(model)
             print(json.dumps({**report, "formula_params": formula_param_count(model)}))
         else:
-            from lowrank_jax.sharding import maybe_initialize_distributed  # noqa: PLC0415
-            from lowrank_jax.train.checkpoint import CheckpointError  # noqa: PLC0415
-            from lowrank_jax.train.loop import train  # noqa: PLC0415
-
             try:
                 maybe_initialize_distributed()
             except ValueError as e:

@@ -41,7 +41,6 @@ quantized; chunks are whole rows and multiples of 256 values).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,10 +51,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from lowrank_jax.config import Config
-from lowrank_jax.models import abstract_params, build_model, param_labels
+from lowrank_jax.config import Config, derive
 from lowrank_jax.train.optimizer import make_optimizer
-from lowrank_jax.train.step import cross_entropy, finish_step, float_grads, keep_int_params
+from lowrank_jax.train.state import cross_entropy, finish_step, float_grads, keep_int_params
 
 BLOCKS = "blocks"
 
@@ -155,15 +153,18 @@ class LayerwiseOptimizer:
         return LayerwiseOptState({name: init_rest(name) for name in self.rest}, block_state)
 
 
-def layerwise_optimizer(cfg: Config) -> tuple[LayerwiseOptimizer, optax.Schedule]:
-    """The optimizers (without clipping, which the step applies with the global norm) and the schedule."""
-    rest_labels, block_labels = split_blocks(param_labels(cfg.model))
+def layerwise_optimizer(cfg: Config, params: Any, labels: Any) -> tuple[LayerwiseOptimizer, optax.Schedule]:
+    """The optimizers (without clipping, which the step applies with the global norm) and the schedule.
+
+    ``params`` (abstract) and ``labels`` (Variable class names) are the whole model's.
+    """
+    rest_labels, block_labels = split_blocks(labels)
     rest = {}
-    for name, x in _flat(split_blocks(abstract_params(cfg.model)[1])[0]).items():
+    for name, x in _flat(split_blocks(params)[0]).items():
         tx, _ = make_optimizer(cfg, None, labels=_nest(name, _leaf(name, rest_labels)), clip=False)
         rest[name] = (tx, chunking(x.shape))
     # the block optimizer sees one layer at a time: no leading layers axis (weight-decay mask)
-    one_layer = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scan_layers=False))
+    one_layer = derive(cfg, model__scan_layers=False)
     tx_block, schedule = make_optimizer(one_layer, None, labels={BLOCKS: block_labels}, clip=False)
     return LayerwiseOptimizer(rest, tx_block), schedule
 
@@ -173,16 +174,17 @@ def _sumsq(tree: Any) -> jax.Array:
 
 
 def make_layerwise_step(
-    cfg: Config, graphdef: nnx.GraphDef, opt: LayerwiseOptimizer, schedule: optax.Schedule
+    cfg: Config, graphdef: nnx.GraphDef, abstract_model: nnx.Module, opt: LayerwiseOptimizer, schedule: optax.Schedule
 ) -> Callable:
     """``step(state, batch) -> (state, metrics)`` with the per-layer fused update (see the module doc).
 
-    The state is a :class:`~lowrank_jax.train.step.TrainState`; metrics match the ordinary step's.
+    ``abstract_model`` is the run's model from ``nnx.eval_shape`` (its ``blocks`` give one block's
+    graph). The state is a :class:`~lowrank_jax.train.state.TrainState`; metrics match the ordinary step's.
     """
     if not cfg.model.scan_layers:
         raise ValueError("layerwise_update: needs model.scan_layers=true (the blocks stacked on a layers axis)")
     accum, max_norm = cfg.grad_accum, cfg.optim.grad_clip
-    block_graphdef, block_template = nnx.split(nnx.eval_shape(lambda: build_model(cfg.model, 0)).blocks)
+    block_graphdef, block_template = nnx.split(abstract_model.blocks)
 
     def step(state: Any, batch: jax.Array):
         params = state.params

@@ -22,14 +22,8 @@ from lowrank_jax.data import BatchIterator, eval_batches, prepare_data, unigram_
 from lowrank_jax.models import count_bytes, count_params, count_trainable, param_labels
 from lowrank_jax.train import metrics as metrics_lib
 from lowrank_jax.train.checkpoint import Checkpointer, checkpoint_steps
-from lowrank_jax.train.step import (
-    compile_train_step,
-    compiled_memory,
-    evaluate,
-    make_trainer,
-    switch_to_lora,
-    warm_start_config,
-)
+from lowrank_jax.train.relora import switch_to_lora, warm_start_config
+from lowrank_jax.train.step import compile_train_step, compiled_memory, evaluate, make_trainer
 
 
 def is_primary() -> bool:

@@ -20,7 +20,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import jax
+
+from lowrank_jax import sharding as shd
 from lowrank_jax.config import Config, ConfigError, load_config, replace
+from lowrank_jax.models import count_bytes, count_params
+from lowrank_jax.train.step import compile_train_step, compiled_memory, make_trainer
 
 # method name -> overrides; ranks follow the papers' 7B settings where a method has one (GaLore r=1024,
 # SLTrain r=1024 alpha 8 delta 0.05; ReLoRA's default r=128).
@@ -53,7 +58,11 @@ NO_LICM_FLAG = "--xla_disable_hlo_passes=while-loop-invariant-code-motion"
 
 
 def _set_xla_flag(flag: str) -> None:
-    """Add ``--name=value`` to XLA_FLAGS (replacing the same name); must run before JAX initialises backends."""
+    """Add ``--name=value`` to XLA_FLAGS (replacing the same name).
+
+    JAX reads XLA_FLAGS when it first initialises a backend (the first device query or array), not at
+    import, so this works after ``import jax`` as long as nothing has touched a device yet.
+    """
     name = flag.split("=", 1)[0]
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if f.split("=", 1)[0] != name]
     os.environ["XLA_FLAGS"] = " ".join([*flags, flag])
@@ -68,12 +77,6 @@ def request_host_devices(n: int) -> None:
 
 def step_memory(cfg: Config) -> dict[str, Any]:
     """XLA's per-device memory analysis of ``cfg``'s compiled train step, plus state byte counts."""
-    import jax  # noqa: PLC0415
-
-    from lowrank_jax import sharding as shd  # noqa: PLC0415
-    from lowrank_jax.models import count_bytes, count_params  # noqa: PLC0415
-    from lowrank_jax.train.step import compile_train_step, compiled_memory, make_trainer  # noqa: PLC0415
-
     if cfg.model.vocab_size == 0:  # the BPE tokenizer is trained to data.vocab_size tokens
         cfg = replace(cfg, model__vocab_size=cfg.data.vocab_size)
     try:

@@ -1,17 +1,18 @@
-"""Train state and the jitted train / eval steps, built on a device mesh.
+"""The jitted train and eval steps of a run, built on a device mesh.
 
-The state is a pytree ``TrainState(step, params, opt_state, rng, skipped)`` with params as a pure
-dict. The step is one ``jax.jit`` with explicit in/out shardings and the state donated. Gradients
-are accumulated over ``grad_accum`` micro-batches with ``lax.scan``; a step whose loss or gradient
-norm is not finite leaves params and optimizer state unchanged and increments ``skipped``.
+The step is one ``jax.jit`` with explicit in/out shardings and the state
+(:class:`~lowrank_jax.train.state.TrainState`) donated. Gradients are accumulated over
+``grad_accum`` micro-batches with ``lax.scan``; a step whose loss or gradient norm is not finite
+leaves params and optimizer state unchanged and increments ``skipped``. With
+``layerwise_update`` the step is :func:`lowrank_jax.train.layerwise.make_layerwise_step` instead;
+ReLoRA restarts run inside the step (:func:`lowrank_jax.train.relora.maybe_restart`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,36 +24,10 @@ from jax.sharding import Mesh
 from lowrank_jax import sharding as shd
 from lowrank_jax.config import Config
 from lowrank_jax.models import build_model, logical_axes, param_labels, split_model
+from lowrank_jax.train.layerwise import layerwise_optimizer, make_layerwise_step
 from lowrank_jax.train.optimizer import make_optimizer
-
-
-class TrainState(NamedTuple):
-    step: jax.Array  # int32 scalar: number of steps taken (the data position)
-    params: Any  # pure dict of arrays
-    opt_state: Any
-    rng: jax.Array  # uint32[2] key data; methods fold in the step
-    skipped: jax.Array  # int32 scalar: steps skipped for non-finite loss/grads
-
-
-def _is_float(x: Any) -> bool:
-    return jnp.issubdtype(x.dtype, jnp.inexact)
-
-
-def float_grads(grads: Any, params: Any) -> Any:
-    """Integer params (SLTrain's support) get float0 cotangents under ``allow_int``: replace them by
-    float32 zeros, which global-norm clipping and optax accept (the frozen partition gives them no state)."""
-    return jax.tree.map(lambda g, p: g if _is_float(p) else jnp.zeros(p.shape, jnp.float32), grads, params)
-
-
-def keep_int_params(new: Any, old: Any) -> Any:
-    """Integer params are constants of the model and never change (int32 + a float update would round)."""
-    return jax.tree.map(lambda n, o: n if _is_float(o) else o, new, old)
-
-
-def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
-    """Mean next-token negative log-likelihood in nats (float32)."""
-    logp = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
-    return -jnp.mean(jnp.take_along_axis(logp, targets_BT[..., None], axis=-1))
+from lowrank_jax.train.relora import maybe_restart
+from lowrank_jax.train.state import TrainState, cross_entropy, finish_step, float_grads, keep_int_params, nll_sum
 
 
 @dataclass
@@ -101,17 +76,15 @@ def make_trainer(cfg: Config, mesh: Mesh | None = None) -> Trainer:
         raise ValueError(
             f"batch_size: micro-batch {micro} (batch_size/grad_accum) does not divide over {n_batch_shards} data shards"
         )
-    model_cfg = cfg.model
-    abstract_model = nnx.eval_shape(lambda: build_model(model_cfg, 0))
-    graphdef, abstract_params = split_model(abstract_model)
+    abstract_model = nnx.eval_shape(lambda: build_model(cfg.model, 0))  # the only model built: nothing allocated
+    graphdef, model_state = nnx.split(abstract_model)
+    abstract_params = model_state.to_pure_dict()
+    labels, logical = param_labels(model_state), logical_axes(model_state)
     if cfg.layerwise_update:
-        from lowrank_jax.train.layerwise import layerwise_optimizer  # noqa: PLC0415
-
-        tx, schedule = layerwise_optimizer(cfg)
+        tx, schedule = layerwise_optimizer(cfg, abstract_params, labels)
     else:
-        tx, schedule = make_optimizer(cfg, abstract_params)
+        tx, schedule = make_optimizer(cfg, abstract_params, labels=labels)
 
-    logical = logical_axes(model_cfg)
     param_shardings = shd.tree_shardings(logical, abstract_params, mesh)
     repl = shd.replicated(mesh)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
@@ -162,21 +135,16 @@ def make_trainer(cfg: Config, mesh: Mesh | None = None) -> Trainer:
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = keep_int_params(optax.apply_updates(state.params, updates), state.params)
         if cfg.relora.every:
-            params, opt_state = _maybe_restart(cfg, state.step + 1, params, opt_state, state.rng)
+            params, opt_state = maybe_restart(cfg, state.step + 1, params, opt_state, state.rng, labels)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
         params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
         return finish_step(state, params, opt_state, ok, loss, grad_norm, schedule)
 
     if cfg.layerwise_update:
-        from lowrank_jax.train.layerwise import make_layerwise_step  # noqa: PLC0415
-
-        step_fn = make_layerwise_step(cfg, graphdef, tx, schedule)  # noqa: F811
+        step_fn = make_layerwise_step(cfg, graphdef, abstract_model, tx, schedule)  # noqa: F811
 
     def eval_fn(params, batch):
-        logits = nnx.merge(graphdef, params)(batch[:, :-1])
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        nll = -jnp.take_along_axis(logp, batch[:, 1:, None], axis=-1)
-        return jnp.sum(nll), nll.size
+        return nll_sum(nnx.merge(graphdef, params)(batch[:, :-1]), batch[:, 1:])
 
     batch_shard = shd.batch_sharding(mesh)
     train_step = jax.jit(
@@ -187,73 +155,6 @@ def make_trainer(cfg: Config, mesh: Mesh | None = None) -> Trainer:
     )
     eval_step = jax.jit(eval_fn, in_shardings=(param_shardings, batch_shard), out_shardings=repl)
     return Trainer(cfg, mesh, graphdef, tx, schedule, state_shardings, abstract_state, train_step, eval_step)
-
-
-def finish_step(
-    state: TrainState, params: Any, opt_state: Any, ok: jax.Array, loss: jax.Array, grad_norm: jax.Array, schedule
-) -> tuple[TrainState, dict[str, jax.Array]]:
-    """The next state (``params``/``opt_state`` already left unchanged where ``ok`` is false) and the step metrics."""
-    skipped = (~ok).astype(jnp.int32)
-    new_state = TrainState(state.step + 1, params, opt_state, state.rng, state.skipped + skipped)
-    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step - state.skipped), "skipped": skipped}
-    return new_state, metrics
-
-
-def _maybe_restart(cfg: Config, new_step: jax.Array, params: Any, opt_state: Any, raw_key: jax.Array):
-    """ReLoRA: right after the update taken at lr 0 (steps F + k·every), merge, re-init and prune.
-
-    ``F`` is the warm-start step (the switch to LoRA) or ``every``; at the switch ``B = 0``, so the
-    merge changes nothing and only re-draws ``A`` and prunes the one lr-0 step of factor moments.
-    """
-    from lowrank_jax.optim.relora import relora_restart  # noqa: PLC0415
-
-    r, m = cfg.relora, cfg.model
-    labels = param_labels(m)
-    since_first = new_step - 1 - (r.warm_start or r.every)  # restarts at F, F + every, ... (F: first)
-    restart = (since_first >= 0) & (since_first % r.every == 0)
-
-    def do(po):
-        key = jax.random.fold_in(jax.random.wrap_key_data(raw_key), new_step)
-        return relora_restart(
-            po[0],
-            po[1],
-            key,
-            labels=labels,
-            alpha_over_rank=m.lora_alpha / m.lora_rank,
-            reset_mode=r.reset,
-            reset_ratio=r.reset_ratio,
-        )
-
-    return jax.lax.cond(restart, do, lambda po: po, (params, opt_state))
-
-
-def warm_start_config(cfg: Config) -> Config:
-    """The full-rank phase of a ReLoRA warm start: dense linears, no restarts, the same schedule.
-
-    Only ``model.dense`` and ``relora.every`` change, so :func:`make_schedule` gives the run's
-    schedule, which before the switch (step ``relora.warm_start``) is the plain warmup + cosine.
-    """
-    return dataclasses.replace(
-        cfg,
-        model=dataclasses.replace(cfg.model, dense="dense"),
-        relora=dataclasses.replace(cfg.relora, every=0),
-    )
-
-
-def switch_to_lora(dense_state: TrainState, lora_trainer: Trainer) -> TrainState:
-    """The ReLoRA warm-start switch: the full-rank state carried into ``lora_trainer``'s state layout.
-
-    Fresh LoRA factors come from ``lora_trainer.init_state()`` (the run's seed); weights, moments and
-    counts are carried over by :func:`lowrank_jax.optim.relora.warm_start_to_lora`.
-    """
-    from lowrank_jax.optim.relora import warm_start_to_lora  # noqa: PLC0415
-
-    fresh = lora_trainer.init_state()
-    shardings = lora_trainer.state_shardings
-    params, opt_state = jax.jit(warm_start_to_lora, out_shardings=(shardings.params, shardings.opt_state))(
-        dense_state.params, dense_state.opt_state, fresh.params, fresh.opt_state
-    )
-    return TrainState(dense_state.step, params, opt_state, dense_state.rng, dense_state.skipped)
 
 
 def evaluate(trainer: Trainer, params: Any, batches: list) -> float:

@@ -15,7 +15,8 @@ from lowrank_jax.models import count_bytes, count_params, param_labels
 from lowrank_jax.train.checkpoint import checkpoint_steps
 from lowrank_jax.train.loop import train
 from lowrank_jax.train.metrics import read_metrics
-from lowrank_jax.train.step import make_trainer, switch_to_lora, warm_start_config
+from lowrank_jax.train.relora import switch_to_lora, warm_start_config
+from lowrank_jax.train.step import make_trainer
 
 LORA = ["model.dense=lora", "model.lora_rank=4", "model.lora_alpha=8", "optim.warmup_ratio=0.1"]
 
