@@ -27,9 +27,10 @@ Choices (documented because the paper gives no code):
   first *densified* (every factorised layer replaced by a plain kernel holding its effective
   weight; :func:`densify`) and evaluated with the dense model of the same architecture, whose fresh
   initialisation also supplies ``σ_i``. Every method is thus perturbed with the same noise law on the
-  same effective weights, which is what a comparison at equal tokens needs. The extension point is
-  :func:`register_effective_weight`: a dense kind maps the key set of its layer's param dict to a
-  function returning the ``(..., in, out)`` effective weight. A kind with no rule raises a
+  same effective weights, which is what a comparison at equal tokens needs. Each layer kind defines
+  its effective weight next to the layer (:func:`lowrank_jax.layers.register_effective_weight`:
+  a dense kind maps the key set of its layer's param dict to a function returning the
+  ``(..., in, out)`` effective weight), the same definition ReLoRA's merge uses. A kind with no rule raises a
   ``ValueError`` naming ``model_cfg.dense``; ``parameterisation="native"`` then perturbs each stored
   tensor of the model as it is (σ from the kind's own init) and evaluates with the model itself —
   the right choice for quantised kinds such as BitLinear, whose latent weights pass through the
@@ -56,77 +57,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lowrank_jax.layers.dense import effective_weight_kinds, effective_weight_rules
+from lowrank_jax.models import abstract_params, build_model, split_model
+
 RELATIVE = ("init", "rms")
 PARAMETERISATIONS = ("effective", "native")
 
 # ---------------------------------------------------------------------------------------------
-# Effective weights of factorised layers (the extension point)
-
-
-@dataclass(frozen=True)
-class EffectiveWeightRule:
-    """How a dense kind's layer param dict maps to its effective ``(..., in, out)`` kernel."""
-
-    keys: frozenset[str]  # the exact key set of one layer's param dict
-    weight: Callable[[Mapping[str, jax.Array], Any], jax.Array]  # (layer params, ModelConfig) -> W
-
-
-_RULES: dict[str, EffectiveWeightRule] = {}
-
-
-def register_effective_weight(
-    kind: str, keys: Sequence[str], weight: Callable[[Mapping[str, jax.Array], Any], jax.Array]
-) -> None:
-    """Register the effective weight of dense kind ``kind`` (the value of ``model.dense``).
-
-    ``keys``: the keys of one layer's param dict (e.g. ``("kernel", "lora_a", "lora_b")``);
-    ``weight(layer, model_cfg)`` returns the effective kernel in Flax orientation ``(..., in, out)``
-    (leading dims are stacked layers) such that the layer computes ``x @ W``.
-    """
-    if not isinstance(kind, str) or not kind:
-        raise ValueError(f"kind: must be a non-empty string, got {kind!r}")
-    if not keys or not all(isinstance(k, str) for k in keys):
-        raise ValueError(f"keys: must be a non-empty sequence of strings, got {keys!r}")
-    if not callable(weight):
-        raise ValueError(f"weight: must be callable, got {weight!r}")
-    _RULES[kind] = EffectiveWeightRule(frozenset(keys), weight)
-
-
-def effective_weight_kinds() -> list[str]:
-    return sorted(_RULES)
-
-
-def _matmul(a: jax.Array, b: jax.Array) -> jax.Array:
-    return jnp.einsum("...ir,...ro->...io", a.astype(jnp.float32), b.astype(jnp.float32), precision="highest")
-
-
-def _lora_weight(layer: Mapping[str, jax.Array], cfg: Any) -> jax.Array:
-    if "lora_scale" in layer:
-        s = jnp.tanh(layer["lora_scale"].astype(jnp.float32))[..., None, None]
-    else:
-        s = cfg.lora_alpha / cfg.lora_rank
-    return layer["kernel"].astype(jnp.float32) + _matmul(layer["lora_a"], layer["lora_b"]) * s
-
-
-def _lowrank_weight(layer: Mapping[str, jax.Array], cfg: Any) -> jax.Array:
-    return _matmul(layer["lowrank_a"], layer["lowrank_b"])
-
-
-def _sl_weight(layer: Mapping[str, jax.Array], cfg: Any) -> jax.Array:
-    a, b, vals, idx = layer["sl_a"], layer["sl_b"], layer["sl_values"], layer["sl_support"]
-    w = _matmul(a, b) * (cfg.sl_alpha / cfg.sl_rank)
-    lead, (n_in, n_out) = w.shape[:-2], w.shape[-2:]
-    flat = w.reshape(-1, n_in * n_out)
-    vals2, idx2 = vals.reshape(-1, vals.shape[-1]).astype(jnp.float32), idx.reshape(-1, idx.shape[-1])
-    flat = jax.vmap(lambda f, i, v: f.at[i].add(v))(flat, idx2, vals2)
-    return flat.reshape(*lead, n_in, n_out)
-
-
-register_effective_weight("dense", ("kernel",), lambda layer, cfg: layer["kernel"])
-register_effective_weight("lora", ("kernel", "lora_a", "lora_b"), _lora_weight)
-register_effective_weight("lora_scaled", ("kernel", "lora_a", "lora_b", "lora_scale"), _lora_weight)
-register_effective_weight("lowrank", ("lowrank_a", "lowrank_b"), _lowrank_weight)
-register_effective_weight("sl", ("sl_a", "sl_b", "sl_support", "sl_values"), _sl_weight)
+# Densify: factorised layers seen through their effective weights (the rules live with the layers)
 
 
 def densify(params: Mapping[str, Any], model_cfg: Any) -> tuple[dict[str, Any], Any]:
@@ -137,10 +75,8 @@ def densify(params: Mapping[str, Any], model_cfg: Any) -> tuple[dict[str, Any], 
     ``x @ W_eff`` in every linear. Raises ``ValueError`` naming ``model_cfg.dense`` for a kind with no
     registered rule.
     """
-    from lowrank_jax.models import abstract_params  # noqa: PLC0415
-
     kind = model_cfg.dense
-    rules = [r for k, r in _RULES.items() if k == kind or (kind == "lora" and k == "lora_scaled")]
+    rules = effective_weight_rules(kind)
     if not rules:
         raise ValueError(
             f"model_cfg.dense: no effective-weight rule for dense kind {kind!r} (registered: "
@@ -193,8 +129,6 @@ def leaf_std(tree: Any) -> Any:
 
 def init_std_tree(model_cfg: Any, key: int | jax.Array = 0) -> dict[str, Any]:
     """Per-leaf initialisation std of a freshly built model of ``model_cfg`` (see the module docstring)."""
-    from lowrank_jax.models import build_model, split_model  # noqa: PLC0415
-
     _, params = split_model(build_model(model_cfg, key))
     return leaf_std(params)
 
@@ -424,8 +358,6 @@ def parameter_sensitivity(
     else:
         if model_cfg is None:
             raise ValueError("model_cfg: needed for a LLaMA model (or pass loss_fn)")
-        from lowrank_jax.models import abstract_params  # noqa: PLC0415
-
         if parameterisation == "effective":
             params, eval_cfg = densify(params, model_cfg)
         else:

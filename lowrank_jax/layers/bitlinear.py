@@ -101,7 +101,7 @@ class BitLinear(nnx.Module):
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
         packed: bool = False,
-        implementation: str | None = None,
+        implementation: str | None = "auto",
     ):
         if len(axes) != 2:
             raise ValueError(f"axes: a BitLinear kernel needs two logical axis names, got {axes!r}")
@@ -136,7 +136,7 @@ class BitLinear(nnx.Module):
         return y.astype(self.dtype)
 
 
-def pack_bitlinear(layer: BitLinear, implementation: str | None = None) -> BitLinear:
+def pack_bitlinear(layer: BitLinear, implementation: str | None = "auto") -> BitLinear:
     """A packed (inference) copy of a trained :class:`BitLinear`: same outputs, 2 bits per weight."""
     if layer.packed:
         raise ValueError("layer: already packed")

@@ -5,12 +5,18 @@ Models never know which training method is used. They ask :func:`make_dense` for
 decides what is built: ``dense`` here; ``lowrank``, ``lora``, ``sl`` and ``bitlinear`` register
 themselves with :func:`register_dense` from their own modules.
 
+Every kind also registers its *effective weight* with :func:`register_effective_weight`: the dense
+``(..., in, out)`` kernel ``W`` its layer computes ``x @ W`` with, from the layer's param dict. It is
+the one definition of ``W`` that ReLoRA's merge and the perturbation analysis
+(:func:`lowrank_jax.analysis.densify`) use.
+
 Kernels follow Flax orientation ``(in, out)``: ``y = x @ kernel``. PyTorch weights are ``(out, in)``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import jax
@@ -52,8 +58,52 @@ def make_dense(
     return _KINDS[kind](in_features, out_features, axes=axes, rngs=rngs, config=config)
 
 
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = tuple(_DTYPES)  # the values of model.dtype and model.param_dtype
+
+
+@dataclass(frozen=True)
+class EffectiveWeightRule:
+    """How one layer param dict (identified by its exact key set) maps to its effective ``(..., in, out)`` kernel."""
+
+    keys: frozenset[str]
+    weight: Callable[[Mapping[str, jax.Array], Any], jax.Array]  # (layer params, ModelConfig) -> W
+
+
+_EFFECTIVE: dict[str, list[EffectiveWeightRule]] = {}
+
+
+def register_effective_weight(
+    kind: str, keys: Sequence[str], weight: Callable[[Mapping[str, jax.Array], Any], jax.Array]
+) -> None:
+    """Register an effective weight of dense kind ``kind`` (the value of ``model.dense``).
+
+    ``keys``: the keys of one layer's param dict (e.g. ``("kernel", "lora_a", "lora_b")``); a kind may
+    register several key sets (LoRA with and without a trainable scale), a key set registered again
+    replaces the earlier rule. ``weight(layer, model_cfg)`` returns the effective kernel in Flax
+    orientation ``(..., in, out)`` (leading dims are stacked layers) such that the layer computes ``x @ W``.
+    """
+    if not isinstance(kind, str) or not kind:
+        raise ValueError(f"kind: must be a non-empty string, got {kind!r}")
+    if not keys or not all(isinstance(k, str) for k in keys):
+        raise ValueError(f"keys: must be a non-empty sequence of strings, got {keys!r}")
+    if not callable(weight):
+        raise ValueError(f"weight: must be callable, got {weight!r}")
+    rule = EffectiveWeightRule(frozenset(keys), weight)
+    _EFFECTIVE[kind] = [r for r in _EFFECTIVE.get(kind, []) if r.keys != rule.keys] + [rule]
+
+
+def effective_weight_kinds() -> list[str]:
+    return sorted(_EFFECTIVE)
+
+
+def effective_weight_rules(kind: str) -> list[EffectiveWeightRule]:
+    """The rules registered for ``kind`` (empty if none)."""
+    return list(_EFFECTIVE.get(kind, []))
+
+
 def dtype_of(name: str) -> jnp.dtype:
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+    return _DTYPES[name]
 
 
 class Dense(nnx.Module):
@@ -95,3 +145,6 @@ def _build_dense(in_features: int, out_features: int, *, axes: Axes, rngs: nnx.R
         dtype=dtype_of(config.dtype),
         param_dtype=dtype_of(config.param_dtype),
     )
+
+
+register_effective_weight("dense", ("kernel",), lambda layer, cfg: layer["kernel"])

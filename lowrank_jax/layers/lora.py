@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lowrank_jax.layers.dense import Axes, dtype_of, register_dense
+from lowrank_jax.layers.dense import Axes, dtype_of, register_dense, register_effective_weight
 
 # Attribute names of LoRADense's variables in the model's pure-dict params; the ReLoRA merge finds
 # its (W, A, B[, σ]) groups by these keys.
@@ -147,6 +147,32 @@ class LoRADense(nnx.Module):
         return x @ w + (low * self.scale()).astype(self.dtype)
 
 
+def factor_product(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``A B`` of ``(..., in, r)`` and ``(..., r, out)`` factors in float32 at highest precision."""
+    return jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+
+
+def lora_weight(kernel: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array | float) -> jax.Array:
+    """The effective weight ``W + A B · s`` of a LoRA layer in float32 (stacked leading dims allowed).
+
+    ``scale`` is ``alpha/rank`` or ``tanh(σ)`` with the stacked dims of ``kernel``'s leading axes.
+    The one definition used by ReLoRA's merge and the perturbation analysis.
+    """
+    return kernel.astype(jnp.float32) + factor_product(a, b) * scale
+
+
+def lora_scale_of(layer: Any, alpha_over_rank: float) -> jax.Array:
+    """``s`` of a LoRA layer's param dict: ``tanh(σ)`` (broadcast over the matrix) if it has ``lora_scale``."""
+    if LORA_SCALE in layer:
+        return jnp.tanh(jnp.asarray(layer[LORA_SCALE], jnp.float32))[..., None, None]
+    return jnp.asarray(alpha_over_rank, jnp.float32)
+
+
+def _lora_effective(layer: Any, config: Any) -> jax.Array:
+    s = lora_scale_of(layer, config.lora_alpha / config.lora_rank)
+    return lora_weight(layer[KERNEL], layer[LORA_A], layer[LORA_B], s)
+
+
 def lowrank_init_std(init_std: float, rank: int) -> float:
     """Per-factor std ``(init_std²/rank)^(1/4)`` so that each entry of ``A B`` has std ``init_std``.
 
@@ -228,3 +254,10 @@ def _build_lowrank(in_features: int, out_features: int, *, axes: Axes, rngs: nnx
         dtype=dtype_of(config.dtype),
         param_dtype=dtype_of(config.param_dtype),
     )
+
+
+register_effective_weight("lora", (KERNEL, LORA_A, LORA_B), _lora_effective)
+register_effective_weight("lora", (KERNEL, LORA_A, LORA_B, LORA_SCALE), _lora_effective)
+register_effective_weight(
+    "lowrank", (LOWRANK_A, LOWRANK_B), lambda layer, cfg: factor_product(layer[LOWRANK_A], layer[LOWRANK_B])
+)

@@ -46,12 +46,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lowrank_jax.layers.dense import Axes, dtype_of, register_dense
+from lowrank_jax.layers.dense import Axes, dtype_of, register_dense, register_effective_weight
 from lowrank_jax.layers.lora import kaiming_uniform
-from pallas_kernels.sl_matmul.api import sl_matmul
+from pallas_kernels.sl_matmul.api import IMPLEMENTATIONS, sl_matmul
+from pallas_kernels.sl_matmul.reference import materialize_w
 
 SL_A, SL_B, SL_VALUES, SL_SUPPORT = "sl_a", "sl_b", "sl_values", "sl_support"
-IMPLEMENTATIONS = ("auto", "xla", "pallas")
 
 
 class SLFactor(nnx.Param):
@@ -144,12 +144,9 @@ class SLDense(nnx.Module):
 
     def materialize(self) -> jax.Array:
         """The dense ``(in, out)`` weight ``A B s + S`` in float32 (for inspection and tests)."""
-        from pallas_kernels.sl_matmul.reference import materialize_w  # noqa: PLC0415
-
         return materialize_w(self.sl_a[...], self.sl_b[...], self.sl_values[...], self.sl_support[...], self.scaling)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        impl = None if self.implementation == "auto" else self.implementation
         idx = jax.lax.stop_gradient(self.sl_support[...])
         return sl_matmul(
             x.astype(self.dtype),
@@ -158,7 +155,7 @@ class SLDense(nnx.Module):
             self.sl_values[...],
             idx,
             self.scaling,
-            implementation=impl,
+            implementation=self.implementation,
         )
 
 
@@ -182,3 +179,18 @@ def _build_sl(in_features: int, out_features: int, *, axes: Axes, rngs: nnx.Rngs
         param_dtype=dtype_of(config.param_dtype),
         implementation=implementation,
     )
+
+
+def sl_effective_weight(layer: Any, config: Any) -> jax.Array:
+    """``A B · s + S`` in float32 from an SL layer's param dict; stacked leading dims are mapped over."""
+    a, b, values, idx = layer["sl_a"], layer["sl_b"], layer["sl_values"], layer["sl_support"]
+    scale = config.sl_alpha / config.sl_rank
+    lead = a.shape[:-2]
+    flat = lambda x, k: x.reshape(-1, *x.shape[-k:])  # noqa: E731
+    w = jax.vmap(lambda a, b, v, i: materialize_w(a, b, v, i, scale))(
+        flat(a, 2), flat(b, 2), flat(values, 1), flat(idx, 1)
+    )
+    return w.reshape(*lead, *w.shape[-2:])
+
+
+register_effective_weight("sl", ("sl_a", "sl_b", "sl_support", "sl_values"), sl_effective_weight)

@@ -69,7 +69,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lowrank_jax.layers.lora import KERNEL, LORA_A, LORA_B, LORA_SCALE, kaiming_uniform
+from lowrank_jax.layers.lora import KERNEL, LORA_A, LORA_B, LORA_SCALE, kaiming_uniform, lora_scale_of, lora_weight
 from lowrank_jax.optim._checks import check_choice, check_real, static_int
 from lowrank_jax.optim._tree import find_namedtuples, map_namedtuples
 from lowrank_jax.optim.adam_8bit import QuantizedArray, dequantize, quantize
@@ -192,12 +192,8 @@ def merge_and_reinit(
     for i, path in enumerate(paths):
         node = _get(out, path)
         w, a, b = node[KERNEL], node[LORA_A], node[LORA_B]
-        if LORA_SCALE in node:
-            s = jnp.tanh(jnp.asarray(node[LORA_SCALE], jnp.float32))[..., None, None]
-        else:
-            s = jnp.asarray(alpha_over_rank, jnp.float32)
-        delta = jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
-        node[KERNEL] = (w.astype(jnp.float32) + delta * s).astype(w.dtype)
+        s = lora_scale_of(node, alpha_over_rank)
+        node[KERNEL] = lora_weight(w, a, b, s).astype(w.dtype)  # the layer's effective weight
         node[LORA_A] = _reinit_factor(jax.random.fold_in(key, i), a)
         node[LORA_B] = jnp.zeros_like(b)
         if LORA_SCALE in node:

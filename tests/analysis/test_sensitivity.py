@@ -11,14 +11,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lowrank_jax.analysis.sensitivity import (
-    densify,
-    init_std_tree,
-    parameter_sensitivity,
-    register_effective_weight,
-)
+from lowrank_jax.analysis.sensitivity import densify, init_std_tree, parameter_sensitivity
 from lowrank_jax.config import ModelConfig
-from lowrank_jax.layers.dense import dense_kinds
+from lowrank_jax.layers.dense import dense_kinds, register_effective_weight
 from lowrank_jax.models import abstract_params, build_model, split_model
 
 SEED = int(np.random.SeedSequence().entropy % 2**31)  # fresh inputs every run; printed on failure
