@@ -12,7 +12,7 @@ and cast to ``x.dtype`` for the matmul, accumulated in float32.
   (:mod:`pallas_kernels.sl_matmul.xla`).
 * ``'pallas'`` — the fused kernels (:mod:`pallas_kernels.sl_matmul.kernel`): W tiles built on chip in
   both passes, dvalues by a sampled dense-dense kernel. On CPU it runs in interpret mode.
-* ``None`` (auto) — ``'pallas'`` on GPU and TPU backends when the kernels (forward and backward)
+* ``'auto'`` (the default; ``None`` is accepted as the same) — ``'pallas'`` on GPU and TPU backends when the kernels (forward and backward)
   compile for the call's shapes and dtypes (checked once per signature by an ahead-of-time
   compile of abstract operands, :func:`pallas_compiles`), ``'xla'`` elsewhere or if they do not.
 """
@@ -29,17 +29,17 @@ import jax.numpy as jnp
 from pallas_kernels.sl_matmul.kernel import KernelConfig, sl_matmul_pallas
 from pallas_kernels.sl_matmul.xla import sl_matmul_xla
 
-IMPLEMENTATIONS = ("xla", "pallas")
+IMPLEMENTATIONS = ("auto", "xla", "pallas")
 PALLAS_BACKENDS = ("gpu", "cuda", "rocm", "tpu")
 
 
 def resolve_implementation(implementation: str | None, backend: str | None = None) -> str:
-    """``'xla'`` or ``'pallas'`` for ``implementation`` (None = auto) on ``backend`` (default: JAX's)."""
+    """``'xla'`` or ``'pallas'`` for ``implementation`` (``'auto'`` or None: by backend) on ``backend`` (default: JAX's)."""
     if implementation is None or implementation == "auto":
         backend = backend or jax.default_backend()
         return "pallas" if backend in PALLAS_BACKENDS else "xla"
     if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation: must be 'xla', 'pallas' or None (auto), got {implementation!r}")
+        raise ValueError(f"implementation: must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     return implementation
 
 
@@ -85,7 +85,7 @@ def sl_matmul(
     idx: jax.Array,
     scale: float,
     *,
-    implementation: str | None = None,
+    implementation: str | None = "auto",
     block_m: int = 128,
     block_k: int = 64,
     block_n: int = 64,

@@ -1,12 +1,12 @@
-"""Public entry point of the packed ternary matmul: ``implementation='xla' | 'pallas' | None``.
+"""Public entry point of the packed ternary matmul: ``implementation='auto' | 'xla' | 'pallas'``.
 
 ``ternary_matmul(x, packed, scale, k=K)`` computes ``scale · x̃ @ W`` (and ``· x_scale`` per row for
 int8 activations) for a ternary kernel ``W (K, N)`` stored 4 weights per byte
 (:func:`~pallas_kernels.ternary_matmul.packing.pack_ternary`). ``x`` may carry leading batch
 dimensions ``(..., K)``; its dtype is bfloat16, float32 or int8 (then ``x_scale (...)`` is required).
 
-``implementation=None`` picks the Pallas kernel on GPU and falls back to the XLA reference
-elsewhere (on CPU the Pallas kernel only runs interpreted, for tests: ``interpret=True``).
+``implementation='auto'`` (the default; ``None`` is accepted as the same) picks the Pallas kernel on
+GPU and the XLA reference elsewhere (on CPU the Pallas kernel only runs interpreted, for tests: ``interpret=True``).
 The VJP with respect to floating ``x`` is ``dx = (dy ⊙ rowscale) @ Wᵀ`` (XLA, from the unpacked
 weights); ``packed``, ``scale`` and ``x_scale`` are treated as constants (inference weights).
 """
@@ -20,10 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.ternary_matmul.packing import packed_rows, unpack_ternary
-from pallas_kernels.ternary_matmul.pallas_impl import ternary_matmul_pallas_padded
+from pallas_kernels.ternary_matmul.kernel import ternary_matmul_pallas_padded
 from pallas_kernels.ternary_matmul.reference import ternary_matmul_reference
 
-IMPLEMENTATIONS = ("xla", "pallas")
+IMPLEMENTATIONS = ("auto", "xla", "pallas")
 
 
 def _pow2_at_least(n: int, lo: int) -> int:
@@ -36,10 +36,10 @@ def default_blocks(m: int, kq: int, n: int) -> tuple[int, int, int]:
 
 
 def _resolve(implementation: str | None) -> str:
-    if implementation is None:
+    if implementation is None or implementation == "auto":
         return "pallas" if jax.default_backend() == "gpu" else "xla"
     if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation: must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
+        raise ValueError(f"implementation: must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     return implementation
 
 
@@ -103,7 +103,7 @@ def ternary_matmul(
     k: int,
     x_scale: jax.Array | None = None,
     out_dtype: jnp.dtype = jnp.float32,
-    implementation: str | None = None,
+    implementation: str | None = "auto",
     blocks: tuple[int, int, int] | None = None,
     interpret: bool | None = None,
 ) -> jax.Array:

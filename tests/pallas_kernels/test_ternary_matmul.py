@@ -16,7 +16,7 @@ from pallas_kernels.ternary_matmul import (
     unpack_ternary,
 )
 from pallas_kernels.ternary_matmul.api import pad_operands
-from pallas_kernels.ternary_matmul.pallas_impl import ternary_matmul_pallas_padded
+from pallas_kernels.ternary_matmul.kernel import ternary_matmul_pallas_padded
 
 RNG = np.random.default_rng()  # fresh draws every run; the failing seed is printed by the assertions
 
