@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lowrank_jax.layers.dense import Axes, dtype_of, register_dense
+from lowrank_jax.layers.dense import Axes, dtypes, register_dense
 from pallas_kernels.ternary_matmul import pack_ternary, ternary_matmul
 
 EPS = 1e-5
@@ -159,12 +159,4 @@ def pack_bitlinear(layer: BitLinear, implementation: str | None = "auto") -> Bit
 
 @register_dense("bitlinear")
 def _build_bitlinear(in_features: int, out_features: int, *, axes: Axes, rngs: nnx.Rngs, config: Any) -> BitLinear:
-    return BitLinear(
-        in_features,
-        out_features,
-        axes=axes,
-        rngs=rngs,
-        init_std=config.init_std,
-        dtype=dtype_of(config.dtype),
-        param_dtype=dtype_of(config.param_dtype),
-    )
+    return BitLinear(in_features, out_features, axes=axes, rngs=rngs, init_std=config.init_std, **dtypes(config))

@@ -106,6 +106,11 @@ def dtype_of(name: str) -> jnp.dtype:
     return _DTYPES[name]
 
 
+def dtypes(config: Any) -> dict[str, jnp.dtype]:
+    """``{"dtype", "param_dtype"}`` keywords of a layer from a ModelConfig (compute and storage dtypes)."""
+    return {"dtype": dtype_of(config.dtype), "param_dtype": dtype_of(config.param_dtype)}
+
+
 class Dense(nnx.Module):
     """Bias-free linear ``y = x @ kernel`` with kernel ``(in, out)`` ~ N(0, init_std²).
 
@@ -136,15 +141,7 @@ class Dense(nnx.Module):
 
 @register_dense("dense")
 def _build_dense(in_features: int, out_features: int, *, axes: Axes, rngs: nnx.Rngs, config: Any) -> Dense:
-    return Dense(
-        in_features,
-        out_features,
-        axes=axes,
-        rngs=rngs,
-        init_std=config.init_std,
-        dtype=dtype_of(config.dtype),
-        param_dtype=dtype_of(config.param_dtype),
-    )
+    return Dense(in_features, out_features, axes=axes, rngs=rngs, init_std=config.init_std, **dtypes(config))
 
 
 register_effective_weight("dense", ("kernel",), lambda layer, cfg: layer["kernel"])

@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lowrank_jax.layers.dense import Axes, dtype_of, register_dense, register_effective_weight
+from lowrank_jax.layers.dense import Axes, dtypes, register_dense, register_effective_weight
 
 # Attribute names of LoRADense's variables in the model's pure-dict params; the ReLoRA merge finds
 # its (W, A, B[, σ]) groups by these keys.
@@ -219,40 +219,32 @@ class LowRankDense(nnx.Module):
         return (x @ self.lowrank_a[...].astype(self.dtype)) @ self.lowrank_b[...].astype(self.dtype)
 
 
-def lora_settings(config: Any) -> tuple[int, float, bool]:
-    """``(rank, alpha, trainable_scale)`` from a ModelConfig (defaults 128, 32.0, False: the official ones)."""
-    return config.lora_rank, config.lora_alpha, config.lora_trainable_scale
-
-
 @register_dense("lora")
 def _build_lora(in_features: int, out_features: int, *, axes: Axes, rngs: nnx.Rngs, config: Any) -> LoRADense:
-    rank, alpha, trainable_scale = lora_settings(config)
     return LoRADense(
         in_features,
         out_features,
-        rank=rank,
-        alpha=alpha,
+        rank=config.lora_rank,
+        alpha=config.lora_alpha,
+        trainable_scale=config.lora_trainable_scale,
         axes=axes,
         rngs=rngs,
         init_std=config.init_std,
-        dtype=dtype_of(config.dtype),
-        param_dtype=dtype_of(config.param_dtype),
-        trainable_scale=trainable_scale,
+        **dtypes(config),
     )
 
 
 @register_dense("lowrank")
 def _build_lowrank(in_features: int, out_features: int, *, axes: Axes, rngs: nnx.Rngs, config: Any) -> LowRankDense:
-    rank, _, _ = lora_settings(config)
+    """The low-rank baseline takes its rank from ``model.lora_rank`` (the rank of both factorised kinds)."""
     return LowRankDense(
         in_features,
         out_features,
-        rank=rank,
+        rank=config.lora_rank,
         axes=axes,
         rngs=rngs,
         init_std=config.init_std,
-        dtype=dtype_of(config.dtype),
-        param_dtype=dtype_of(config.param_dtype),
+        **dtypes(config),
     )
 
 

@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lowrank_jax.layers.dense import Axes, dtype_of, register_dense, register_effective_weight
+from lowrank_jax.layers.dense import Axes, dtypes, register_dense, register_effective_weight
 from lowrank_jax.layers.lora import kaiming_uniform
 from pallas_kernels.sl_matmul.api import IMPLEMENTATIONS, sl_matmul
 from pallas_kernels.sl_matmul.reference import materialize_w
@@ -159,25 +159,18 @@ class SLDense(nnx.Module):
         )
 
 
-def sl_settings(config: Any) -> tuple[int, float, float, str]:
-    """``(rank, alpha, density, implementation)`` from a ModelConfig's ``sl_*`` fields."""
-    return config.sl_rank, config.sl_alpha, config.sl_density, config.sl_implementation
-
-
 @register_dense("sl")
 def _build_sl(in_features: int, out_features: int, *, axes: Axes, rngs: nnx.Rngs, config: Any) -> SLDense:
-    rank, alpha, density, implementation = sl_settings(config)
     return SLDense(
         in_features,
         out_features,
-        rank=rank,
-        alpha=alpha,
-        density=density,
+        rank=config.sl_rank,
+        alpha=config.sl_alpha,
+        density=config.sl_density,
+        implementation=config.sl_implementation,
         axes=axes,
         rngs=rngs,
-        dtype=dtype_of(config.dtype),
-        param_dtype=dtype_of(config.param_dtype),
-        implementation=implementation,
+        **dtypes(config),
     )
 
 
