@@ -161,6 +161,7 @@ class GaloreConfig:
     svd: Literal[SVD_MODES] = "exact"
     moments: Literal[MOMENT_MODES] = "keep"
     canonical_signs: bool = False
+    oversample: Annotated[Int, NonNegative] = 8  # svd=randomized: sketch columns beyond the rank
 
 
 @one_line_errors("relora")

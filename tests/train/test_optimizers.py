@@ -67,3 +67,25 @@ def test_galore_state_is_low_rank_and_smaller(base):
             q_proj = galore_state.proj_in["blocks"]["attn"]["q"]["kernel"]
             assert q_proj.shape == (2, 64, 8)
     assert sizes["galore_adamw8bit"] < sizes["galore_adamw"] < sizes["adamw"]
+
+
+def test_a_galore_config_field_reaches_the_transform(base):
+    """``galore.oversample`` changes the randomized range finder's sketch, hence the first projector."""
+    cfg = replace(base, optim__name="galore_adamw", galore__svd="randomized", galore__rank=2)
+    grads = jax.tree.map(
+        lambda x: np.random.default_rng(1).standard_normal(x.shape).astype(x.dtype),
+        make_trainer(cfg).init_state().params,
+    )
+    q_proj = {}
+    for oversample in (0, 8):
+        trainer = make_trainer(replace(cfg, galore__oversample=oversample))
+        state = trainer.init_state()
+        _, opt_state = trainer.tx.update(grads, state.opt_state, state.params)
+        galore_state = next(
+            s
+            for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, GaLoreState))
+            if isinstance(s, GaLoreState)
+        )
+        q_proj[oversample] = np.asarray(galore_state.proj_in["blocks"]["attn"]["q"]["kernel"])
+    assert q_proj[0].shape == q_proj[8].shape == (2, 64, 2)
+    assert not np.allclose(np.abs(q_proj[0]), np.abs(q_proj[8]), atol=1e-3)
