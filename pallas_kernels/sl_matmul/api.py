@@ -12,9 +12,10 @@ and cast to ``x.dtype`` for the matmul, accumulated in float32.
   (:mod:`pallas_kernels.sl_matmul.xla`).
 * ``'pallas'`` — the fused kernels (:mod:`pallas_kernels.sl_matmul.kernel`): W tiles built on chip in
   both passes, dvalues by a sampled dense-dense kernel. On CPU it runs in interpret mode.
-* ``'auto'`` (the default; ``None`` is accepted as the same) — ``'pallas'`` on GPU and TPU backends when the kernels (forward and backward)
-  compile for the call's shapes and dtypes (checked once per signature by an ahead-of-time
-  compile of abstract operands, :func:`pallas_compiles`), ``'xla'`` elsewhere or if they do not.
+* ``'auto'`` (the default; ``None`` is accepted as the same) — ``'pallas'`` on GPU and TPU backends
+  when the kernels (forward and backward) compile for the call's shapes and dtypes (checked once
+  per signature by an ahead-of-time compile of abstract operands, :func:`pallas_compiles`),
+  ``'xla'`` elsewhere or if they do not.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ PALLAS_BACKENDS = ("gpu", "cuda", "rocm", "tpu")
 
 
 def resolve_implementation(implementation: str | None, backend: str | None = None) -> str:
-    """``'xla'`` or ``'pallas'`` for ``implementation`` (``'auto'`` or None: by backend) on ``backend`` (default: JAX's)."""
+    """``'xla'`` or ``'pallas'`` for ``implementation`` on ``backend`` (default: JAX's); ``'auto'``/None: by backend."""
     if implementation is None or implementation == "auto":
         backend = backend or jax.default_backend()
         return "pallas" if backend in PALLAS_BACKENDS else "xla"

@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.ternary_matmul.packing import packed_rows, unpack_ternary
 from pallas_kernels.ternary_matmul.kernel import ternary_matmul_pallas_padded
+from pallas_kernels.ternary_matmul.packing import packed_rows, unpack_ternary
 from pallas_kernels.ternary_matmul.reference import ternary_matmul_reference
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas")
