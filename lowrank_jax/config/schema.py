@@ -184,6 +184,16 @@ class ReloraConfig:
     warm_start: Annotated[Int, Field(ge=0, description="0: no warm start")] = 0  # full-rank steps before LoRA
     jagged: bool = True  # lr drops to 0 and re-warms at each restart (and at the warm-start switch)
 
+    @property
+    def first_restart(self) -> int:
+        """``F``: the warm-start switch if there is one, else the first ``every`` boundary (0: neither)."""
+        return self.warm_start or self.every
+
+    @property
+    def jagged_schedule(self) -> bool:
+        """Whether the run's schedule is ReLoRA's jagged cosine (restarts or a warm start, and ``jagged``)."""
+        return self.jagged and self.first_restart > 0
+
 
 SECTIONS = {
     "model": ModelConfig,
@@ -262,19 +272,18 @@ class Config:
             _check(r.warm_start < self.steps, "relora.warm_start", f"must be < steps={self.steps}, got {r.warm_start}")
         if r.every:
             _check(m.dense == "lora", "relora.every", f"restarts need model.dense=lora, got {m.dense!r}")
-        if r.jagged and (r.every or r.warm_start):
+        if r.jagged_schedule:
             cycle = r.every or self.steps - r.warm_start
             _check(
                 0 < r.restart_warmup < cycle,
                 "relora.restart_warmup",
                 f"must be in [1, {cycle}) (the restart cycle), got {r.restart_warmup}",
             )
-            first_restart = r.warm_start or r.every
             first_warmup = int(o.warmup_ratio * self.steps)
             _check(
-                first_warmup <= first_restart,
+                first_warmup <= r.first_restart,
                 "optim.warmup_ratio",
-                f"the first warmup ({first_warmup} steps) must end before the first restart (step {first_restart})",
+                f"the first warmup ({first_warmup} steps) must end before the first restart (step {r.first_restart})",
             )
         if self.layerwise_update:
             _check(m.scan_layers, "layerwise_update", "needs model.scan_layers=true (blocks stacked on a layers axis)")

@@ -17,7 +17,7 @@ from lowrank_jax.config import Config
 from lowrank_jax.models import FROZEN_LABELS, param_labels
 from lowrank_jax.optim.registry import build_optimizer
 from lowrank_jax.optim.relora import frozen_partition
-from lowrank_jax.train import relora as relora_glue
+from lowrank_jax.train.relora import jagged_schedule
 
 
 def make_schedule(cfg: Config) -> optax.Schedule:
@@ -27,8 +27,8 @@ def make_schedule(cfg: Config) -> optax.Schedule:
     ReLoRA restarts or a warm start (and ``relora.jagged``) the same curve is cut into ReLoRA's
     jagged schedule (:func:`lowrank_jax.train.relora.jagged_schedule`).
     """
-    if relora_glue.uses_jagged_schedule(cfg):
-        return relora_glue.jagged_schedule(cfg)
+    if cfg.relora.jagged_schedule:
+        return jagged_schedule(cfg)
     o = cfg.optim
     warmup = int(o.warmup_ratio * cfg.steps)
     return optax.warmup_cosine_decay_schedule(

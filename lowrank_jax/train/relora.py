@@ -28,16 +28,6 @@ if TYPE_CHECKING:  # annotations only: step.py imports this module
     from lowrank_jax.train.step import Trainer
 
 
-def first_restart(cfg: Config) -> int:
-    """``F``: the warm-start switch if there is one, else the first ``every`` boundary."""
-    return cfg.relora.warm_start or cfg.relora.every
-
-
-def uses_jagged_schedule(cfg: Config) -> bool:
-    r = cfg.relora
-    return r.jagged and bool(r.every or r.warm_start)
-
-
 def jagged_schedule(cfg: Config) -> optax.Schedule:
     """The run's warmup + cosine, dropping to 0 and re-warming at ``F, F + every, …``."""
     o, r = cfg.optim, cfg.relora
@@ -49,7 +39,7 @@ def jagged_schedule(cfg: Config) -> optax.Schedule:
         r.restart_warmup,
         cfg.steps,
         o.min_lr_ratio,
-        first_restart=first_restart(cfg),
+        first_restart=r.first_restart,
     )
 
 
@@ -61,7 +51,7 @@ def maybe_restart(cfg: Config, new_step: jax.Array, params: Any, opt_state: Any,
     ``labels`` are the params' Variable class names (:func:`lowrank_jax.models.param_labels`).
     """
     r, m = cfg.relora, cfg.model
-    since_first = new_step - 1 - first_restart(cfg)  # restarts at F, F + every, ...
+    since_first = new_step - 1 - r.first_restart  # restarts at F, F + every, ...
     restart = (since_first >= 0) & (since_first % r.every == 0)
 
     def do(po):
