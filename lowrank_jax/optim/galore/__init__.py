@@ -67,6 +67,23 @@ Opt-in improvements:
   positive, so that CPU/GPU/TPU SVDs give the same trajectory (with ``moments='keep'`` the
   trajectory after a refresh depends on the SVD's sign convention).
 
+GoLore (He, Li, Hu, Chen, Yuan, "Subspace Optimization for Large Language Models with Convergence
+Guarantees", ICML 2025, arXiv:2410.11289; code pkumelon/Golore) as ``projector='random'``::
+
+    if t % T == 0:   P ← top-r singular vectors of G_t            while t <  random_from   (GaLore)
+                     P ← Z (ZᵀZ)^(-1/2),  Z_ij ~ N(0, 1)          once  t >= random_from   (GoLore)
+
+GaLore's SVD subspace can be dominated by gradient noise once the true gradient is small, and GaLore then
+need not converge; a projector drawn uniformly from the Stiefel manifold (independent of the noise) restores
+the convergence guarantee. The official recipe uses SVD for the first 80% of the steps (``--rand_ratio 0.8``,
+switch step ``rand_ratio · num_training_steps``, ``rand = step >= rand_epoch`` in golore_torch/adamw.py),
+``scale=1`` and rotates the first moment into each new basis while keeping the second: pass
+``moments='reproject_first'``. The random projectors are orthonormal, drawn in float32 from
+``(seed, t, matrix index, side)`` (see :mod:`~lowrank_jax.optim.galore.projectors`) and cast to the param
+dtype; a random refresh computes no SVD. (golore_torch's ``get_random_orthogonal_matrix`` is applied to a
+``Z`` of shape ``(r, n)`` for its right-side projector, whose ``ZᵀZ`` is singular for ``r < n``; here both
+sides use the ``(dim, r)`` polar factor, the distribution the paper specifies.)
+
 Robustness (always on): a refresh whose gradient or SVD is not finite keeps the previous projector
 (the truncated identity before the first success) and increments ``svd_failures``.
 
@@ -97,7 +114,7 @@ attention/MLP modules, so pass such a mask); a failed SVD keeps the previous pro
 propagating NaNs or raising; :func:`galore_adamw` decays the weight before rather than after the
 update (an O(lr²·wd) difference).
 
-With :func:`optax.inject_hyperparams`, ``scale``, ``update_proj_gap``, ``seed`` and
+With :func:`optax.inject_hyperparams`, ``scale``, ``update_proj_gap``, ``seed``, ``random_from`` and
 ``power_iters`` may be traced; ``rank`` is read from the state's projector shapes during updates
 but ``init`` needs it static (call ``init`` outside ``jit`` or pass ``static_args=('rank',)``);
 ``oversample`` must be static for ``svd='randomized'``; callables (``mask``,
@@ -112,11 +129,12 @@ Code: ``plan.py`` (:class:`GaLoreDims`, which leaves are projected, their matrix
 from lowrank_jax.optim.adam_hf import ScaleByAdamHFState, scale_by_adam_hf
 from lowrank_jax.optim.galore.moments import MOMENT_MODES, register_moments
 from lowrank_jax.optim.galore.plan import PROJ_TYPES, GaLoreDims
-from lowrank_jax.optim.galore.projectors import REFRESH_MODES, SVD_MODES
+from lowrank_jax.optim.galore.projectors import PROJECTORS, REFRESH_MODES, SVD_MODES
 from lowrank_jax.optim.galore.transform import GaLoreState, galore, galore_adamw
 
 __all__ = [
     "MOMENT_MODES",
+    "PROJECTORS",
     "PROJ_TYPES",
     "REFRESH_MODES",
     "SVD_MODES",

@@ -1,8 +1,9 @@
 """The inner optimizer's moments under GaLore: where they are, and carrying them across a projector refresh.
 
 ``moments='reproject'`` rotates the moments of a refreshed matrix into the new basis (``R = P_newᵀ P_old``: first
-moment by ``R``, second by ``R∘R``), ``'reset'`` zeroes them, ``'keep'`` (official) leaves them. They are found
-anywhere in the inner state as NamedTuple fields ``mu`` / ``nu``, or through :func:`register_moments`.
+moment by ``R``, second by ``R∘R``), ``'reproject_first'`` rotates only the first moment and keeps the second
+(GoLore's rule), ``'reset'`` zeroes them, ``'keep'`` (official GaLore) leaves them. They are found anywhere in the
+inner state as NamedTuple fields ``mu`` / ``nu``, or through :func:`register_moments`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import optax
 from lowrank_jax.optim._tree import map_namedtuples
 from lowrank_jax.optim.galore.plan import _Plan
 
-MOMENT_MODES = ("keep", "reproject", "reset")
+# 'reproject_first': official GoLore (pkumelon/Golore, peft_pretraining/GoLore.py, merge_and_reinit) rotates
+# exp_avg into the new basis, Pnewᵀ (Pold exp_avg), and leaves exp_avg_sq as it is.
+MOMENT_MODES = ("keep", "reproject", "reproject_first", "reset")
 
 # Inner-state NamedTuple fields treated as moments by moments='reproject'|'reset' (first: rotated by R,
 # second: by R∘R). Other state types: register_moments().
@@ -109,7 +112,7 @@ def _remix_one(
     new_out: Any,
     mode: str,
 ) -> tuple[list[jax.Array], list[jax.Array]]:
-    """Moments of one matrix carried into the new basis (reproject) or zeroed (reset)."""
+    """Moments of one matrix carried into the new basis (reproject, reproject_first) or zeroed (reset)."""
     if mode == "reset":
         return [jnp.zeros_like(x) for x in firsts], [jnp.zeros_like(x) for x in seconds]
     f32 = jnp.float32
@@ -124,6 +127,8 @@ def _remix_one(
             y = y @ b.T
         return y.astype(x.dtype)
 
+    if mode == "reproject_first":
+        return [rotate(x, r_in, r_out) for x in firsts], list(seconds)
     sq = lambda r: None if r is None else r * r
     return [rotate(x, r_in, r_out) for x in firsts], [rotate(x, sq(r_in), sq(r_out)) for x in seconds]
 

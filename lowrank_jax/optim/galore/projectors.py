@@ -1,8 +1,13 @@
-"""GaLore projectors: top-r singular vectors (exact or randomized SVD), canonical signs, the refresh of a leaf.
+"""GaLore projectors: top-r singular vectors (exact or randomized SVD), canonical signs, the refresh of a leaf;
+and the random projections of GoLore (orthonormal) and APOLLO (Gaussian).
 
 A refresh whose gradient or SVD is not finite keeps the previous projector and counts as a failure. Refreshes are
 ``jax.lax.cond``\\ s, so a step that does not refresh computes no SVD (see the package docstring for how a batched
 leaf is refreshed under ``refresh='all'`` and ``'staggered'``).
+
+Random matrices are drawn from ``jax.random.fold_in(fold_in(fold_in(key(seed), t), j), side)``: ``t`` the step of
+the refresh, ``j`` the matrix index (leaves in flatten order, every matrix of a batched leaf counts), ``side`` 0
+for the input-side projector and 1 for the output side (:func:`matrix_keys`, :func:`side_key`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from lowrank_jax.optim.galore.plan import _Plan
 
 REFRESH_MODES = ("all", "staggered")
 SVD_MODES = ("exact", "randomized")
+# 'svd': GaLore; 'random': GoLore (He et al. 2025), random orthonormal projectors from step random_from on.
+PROJECTORS = ("svd", "random")
 
 SvdFn = Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array]]
 
@@ -40,6 +47,40 @@ class _SvdConfig:
     oversample: int
     canonical_signs: bool
     svd_fn: SvdFn
+    projector: str = "svd"
+    use_random: Any = False  # bool or traced: this step's refreshes draw random projectors (GoLore)
+
+
+def matrix_keys(base_key: jax.Array, plan: _Plan) -> jax.Array:
+    """One key per matrix of a leaf, ``(B,)``: ``base_key`` folded with the matrix's global index."""
+    idx = jnp.arange(plan.first, plan.first + plan.nmat, dtype=jnp.int32)
+    return jax.vmap(lambda j: jax.random.fold_in(base_key, j))(idx)
+
+
+def side_key(key: jax.Array, use_out: bool) -> jax.Array:
+    """The key of one side's projector: 0 for the input side, 1 for the output side."""
+    return jax.random.fold_in(key, int(use_out))
+
+
+def random_orthonormal(key: jax.Array, dim: int, r: int) -> jax.Array:
+    """A ``dim × r`` matrix with orthonormal columns, uniform on the Stiefel manifold (float32).
+
+    GoLore (arXiv 2410.11289, §4) samples ``Z`` with i.i.d. N(0, 1) entries and takes its polar factor
+    ``Z (ZᵀZ)^(-1/2)`` (official ``get_random_orthogonal_matrix``, peft_pretraining/projector.py), which is
+    ``U Vᵀ`` for the thin SVD ``Z = U S Vᵀ``.
+    """
+    z = jax.random.normal(key, (dim, r), jnp.float32)
+    u, _, vh = jnp.linalg.svd(z, full_matrices=False)
+    return u @ vh
+
+
+def random_gaussian(key: jax.Array, dim: int, r: int) -> jax.Array:
+    """APOLLO's projection: ``dim × r`` with i.i.d. N(0, 1/r) entries (float32).
+
+    Official apollo_torch/random_projector.py, ``get_orthogonal_matrix``: ``stable_randn(shape) / sqrt(rank)``;
+    not orthonormal; scaled so that ``E[P Pᵀ] = I`` (Johnson–Lindenstrauss: ``‖Pᵀx‖ ≈ ‖x‖``).
+    """
+    return jax.random.normal(key, (dim, r), jnp.float32) / jnp.sqrt(jnp.float32(r))
 
 
 def _top_singular(
@@ -62,6 +103,15 @@ def _top_singular(
     q_mk = jax.lax.fori_loop(0, cfg.power_iters, power, q_mk)
     ub_kk, s, vh_kn = cfg.svd_fn(q_mk.T @ x_mn)
     return (q_mk @ ub_kk)[:, :r], s[:r], vh_kn[:r]
+
+
+def _random_projectors(
+    p_in: jax.Array | None, p_out: jax.Array | None, key: jax.Array, plan: _Plan
+) -> tuple[jax.Array | None, jax.Array | None, jax.Array]:
+    """GoLore: fresh random orthonormal projectors for the projected side(s); never a failure."""
+    new_in = None if p_in is None else random_orthonormal(side_key(key, False), plan.m, plan.rank).astype(p_in.dtype)
+    new_out = None if p_out is None else random_orthonormal(side_key(key, True), plan.n, plan.rank).astype(p_out.dtype)
+    return new_in, new_out, jnp.ones((), bool)
 
 
 def _new_projectors(
@@ -95,7 +145,14 @@ def _refresh_leaf(
     cfg: _SvdConfig,
 ) -> tuple[jax.Array | None, jax.Array | None, jax.Array, jax.Array]:
     """New ``(pin_b, pout_b, refreshed_b, failed_b)`` for the ``B`` matrices of a leaf."""
-    one = lambda g, pi, po, k: _new_projectors(g, pi, po, k, plan, cfg)
+
+    def one(g: jax.Array, pi: Any, po: Any, k: Any) -> tuple[Any, Any, jax.Array]:
+        svd_fn = lambda: _new_projectors(g, pi, po, k, plan, cfg)
+        if cfg.projector == "svd":
+            return svd_fn()
+        # GoLore: with projector='random' a cond on this step's use_random draws random ones instead (no SVD)
+        return jax.lax.cond(cfg.use_random, lambda: _random_projectors(pi, po, k, plan), svd_fn)
+
     yes = jnp.ones((), bool)
     if staggered and plan.nmat > 1:
         # One cond per matrix inside a sequential map: only the due matrices compute an SVD.

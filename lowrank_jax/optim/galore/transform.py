@@ -4,10 +4,17 @@ One update (the algorithm box of :mod:`lowrank_jax.optim.galore`): read the plan
 due projectors (:func:`_refresh_projectors`), optionally carry the inner moments into the new bases
 (:func:`~lowrank_jax.optim.galore.moments._remix_inner`), project the gradients (:func:`_project`), run the inner
 transform on the low-rank tree, back-project and scale its updates (:func:`_back_project`).
+
+The methods built on GaLore reuse these pieces instead of repeating them: Fira (:mod:`lowrank_jax.optim.fira`)
+takes the validated settings (:func:`_galore_settings`), the state (:func:`_init_state`) and the whole low-rank
+step (:func:`_low_rank_step`) and adds its residual; APOLLO (:mod:`lowrank_jax.optim.apollo`) takes the plans
+(:func:`_init_plans`), the proxy tree and the projection (:func:`_project`) with its own random projectors.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from typing import Any, NamedTuple
 
 import jax
@@ -28,12 +35,14 @@ from lowrank_jax.optim.galore.plan import (
     _sides,
 )
 from lowrank_jax.optim.galore.projectors import (
+    PROJECTORS,
     REFRESH_MODES,
     SVD_MODES,
     SvdFn,
     _dense_svd,
     _refresh_leaf,
     _SvdConfig,
+    matrix_keys,
 )
 
 
@@ -141,7 +150,7 @@ def _refresh_projectors(
             do_b = ((count % update_proj_gap) == (idx * update_proj_gap) // n_total) | (count == 0)
         else:
             do_b = jnp.broadcast_to((count % update_proj_gap) == 0, (p.nmat,))
-        keys_b = None if base_key is None else jax.vmap(lambda j: jax.random.fold_in(base_key, j))(idx)
+        keys_b = None if base_key is None else matrix_keys(base_key, p)
         g_b = p.to_mats(g)
         mats[i] = g_b
         pin_b, pout_b, rf_b, fail_b = _refresh_leaf(
@@ -170,6 +179,16 @@ def _project(leaves: list, plans: list[_Plan | None], mats: list, pins: list, po
     return low
 
 
+def _back_project_mats(p: _Plan, u: jax.Array, pi: jax.Array | None, po: jax.Array | None) -> jax.Array:
+    """``P_in U`` / ``U P_outᵀ`` of one leaf's low-rank ``u`` as ``(B, m, n)`` matrices (in ``u``'s dtype)."""
+    y = p.low_b(u)
+    if p.use_in:
+        y = jnp.einsum("bmr,brn->bmn", p.proj_b(pi, p.m).astype(y.dtype), y)
+    if p.use_out:
+        y = jnp.einsum("bmr,bnr->bmn", y, p.proj_b(po, p.n).astype(y.dtype))
+    return y
+
+
 def _back_project(leaves: list, plans: list[_Plan | None], inner: list, pins: list, pouts: list, scale: Any) -> list:
     """``scale · P_in U`` / ``U P_outᵀ`` (in the gradient dtype) for projected leaves; the inner update otherwise."""
     out = []
@@ -177,18 +196,178 @@ def _back_project(leaves: list, plans: list[_Plan | None], inner: list, pins: li
         if p is None:
             out.append(u)
             continue
-        y = p.low_b(u)
-        if p.use_in:
-            y = jnp.einsum("bmr,brn->bmn", p.proj_b(pi, p.m).astype(y.dtype), y)
-        if p.use_out:
-            y = jnp.einsum("bmr,bnr->bmn", y, p.proj_b(po, p.n).astype(y.dtype))
-        out.append((p.from_mats(y) * scale).astype(g.dtype))
+        out.append((p.from_mats(_back_project_mats(p, u, pi, po)) * scale).astype(g.dtype))
     return out
 
 
 # --------------------------------------------------------------------------------------------
-# The transformations
+# The transformations: validated settings, init and the low-rank step, shared with Fira
 # --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+    """:func:`galore`'s keywords after validation (numbers may be traced under ``inject_hyperparams``)."""
+
+    rank: Any
+    update_proj_gap: Any
+    scale: Any
+    proj_type: str
+    inner: optax.GradientTransformationExtraArgs
+    mask: MaskOrFn
+    dimension_numbers: Any
+    staggered: bool
+    svd: str
+    moments: str
+    canonical_signs: bool
+    power_iters: Any
+    oversample: Any
+    seed: Any
+    projector: str
+    random_from: Any
+    svd_fn: SvdFn
+
+
+def _settings(kw: dict[str, Any]) -> _Settings:
+    """Validate :func:`galore`'s arguments, given as a dict of all of them (``locals()`` of :func:`galore`)."""
+    rank, update_proj_gap, scale, proj_type = kw["rank"], kw["update_proj_gap"], kw["scale"], kw["proj_type"]
+    refresh, svd, moments, canonical_signs = kw["refresh"], kw["svd"], kw["moments"], kw["canonical_signs"]
+    power_iters, oversample, seed, projector = kw["power_iters"], kw["oversample"], kw["seed"], kw["projector"]
+    random_from, inner = kw["random_from"], kw["inner"]
+    check_int(rank, "rank", lo=1)
+    check_int(update_proj_gap, "update_proj_gap", lo=1)
+    check_real(scale, "scale", lo=0.0, lo_open=True)
+    check_choice(proj_type, "proj_type", PROJ_TYPES, hints=_PROJ_TYPE_HINTS)
+    check_choice(refresh, "refresh", REFRESH_MODES)
+    check_choice(svd, "svd", SVD_MODES)
+    check_choice(moments, "moments", MOMENT_MODES)
+    check_int(power_iters, "power_iters", lo=0)
+    check_int(oversample, "oversample", lo=0)
+    check_int(seed, "seed", lo=0)
+    check_bool(canonical_signs, "canonical_signs")
+    check_choice(projector, "projector", PROJECTORS)
+    if check_int(random_from, "random_from", lo=0) and projector == "svd":
+        raise ValueError(f"random_from: only applies with projector='random', got random_from={random_from}")
+    if inner is None:
+        inner = scale_by_adam_hf()
+    if not (hasattr(inner, "init") and hasattr(inner, "update")):
+        raise ValueError(f"inner: must be an optax GradientTransformation, got {type(inner).__name__}")
+    return _Settings(
+        rank=rank,
+        update_proj_gap=update_proj_gap,
+        scale=scale,
+        proj_type=proj_type,
+        inner=optax.with_extra_args_support(inner),
+        mask=kw["mask"],
+        dimension_numbers=kw["dimension_numbers"],
+        staggered=refresh == "staggered",
+        svd=svd,
+        moments=moments,
+        canonical_signs=canonical_signs,
+        power_iters=power_iters,
+        oversample=oversample,
+        seed=seed,
+        projector=projector,
+        random_from=random_from,
+        svd_fn=kw["_svd_fn"] or _dense_svd,
+    )
+
+
+def _init_plans(
+    params: optax.Params, *, rank: Any, mask: MaskOrFn, dimension_numbers: Any, proj_type: str, clamp: bool = True
+) -> tuple[list, Any, list[_Plan | None]]:
+    """``(leaves, treedef, plans)`` of ``params`` for ``init`` (``rank`` must be static here).
+
+    ``clamp``: the effective rank is ``min(rank, in, out)`` (an SVD has no more singular vectors); a random
+    Gaussian projection (APOLLO) may have more columns than the side it projects.
+    """
+    rank_ = static_int(rank, "rank", "it sets the state shapes")
+    leaves, treedef = jax.tree.flatten(params)
+    selected = _resolve_mask(mask, params, leaves)
+    dims = _resolve_dims(dimension_numbers, params, leaves)
+    rank_of = (lambda _, m, n: min(rank_, m, n)) if clamp else (lambda *_: rank_)
+    plans = _make_plans(leaves, selected, dims, lambda _, m, n: _sides(proj_type, m, n), rank_of)
+    return leaves, treedef, plans
+
+
+def _proxy_tree(leaves: list, treedef: Any, plans: list[_Plan | None]) -> Any:
+    """The tree the inner transform runs on: zeros of the low-rank shape for projected leaves, the rest as is."""
+    proxy = [leaf if p is None else jnp.zeros(p.low_shape, leaf.dtype) for leaf, p in zip(leaves, plans, strict=True)]
+    return treedef.unflatten(proxy)
+
+
+def _init_state(params: optax.Params, s: _Settings) -> GaLoreState:
+    leaves, treedef, plans = _init_plans(
+        params, rank=s.rank, mask=s.mask, dimension_numbers=s.dimension_numbers, proj_type=s.proj_type
+    )
+    proxy_tree = _proxy_tree(leaves, treedef, plans)
+    _check_inner(s.inner, proxy_tree)
+    inner_state = s.inner.init(proxy_tree)
+    if s.moments != "keep":
+        _check_moments(inner_state, treedef, plans, s.moments)
+    proj_in, proj_out = _identity_projectors(plans, leaves)
+    last = [optax.MaskedNode() if p is None else jnp.full(p.batch_shape, -1, jnp.int32) for p in plans]
+    return GaLoreState(
+        count=jnp.zeros([], jnp.int32),
+        inner_state=inner_state,
+        proj_in=treedef.unflatten(proj_in),
+        proj_out=treedef.unflatten(proj_out),
+        last_refresh=treedef.unflatten(last),
+        svd_failures=jnp.zeros([], jnp.int32),
+    )
+
+
+class _Step(NamedTuple):
+    """One low-rank step, before back-projection (lists hold one entry per leaf)."""
+
+    leaves: list  # the gradient
+    treedef: Any
+    plans: list  # _Plan | None
+    mats: list  # the gradient as (B, m, n) matrices (None for unprojected leaves)
+    low: list  # the projected (low-rank) gradients; the gradient itself for unprojected leaves
+    inner: list  # the inner transform's updates of ``low``
+    pins: list  # projectors after this step's refreshes
+    pouts: list
+    state: GaLoreState  # the new state
+
+
+def _low_rank_step(updates: optax.Updates, state: GaLoreState, s: _Settings, extra_args: dict) -> _Step:
+    """Refresh the due projectors, carry the moments, project, run the inner transform (no back-projection)."""
+    leaves, treedef, plans, pins, pouts, lasts = _read_state(updates, state, s.dimension_numbers)
+    count = state.count
+    use_random = False if s.projector == "svd" else count >= s.random_from
+    cfg = _SvdConfig(
+        svd=s.svd,
+        power_iters=s.power_iters,
+        oversample=static_int(s.oversample, "oversample", "it sets the sketch size") if s.svd == "randomized" else 0,
+        canonical_signs=s.canonical_signs,
+        svd_fn=s.svd_fn,
+        projector=s.projector,
+        use_random=use_random,
+    )
+    needs_key = s.svd == "randomized" or s.projector == "random"
+    base_key = jax.random.fold_in(jax.random.key(s.seed), count) if needs_key else None
+    new = _refresh_projectors(leaves, plans, pins, pouts, lasts, count, s.update_proj_gap, s.staggered, base_key, cfg)
+
+    inner_state = state.inner_state
+    if s.moments != "keep":
+        inner_state = _remix_inner(
+            inner_state, treedef, plans, pins, new.pins, pouts, new.pouts, new.refreshed, s.staggered, s.moments
+        )
+    low = _project(leaves, plans, new.mats, new.pins, new.pouts)
+    inner_updates, inner_state = s.inner.update(treedef.unflatten(low), inner_state, None, **extra_args)
+
+    mk = lambda xs: treedef.unflatten([optax.MaskedNode() if x is None else x for x in xs])
+    new_state = GaLoreState(
+        count=optax.safe_int32_increment(count),
+        inner_state=inner_state,
+        proj_in=mk(new.pins),
+        proj_out=mk(new.pouts),
+        last_refresh=treedef.unflatten(new.lasts),
+        svd_failures=state.svd_failures + new.failures,
+    )
+    inner_list = treedef.flatten_up_to(inner_updates)
+    return _Step(leaves, treedef, plans, new.mats, low, inner_list, new.pins, new.pouts, new_state)
 
 
 def galore(
@@ -207,6 +386,8 @@ def galore(
     power_iters: int = 2,
     oversample: int = 8,
     seed: int = 0,
+    projector: str = "svd",
+    random_from: int = 0,
     _svd_fn: SvdFn | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """GaLore gradient projection around an ``inner`` transform (see the package docstring).
@@ -224,96 +405,45 @@ def galore(
         default for ndim > 2: leading axes are batch axes, last two are (in, out).
       refresh: ``'all'`` (official: every matrix at ``count % T == 0``) or ``'staggered'``.
       svd: ``'exact'`` (float32 ``jnp.linalg.svd``) or ``'randomized'``.
-      moments: ``'keep'`` (official), ``'reproject'`` or ``'reset'`` on refresh.
+      moments: ``'keep'`` (official), ``'reproject'``, ``'reproject_first'`` (GoLore) or ``'reset'`` on refresh.
       canonical_signs: make singular-vector signs deterministic across backends.
-      power_iters, oversample, seed: randomized SVD settings.
+      power_iters, oversample, seed: randomized SVD settings (``seed`` also seeds GoLore's projectors).
+      projector: ``'svd'`` (GaLore) or ``'random'`` (GoLore: the refreshes at steps ``>= random_from``
+        draw random orthonormal projectors instead of an SVD).
+      random_from: GoLore's switch step (official: ``rand_ratio · steps``); only with ``projector='random'``.
       _svd_fn: testing hook replacing ``jnp.linalg.svd(x, full_matrices=False)`` (``x -> (u, s, vh)``).
 
     Returns:
       An optax transformation whose state is a :class:`GaLoreState`.
     """
-    check_int(rank, "rank", lo=1)
-    check_int(update_proj_gap, "update_proj_gap", lo=1)
-    check_real(scale, "scale", lo=0.0, lo_open=True)
-    check_choice(proj_type, "proj_type", PROJ_TYPES, hints=_PROJ_TYPE_HINTS)
-    check_choice(refresh, "refresh", REFRESH_MODES)
-    check_choice(svd, "svd", SVD_MODES)
-    check_choice(moments, "moments", MOMENT_MODES)
-    check_int(power_iters, "power_iters", lo=0)
-    check_int(oversample, "oversample", lo=0)
-    check_int(seed, "seed", lo=0)
-    check_bool(canonical_signs, "canonical_signs")
-    if inner is None:
-        inner = scale_by_adam_hf()
-    if not (hasattr(inner, "init") and hasattr(inner, "update")):
-        raise ValueError(f"inner: must be an optax GradientTransformation, got {type(inner).__name__}")
-    inner_tx = optax.with_extra_args_support(inner)
-    staggered = refresh == "staggered"
+    s = _settings(dict(locals()))
 
     def init_fn(params: optax.Params) -> GaLoreState:
-        rank_ = static_int(rank, "rank", "it sets the state shapes")
-        leaves, treedef = jax.tree.flatten(params)
-        selected = _resolve_mask(mask, params, leaves)
-        dims = _resolve_dims(dimension_numbers, params, leaves)
-        plans = _make_plans(
-            leaves, selected, dims, lambda _, m, n: _sides(proj_type, m, n), lambda _, m, n: min(rank_, m, n)
-        )
-        proxy = [
-            leaf if p is None else jnp.zeros(p.low_shape, leaf.dtype) for leaf, p in zip(leaves, plans, strict=True)
-        ]
-        proxy_tree = treedef.unflatten(proxy)
-        _check_inner(inner_tx, proxy_tree)
-        inner_state = inner_tx.init(proxy_tree)
-        if moments != "keep":
-            _check_moments(inner_state, treedef, plans, moments)
-        proj_in, proj_out = _identity_projectors(plans, leaves)
-        last = [optax.MaskedNode() if p is None else jnp.full(p.batch_shape, -1, jnp.int32) for p in plans]
-        return GaLoreState(
-            count=jnp.zeros([], jnp.int32),
-            inner_state=inner_state,
-            proj_in=treedef.unflatten(proj_in),
-            proj_out=treedef.unflatten(proj_out),
-            last_refresh=treedef.unflatten(last),
-            svd_failures=jnp.zeros([], jnp.int32),
-        )
+        return _init_state(params, s)
 
     def update_fn(
         updates: optax.Updates, state: GaLoreState, params: optax.Params | None = None, **extra_args: Any
     ) -> tuple[optax.Updates, GaLoreState]:
         del params
-        leaves, treedef, plans, pins, pouts, lasts = _read_state(updates, state, dimension_numbers)
-        count = state.count
-        cfg = _SvdConfig(
-            svd=svd,
-            power_iters=power_iters,
-            oversample=static_int(oversample, "oversample", "it sets the sketch size") if svd == "randomized" else 0,
-            canonical_signs=canonical_signs,
-            svd_fn=_svd_fn or _dense_svd,
-        )
-        base_key = jax.random.fold_in(jax.random.key(seed), count) if svd == "randomized" else None
-        new = _refresh_projectors(leaves, plans, pins, pouts, lasts, count, update_proj_gap, staggered, base_key, cfg)
-
-        inner_state = state.inner_state
-        if moments != "keep":
-            inner_state = _remix_inner(
-                inner_state, treedef, plans, pins, new.pins, pouts, new.pouts, new.refreshed, staggered, moments
-            )
-        low = _project(leaves, plans, new.mats, new.pins, new.pouts)
-        inner_updates, inner_state = inner_tx.update(treedef.unflatten(low), inner_state, None, **extra_args)
-        out = _back_project(leaves, plans, treedef.flatten_up_to(inner_updates), new.pins, new.pouts, scale)
-
-        mk = lambda xs: treedef.unflatten([optax.MaskedNode() if x is None else x for x in xs])
-        new_state = GaLoreState(
-            count=optax.safe_int32_increment(count),
-            inner_state=inner_state,
-            proj_in=mk(new.pins),
-            proj_out=mk(new.pouts),
-            last_refresh=treedef.unflatten(new.lasts),
-            svd_failures=state.svd_failures + new.failures,
-        )
-        return treedef.unflatten(out), new_state
+        st = _low_rank_step(updates, state, s, extra_args)
+        out = _back_project(st.leaves, st.plans, st.inner, st.pins, st.pouts, s.scale)
+        return st.treedef.unflatten(out), st.state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# galore()'s keyword options and their defaults (also the options of the methods built on it, e.g. fira()).
+GALORE_OPTIONS: dict[str, Any] = {
+    name: p.default for name, p in inspect.signature(galore).parameters.items() if name not in ("rank", "_svd_fn")
+}
+
+
+def _galore_settings(rank: int, options: dict[str, Any]) -> _Settings:
+    """:func:`galore`'s validated settings for ``rank`` and a subset of its keyword options."""
+    unknown = sorted(set(options) - set(GALORE_OPTIONS))
+    if unknown:
+        raise ValueError(f"{unknown[0]}: not an option of galore (options: {', '.join(GALORE_OPTIONS)})")
+    return _settings({**GALORE_OPTIONS, "_svd_fn": None, **options, "rank": rank})
 
 
 def _matrix_mask(params: optax.Params) -> Any:
