@@ -1,8 +1,11 @@
-"""Optax GradientTransformations of the memory-efficient methods: GaLore, 8-bit Adam, ReLoRA.
+"""Optax GradientTransformations of the memory-efficient methods: GaLore (and GoLore), APOLLO, Fira, 8-bit Adam,
+ReLoRA.
 
-One home each: :mod:`~lowrank_jax.optim.galore` (package: plan, projectors, moments, transform),
+One home each: :mod:`~lowrank_jax.optim.galore` (package: plan, projectors, moments, transform; GoLore is its
+``projector='random'``), :mod:`~lowrank_jax.optim.apollo` (APOLLO, APOLLO-Mini), :mod:`~lowrank_jax.optim.fira`,
 :mod:`~lowrank_jax.optim.adam_hf` (GaLore's official inner Adam), :mod:`~lowrank_jax.optim.adam_8bit`,
-:mod:`~lowrank_jax.optim.relora`; shared argument checks in ``_checks`` and the optax-state walk in ``_tree``.
+:mod:`~lowrank_jax.optim.relora`; shared argument checks in ``_checks``, the optax-state walk in ``_tree``, and
+what APOLLO and Fira share (the Adam-ratio scaling factor, the norm-growth limiter) in ``_norm_scaling``.
 noise_step is its own package, :mod:`lowrank_jax.noise_step`.
 """
 
@@ -16,6 +19,8 @@ from lowrank_jax.optim.adam_8bit import (
     set_moments,
 )
 from lowrank_jax.optim.adam_hf import ScaleByAdamHFState, scale_by_adam_hf
+from lowrank_jax.optim.apollo import ApolloState, apollo, apollo_mini
+from lowrank_jax.optim.fira import FiraState, fira
 from lowrank_jax.optim.galore import (
     GaLoreDims,
     GaLoreState,
@@ -37,6 +42,11 @@ from lowrank_jax.optim.relora import (
 register_moments(ScaleByAdam8bitState, get_moments, set_moments)
 
 __all__ = [
+    "ApolloState",
+    "FiraState",
+    "apollo",
+    "apollo_mini",
+    "fira",
     "GaLoreDims",
     "GaLoreState",
     "ScaleByAdamHFState",

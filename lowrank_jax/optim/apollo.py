@@ -1,0 +1,216 @@
+"""APOLLO and APOLLO-Mini: AdamW's learning-rate scaling estimated in a random low-rank space.
+
+Reference: Hanqing Zhu, Zhenyu Zhang, Wenyan Cong, Xi Liu, Sem Park, Vikas Chandra, Bo Long, David Z. Pan,
+Zhangyang Wang, Jinwon Lee, "APOLLO: SGD-like Memory, AdamW-level Performance", MLSys 2025, arXiv:2412.05270
+(official code: zhuhanqing/APOLLO, package ``apollo_torch``).
+
+Algorithm, for every selected matrix with gradient ``G_t`` (rank ``r``, gap ``T``, scale ``α``, limit ``γ``)::
+
+    if t % T == 0:  P ← random, entries N(0, 1/r)          a new draw at every refresh, no SVD
+    R_t = project(G_t, P)                                   e.g. Pᵀ G_t (r × n): the only thing Adam sees
+    m, v ← b1 m + (1−b1) R_t,  b2 v + (1−b2) R_t²           low-rank state
+    N_t = m / (√v + ε)
+    s   = ‖N_t‖ / (‖R_t‖ + 1e-8)                           per channel (APOLLO) or per matrix (APOLLO-Mini)
+    S_t = √α · s ⊙ G_t                                      the *full* gradient, rescaled
+    S_t ← norm-growth limiter(S_t; γ)                       ‖S_t‖ ≤ γ ‖S_{t−1}‖
+    ΔW_t = c_t · S_t,   c_t = √(1 − b2ᵗ) / (1 − b1ᵗ)         (times −lr, outside this transform)
+
+Each line follows the official code (apollo_torch/apollo.py ``AdamW.step``, random_projector.py
+``GradientProjector``; line-level notes in the code): the projector is refreshed when ``step % T == 0`` with
+``step`` counted from 0 before the update; the Gaussian is ``stable_randn(shape, seed) / sqrt(rank)``; ``N_t`` is
+``exp_avg / denom`` without the bias correction, which multiplies the step size instead; the channels are the
+unprojected side (norms over the rank axis, ``norm_dim`` in apollo.py); the update multiplies ``np.sqrt(scale)``
+(so the paper's ``α`` enters as its square root), after the limiter unless ``scale_front`` (APOLLO-Mini's
+scripts pass ``--scale_front``); the limiter is Fira's (:mod:`lowrank_jax.optim._norm_scaling`). Leaves that
+are not selected (default: ``ndim < 2``) get the same HF-style AdamW at full size, as the official param group
+without ``rank`` does.
+
+Defaults (official scripts/pretrain_c4/llama_*_apollo*.sh and apollo.py's ``AdamW.__init__``): APOLLO
+``scale_type='channel'``, ``scale=1``, ``update_proj_gap=200``, rank ≈ hidden/4 (128 / 192 / 256 / 256 / 256 for
+60M / 130M / 350M / 1B / 7B); APOLLO-Mini ``rank=1``, ``scale_type='tensor'``, ``scale=128``,
+``scale_front=True``; both ``proj_type='std'``, γ = 1.01, ``b1, b2 = 0.9, 0.999``, ``eps = 1e-6``, lr 0.01 in
+the scripts. The projection side follows GaLore's ``std`` rule (:mod:`lowrank_jax.optim.galore`); the rank is
+not clamped to ``min(in, out)`` (a Gaussian may have more columns than the side it projects, as in the
+official code). Two-sided projection is not supported (the official projector raises for ``'full'``).
+
+Differences from apollo_torch (none changes the default trajectory up to the random draws): ``P`` is not
+stored but regenerated each step from ``(seed, t − t mod T, matrix index, side)`` (the official code keeps
+the matrix, "a lazy implementation" by its own comment), so the state is only the low-rank moments and one
+norm per matrix; the random numbers are JAX's, not torch's; norms, the scaling and the limiter run in
+float32. With ``eight_bit=True`` the moments are 8-bit (:func:`~lowrank_jax.optim.scale_by_adam_8bit`, HF eps
+placement). Under the per-layer fused update (``layerwise_update``) each block's optimizer numbers its own
+matrices, so every layer draws the same projection at a refresh (each matrix's distribution is unchanged).
+
+State (:class:`ApolloState`): ``count``; ``inner_state``: the Adam state on the "proxy" tree (low-rank shapes
+for projected leaves, the params' shapes for the others); ``update_norm``: per selected leaf a float32
+``(*batch,)`` array, the norm of the last limited update (``optax.MaskedNode()`` elsewhere). Higher-rank leaves
+are batches of matrices exactly as in :func:`~lowrank_jax.optim.galore.galore` (``dimension_numbers``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lowrank_jax.optim._checks import check_bool, check_choice, check_int, check_real, static_int
+from lowrank_jax.optim._norm_scaling import (
+    ONE_SIDED_PROJ_TYPES,
+    SCALE_TYPES,
+    check_norm_growth_limit,
+    hf_adam,
+    hf_step_size,
+    limit_norm_growth,
+    scaling_factor,
+)
+from lowrank_jax.optim.galore.plan import MaskOrFn, _make_plans, _Plan, _resolve_dims, _sides
+from lowrank_jax.optim.galore.projectors import matrix_keys, random_gaussian, side_key
+from lowrank_jax.optim.galore.transform import _init_plans, _project, _proxy_tree
+
+APOLLO_PROJ_TYPES = ONE_SIDED_PROJ_TYPES
+__all__ = ["APOLLO_PROJ_TYPES", "SCALE_TYPES", "ApolloState", "apollo", "apollo_mini"]
+
+
+class ApolloState(NamedTuple):
+    """State of :func:`apollo` / :func:`apollo_mini` (see the module docstring)."""
+
+    count: jax.Array  # int32 [], number of updates so far
+    inner_state: optax.OptState  # HF-style Adam on the proxy (low-rank) tree
+    update_norm: optax.Updates  # per leaf float32 (*batch,) or MaskedNode: ‖S_t‖ after the limiter
+
+
+def _read_plans(updates: optax.Updates, state: ApolloState, rank: int, proj_type: str, dimension_numbers: Any):
+    """``(leaves, treedef, plans, norms)``: the projected leaves are those with an ``update_norm``."""
+    leaves, treedef = jax.tree.flatten(updates)
+    norms = treedef.flatten_up_to(state.update_norm)
+    selected = [not isinstance(x, optax.MaskedNode) for x in norms]
+    dims = _resolve_dims(dimension_numbers, updates, leaves)
+    plans = _make_plans(leaves, selected, dims, lambda _, m, n: _sides(proj_type, m, n), lambda *_: rank)
+    return leaves, treedef, plans, norms
+
+
+def _projections(p: _Plan, base_key: jax.Array, dtype: Any) -> tuple[jax.Array | None, jax.Array | None]:
+    """This period's Gaussian projectors of a leaf's matrices, ``(B, dim, r)`` in the gradient dtype."""
+    keys_b = matrix_keys(base_key, p)
+    draw = lambda dim, out: jax.vmap(lambda k: random_gaussian(side_key(k, out), dim, p.rank))(keys_b).astype(dtype)
+    return (draw(p.m, False) if p.use_in else None), (draw(p.n, True) if p.use_out else None)
+
+
+def apollo(
+    rank: int,
+    *,
+    update_proj_gap: int = 200,
+    scale: float = 1.0,
+    scale_type: str = "channel",
+    proj_type: str = "std",
+    norm_growth_limit: float = 1.01,
+    scale_front: bool = False,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    eight_bit: bool = False,
+    mask: MaskOrFn = None,
+    dimension_numbers: Any = None,
+    seed: int = 0,
+) -> optax.GradientTransformation:
+    """APOLLO: the full gradient rescaled by low-rank Adam's per-channel (or per-tensor) ratio (module doc).
+
+    Args:
+      rank: ``r``, columns of the random projection (not clamped; official APOLLO ≈ hidden/4).
+      update_proj_gap: ``T``, steps between new random projections (official scripts: 200).
+      scale: ``α``; the update is multiplied by ``√α`` (official ``np.sqrt(group["scale"])``; 1 for APOLLO).
+      scale_type: ``'channel'`` (APOLLO) or ``'tensor'`` (APOLLO-Mini).
+      proj_type: which side is projected, ``'std' | 'reverse_std' | 'input' | 'output'`` (GaLore's table).
+      norm_growth_limit: ``γ`` of the limiter (official 1.01); 0 switches it off (official ``disable_nl``).
+      scale_front: multiply by ``√α`` before the limiter instead of after (official ``--scale_front``).
+      b1, b2, eps: the low-rank Adam's (official AdamW defaults 0.9, 0.999, 1e-6; eps before the bias correction).
+      eight_bit: keep the Adam moments 8-bit quantized (block-wise, :func:`scale_by_adam_8bit`).
+      mask: pytree (prefix) of bools or ``params -> pytree`` selecting the scaled leaves (default: ``ndim >= 2``);
+        the others get HF-style Adam at full size.
+      dimension_numbers: as for :func:`~lowrank_jax.optim.galore.galore` (stacked layers: one projection each).
+      seed: seeds the random projections.
+
+    Returns:
+      A params-free optax transformation (chain weight decay and the learning rate after it) whose state is
+      an :class:`ApolloState`.
+    """
+    check_int(rank, "rank", lo=1)
+    check_int(update_proj_gap, "update_proj_gap", lo=1)
+    check_real(scale, "scale", lo=0.0, lo_open=True)
+    check_choice(scale_type, "scale_type", SCALE_TYPES)
+    check_choice(proj_type, "proj_type", APOLLO_PROJ_TYPES, hints={"both": "APOLLO projects one side"})
+    check_norm_growth_limit(norm_growth_limit)
+    check_bool(scale_front, "scale_front")
+    check_int(seed, "seed", lo=0)
+    inner = hf_adam(b1, b2, eps, eight_bit)
+
+    def init_fn(params: optax.Params) -> ApolloState:
+        leaves, treedef, plans = _init_plans(
+            params, rank=rank, mask=mask, dimension_numbers=dimension_numbers, proj_type=proj_type, clamp=False
+        )
+        norms = [optax.MaskedNode() if p is None else jnp.zeros(p.batch_shape, jnp.float32) for p in plans]
+        return ApolloState(
+            count=jnp.zeros([], jnp.int32),
+            inner_state=inner.init(_proxy_tree(leaves, treedef, plans)),
+            update_norm=treedef.unflatten(norms),
+        )
+
+    def update_fn(
+        updates: optax.Updates, state: ApolloState, params: optax.Params | None = None
+    ) -> tuple[optax.Updates, ApolloState]:
+        del params
+        rank_ = static_int(rank, "rank", "it sets the projection shapes")
+        leaves, treedef, plans, norms = _read_plans(updates, state, rank_, proj_type, dimension_numbers)
+        count = state.count
+        # random_projector.py: a new matrix when `iter % update_proj_gap == 0`, kept in between
+        base_key = jax.random.fold_in(jax.random.key(seed), count - count % update_proj_gap)
+        pairs = list(zip(leaves, plans, strict=True))
+        projs = [(None, None) if p is None else _projections(p, base_key, g.dtype) for g, p in pairs]
+        mats = [None if p is None else p.to_mats(g) for g, p in pairs]
+        pins, pouts = [pi for pi, _ in projs], [po for _, po in projs]
+        low = _project(leaves, plans, mats, pins, pouts)
+        inner_updates, inner_state = inner.update(treedef.unflatten(low), state.inner_state, None)
+        inner_list = treedef.flatten_up_to(inner_updates)
+        c_t = hf_step_size(b1, b2, count)  # apollo.py: step_size = lr * sqrt(bias_correction2) / bias_correction1
+        root_scale = jnp.sqrt(jnp.asarray(scale, jnp.float32))
+
+        out, new_norms = [], []
+        for g, p, g_b, r, u, prev in zip(leaves, plans, mats, low, inner_list, norms, strict=True):
+            if p is None:
+                out.append(u)  # the official param group without rank: plain AdamW
+                new_norms.append(prev)
+                continue
+            # apollo.py Step 3: norm_grad = exp_avg / denom has no bias correction; the inner's update has it
+            factor = scaling_factor(p.low_b(u).astype(jnp.float32) / c_t, p.low_b(r), p, scale_type)
+            s_b = g_b.astype(jnp.float32) * factor  # Step 4: scaled_grad = p.grad * grad_scaling_factor
+            if scale_front:
+                s_b = s_b * root_scale
+            s_b, norm_b = limit_norm_growth(s_b, prev.reshape(-1), count == 0, norm_growth_limit)
+            if not scale_front:
+                s_b = s_b * root_scale
+            out.append(p.from_mats(c_t * s_b).astype(g.dtype))
+            new_norms.append(norm_b.reshape(p.batch_shape))
+        new_state = ApolloState(optax.safe_int32_increment(count), inner_state, treedef.unflatten(new_norms))
+        return treedef.unflatten(out), new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def apollo_mini(
+    rank: int = 1,
+    *,
+    scale: float = 128.0,
+    scale_front: bool = True,
+    **apollo_options: Any,
+) -> optax.GradientTransformation:
+    """APOLLO-Mini: :func:`apollo` with tensor-wise scaling from a rank-1 projection (SGD-like memory).
+
+    Defaults from the official scripts/pretrain_c4/llama_*_apollo_mini.sh (``num_rank=1``,
+    ``scale_type=tensor``, ``apollo_scale=128``, ``--scale_front``); ``apollo_options`` are the other keywords
+    of :func:`apollo` (``update_proj_gap``, ``norm_growth_limit``, ``mask``, …).
+    """
+    if "scale_type" in apollo_options:
+        raise ValueError("scale_type: apollo_mini is tensor-wise; use apollo(scale_type=...) for channel-wise")
+    return apollo(rank, scale=scale, scale_type="tensor", scale_front=scale_front, **apollo_options)

@@ -1,0 +1,140 @@
+"""Fira: GaLore plus the gradient outside the subspace, rescaled by low-rank Adam's per-channel ratio.
+
+Reference: Xi Chen, Kaituo Feng, Changsheng Li, Xunhao Lai, Xiangyu Yue, Ye Yuan, Guoren Wang, "Fira: Can We
+Achieve Full-rank Training of LLMs Under Low-rank Constraint?", arXiv:2410.01623 (official code:
+xichen-fy/Fira, optimizer_torch/fira_adamw.py).
+
+Algorithm, for every selected matrix with gradient ``G_t`` (rank ``r``, gap ``T``, scale ``α``, limit ``γ``)::
+
+    if t % T == 0:  P ← top-r singular vectors of G_t         exactly GaLore's projector and refresh
+    R_t = project(G_t, P);   m, v ← Adam moments of R_t;   N_t = m / (√v + ε)
+    φ   = ‖N_t‖ / (‖R_t‖ + 1e-8)                           per channel, over the rank axis   (Eq. 5–6)
+    S_t = φ ⊙ (G_t − α · project_back(R_t))                 the residual, norm-based scaling
+    S_t ← norm-growth limiter(S_t; γ)                       ‖S_t‖ ≤ γ ‖S_{t−1}‖                (Eq. 8)
+    ΔW_t = c_t · (α · project_back(N_t) + S_t),   c_t = √(1 − b2ᵗ) / (1 − b1ᵗ)   (times −lr, outside)
+
+Each line follows fira_adamw.py ``AdamW.step``: ``subgrad = projector.project_back(grad)`` where
+``project_back`` multiplies by ``alpha`` (gradient_projection.py), so the residual is ``G − α P Pᵀ G`` and keeps
+``(1 − α)`` of the in-subspace gradient unless ``α = 1`` (only then does it vanish at full rank);
+``scaling_factor`` uses ``norm_grad = exp_avg / denom`` without the bias correction, which multiplies the step
+size of the whole update; the limiter keeps ``‖S_t‖`` after its division (``state["scaling_grad"] =
+scaling_grad_norm / limiter``) and does nothing at the first step. Leaves that are not selected get the same
+HF-style AdamW at full size.
+
+Defaults (pre_training_c4/scripts/llama_*.sh and fira_adamw.py): ``scale=0.25`` (``--alpha 0.25``; the 1B and
+7B scripts use 0.0625), ``update_proj_gap=200`` (7B: 500), rank 128 / 256 / 256 / 512 / 512 for 60M / 130M /
+350M / 1B / 7B, ``proj_type='std'``, γ = 1.01, ``b1, b2 = 0.9, 0.999``, ``eps = 1e-6``, lr 0.01. The projector
+machinery is GaLore's, so every :func:`~lowrank_jax.optim.galore.galore` option applies (``refresh``, ``svd``,
+``moments``, ``projector='random'`` for a GoLore subspace, ``mask``, ``dimension_numbers``, …) except ``inner``
+(the Adam is fixed: the factor needs its bias correction) and two-sided ``proj_type='both'`` (its ``r × r``
+ratio has no channels of the gradient's shape; the official code cannot broadcast it either).
+
+Differences from the official code: the residual, the factor and the limiter are computed in float32 (the
+official code uses the param dtype); ``eight_bit=True`` keeps the low-rank moments 8-bit.
+
+State (:class:`FiraState`): ``count``; ``galore``: the :class:`~lowrank_jax.optim.galore.GaLoreState` (projectors,
+low-rank Adam moments, refresh bookkeeping); ``residual_norm``: per selected leaf a float32 ``(*batch,)``
+array, ``‖S_t‖`` after the limiter (``optax.MaskedNode()`` elsewhere).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lowrank_jax.optim._norm_scaling import (
+    ONE_SIDED_PROJ_TYPES,
+    check_norm_growth_limit,
+    hf_adam,
+    hf_step_size,
+    limit_norm_growth,
+    scaling_factor,
+)
+from lowrank_jax.optim.galore.transform import (
+    GaLoreState,
+    _back_project_mats,
+    _galore_settings,
+    _init_state,
+    _low_rank_step,
+)
+
+
+class FiraState(NamedTuple):
+    """State of :func:`fira` (see the module docstring)."""
+
+    count: jax.Array  # int32 [], number of updates so far
+    galore: GaLoreState  # GaLore's state: projectors, low-rank Adam moments
+    residual_norm: optax.Updates  # per leaf float32 (*batch,) or MaskedNode: ‖S_t‖ after the limiter
+
+
+def fira(
+    rank: int,
+    *,
+    norm_growth_limit: float = 1.01,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    eight_bit: bool = False,
+    **galore_options: Any,
+) -> optax.GradientTransformation:
+    """Fira: GaLore's low-rank Adam update plus the norm-scaled, growth-limited residual (module doc).
+
+    Args:
+      rank: GaLore's projection rank ``r``.
+      norm_growth_limit: ``γ`` of the limiter (official 1.01); 0 switches it off.
+      b1, b2, eps: the low-rank Adam's (official 0.9, 0.999, 1e-6; eps before the bias correction).
+      eight_bit: keep the Adam moments 8-bit quantized (block-wise, :func:`scale_by_adam_8bit`).
+      **galore_options: keywords of :func:`~lowrank_jax.optim.galore.galore` with their defaults there
+        (``update_proj_gap=200``, ``scale=0.25`` = Fira's ``alpha``, ``proj_type='std'``, ``mask``, …).
+
+    Returns:
+      A params-free optax transformation (chain weight decay and the learning rate after it) whose state is
+      a :class:`FiraState`.
+    """
+    if "inner" in galore_options:
+        raise ValueError("inner: fira fixes the inner transform (HF-style Adam, whose bias correction it reads)")
+    check_norm_growth_limit(norm_growth_limit)
+    s = _galore_settings(rank, {**galore_options, "inner": hf_adam(b1, b2, eps, eight_bit)})
+    if s.proj_type not in ONE_SIDED_PROJ_TYPES:
+        raise ValueError(
+            f"proj_type: fira needs a one-sided projection ({', '.join(ONE_SIDED_PROJ_TYPES)}), "
+            f"got {s.proj_type!r} (its r × r ratio has no channels of the gradient's shape)"
+        )
+
+    def init_fn(params: optax.Params) -> FiraState:
+        galore_state = _init_state(params, s)
+        norms = jax.tree.map(lambda last: jnp.zeros(last.shape, jnp.float32), galore_state.last_refresh)
+        return FiraState(jnp.zeros([], jnp.int32), galore_state, norms)
+
+    def update_fn(
+        updates: optax.Updates, state: FiraState, params: optax.Params | None = None
+    ) -> tuple[optax.Updates, FiraState]:
+        del params
+        st = _low_rank_step(updates, state.galore, s, {})
+        count = state.count
+        c_t = hf_step_size(b1, b2, count)  # fira_adamw.py: step_size = lr * sqrt(bias_correction2) / bias_correction1
+        norms = st.treedef.flatten_up_to(state.residual_norm)
+        out, new_norms = [], []
+        for i, p in enumerate(st.plans):
+            g, u, prev = st.leaves[i], st.inner[i], norms[i]
+            if p is None:
+                out.append(u)  # the official param group without rank: plain AdamW
+                new_norms.append(prev)
+                continue
+            r, pi, po = st.low[i], st.pins[i], st.pouts[i]
+            f32 = lambda x: x.astype(jnp.float32)
+            main_b = s.scale * f32(_back_project_mats(p, u, pi, po))  # project_back(norm_grad), times alpha
+            sub_b = s.scale * f32(_back_project_mats(p, r, pi, po))  # subgrad = project_back(grad), times alpha
+            factor = scaling_factor(f32(p.low_b(u)) / c_t, p.low_b(r), p, "channel")
+            s_b, norm_b = limit_norm_growth(
+                (f32(st.mats[i]) - sub_b) * factor, prev.reshape(-1), count == 0, norm_growth_limit
+            )
+            out.append(p.from_mats(main_b + c_t * s_b).astype(g.dtype))
+            new_norms.append(norm_b.reshape(p.batch_shape))
+        new_state = FiraState(optax.safe_int32_increment(count), st.state, st.treedef.unflatten(new_norms))
+        return st.treedef.unflatten(out), new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)
