@@ -29,7 +29,8 @@ from lowrank_jax.config.errors import ConfigError, one_line_errors
 from lowrank_jax.data.corpus import SOURCES
 from lowrank_jax.layers import dense_kinds
 from lowrank_jax.layers.dense import DTYPES
-from lowrank_jax.optim.galore import MOMENT_MODES, PROJ_TYPES, REFRESH_MODES, SVD_MODES
+from lowrank_jax.optim.apollo import APOLLO_PROJ_TYPES, SCALE_TYPES
+from lowrank_jax.optim.galore import MOMENT_MODES, PROJ_TYPES, PROJECTORS, REFRESH_MODES, SVD_MODES
 from lowrank_jax.optim.registry import optimizer_names
 from lowrank_jax.optim.relora import RESET_MODES
 from pallas_kernels.sl_matmul.api import IMPLEMENTATIONS
@@ -162,6 +163,63 @@ class GaloreConfig:
     moments: Literal[MOMENT_MODES] = "keep"
     canonical_signs: bool = False
     oversample: Annotated[Int, NonNegative] = 8  # svd=randomized: sketch columns beyond the rank
+    projector: Literal[PROJECTORS] = "svd"  # random: GoLore (random orthonormal projectors from random_from on)
+    random_from: Annotated[Int, NonNegative] = 0  # GoLore's switch step (official: 0.8 * steps); projector=random
+
+
+NormGrowthLimit = Annotated[Float, Field(ge=0, description="0: off, else >= 1")]
+
+
+@dataclass(frozen=True, config=SCHEMA)
+class _ApolloShared:
+    """The fields APOLLO and APOLLO-Mini share (keywords of :func:`lowrank_jax.optim.apollo`)."""
+
+    update_proj_gap: Annotated[Int, Positive] = 200
+    proj_type: Literal[APOLLO_PROJ_TYPES] = "std"
+    norm_growth_limit: NormGrowthLimit = 1.01
+    eight_bit: bool = False  # 8-bit block-wise quantized low-rank moments
+    seed: Annotated[Int, NonNegative] = 0  # of the random projections
+
+
+@one_line_errors("apollo")
+@dataclass(frozen=True, config=SCHEMA)
+class ApolloConfig(_ApolloShared):
+    """APOLLO for ``optim.name=apollo_adamw`` (see lowrank_jax.optim.apollo); fields are :func:`apollo` keywords.
+
+    Applied to the attention and MLP kernels; the rest use the same Adam at full size. Official recipe: rank
+    128 (60M), 192 (130M), 256 (350M, 1B, 7B), update_proj_gap 200, scale 1, channel-wise, lr 0.01.
+    """
+
+    rank: Annotated[Int, Positive] = 32
+    scale: Annotated[Float, Positive] = 1.0  # the update is multiplied by sqrt(scale), as in the official code
+    scale_type: Literal[SCALE_TYPES] = "channel"
+    scale_front: bool = False  # sqrt(scale) before the norm-growth limiter instead of after
+
+
+@one_line_errors("apollo_mini")
+@dataclass(frozen=True, config=SCHEMA)
+class ApolloMiniConfig(_ApolloShared):
+    """APOLLO-Mini for ``optim.name=apollo_mini_adamw``: tensor-wise scaling; fields are :func:`apollo_mini` keywords.
+
+    Official recipe: rank 1, scale 128 (applied as sqrt(128)), scale_front, update_proj_gap 200, lr 0.01.
+    """
+
+    rank: Annotated[Int, Positive] = 1
+    scale: Annotated[Float, Positive] = 128.0
+    scale_front: bool = True
+
+
+@one_line_errors("fira")
+@dataclass(frozen=True, config=SCHEMA)
+class FiraConfig:
+    """Fira's own settings for ``optim.name=fira_adamw``; its projector is GaLore's, set in the ``galore`` section.
+
+    Fira = GaLore + the norm-scaled residual of the gradient outside the subspace (lowrank_jax.optim.fira).
+    Official recipe: the GaLore settings rank 128 (60M) … 512 (1B, 7B), update_proj_gap 200, scale (alpha) 0.25.
+    """
+
+    norm_growth_limit: NormGrowthLimit = 1.01
+    eight_bit: bool = False  # 8-bit block-wise quantized low-rank moments
 
 
 @one_line_errors("relora")
@@ -201,6 +259,9 @@ SECTIONS = {
     "optim": OptimConfig,
     "galore": GaloreConfig,
     "relora": ReloraConfig,
+    "apollo": ApolloConfig,
+    "apollo_mini": ApolloMiniConfig,
+    "fira": FiraConfig,
 }
 
 
@@ -219,6 +280,9 @@ class Config:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     galore: GaloreConfig = dataclasses.field(default_factory=GaloreConfig)
     relora: ReloraConfig = dataclasses.field(default_factory=ReloraConfig)
+    apollo: ApolloConfig = dataclasses.field(default_factory=ApolloConfig)
+    apollo_mini: ApolloMiniConfig = dataclasses.field(default_factory=ApolloMiniConfig)
+    fira: FiraConfig = dataclasses.field(default_factory=FiraConfig)
     steps: Annotated[Int, Positive] = 300
     batch_size: Annotated[Int, Positive] = 16
     grad_accum: Annotated[Int, Positive] = 1
@@ -294,10 +358,19 @@ class Config:
             )
         if m.dense in ("lora", "lowrank"):
             _check(
-                not o.name.startswith("galore"),
+                not o.name.startswith(("galore", "apollo", "fira")),
                 "optim.name",
                 f"{o.name} projects the kernels; it does not combine with model.dense={m.dense}",
             )
+        g = self.galore
+        _check(
+            g.projector == "random" or g.random_from == 0,
+            "galore.random_from",
+            f"only applies with galore.projector=random (GoLore), got {g.random_from}",
+        )
+        for name in ("apollo", "apollo_mini", "fira"):
+            limit = getattr(self, name).norm_growth_limit
+            _check(limit == 0 or limit >= 1, f"{name}.norm_growth_limit", f"must be 0 (off) or >= 1, got {limit}")
 
         b = self.batch_size
         _check(b % self.grad_accum == 0, "grad_accum", f"{self.grad_accum} does not divide batch_size={b}")

@@ -8,7 +8,11 @@ with :func:`register_optimizer`; the config schema checks ``optim.name`` against
 package can import the names from here without an import cycle.
 
 GaLore's builders pass the whole ``galore`` config section to :func:`~lowrank_jax.optim.galore.galore`
-as keyword arguments: a new GaLore option is one schema field plus the transform's keyword.
+as keyword arguments: a new GaLore option is one schema field plus the transform's keyword (GoLore is
+``galore.projector=random galore.random_from=N galore.moments=reproject_first``). Likewise the ``apollo``,
+``apollo_mini`` and ``fira`` sections go to :func:`~lowrank_jax.optim.apollo`, :func:`~lowrank_jax.optim.apollo_mini`
+and :func:`~lowrank_jax.optim.fira`; Fira is GaLore plus a residual, so ``fira_adamw`` takes its projector
+settings from the ``galore`` section and only its own from ``fira``.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import jax
 import optax
 
 from lowrank_jax.optim.adam_8bit import scale_by_adam_8bit
+from lowrank_jax.optim.apollo import apollo, apollo_mini
+from lowrank_jax.optim.fira import fira
 from lowrank_jax.optim.galore import galore, galore_adamw
 
 if TYPE_CHECKING:  # annotations only: the config package imports optimizer_names from here
@@ -130,3 +136,26 @@ def _galore_adamw8bit(cfg: Config, schedule: optax.Schedule, params: Any) -> opt
     o = cfg.optim
     inner = scale_by_adam_8bit(o.b1, o.b2, o.eps, eps_placement="hf")
     return _decayed(cfg, schedule, galore(inner=inner, **_galore_kwargs(cfg)))
+
+
+def _adam_kwargs(cfg: Config) -> dict[str, Any]:
+    """The run's Adam settings (``optim.b1``, ``b2``, ``eps``) as keywords of APOLLO / Fira."""
+    return {"b1": cfg.optim.b1, "b2": cfg.optim.b2, "eps": cfg.optim.eps}
+
+
+@register_optimizer("apollo_adamw")
+def _apollo_adamw(cfg: Config, schedule: optax.Schedule, params: Any) -> optax.GradientTransformation:
+    scaling = apollo(**dataclasses.asdict(cfg.apollo), **_adam_kwargs(cfg), mask=method_mask)
+    return _decayed(cfg, schedule, scaling)
+
+
+@register_optimizer("apollo_mini_adamw")
+def _apollo_mini_adamw(cfg: Config, schedule: optax.Schedule, params: Any) -> optax.GradientTransformation:
+    scaling = apollo_mini(**dataclasses.asdict(cfg.apollo_mini), **_adam_kwargs(cfg), mask=method_mask)
+    return _decayed(cfg, schedule, scaling)
+
+
+@register_optimizer("fira_adamw")
+def _fira_adamw(cfg: Config, schedule: optax.Schedule, params: Any) -> optax.GradientTransformation:
+    scaling = fira(**_galore_kwargs(cfg), **dataclasses.asdict(cfg.fira), **_adam_kwargs(cfg))
+    return _decayed(cfg, schedule, scaling)

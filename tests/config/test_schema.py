@@ -269,4 +269,6 @@ def test_section_and_unknown_key_messages():
     assert str(e.value).startswith("relora.evry: unknown key (known relora.* keys: every, jagged, reset,")
     with pytest.raises(ConfigError) as e:
         load_config("tiny", ["step=3"])
-    assert "steps" in str(e.value) and str(e.value).endswith("model.*, data.*, optim.*, galore.*, relora.*)")
+    assert "steps" in str(e.value) and str(e.value).endswith(
+        "model.*, data.*, optim.*, galore.*, relora.*, apollo.*, apollo_mini.*, fira.*)"
+    )
