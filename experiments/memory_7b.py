@@ -32,6 +32,10 @@ ROWS = [
     ("GaLore r=1024", ["method=galore"]),
     ("8-bit GaLore r=1024", ["method=galore8bit"]),
     ("8-bit GaLore r=1024 + per-layer update", ["method=galore8bit", "layerwise_update=true"]),
+    ("Fira r=512", ["method=fira"]),
+    ("APOLLO r=256", ["method=apollo"]),
+    ("APOLLO-Mini r=1", ["method=apollo_mini"]),
+    ("APOLLO-Mini r=1 + per-layer update", ["method=apollo_mini", "layerwise_update=true"]),
     ("SLTrain r=1024 δ=0.05", ["method=sl"]),
     ("ReLoRA / LoRA r=128", ["method=relora"]),
 ]

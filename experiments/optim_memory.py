@@ -3,9 +3,14 @@
     python experiments/optim_memory.py [--out DIR]
 
 Parameters in BF16 (as in the GaLore paper's memory estimate); optimizers built exactly as the
-training loop builds them (`optim.name` = adamw, adamw8bit, galore_adamw, galore_adamw8bit) with
-the paper's GaLore ranks, applied to the attention/MLP kernels only. Printed next to the paper's
-Table 2 figures (params + optimizer state, and optimizer state alone, in GB = 1e9 bytes).
+training loop builds them (`optim.name` = adamw, adamw8bit, galore_adamw, galore_adamw8bit,
+fira_adamw, apollo_adamw, apollo_mini_adamw) with the ranks of each method's official recipe
+(:data:`RANKS`), applied to the attention/MLP kernels only. Printed next to the papers' figures where they
+give one (GaLore Table 2: params + optimizer state, and optimizer state alone; the APOLLO paper: 7B state),
+in GB = 1e9 bytes. APOLLO stores no projection (it is regenerated from its seed), GaLore and Fira store
+theirs; every low-rank moment has the param dtype (BF16) unless 8-bit. "of which blocks" is the state of
+the transformer blocks alone: the rest is the embedding's and lm_head's full-size Adam, which every method
+keeps (the APOLLO paper's 7B figure counts the low-rank states only).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 import jax
 from _report import markdown_table, write_results, write_table
@@ -22,38 +28,71 @@ from lowrank_jax.models import abstract_params, count_bytes, count_params
 from lowrank_jax.train.optimizer import make_optimizer
 
 HERE = Path(__file__).resolve().parent
-CONFIGS = {"llama_60m": 128, "llama_130m": 256, "llama_350m": 256, "llama_1b": 512, "llama_7b": 1024}
-OPTIMIZERS = ("adamw", "adamw8bit", "galore_adamw", "galore_adamw8bit")
+CONFIGS = ("llama_60m", "llama_130m", "llama_350m", "llama_1b", "llama_7b")
+OPTIMIZERS = (
+    "adamw",
+    "adamw8bit",
+    "galore_adamw",
+    "galore_adamw8bit",
+    "fira_adamw",
+    "apollo_adamw",
+    "apollo_mini_adamw",
+)
+_GALORE_RANKS = (128, 256, 256, 512, 1024)  # GaLore paper Table 2 / 7B recipe
+# optimizer -> (the config section holding its rank, rank per config in CONFIGS order), from the official recipes:
+# Fira pre_training_c4/scripts/llama_*.sh; APOLLO scripts/pretrain_c4/llama_*_apollo{,_mini}.sh
+RANKS = {
+    "galore_adamw": ("galore", _GALORE_RANKS),
+    "galore_adamw8bit": ("galore", _GALORE_RANKS),
+    "fira_adamw": ("galore", (128, 256, 256, 512, 512)),
+    "apollo_adamw": ("apollo", (128, 192, 256, 256, 256)),
+    "apollo_mini_adamw": ("apollo_mini", (1, 1, 1, 1, 1)),
+}
 # GaLore paper, Table 2 (BF16 estimate): params + optimizer state, and optimizer state alone (GB).
 PAPER_TOTAL = {
     "adamw": {"llama_60m": 0.36, "llama_130m": 0.76, "llama_350m": 2.06, "llama_1b": 7.80},
     "galore_adamw": {"llama_60m": 0.24, "llama_130m": 0.52, "llama_350m": 1.22, "llama_1b": 4.38},
 }
+# and the APOLLO paper's 7B state figures (APOLLO r=256: 1.6 GB, 8-bit GaLore: 4.9 GB, 8-bit Adam: 13 GB).
 PAPER_STATE = {
     "adamw": {"llama_60m": 0.23, "llama_130m": 0.51, "llama_350m": 1.37, "llama_1b": 5.20},
+    "adamw8bit": {"llama_7b": 13.0},
     "galore_adamw": {"llama_60m": 0.13, "llama_130m": 0.28, "llama_350m": 0.54, "llama_1b": 1.78},
+    "galore_adamw8bit": {"llama_7b": 4.9},
+    "apollo_adamw": {"llama_7b": 1.6},
 }
 
 
-def measure(name: str, rank: int, optimizer: str) -> dict:
-    cfg = load_config(name)
-    cfg = replace(cfg, model__param_dtype="bfloat16", optim__name=optimizer, galore__rank=rank)
+def measure(name: str, optimizer: str) -> dict:
+    section, ranks = RANKS.get(optimizer, (None, None))
+    rank = None if ranks is None else ranks[CONFIGS.index(name)]
+    cfg = replace(load_config(name), model__param_dtype="bfloat16", optim__name=optimizer)
+    if section is not None:
+        cfg = replace(cfg, **{f"{section}__rank": rank})
     _, params = abstract_params(cfg.model)
     tx, _ = make_optimizer(cfg, params)
     state = jax.eval_shape(tx.init, params)
     return {
         "config": name,
         "optimizer": optimizer,
-        "rank": rank if optimizer.startswith("galore") else None,
+        "rank": rank,
         "params": count_params(params),
         "param_bytes": count_bytes(params),
         "state_bytes": count_bytes(state),
+        "block_state_bytes": count_bytes(_under_blocks(state)),
     }
+
+
+def _under_blocks(state: Any) -> list:
+    """The state leaves that belong to the transformer blocks (the attention/MLP kernels the methods wrap,
+    and the blocks' norm scales), i.e. everything but the embedding's and lm_head's full-size Adam."""
+    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+    return [x for path, x in leaves if any(getattr(k, "key", None) == "blocks" for k in path)]
 
 
 def table(rows: list[dict]) -> str:
     header = (
-        "config | optimizer | params | param bytes (bf16) | optimizer state | params + state"
+        "config | optimizer | params | param bytes (bf16) | optimizer state | of which blocks | params + state"
         " | paper params + state | paper state"
     )
     cells = []
@@ -69,6 +108,7 @@ def table(rows: list[dict]) -> str:
                 f"{r['params'] / 1e6:,.1f}M",
                 f"{r['param_bytes'] / 1e9:.2f} GB",
                 f"{r['state_bytes'] / 1e9:.2f} GB",
+                f"{r['block_state_bytes'] / 1e9:.2f} GB",
                 f"{total:.2f} GB",
                 f"{paper_total:.2f} GB" if paper_total else "-",
                 f"{paper_state:.2f} GB" if paper_state else "-",
@@ -79,10 +119,10 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS))
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
     p.add_argument("--out", default=str(HERE / "results" / "optim_memory"))
     args = p.parse_args(argv)
-    rows = [measure(c, CONFIGS[c], o) for c in args.configs for o in OPTIMIZERS]
+    rows = [measure(c, o) for c in args.configs for o in OPTIMIZERS]
     md = table(rows)
     print(md)
     out = Path(args.out)

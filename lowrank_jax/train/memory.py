@@ -28,12 +28,16 @@ from lowrank_jax.models import count_bytes, count_params
 from lowrank_jax.train.step import compile_train_step, compiled_memory, make_trainer
 
 # method name -> overrides; ranks follow the papers' 7B settings where a method has one (GaLore r=1024,
-# SLTrain r=1024 alpha 8 delta 0.05; ReLoRA's default r=128).
+# SLTrain r=1024 alpha 8 delta 0.05; ReLoRA's default r=128; Fira r=512, pre_training_c4/scripts/llama_7b.sh;
+# APOLLO r=256 and APOLLO-Mini r=1, scripts/pretrain_c4/llama_7b_apollo{,_mini}.sh).
 METHODS: dict[str, list[str]] = {
     "adamw": ["optim.name=adamw"],
     "adamw8bit": ["optim.name=adamw8bit"],
     "galore": ["optim.name=galore_adamw", "galore.rank=1024"],
     "galore8bit": ["optim.name=galore_adamw8bit", "galore.rank=1024"],
+    "fira": ["optim.name=fira_adamw", "galore.rank=512"],
+    "apollo": ["optim.name=apollo_adamw", "apollo.rank=256"],
+    "apollo_mini": ["optim.name=apollo_mini_adamw", "apollo_mini.rank=1"],
     "sl": ["model.dense=sl", "model.sl_rank=1024", "model.sl_alpha=8", "model.sl_density=0.05"],
     "relora": ["model.dense=lora", "model.lora_rank=128"],  # restarts (relora.every) add no memory
     "bitlinear": ["model.dense=bitlinear"],
