@@ -154,3 +154,48 @@ def test_model_rejects_bad_shapes():
         build_model(dataclasses.replace(SMALL, vocab_size=0))
     with pytest.raises(ValueError, match="max_seq_len"):
         build_model(SMALL, 0)(_tokens(0, (1, 17)))
+
+
+def _attention_f64(q, k, v):
+    """Causal softmax attention in float64 NumPy: the reference for both attention paths."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    scores = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    T = q.shape[1]
+    scores = np.where(np.tril(np.ones((T, T), bool)), scores, -np.inf)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+@pytest.mark.parametrize("block", [None, 1, 4, 7, 21, 64])
+def test_causal_attention_blocks_equal_the_float64_reference(block):
+    """Query blocks (the CPU path) see exactly the keys up to their rows: same values and gradients as
+    the whole-matrix path, T = 21 not a multiple of any block."""
+    from lowrank_jax.models.llama import causal_attention
+
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 21, 3, 8)) for i in range(3))
+    out = causal_attention(q, k, v, block=block)
+    np.testing.assert_allclose(out, _attention_f64(q, k, v), rtol=2e-5, atol=2e-6)
+    w = jax.random.normal(jax.random.key(9), out.shape)
+
+    def loss(q, k, v, b):
+        return jnp.sum(causal_attention(q, k, v, block=b) * w)
+
+    grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v, block)
+    for g, ref in zip(grads, jax.grad(loss, argnums=(0, 1, 2))(q, k, v, None), strict=True):
+        np.testing.assert_allclose(g, ref, rtol=1e-4, atol=1e-6)
+    # the last query of the first block must not see the second block's keys
+    if block is not None and block < 21:
+        k2 = k.at[:, block:].add(100.0)
+        np.testing.assert_allclose(causal_attention(q, k2, v, block=block)[:, :block], out[:, :block], atol=1e-6)
+
+
+def test_causal_attention_bf16_keeps_float32_scores():
+    from lowrank_jax.models.llama import causal_attention
+
+    q, k, v = (jax.random.normal(jax.random.key(i), (1, 16, 2, 8)) for i in range(3))
+    ref = _attention_f64(q, k, v)
+    for block in (None, 4):
+        out = causal_attention(*(a.astype(jnp.bfloat16) for a in (q, k, v)), block=block)
+        assert out.dtype == jnp.bfloat16
+        assert np.abs(np.asarray(out, np.float64) - ref).max() < 0.05
