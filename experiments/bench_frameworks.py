@@ -35,6 +35,7 @@ from _report import markdown_table, write_results, write_table
 
 from lowrank_jax import config as config_lib
 from lowrank_jax.config import load_config
+from lowrank_jax.train.metrics import git_commit
 from lowrank_jax.train.step import compile_train_step, make_trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,6 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per round (default 5)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per variant (default 3)")
     p.add_argument("--no-torch", action="store_true", help="time lowrank-jax only (no PyTorch installed)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra overrides for every shape")
     p.add_argument("--out", default=str(REPO / "experiments" / "results" / "bench_frameworks"))
     args = p.parse_args(argv)
     for name in ("steps", "warmup", "rounds"):
@@ -69,8 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def jax_config(shape: str, optimizer: str) -> config_lib.Config:
-    return load_config("tiny", [*COMMON, *SHAPES[shape], *OPTIMIZERS[optimizer]])
+def overrides_of(shape: str, optimizer: str, extra: list[str]) -> list[str]:
+    return [*COMMON, *SHAPES[shape], *OPTIMIZERS[optimizer], *extra]
 
 
 class JaxRunner:
@@ -167,7 +169,7 @@ class TorchRunner:
             batch = self.batches[(offset + i) % len(self.batches)]
             t0 = time.perf_counter()
             loss = self._step(batch)
-            self.loss = float(loss)  # synchronises (eager CPU already is)
+            self.loss = loss.item()  # synchronises (eager CPU already is)
             times.append(time.perf_counter() - t0)
         return times
 
@@ -203,10 +205,11 @@ def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for shape in args.shapes:
         for optimizer in args.optimizers:
-            cfg = jax_config(shape, optimizer)
+            overrides = overrides_of(shape, optimizer, args.set)
+            cfg = load_config("tiny", overrides)
             rng = np.random.default_rng(cfg.seed)
-            shape = (cfg.batch_size, cfg.seq_len + 1)
-            batches = [rng.integers(0, cfg.model.vocab_size, shape) for _ in range(args.warmup + args.steps)]
+            dims = (cfg.batch_size, cfg.seq_len + 1)
+            batches = [rng.integers(0, cfg.model.vocab_size, dims) for _ in range(args.warmup + args.steps)]
             runners = {"lowrank-jax": JaxRunner(cfg, batches)}
             if not args.no_torch:
                 for attention in args.torch_attention:
@@ -231,7 +234,7 @@ def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
                         "tokens_per_s": cfg.batch_size * cfg.seq_len / s,
                         "jax_over_this": jax_s / s,
                         "last_loss": runner.loss,
-                        "config_overrides": [*COMMON, *SHAPES[shape], *OPTIMIZERS[optimizer]],
+                        "config_overrides": overrides,
                     }
                 )
     return rows
@@ -257,15 +260,16 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rows = bench(args)
-    md = table(rows)
-    print(md)
-    out = Path(args.out)
     info = {
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "versions": versions(not args.no_torch),
     }
+    caption = ", ".join(f"{k} {v}" for k, v in info["versions"].items() if k != "python")
+    md = f"lowrank-jax {git_commit()[:7]}, {caption}; {info['cpu']}, {info['cpu_count']} cores.\n\n{table(rows)}"
+    print(md)
+    out = Path(args.out)
     protocol = {"steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "batch": "16 x 256 tokens"}
     write_results(out, {"benchmark": "bench_frameworks", "protocol": protocol, **info, "rows": rows})
     write_table(out, md)

@@ -138,6 +138,8 @@ TABLES = {
     "noise_step_mnist": _copied("noise_step_mnist"),
     "sl_memory": _copied("sl_memory"),
     "memory_7b": _copied("memory_7b"),
+    "bench_frameworks": _copied("bench_frameworks"),
+    "cpu_ablation": _copied("cpu_ablation"),
 }
 
 

@@ -1,0 +1,48 @@
+"""The CPU benchmark scripts run end to end at toy sizes (so they never rot) and write what they claim."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+TOY = ["model.layers=1", "model.hidden=32", "model.ffn=64", "batch_size=2", "seq_len=16", "model.vocab_size=64"]
+
+
+@pytest.fixture(autouse=True)
+def _scripts_importable(monkeypatch):
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))
+
+
+def test_bench_frameworks_jax_side(tmp_path):
+    import bench_frameworks
+
+    argv = ["--shapes", "tiny", "--optimizers", "adamw", "galore", "--no-torch", "--steps", "2", "--warmup", "1"]
+    assert bench_frameworks.main([*argv, "--rounds", "2", "--set", *TOY, "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert [r["optimizer"] for r in res["rows"]] == ["adamw", "galore"]
+    for row in res["rows"]:
+        assert row["framework"] == "lowrank-jax" and row["jax_over_this"] == 1.0
+        assert len(row["round_medians_ms"]) == 2 and row["step_ms"] > 0
+        assert "model.vocab_size=64" in row["config_overrides"]
+    assert "| tiny | galore | lowrank-jax |" in (tmp_path / "table.md").read_text()
+
+
+def test_cpu_ablation_restores_the_library(tmp_path):
+    import cpu_ablation
+
+    from lowrank_jax.models import llama
+    from lowrank_jax.train import step
+
+    before = (llama.Block.__call__, llama.Llama.head, step.cross_entropy, llama.causal_attention)
+    argv = ["tiny", *TOY, "--steps", "1", "--warmup", "0", "--rounds", "1", "--out", str(tmp_path)]
+    assert cpu_ablation.main(argv) == 0
+    assert (llama.Block.__call__, llama.Llama.head, step.cross_entropy, llama.causal_attention) == before
+    assert llama.CPU_UNROLL_LAYERS is True
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["before", *(f"+ {c}" for c in cpu_ablation.CHANGES)]
+    # every variant trains the same model: the losses agree to float32 rounding
+    losses = [r["last_loss"] for r in rows]
+    assert max(losses) - min(losses) < 1e-4 * abs(losses[0]), losses
