@@ -11,6 +11,9 @@ APOLLO): with ``S_t`` the scaled update of a matrix and ``s_{t-1}`` the norm kep
 limited at the first step, which only records ``s_0 = ‖S_0‖``. So the norm grows by at most ``γ`` per step
 (official γ = 1.01); ``γ = 0`` switches the limiter off (APOLLO's ``disable_nl``).
 
+Memory: only the factors, norms and limiter values are float32 (``(B, 1, n)`` or smaller); the full-size
+arithmetic runs in the gradient dtype, as in the official code, and the norms are float32 reductions.
+
 Orientation: a Flax gradient matrix is ``m (in) × n (out)``. With an input-side projector the low-rank ``R`` is
 ``r × n`` and the channels are the ``n`` output columns; with an output-side projector ``R`` is ``m × r`` and the
 channels are the ``m`` input rows: the norms always run over the rank axis, the official rule
@@ -71,13 +74,17 @@ def scaling_factor(n_b: jax.Array, r_b: jax.Array, plan: _Plan, scale_type: str)
     return norm(n_b) / (norm(r_b) + NORM_EPS)
 
 
-def limit_norm_growth(s_b: jax.Array, prev_b: jax.Array, first: jax.Array, gamma: Any) -> tuple[jax.Array, jax.Array]:
-    """The limiter on float32 ``(B, m, n)`` updates: ``(limited updates, their norms (B,))`` (module doc)."""
-    norm = jnp.sqrt(jnp.sum(jnp.square(s_b), axis=(1, 2)))
+def frobenius(x_b: jax.Array, factor: jax.Array | float = 1.0) -> jax.Array:
+    """``‖factor ⊙ x‖`` per matrix of ``(B, m, n)``, accumulated in float32 (no float32 copy of ``x`` is kept)."""
+    return jnp.sqrt(jnp.sum(jnp.square(x_b.astype(jnp.float32) * factor), axis=(1, 2)))
+
+
+def growth_limiter(norm_b: jax.Array, prev_b: jax.Array, first: jax.Array, gamma: Any) -> tuple[jax.Array, jax.Array]:
+    """The limiter (module doc) from the updates' norms ``(B,)``: ``(divisor λ, norm kept for the next step)``."""
     if not is_traced(gamma) and float(gamma) == 0.0:
-        return s_b, norm
+        return jnp.ones_like(norm_b), norm_b
     g = jnp.asarray(gamma, jnp.float32)
     safe_g = jnp.where(g > 0, g, 1.0)
-    limiter = jnp.maximum(norm / (prev_b + NORM_EPS), safe_g) / safe_g
+    limiter = jnp.maximum(norm_b / (prev_b + NORM_EPS), safe_g) / safe_g
     limiter = jnp.where(first | (g == 0), 1.0, limiter)
-    return s_b / limiter[:, None, None], norm / limiter
+    return limiter, norm_b / limiter

@@ -36,10 +36,11 @@ official code). Two-sided projection is not supported (the official projector ra
 Differences from apollo_torch (none changes the default trajectory up to the random draws): ``P`` is not
 stored but regenerated each step from ``(seed, t − t mod T, matrix index, side)`` (the official code keeps
 the matrix, "a lazy implementation" by its own comment), so the state is only the low-rank moments and one
-norm per matrix; the random numbers are JAX's, not torch's; norms, the scaling and the limiter run in
-float32. With ``eight_bit=True`` the moments are 8-bit (:func:`~lowrank_jax.optim.scale_by_adam_8bit`, HF eps
-placement). Under the per-layer fused update (``layerwise_update``) each block's optimizer numbers its own
-matrices, so every layer draws the same projection at a refresh (each matrix's distribution is unchanged).
+norm per matrix; the random numbers are JAX's, not torch's; the scaling factors, norms and limiter are
+float32 (the update itself is in the gradient dtype). With ``eight_bit=True`` the moments are 8-bit
+(:func:`~lowrank_jax.optim.scale_by_adam_8bit`, HF eps placement). Under the per-layer fused update
+(``layerwise_update``) each block's optimizer numbers its own matrices, so every layer draws the same
+projection at a refresh (each matrix's distribution is unchanged).
 
 State (:class:`ApolloState`): ``count``; ``inner_state``: the Adam state on the "proxy" tree (low-rank shapes
 for projected leaves, the params' shapes for the others); ``update_norm``: per selected leaf a float32
@@ -60,9 +61,10 @@ from lowrank_jax.optim._norm_scaling import (
     ONE_SIDED_PROJ_TYPES,
     SCALE_TYPES,
     check_norm_growth_limit,
+    frobenius,
+    growth_limiter,
     hf_adam,
     hf_step_size,
-    limit_norm_growth,
     scaling_factor,
 )
 from lowrank_jax.optim.galore.plan import MaskOrFn, _make_plans, _Plan, _resolve_dims, _sides
@@ -184,13 +186,13 @@ def apollo(
                 continue
             # apollo.py Step 3: norm_grad = exp_avg / denom has no bias correction; the inner's update has it
             factor = scaling_factor(p.low_b(u).astype(jnp.float32) / c_t, p.low_b(r), p, scale_type)
-            s_b = g_b.astype(jnp.float32) * factor  # Step 4: scaled_grad = p.grad * grad_scaling_factor
-            if scale_front:
-                s_b = s_b * root_scale
-            s_b, norm_b = limit_norm_growth(s_b, prev.reshape(-1), count == 0, norm_growth_limit)
-            if not scale_front:
-                s_b = s_b * root_scale
-            out.append(p.from_mats(c_t * s_b).astype(g.dtype))
+            # Step 4: scaled_grad = p.grad * grad_scaling_factor (times sqrt(scale) first with scale_front),
+            # then the limiter's division, sqrt(scale) (unless in front) and the step size: one factor for G
+            front = root_scale if scale_front else 1.0
+            norm = frobenius(g_b, factor * front)
+            limiter, norm_b = growth_limiter(norm, prev.reshape(-1), count == 0, norm_growth_limit)
+            coef = factor * (root_scale * c_t / limiter)[:, None, None]
+            out.append(p.from_mats(g_b * coef.astype(g.dtype)))
             new_norms.append(norm_b.reshape(p.batch_shape))
         new_state = ApolloState(optax.safe_int32_increment(count), inner_state, treedef.unflatten(new_norms))
         return treedef.unflatten(out), new_state

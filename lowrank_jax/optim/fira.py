@@ -29,8 +29,8 @@ machinery is GaLore's, so every :func:`~lowrank_jax.optim.galore.galore` option 
 (the Adam is fixed: the factor needs its bias correction) and two-sided ``proj_type='both'`` (its ``r × r``
 ratio has no channels of the gradient's shape; the official code cannot broadcast it either).
 
-Differences from the official code: the residual, the factor and the limiter are computed in float32 (the
-official code uses the param dtype); ``eight_bit=True`` keeps the low-rank moments 8-bit.
+Differences from the official code: the factor, the norms and the limiter are float32 (the full-size
+arithmetic is in the gradient dtype, as there); ``eight_bit=True`` keeps the low-rank moments 8-bit.
 
 State (:class:`FiraState`): ``count``; ``galore``: the :class:`~lowrank_jax.optim.galore.GaLoreState` (projectors,
 low-rank Adam moments, refresh bookkeeping); ``residual_norm``: per selected leaf a float32 ``(*batch,)``
@@ -48,9 +48,10 @@ import optax
 from lowrank_jax.optim._norm_scaling import (
     ONE_SIDED_PROJ_TYPES,
     check_norm_growth_limit,
+    frobenius,
+    growth_limiter,
     hf_adam,
     hf_step_size,
-    limit_norm_growth,
     scaling_factor,
 )
 from lowrank_jax.optim.galore.transform import (
@@ -125,14 +126,16 @@ def fira(
                 new_norms.append(prev)
                 continue
             r, pi, po = st.low[i], st.pins[i], st.pouts[i]
-            f32 = lambda x: x.astype(jnp.float32)
-            main_b = s.scale * f32(_back_project_mats(p, u, pi, po))  # project_back(norm_grad), times alpha
-            sub_b = s.scale * f32(_back_project_mats(p, r, pi, po))  # subgrad = project_back(grad), times alpha
-            factor = scaling_factor(f32(p.low_b(u)) / c_t, p.low_b(r), p, "channel")
-            s_b, norm_b = limit_norm_growth(
-                (f32(st.mats[i]) - sub_b) * factor, prev.reshape(-1), count == 0, norm_growth_limit
-            )
-            out.append(p.from_mats(main_b + c_t * s_b).astype(g.dtype))
+            alpha = jnp.asarray(s.scale, g.dtype)
+            # gradient_projection.py: project_back multiplies by alpha, so subgrad = alpha · P R
+            residual_b = st.mats[i] - alpha * _back_project_mats(p, r, pi, po).astype(g.dtype)
+            phi = scaling_factor(p.low_b(u).astype(jnp.float32) / c_t, p.low_b(r), p, "channel")
+            norm = frobenius(residual_b, phi)
+            limiter, norm_b = growth_limiter(norm, prev.reshape(-1), count == 0, norm_growth_limit)
+            coef = (phi * (c_t / limiter)[:, None, None]).astype(g.dtype)
+            # step_size · (project_back(norm_grad) + scaling_grad); the inner's u already carries c_t
+            main_b = alpha * _back_project_mats(p, u, pi, po).astype(g.dtype)
+            out.append(p.from_mats(main_b + coef * residual_b))
             new_norms.append(norm_b.reshape(p.batch_shape))
         new_state = FiraState(optax.safe_int32_increment(count), st.state, st.treedef.unflatten(new_norms))
         return st.treedef.unflatten(out), new_state
