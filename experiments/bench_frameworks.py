@@ -26,6 +26,7 @@ import platform
 import statistics
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -187,16 +188,10 @@ def cpu_model() -> str:
 def versions(with_torch: bool) -> dict[str, str]:
     out = {"jax": jax.__version__, "python": platform.python_version()}
     if with_torch:
-        import galore_torch  # lazy: the optional bench-torch extra
         import torch  # lazy: the optional bench-torch extra
-        import transformers  # lazy: the optional bench-torch extra
 
-        out |= {
-            "torch": torch.__version__,
-            "torch_threads": str(torch.get_num_threads()),
-            "transformers": transformers.__version__,
-            "galore_torch": getattr(galore_torch, "__version__", "installed"),
-        }
+        out |= {name: metadata.version(name) for name in ("torch", "transformers", "galore-torch")}
+        out["torch_threads"] = str(torch.get_num_threads())
     return out
 
 
