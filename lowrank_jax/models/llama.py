@@ -193,19 +193,39 @@ class Llama(nnx.Module):
         return logits.reshape(B, T, -1).astype(jnp.float32)
 
     def __call__(self, tokens_BT: jax.Array) -> jax.Array:
-        cfg = self.cfg
-        cos, sin = self.rope(tokens_BT.shape[1])
+        return self.head(self._blocks(self.embed_tokens(tokens_BT), with_rms=False)[0])
+
+    def residual_rms(self, tokens_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """RMS of the embeddings and of the residual stream after each block, ``((), (layers,))`` float32.
+
+        The health signal logged at every evaluation: with a learning rate too large for the blocks,
+        the block outputs grow orders of magnitude past the embeddings long before the loss says so.
+        """
         x = self.embed_tokens(tokens_BT)
+        return _rms(x), self._blocks(x, with_rms=True)[1]
+
+    def _blocks(self, x: jax.Array, *, with_rms: bool) -> tuple[jax.Array, jax.Array | None]:
+        """The residual stream after the last block, and (``with_rms``) its RMS after each block ``(layers,)``."""
+        cfg = self.cfg
+        cos, sin = self.rope(x.shape[1])
         if cfg.scan_layers:
             graphdef, state = nnx.split(self.blocks)
 
             def body(h, layer_state):
-                return nnx.merge(graphdef, layer_state)(h, cos, sin), None
+                h = nnx.merge(graphdef, layer_state)(h, cos, sin)
+                return h, _rms(h) if with_rms else None
 
             if cfg.remat:
                 body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-            x, _ = jax.lax.scan(body, x, state, unroll=CPU_UNROLL_LAYERS and _on_cpu())
-        else:
-            for block in self.blocks:
-                x = nnx.remat(lambda blk, h: blk(h, cos, sin))(block, x) if cfg.remat else block(x, cos, sin)
-        return self.head(x)
+            x, rms = jax.lax.scan(body, x, state, unroll=CPU_UNROLL_LAYERS and _on_cpu())
+            return x, rms
+        rms = []
+        for block in self.blocks:
+            x = nnx.remat(lambda blk, h: blk(h, cos, sin))(block, x) if cfg.remat else block(x, cos, sin)
+            if with_rms:
+                rms.append(_rms(x))
+        return x, jnp.stack(rms) if with_rms else None
+
+
+def _rms(x: jax.Array) -> jax.Array:
+    return jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32))))

@@ -23,7 +23,8 @@ from lowrank_jax.models import count_bytes, count_params, count_trainable, param
 from lowrank_jax.train import metrics as metrics_lib
 from lowrank_jax.train.checkpoint import Checkpointer, checkpoint_steps
 from lowrank_jax.train.relora import switch_to_lora, warm_start_config
-from lowrank_jax.train.step import compile_train_step, compiled_memory, evaluate, make_trainer
+from lowrank_jax.train.step import compile_train_step, compiled_memory, evaluate, health, make_trainer
+from pallas_kernels.selection import implementation_record
 
 
 def is_primary() -> bool:
@@ -130,8 +131,10 @@ def train(cfg: Config, log=print) -> dict[str, Any]:
         mlog.flush()
 
     def run_eval(s: int) -> float:
-        loss = evaluate(phase(s - 1)[0], state.params, val_batches)
-        mlog.write({"step": s, "tokens": s * tps, "val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))})
+        tr = phase(s - 1)[0]
+        loss = evaluate(tr, state.params, val_batches)
+        rms = health(tr, state.params, val_batches[0])
+        mlog.write({"step": s, "tokens": s * tps, "val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), **rms})
         mlog.flush()
         return loss
 
@@ -200,6 +203,7 @@ def train(cfg: Config, log=print) -> dict[str, Any]:
         "tokens_per_s": steps_run * tps / max(train_time, 1e-9),
         "compile_time_s": compile_s,
         "xla_memory": memory,
+        "kernel_implementations": implementation_record(),  # which matmul implementation ran, and why
         "data_digest": data.digest,
         "config": config_lib.to_dict(cfg),
         **metrics_lib.provenance(),

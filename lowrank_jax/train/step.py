@@ -43,6 +43,7 @@ class Trainer:
     abstract_state: Any
     train_step: Callable
     eval_step: Callable
+    health_step: Callable  # (params, batch) -> (embedding RMS, residual-stream RMS after each block)
 
     def init_state(self) -> TrainState:
         """Fresh state from ``cfg.seed``, created directly with the target shardings."""
@@ -154,7 +155,14 @@ def make_trainer(cfg: Config, mesh: Mesh | None = None) -> Trainer:
         donate_argnums=0,
     )
     eval_step = jax.jit(eval_fn, in_shardings=(param_shardings, batch_shard), out_shardings=repl)
-    return Trainer(cfg, mesh, graphdef, tx, schedule, state_shardings, abstract_state, train_step, eval_step)
+    health_step = jax.jit(
+        lambda params, batch: nnx.merge(graphdef, params).residual_rms(batch[:, :-1]),
+        in_shardings=(param_shardings, batch_shard),
+        out_shardings=repl,
+    )
+    return Trainer(
+        cfg, mesh, graphdef, tx, schedule, state_shardings, abstract_state, train_step, eval_step, health_step
+    )
 
 
 def evaluate(trainer: Trainer, params: Any, batches: list) -> float:
@@ -165,6 +173,14 @@ def evaluate(trainer: Trainer, params: Any, batches: list) -> float:
         total += float(s)
         count += int(n)
     return total / count
+
+
+def health(trainer: Trainer, params: Any, batch: Any) -> dict[str, Any]:
+    """``embed_rms``, ``block_rms`` (per block) and ``max_block_rms_ratio`` (largest block RMS over the
+    embedding RMS) on one batch: what :mod:`lowrank_jax.train.loop` logs at every evaluation."""
+    embed, blocks = jax.device_get(trainer.health_step(params, trainer.put_batch(batch)))
+    blocks = [float(b) for b in blocks]
+    return {"embed_rms": float(embed), "block_rms": blocks, "max_block_rms_ratio": max(blocks) / float(embed)}
 
 
 def compiled_memory(compiled: Any) -> dict[str, int]:

@@ -199,3 +199,26 @@ def test_causal_attention_bf16_keeps_float32_scores():
         out = causal_attention(*(a.astype(jnp.bfloat16) for a in (q, k, v)), block=block)
         assert out.dtype == jnp.bfloat16
         assert np.abs(np.asarray(out, np.float64) - ref).max() < 0.05
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_residual_rms_is_the_rms_after_each_block(scan):
+    cfg = dataclasses.replace(SMALL, scan_layers=scan)
+    model = build_model(cfg, 0)
+    tok = _tokens(5, (2, 9))
+    embed_rms, block_rms = model.residual_rms(tok)
+    x = model.embed_tokens(tok)
+    np.testing.assert_allclose(embed_rms, np.sqrt(np.mean(np.square(np.asarray(x)))), rtol=1e-6)
+    cos, sin = model.rope(9)
+    blocks = _unstack_blocks(model, cfg) if scan else list(model.blocks)
+    want = []
+    for block in blocks:
+        x = block(x, cos, sin)
+        want.append(np.sqrt(np.mean(np.square(np.asarray(x)))))
+    np.testing.assert_allclose(block_rms, want, rtol=1e-5)
+    np.testing.assert_allclose(model.head(x), model(tok), rtol=1e-5, atol=1e-6)
+
+
+def _unstack_blocks(model, cfg):
+    graphdef, state = nnx.split(model.blocks)
+    return [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state)) for i in range(cfg.layers)]

@@ -64,6 +64,9 @@ def test_train_end_to_end_and_determinism(small_overrides, tmp_path):
     assert np.mean([losses[s] for s in range(71, 81)]) < np.mean([losses[s] for s in range(1, 11)]) - 0.5
     vals = [r for r in read_metrics(out / "metrics.jsonl") if "val_loss" in r]
     assert [r["step"] for r in vals] == [40, 80]
+    for r in vals:  # the health signal: embedding and per-block residual-stream RMS at every evaluation
+        assert r["embed_rms"] > 0 and len(r["block_rms"]) == 2
+        assert r["max_block_rms_ratio"] == pytest.approx(max(r["block_rms"]) / r["embed_rms"])
     # Same config and seed: identical losses.
     train(_cfg(small_overrides, tmp_path / "b", "steps=80", "eval_every=40"), log=lambda *_: None)
     assert _losses(tmp_path / "b") == losses
