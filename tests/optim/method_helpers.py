@@ -140,6 +140,17 @@ def run_beside_plain_adam(tx: optax.GradientTransformation, grads: list, plain: 
     return updates, st
 
 
+def assert_state_stable(tx: optax.GradientTransformation, shapes: dict) -> Any:
+    """On bf16 params, an update keeps the state's structure, shapes and dtypes and returns bf16 updates."""
+    params = {k: jax.ShapeDtypeStruct(s, jnp.bfloat16) for k, s in shapes.items()}
+    state = jax.eval_shape(tx.init, params)
+    updates, new_state = jax.eval_shape(tx.update, params, state)
+    sig = lambda t: (jax.tree.structure(t), [(x.shape, x.dtype) for x in jax.tree.leaves(t)])
+    assert sig(new_state) == sig(state)
+    assert sig(updates) == sig(params)
+    return state
+
+
 def growing_gradient_norms(tx: optax.GradientTransformation, g: dict, norm_of: Callable, steps: int) -> list:
     """``norm_of(state)`` after each of ``steps`` updates with the gradient ``g`` grown 10x per step."""
     state, update, norms = tx.init(g), jax.jit(tx.update), []
@@ -149,9 +160,9 @@ def growing_gradient_norms(tx: optax.GradientTransformation, g: dict, norm_of: C
     return norms
 
 
-def train_tiny(tmp_path: Any, overrides: list[str], state_type: type, steps: int = 7) -> Any:
+def train_tiny(tmp_path: Any, overrides: list[str], state_type: type, steps: int = 7) -> tuple[Any, list]:
     """``steps`` train steps of the one-layer ``tiny`` model on one random batch; checks that the loss falls and
-    returns the optimizer state of ``state_type`` found in the run's state."""
+    returns the optimizer state of ``state_type`` found in the run's state, and the losses."""
     base = ["model.layers=1", "batch_size=2", "seq_len=32", "model.vocab_size=512", "optim.lr=3e-3",
             "optim.warmup_ratio=0", f"out_dir={tmp_path}"]  # fmt: skip
     trainer = make_trainer(load_config("tiny", [*base, *overrides]))
@@ -164,4 +175,4 @@ def train_tiny(tmp_path: Any, overrides: list[str], state_type: type, steps: int
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0] - 0.5, losses
     assert int(state.skipped) == 0
     is_state = lambda x: isinstance(x, state_type)
-    return next(x for x in jax.tree.leaves(state.opt_state, is_leaf=is_state) if is_state(x))
+    return next(x for x in jax.tree.leaves(state.opt_state, is_leaf=is_state) if is_state(x)), losses

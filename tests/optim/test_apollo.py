@@ -22,6 +22,7 @@ import pytest
 from method_helpers import (
     Port,
     adam_moments,
+    assert_state_stable,
     growing_gradient_norms,
     max_rel_error,
     random_tree,
@@ -213,7 +214,15 @@ def test_bad_arguments_raise_naming_the_argument(kwargs: dict, name: str) -> Non
 def test_trains_through_the_trainer(tmp_path, name: str, moment: tuple) -> None:
     section = name.removesuffix("_adamw")
     overrides = [f"optim.name={name}", f"{section}.update_proj_gap=3"]  # 7 steps: refreshes at 0, 3, 6
-    st = train_tiny(tmp_path, [*overrides, "apollo.rank=8"] if name == "apollo_adamw" else overrides, ApolloState)
+    st, _ = train_tiny(tmp_path, [*overrides, "apollo.rank=8"] if name == "apollo_adamw" else overrides, ApolloState)
     assert st.inner_state.mu["blocks"]["attn"]["q"]["kernel"].shape == moment  # (layers, r, out)
     assert st.inner_state.mu["embed"].shape == (512, 128)  # not a method leaf: full-size Adam
     assert st.update_norm["blocks"]["mlp"]["down"]["kernel"].shape == (1,)
+
+
+BF16_SHAPES = {"w": (6, 10), "stack": (3, 4, 7), "b": (10,)}
+
+
+def test_update_keeps_state_structure_shapes_and_dtypes_in_bf16() -> None:
+    st = assert_state_stable(apollo(3, update_proj_gap=2), BF16_SHAPES)
+    assert st.inner_state.mu["w"].dtype == jnp.bfloat16 and st.update_norm["w"].dtype == jnp.float32

@@ -22,6 +22,7 @@ from method_helpers import (
     Port,
     adam_moments,
     align_signs,
+    assert_state_stable,
     matrices,
     max_rel_error,
     random_tree,
@@ -190,7 +191,16 @@ def test_bad_arguments_raise_naming_the_argument(kwargs: dict, name: str) -> Non
 def test_golore_trains_through_the_trainer(tmp_path) -> None:
     golore = ["galore.projector=random", "galore.random_from=3", "galore.moments=reproject_first"]
     overrides = ["optim.name=galore_adamw", "galore.rank=8", "galore.update_proj_gap=3", *golore]
-    gs = train_tiny(tmp_path, overrides, GaLoreState)  # 7 steps: SVD at 0, random at 3 and 6
+    gs, _ = train_tiny(tmp_path, overrides, GaLoreState)  # 7 steps: SVD at 0, random at 3 and 6
     q = np.asarray(gs.proj_in["blocks"]["attn"]["q"]["kernel"], np.float64)
     assert q.shape == (1, 128, 8) and int(gs.last_refresh["blocks"]["attn"]["q"]["kernel"][0]) == 6
     np.testing.assert_allclose(q[0].T @ q[0], np.eye(8), atol=1e-5)
+
+
+BF16_SHAPES = {"w": (6, 10), "stack": (3, 4, 7), "b": (10,)}
+
+
+def test_update_keeps_state_structure_shapes_and_dtypes_in_bf16() -> None:
+    tx = galore(3, update_proj_gap=2, projector="random", random_from=2, moments="reproject_first")
+    st = assert_state_stable(tx, BF16_SHAPES)
+    assert st.proj_in["w"].dtype == jnp.bfloat16
