@@ -11,53 +11,28 @@ and cast to ``x.dtype`` for the matmul, accumulated in float32.
 * ``'xla'`` — materialise W, matmul; the paper's backward with W recomputed
   (:mod:`pallas_kernels.sl_matmul.xla`).
 * ``'pallas'`` — the fused kernels (:mod:`pallas_kernels.sl_matmul.kernel`): W tiles built on chip in
-  both passes, dvalues by a sampled dense-dense kernel. On CPU it runs in interpret mode.
-* ``'auto'`` (the default; ``None`` is accepted as the same) — ``'pallas'`` on GPU and TPU backends
-  when the kernels (forward and backward) compile for the call's shapes and dtypes (checked once
-  per signature by an ahead-of-time compile of abstract operands, :func:`pallas_compiles`),
-  ``'xla'`` elsewhere or if they do not.
+  both passes, dvalues by a sampled dense-dense kernel; Triton on GPUs, Mosaic on TPUs, chosen when
+  the computation is lowered (:mod:`pallas_kernels.platforms`); interpreted on CPU.
+* ``'auto'`` (the default; ``None`` is the same) — ``'pallas'`` on GPU and TPU backends whenever the
+  kernels take the operands (:func:`unsupported`: ``x`` must be bfloat16 or float32), ``'xla'`` on
+  CPU. Each decision is recorded and an accelerator fallback is announced once on stderr
+  (:mod:`pallas_kernels.selection`).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from numbers import Real
 
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.selection import IMPLEMENTATIONS, choose, signature
 from pallas_kernels.sl_matmul.kernel import KernelConfig, sl_matmul_pallas
 from pallas_kernels.sl_matmul.xla import sl_matmul_xla
 
-IMPLEMENTATIONS = ("auto", "xla", "pallas")
-PALLAS_BACKENDS = ("gpu", "cuda", "rocm", "tpu")
-
-
-def resolve_implementation(implementation: str | None, backend: str | None = None) -> str:
-    """``'xla'`` or ``'pallas'`` for ``implementation`` on ``backend`` (default: JAX's); ``'auto'``/None: by backend."""
-    if implementation is None or implementation == "auto":
-        backend = backend or jax.default_backend()
-        return "pallas" if backend in PALLAS_BACKENDS else "xla"
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation: must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-    return implementation
-
-
-@functools.lru_cache(maxsize=256)
-def pallas_compiles(signature: tuple, scale: float, cfg: KernelConfig) -> bool:
-    """Whether forward + backward of the Pallas path compile for ``signature`` (shape, dtype per operand)."""
-    abstract = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in signature]
-
-    def fwd_bwd(x, a, b, values, idx):
-        y, vjp = jax.vjp(lambda x, a, b, v: sl_matmul_pallas(x, a, b, v, idx, scale, cfg), x, a, b, values)
-        return y, vjp(y)
-
-    try:
-        jax.jit(fwd_bwd).lower(*abstract).compile()
-    except Exception:  # noqa: BLE001 - any lowering/compile failure means: use XLA
-        return False
-    return True
+__all__ = ["IMPLEMENTATIONS", "check_operands", "sl_matmul", "unsupported"]
+KERNEL_DTYPES = (jnp.bfloat16, jnp.float32)
 
 
 def check_operands(x, a, b, values, idx, scale) -> None:
@@ -78,6 +53,13 @@ def check_operands(x, a, b, values, idx, scale) -> None:
         raise ValueError(f"scale: must be a finite real number, got {scale!r}")
 
 
+def unsupported(x: jax.Array) -> str | None:
+    """Why the Pallas kernels cannot take these operands (None: they can). The same on every platform."""
+    if jnp.dtype(x.dtype) not in KERNEL_DTYPES:
+        return f"x is {jnp.dtype(x.dtype).name}; the kernels compute in bfloat16 or float32"
+    return None
+
+
 def sl_matmul(
     x: jax.Array,
     a: jax.Array,
@@ -87,25 +69,28 @@ def sl_matmul(
     scale: float,
     *,
     implementation: str | None = "auto",
-    block_m: int = 128,
-    block_k: int = 64,
-    block_n: int = 64,
+    block_m: int | None = None,
+    block_k: int | None = None,
+    block_n: int | None = None,
     slots: int | None = None,
     lowrank: str = "factored",
     interpret: bool | None = None,
+    interpret_as: str = "gpu",
 ) -> jax.Array:
-    """``y = x @ (A B · scale + S)``; see the module docstring. Block sizes, slots, lowrank
-    (:class:`~pallas_kernels.sl_matmul.kernel.KernelConfig`) and interpret: pallas only."""
+    """``y = x @ (A B · scale + S)``; see the module docstring. Block sizes (None: per backend and shape),
+    slots, lowrank, interpret and interpret_as: pallas only
+    (:class:`~pallas_kernels.sl_matmul.kernel.KernelConfig`)."""
     check_operands(x, a, b, values, idx, scale)
-    impl = resolve_implementation(implementation)
-    if interpret is None:
-        interpret = jax.default_backend() not in PALLAS_BACKENDS
     cfg = KernelConfig(
-        block_m=block_m, block_k=block_k, block_n=block_n, slots=slots, lowrank=lowrank, interpret=bool(interpret)
+        block_m=block_m,
+        block_k=block_k,
+        block_n=block_n,
+        slots=slots,
+        lowrank=lowrank,
+        interpret=bool(interpret),
+        interpret_as=interpret_as,
     )
-    if impl == "pallas" and implementation in (None, "auto"):
-        signature = tuple((tuple(o.shape), jnp.dtype(o.dtype)) for o in (x, a, b, values, idx))
-        impl = "pallas" if pallas_compiles(signature, float(scale), cfg) else "xla"
+    impl = choose("sl_matmul", implementation, signature(x=x, a=a, b=b, values=values), unsupported(x))
     if impl == "xla":
         return sl_matmul_xla(x, a, b, values, idx, float(scale))
     return sl_matmul_pallas(x, a, b, values, idx, float(scale), cfg)

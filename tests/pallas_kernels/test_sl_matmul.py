@@ -10,15 +10,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels.platforms import GPU, GPU_SMEM_BUDGET, LANE, TPU, TPU_VMEM_BUDGET, Target, is_pow2, sublane
 from pallas_kernels.sl_matmul import kernel as K
-from pallas_kernels.sl_matmul.api import resolve_implementation, sl_matmul
+from pallas_kernels.sl_matmul.api import sl_matmul
 from pallas_kernels.sl_matmul.kernel import KernelConfig, choose_blocks, sl_matmul_pallas, tile_layout
 from pallas_kernels.sl_matmul.reference import materialize_w, sl_matmul_reference
 from pallas_kernels.sl_matmul.xla import sl_matmul_xla
 
-# Small blocks so that every test shape spans several tiles in each dimension.
+# Small blocks so that every test shape spans several tiles in each dimension; both kernel structures
+# (Triton's in-program loop, Mosaic TPU's reduction grid axis) run in the interpreter.
 CFG = KernelConfig(block_m=16, block_k=16, block_n=16, interpret=True, poison=True)
-CFGS = {mode: dataclasses.replace(CFG, lowrank=mode) for mode in ("factored", "tile")}
+STRUCTURES = ("gpu", "tpu")
+
+
+def _cfg(lowrank: str, structure: str, **kw) -> KernelConfig:
+    return dataclasses.replace(CFG, lowrank=lowrank, interpret_as=structure, **kw)
+
+
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}  # relative to the largest reference entry
 
 
@@ -56,22 +64,25 @@ def _random_shapes(seed: int, count: int, hi: int):
         density = float(rng.choice([0.01, 0.03, 0.1, 0.3]))
         dtype = (jnp.float32, jnp.bfloat16)[i % 2]
         lowrank = ("factored", "tile")[(i // 2) % 2]
-        shapes.append((m, k, n, r, density, dtype, lowrank))
+        structure = STRUCTURES[(i // 4) % 2]
+        shapes.append((m, k, n, r, density, dtype, lowrank, structure))
     return shapes
 
 
-# 30 random shapes (15 per dtype, both low-rank modes), most of them not multiples of the blocks.
-SHAPES = _random_shapes(0, 30, 60)
+# 32 random shapes (both dtypes, low-rank modes and kernel structures), most not multiples of the blocks.
+SHAPES = _random_shapes(0, 32, 60)
+PARAMS = "m,k,n,r,density,dtype,lowrank,structure"
 
 
-@pytest.mark.parametrize("m,k,n,r,density,dtype,lowrank", SHAPES)
-def test_pallas_forward_and_vjp_match_reference(m, k, n, r, density, dtype, lowrank):
+@pytest.mark.parametrize(PARAMS, SHAPES)
+def test_pallas_forward_and_vjp_match_reference(m, k, n, r, density, dtype, lowrank, structure):
     rng = np.random.default_rng()
     x, a, b, values, idx, dy = _operands(rng, m, k, n, r, density, dtype)
     scale = float(rng.uniform(0.1, 4.0))
+    cfg = _cfg(lowrank, structure)
     both = jax.jit(  # one compilation per shape: kernel and reference side by side
         lambda *ops: (
-            _fwd_vjp(lambda *p: sl_matmul_pallas(*p, CFGS[lowrank]), *ops, scale),
+            _fwd_vjp(lambda *p: sl_matmul_pallas(*p, cfg), *ops, scale),
             _fwd_vjp(sl_matmul_reference, *ops, scale),
         )
     )
@@ -79,11 +90,11 @@ def test_pallas_forward_and_vjp_match_reference(m, k, n, r, density, dtype, lowr
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("m,k,n,r,density,dtype,lowrank", _random_shapes(1, 40, 300))
-def test_pallas_larger_sweep(m, k, n, r, density, dtype, lowrank):
+@pytest.mark.parametrize(PARAMS, _random_shapes(1, 40, 300))
+def test_pallas_larger_sweep(m, k, n, r, density, dtype, lowrank, structure):
     rng = np.random.default_rng()
     x, a, b, values, idx, dy = _operands(rng, m, k, n, r, density, dtype)
-    cfg = KernelConfig(block_m=32, block_k=32, block_n=64, lowrank=lowrank, interpret=True, poison=True)
+    cfg = KernelConfig(32, 32, 64, lowrank=lowrank, interpret=True, interpret_as=structure, poison=True)
     run = jax.jit(lambda *ops: _fwd_vjp(lambda *p: sl_matmul_pallas(*p, cfg), *ops, 0.5))
     ref = jax.jit(lambda *ops: _fwd_vjp(sl_matmul_reference, *ops, 0.5))
     _assert_close(run(x, a, b, values, idx, dy), ref(x, a, b, values, idx, dy), dtype)
@@ -105,14 +116,26 @@ def test_pallas_leading_batch_dims_and_api():
     _assert_close(got, _fwd_vjp(sl_matmul_reference, x, a, b, values, idx, dy, 1.5), jnp.float32)
 
 
-def test_overflowing_tile_falls_back_to_xla_exactly():
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_spilled_entries_are_corrected_exactly(structure):
     rng = np.random.default_rng()
     x, a, b, values, idx, dy = _operands(rng, 20, 40, 40, 3, 0.2, jnp.float32)
-    cfg = KernelConfig(block_m=16, block_k=16, block_n=16, slots=4, interpret=True, poison=True)
-    layout = tile_layout(idx, 40, 40, 16, 16, 4)
-    assert bool(layout.overflow)  # 320 entries in 9 tiles cannot fit 4 slots each
+    cfg = _cfg("factored", structure, slots=16)
+    layout = tile_layout(idx, 40, 40, choose_blocks(Target(structure, True), 20, 40, 40, 320, 3, 4, cfg))
+    assert 0 < int(layout.n_spill) <= K.SPILL  # 320 entries in 9 tiles of 16 slots
     got = jax.jit(lambda *o: _fwd_vjp(lambda *p: sl_matmul_pallas(*p, cfg), *o, 0.8))(x, a, b, values, idx, dy)
     _assert_close(got, _fwd_vjp(sl_matmul_reference, x, a, b, values, idx, dy, 0.8), jnp.float32)
+
+
+def test_more_spills_than_the_correction_holds_poison_the_result():
+    rng = np.random.default_rng()
+    x, a, b, values, idx, dy = _operands(rng, 8, 40, 40, 3, 0.5, jnp.float32)  # 800 entries, 144 slots
+    got = jax.jit(lambda *o: _fwd_vjp(lambda *p: sl_matmul_pallas(*p, _cfg("factored", "gpu", slots=16)), *o, 1.0))(
+        x, a, b, values, idx, dy
+    )
+    for name, g in zip(("y", "dx", "da", "db", "dvalues"), got, strict=True):
+        if name in ("y", "dx", "dvalues"):  # never a silently wrong value
+            assert np.all(np.isnan(np.asarray(g))), name
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -139,54 +162,47 @@ def test_tile_layout_places_every_entry_once():
     rng = np.random.default_rng()
     k, n, bk, bn = 45, 70, 16, 32
     idx = rng.choice(k * n, 400, replace=False).astype(np.int32)
-    lay = tile_layout(jnp.asarray(idx), k, n, bk, bn, 128)
+    lay = tile_layout(jnp.asarray(idx), k, n, K.Blocks(16, bk, bn, 128, 32, 16, 16))
     local, slot = np.asarray(lay.local), np.asarray(lay.slot)
     kt, nt = -(-k // bk), -(-n // bn)
-    assert local.shape == (kt, nt, 128) and not bool(lay.overflow)
+    assert local.shape == (kt, nt, 4, 32) and int(lay.n_spill) == 0
     assert len(np.unique(slot)) == 400
     t, s = np.divmod(slot, 128)
     ti, tj = np.divmod(t, nt)
-    lr, lc = np.divmod(local[ti, tj, s], bn)
+    lr, lc = np.divmod(local.reshape(kt, nt, 128)[ti, tj, s], bn)
     np.testing.assert_array_equal(ti * bk + lr, idx // n)
     np.testing.assert_array_equal(tj * bn + lc, idx % n)
     assert np.sum(local >= 0) == 400  # everything else is padding
 
 
 def test_choose_blocks_slot_bound():
-    blk = choose_blocks(4096, 2048, 5461, round(0.03 * 2048 * 5461), KernelConfig())
-    mu = 0.03 * 64 * 64
-    assert blk.slots >= mu + 7 * math.sqrt(mu) and blk.slots & (blk.slots - 1) == 0
-    tiny = choose_blocks(5, 7, 9, 3, KernelConfig())  # whole matrix in one tile: P >= nnz, no overflow possible
+    for target in (GPU, TPU):
+        blk = choose_blocks(target, 4096, 2048, 5461, round(0.03 * 2048 * 5461), 512, 2, KernelConfig())
+        mu = 0.03 * blk.bk * blk.bn
+        assert blk.slots >= mu + 7 * math.sqrt(mu) and blk.slots % blk.chunk == 0
+    tiny = choose_blocks(GPU, 5, 7, 9, 3, 2, 4, KernelConfig())  # whole matrix in one tile: P >= nnz, no spill possible
     assert tiny.slots >= 3 and (tiny.bm, tiny.bk, tiny.bn) == (16, 16, 16)
 
 
 @pytest.mark.parametrize("lowrank", ["factored", "tile"])
-def test_kernels_write_every_output_block(lowrank):
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_kernels_write_every_output_block(lowrank, structure):
     """Direct kernel calls with NaN-poisoned outputs: every block is overwritten; float64 reference."""
-    cfg = CFGS[lowrank]
+    cfg, target = _cfg(lowrank, structure), Target(structure, interpret=True)
     rng = np.random.default_rng()
     x, a, b, values, idx, dy = _operands(rng, 33, 40, 50, 6, 0.1, jnp.float32)
-    lay = K._layout_for(33, a, b, idx, cfg)
+    blk = choose_blocks(target, 33, 40, 50, idx.shape[0], 6, 4, cfg)
+    lay = tile_layout(idx, 40, 50, blk)
     w = np.asarray(a, np.float64) @ np.asarray(b, np.float64) * 0.9
     rows, cols = np.divmod(np.asarray(idx), 50)
     w[rows, cols] += np.asarray(values, np.float64)
     x64, dy64 = np.asarray(x, np.float64), np.asarray(dy, np.float64)
-    y = K.forward_kernel(x, a, b, values, lay, 0.9, cfg)
-    dx = K.dx_kernel(dy, a, b, values, lay, 0.9, cfg)
-    dv = K.dvalues_kernel(x, dy, a, b, lay, idx.shape[0], cfg)
+    y = K.forward_kernel(target, blk, x, a, b, values, lay, 0.9, cfg)
+    dx = K.dx_kernel(target, blk, dy, a, b, values, lay, 0.9, cfg)
+    dv = K.dvalues_kernel(target, blk, x, dy, lay, cfg)
     np.testing.assert_allclose(np.asarray(y), x64 @ w, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(np.asarray(dx), dy64 @ w.T, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(np.asarray(dv), (x64.T @ dy64).reshape(-1)[np.asarray(idx)], rtol=1e-4, atol=1e-4)
-
-
-def test_resolve_implementation():
-    assert resolve_implementation(None, "cpu") == "xla"
-    assert resolve_implementation(None, "gpu") == "pallas"
-    assert resolve_implementation(None, "tpu") == "pallas"
-    assert resolve_implementation("auto", "cpu") == "xla"
-    assert resolve_implementation("pallas", "cpu") == "pallas"
-    with pytest.raises(ValueError, match="implementation"):
-        resolve_implementation("triton")
 
 
 @pytest.mark.parametrize(
@@ -224,6 +240,7 @@ def test_operand_errors_name_the_argument(bad, arg):
         (dict(block_n=True), "block_n"),
         (dict(slots=0), "slots"),
         (dict(lowrank="dense"), "lowrank"),
+        (dict(interpret_as="cpu"), "interpret_as"),
     ],
 )
 def test_kernel_config_errors(kw, arg):
@@ -231,22 +248,28 @@ def test_kernel_config_errors(kw, arg):
         KernelConfig(**kw)
 
 
-def test_auto_uses_pallas_only_where_it_compiles(monkeypatch):
-    from pallas_kernels.sl_matmul import api
+BLOCK_CASES = [  # (m, k, n, rank, density): the 1B MLP, 7B MLP with 16k tokens, awkward and tiny shapes
+    (2048, 2048, 5461, 512, 0.03),
+    (2048, 5461, 2048, 512, 0.03),
+    (16384, 4096, 11008, 1024, 0.05),
+    (300, 1000, 333, 7, 0.1),
+    (37, 45, 29, 5, 0.03),
+    (1, 17, 3, 1, 0.3),
+]
 
-    rng = np.random.default_rng()
-    x, a, b, values, idx, _ = _operands(rng, 6, 20, 12, 2, 0.2, jnp.float32)
-    sig = tuple((tuple(o.shape), jnp.dtype(o.dtype)) for o in (x, a, b, values, idx))
-    assert api.pallas_compiles(sig, 1.0, KernelConfig(interpret=True))  # interpret mode compiles on CPU
 
-    def broken(*args):
-        raise NotImplementedError("no lowering for this backend")
-
-    api.pallas_compiles.cache_clear()
-    monkeypatch.setattr(api, "resolve_implementation", lambda impl: "pallas")  # as on a GPU/TPU backend
-    monkeypatch.setattr(api, "sl_matmul_pallas", broken)
-    y = sl_matmul(x, a, b, values, idx, 0.5)  # auto: the kernel does not compile -> XLA
-    np.testing.assert_allclose(np.asarray(y), np.asarray(sl_matmul_reference(x, a, b, values, idx, 0.5)), rtol=1e-6)
-    with pytest.raises(NotImplementedError):
-        sl_matmul(x, a, b, values, idx, 0.5, implementation="pallas")  # explicit: no silent fallback
-    api.pallas_compiles.cache_clear()
+@pytest.mark.parametrize("m,k,n,r,density", BLOCK_CASES)
+@pytest.mark.parametrize("itemsize", [2, 4])
+@pytest.mark.parametrize("request_", [KernelConfig(), KernelConfig(block_m=512, block_k=16, block_n=256)])
+def test_blocks_follow_each_backends_rules(m, k, n, r, density, itemsize, request_):
+    nnz = max(1, round(density * k * n))
+    gpu = choose_blocks(GPU, m, k, n, nnz, r, itemsize, request_)
+    assert all(is_pow2(v) and v >= 16 for v in (gpu.bm, gpu.bk, gpu.bn, gpu.chunk, gpu.rc)), gpu  # Triton shapes
+    assert gpu.slots % gpu.chunk == 0 and gpu.rp % gpu.rc == 0 and gpu.rp >= r
+    assert K.smem_bytes(gpu, itemsize) <= GPU_SMEM_BUDGET, gpu
+    tpu = choose_blocks(TPU, m, k, n, nnz, r, itemsize, request_)
+    assert tpu.bk % LANE == 0 and tpu.bn % LANE == 0 and tpu.chunk == LANE and tpu.rp % LANE == 0, tpu  # lane dims
+    assert tpu.bm % sublane(itemsize) == 0 and tpu.rc == tpu.rp and tpu.rp >= r, tpu
+    assert K.vmem_bytes(tpu, itemsize) <= TPU_VMEM_BUDGET, tpu
+    if request_.block_m is None and m >= 2048:
+        assert tpu.bm >= 512  # the sparse rebuild is amortised over large m-tiles on TPU

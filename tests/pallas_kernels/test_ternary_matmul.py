@@ -7,15 +7,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels.platforms import GPU, GPU_SMEM_BUDGET, LANE, TPU, TPU_VMEM_BUDGET, Target, is_pow2
 from pallas_kernels.ternary_matmul import (
-    default_blocks,
+    choose_blocks,
     pack_ternary,
     packed_rows,
     ternary_matmul,
     ternary_matmul_reference,
     unpack_ternary,
 )
-from pallas_kernels.ternary_matmul.api import pad_operands
+from pallas_kernels.ternary_matmul.api import TernaryBlocks, pad_operands, smem_bytes, vmem_bytes
 from pallas_kernels.ternary_matmul.kernel import ternary_matmul_pallas_padded
 
 RNG = np.random.default_rng()  # fresh draws every run; the failing seed is printed by the assertions
@@ -75,7 +76,8 @@ def _random_case(rng):
     n = int(rng.integers(1, 150))
     blocks = (int(rng.choice([16, 32])), int(rng.choice([16, 32, 64])), int(rng.choice([16, 32])))
     dtype = rng.choice(["bfloat16", "int8", "float32"])
-    return m, k, n, blocks, str(dtype)
+    structure = str(rng.choice(["gpu", "tpu"]))  # Triton's in-program loop or Mosaic TPU's reduction grid axis
+    return m, k, n, blocks, str(dtype), structure
 
 
 CASES = 32
@@ -85,7 +87,7 @@ CASES = 32
 def test_pallas_kernel_matches_reference_on_random_shapes(case):
     seed = int(RNG.integers(1 << 31))
     rng = np.random.default_rng(seed)
-    m, k, n, blocks, dtype = _random_case(rng)
+    m, k, n, blocks, dtype, structure = _random_case(rng)
     w = _ternary(rng, k, n)
     packed = pack_ternary(jnp.asarray(w))
     scale = float(rng.uniform(0.01, 2.0))
@@ -96,13 +98,15 @@ def test_pallas_kernel_matches_reference_on_random_shapes(case):
     else:
         x = jnp.asarray(rng.standard_normal((m, k)), dtype)
     rowscale = scale * (x_scale if x_scale is not None else jnp.ones((m,), jnp.float32))
-    xp, wp, sp, (bm, bn, bkq) = pad_operands(x, packed, rowscale, k, blocks)
+    target = Target(structure, interpret=True)
+    blk = choose_blocks(target, m, packed.shape[0], n, x.dtype.itemsize, blocks)
+    xp, wp, sp = pad_operands(x, packed, rowscale, k, blk)
     poison = jnp.full((xp.shape[0], wp.shape[1]), jnp.nan, jnp.float32)
     out = ternary_matmul_pallas_padded(
-        xp, wp, sp, bm=bm, bn=bn, bkq=bkq, out_dtype=jnp.float32, interpret=True, out_init=poison
+        xp, wp, sp, bm=blk.bm, bn=blk.bn, bkq=blk.bkq, out_dtype=jnp.float32, target=target, out_init=poison
     )
     out = np.asarray(out)
-    msg = f"seed={seed} m={m} k={k} n={n} blocks={blocks} dtype={dtype}"
+    msg = f"seed={seed} m={m} k={k} n={n} blocks={blocks} dtype={dtype} structure={structure}"
     assert not np.isnan(out).any(), msg  # every tile written
     np.testing.assert_array_equal(out[m:], 0.0, err_msg=msg)
     np.testing.assert_array_equal(out[:, n:], 0.0, err_msg=msg)
@@ -152,11 +156,26 @@ def test_int8_activations_and_auto_implementation():
     assert bf.dtype == jnp.bfloat16
 
 
-def test_default_blocks_are_gpu_friendly():
-    for m, kq, n in [(1, 1024, 11008), (2048, 1024, 4096), (3, 5, 7)]:
-        bm, bn, bkq = default_blocks(m, kq, n)
-        for b in (bm, bn, bkq):
-            assert b >= 16 and b & (b - 1) == 0
+@pytest.mark.parametrize(
+    "m,k,n", [(1, 4096, 11008), (256, 4096, 11008), (2048, 4096, 4096), (3, 5, 7), (300, 1001, 999)]
+)
+@pytest.mark.parametrize("itemsize", [1, 2, 4])
+def test_blocks_follow_each_backends_rules(m, k, n, itemsize):
+    kq = packed_rows(k)
+    gpu = choose_blocks(GPU, m, kq, n, itemsize)
+    assert all(is_pow2(b) and b >= 16 for b in gpu[:3]), gpu  # Triton's power-of-two tensors, dots >= 16
+    assert smem_bytes(gpu, itemsize) <= GPU_SMEM_BUDGET, gpu
+    tpu = choose_blocks(TPU, m, kq, n, itemsize)
+    assert tpu.bn % LANE == 0 and tpu.bkq % LANE == 0, tpu  # lane dims (uint8 weights tile (32, 128))
+    assert tpu.bm == m or tpu.bm % 32 == 0, tpu  # the whole row extent, or a multiple of every sublane tiling
+    assert vmem_bytes(tpu, itemsize) <= TPU_VMEM_BUDGET, tpu
+    if (m, k, n) == (1, 4096, 11008):  # the 7B GEMV: weights not padded (no per-call copy), enough GPU programs
+        assert 11008 % gpu.bn == 0 and 11008 % tpu.bn == 0 and kq % gpu.bkq == 0 and kq % tpu.bkq == 0
+        assert 11008 // gpu.bn >= 132  # an H100 has 132 SMs
+    # requests are legalised, never rejected: any target takes any request
+    assert choose_blocks(TPU, m, kq, n, itemsize, (16, 16, 16))[1:3] == (LANE, LANE)
+    assert choose_blocks(GPU, m, kq, n, itemsize, (3, 20, 16))[:3] == (16, 32, 16)
+    assert choose_blocks(Target("tpu", True), m, kq, n, itemsize, (16, 16, 16)) == TernaryBlocks(16, 16, 16)
 
 
 def test_api_errors():
@@ -182,10 +201,10 @@ def test_api_errors():
         ternary_matmul_pallas_padded(
             jnp.ones((16, 64)),
             jnp.ones((16, 16), jnp.uint8),
-            jnp.ones((16,)),
+            jnp.ones((16, 1)),
             bm=16,
             bn=16,
             bkq=32,
             out_dtype=jnp.float32,
-            interpret=True,
+            target=Target("gpu", interpret=True),
         )

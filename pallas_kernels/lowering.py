@@ -1,0 +1,83 @@
+"""Lower (``jax.export``) any computation for ``cuda`` or ``tpu`` from a machine that has neither.
+
+``jax.export(fn, platforms=[p])`` runs the whole lowering for platform ``p`` — XLA ops to StableHLO and
+every Pallas kernel to Triton IR (``cuda``) or a Mosaic TPU module (``tpu``) — without the hardware. Two
+things make that work here, kept in :func:`export_for` so every test lowers the same way:
+
+* **A device to lower for.** The Mosaic TPU lowering reads the chip generation from the device kind
+  (``tpu_info.get_tpu_info()``: lane/sublane counts, VMEM); on CPU it sees ``"cpu"`` and fails with
+  "Unsupported TPU device kind: cpu". JAX takes the device kind from the *abstract mesh in context*
+  when there is one, so the lowering runs under ``jax.sharding.use_abstract_mesh`` of an
+  :class:`~jax.sharding.AbstractMesh` whose :class:`~jax.sharding.AbstractDevice` names the chip
+  (:data:`TPU_DEVICE_KIND`, TPU v5e: 128 MiB VMEM, 16 MiB scoped by default, the most constrained
+  current chip). A computation with shardings (a train step built by ``make_trainer``) must be built on
+  that same mesh (:func:`abstract_mesh` with its axis names), since jit requires one mesh for all inputs.
+  Triton lowers for compute capability 9.0 (Hopper) when no GPU is present.
+* **Triton custom calls.** ``jax.export`` refuses custom calls without a serialization-compatibility
+  guarantee; the Triton kernel call (``__gpu$xla.gpu.triton``) is one, so its check is disabled. The
+  exported artifact proves the lowering; it is not meant to be stored and run on a later JAX.
+
+What a CPU lowering does not prove: Triton → PTX compilation (register and shared-memory allocation)
+and Mosaic's layout passes run inside XLA at compile time on the device. The block choosers keep
+estimates of shared memory / VMEM under budget for that reason (:mod:`pallas_kernels.platforms`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+from jax import export
+from jax.sharding import AbstractDevice, AbstractMesh, AxisType
+
+PLATFORMS = ("cuda", "tpu")
+TPU_DEVICE_KIND = "TPU v5 lite"  # TPU v5e
+GPU_DEVICE_KIND = "NVIDIA H100 80GB HBM3"
+TRITON_CALL = "__gpu$xla.gpu.triton"
+_DEVICES = {
+    "tpu": AbstractDevice(device_kind=TPU_DEVICE_KIND, num_cores=1, platform="tpu"),
+    "cuda": AbstractDevice(device_kind=GPU_DEVICE_KIND, num_cores=132, platform="gpu"),
+}
+
+
+def abstract_mesh(
+    platform: str, axis_sizes: Sequence[int] = (1,), axis_names: Sequence[str] = ("x",), device_kind: str | None = None
+) -> AbstractMesh:
+    """An :class:`~jax.sharding.AbstractMesh` of devices of ``platform`` (``device_kind``: e.g. ``"TPU v6 lite"``)."""
+    if platform not in _DEVICES:
+        raise ValueError(f"platform: must be one of {PLATFORMS}, got {platform!r}")
+    device = _DEVICES[platform]
+    if device_kind is not None:
+        device = AbstractDevice(device_kind=device_kind, num_cores=1, platform=device.platform)
+    return AbstractMesh(
+        tuple(axis_sizes), tuple(axis_names), axis_types=(AxisType.Auto,) * len(axis_sizes), abstract_device=device
+    )
+
+
+def export_for(
+    fn: Callable[..., Any], platform: str, *args: Any, mesh: AbstractMesh | None = None, **kwargs: Any
+) -> export.Exported:
+    """``jax.export`` of ``fn`` (jitted here unless already) for ``platform``, lowered under ``mesh``
+    (default: one abstract device of ``platform``); ``args``: arrays or ``jax.ShapeDtypeStruct``."""
+    mesh = mesh if mesh is not None else abstract_mesh(platform)
+    jitted = fn if hasattr(fn, "trace") else jax.jit(fn)
+    checks = [export.DisabledSafetyCheck.custom_call(TRITON_CALL)]
+    with jax.sharding.use_abstract_mesh(mesh):
+        return export.export(jitted, platforms=[platform], disabled_checks=checks)(*args, **kwargs)
+
+
+def custom_call_targets(exported: export.Exported) -> list[str]:
+    """The distinct custom-call targets of an exported module (``tpu_custom_call``: a Mosaic kernel)."""
+    return sorted(set(re.findall(r"custom_call @([\w$.]+)", exported.mlir_module())))
+
+
+def kernel_calls(exported: export.Exported) -> list[str]:
+    """The Pallas kernels an exported module calls, by ``pallas_call`` name, in order (Triton and Mosaic TPU)."""
+    calls = []
+    for line in exported.mlir_module().splitlines():
+        if f"custom_call @{TRITON_CALL}" in line or "custom_call @tpu_custom_call" in line:
+            found = re.search(r'(?:kernel_name|name) = "([^"]*)"', line)
+            calls.append(found.group(1) if found else "?")
+    return calls
