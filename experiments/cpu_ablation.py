@@ -8,8 +8,7 @@ The changes (README, "CPU performance"), applied cumulatively from the code as i
 2. ``loss rule``: :func:`lowrank_jax.train.state.cross_entropy` has its derivative written out
    (before: autodiff of ``log_softmax`` + ``take_along_axis``);
 3. ``query blocks``: causal attention in query blocks of ``CPU_QUERY_BLOCK`` rows (before: the whole
-   ``(T, T)`` score matrix, ``bqhd`` layout, masked with ``finfo.min``);
-4. ``unrolled layers``: the scanned layer loop unrolled on CPU.
+   ``(T, T)`` score matrix, ``bqhd`` layout, masked with ``finfo.min``).
 
 The "before" versions are re-created here (not kept in the library) and patched in while a variant's
 step is traced; every variant is compiled in this one process and timed in interleaved rounds
@@ -41,7 +40,7 @@ from lowrank_jax.train import step as step_lib
 from lowrank_jax.train.step import compile_train_step, make_trainer
 
 REPO = Path(__file__).resolve().parents[1]
-CHANGES = ["2-D linears", "loss rule", "query blocks", "unrolled layers"]
+CHANGES = ["2-D linears", "loss rule", "query blocks"]
 
 
 def _loss_before(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
@@ -80,8 +79,6 @@ def undone(changes: set[str]) -> Iterator[None]:
         patches.append((step_lib, "cross_entropy", _loss_before))
     if "query blocks" in changes:
         patches.append((llama, "causal_attention", _attention_before))
-    if "unrolled layers" in changes:
-        patches.append((llama, "CPU_UNROLL_LAYERS", False))
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
     try:
         for obj, name, value in patches:

@@ -53,9 +53,8 @@ def apply_rope(x_BTHD: jax.Array, cos_TK: jax.Array, sin_TK: jax.Array) -> jax.A
     return out.astype(x_BTHD.dtype)
 
 
-# XLA:CPU settings (README, "CPU performance"); accelerators keep the whole-matrix attention and the loop.
+# XLA:CPU (README, "CPU performance"); accelerators keep the whole-matrix attention.
 CPU_QUERY_BLOCK: int | None = 128  # query rows per block of causal_attention (None: the whole matrix)
-CPU_UNROLL_LAYERS = True  # unroll the scanned layer loop: its stacked residuals and slicing cost ~4%
 
 
 def _on_cpu() -> bool:
@@ -217,7 +216,7 @@ class Llama(nnx.Module):
 
             if cfg.remat:
                 body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-            x, rms = jax.lax.scan(body, x, state, unroll=CPU_UNROLL_LAYERS and _on_cpu())
+            x, rms = jax.lax.scan(body, x, state)
             return x, rms
         rms = []
         for block in self.blocks:
