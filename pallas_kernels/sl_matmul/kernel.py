@@ -49,6 +49,13 @@ Cost per W tile rebuild, relative to the tile matmul ``2·bm·bk·bn``: sparse p
 (forward and dX, once per m-tile), low-rank ``r/bm`` (``'tile'`` only); ``'factored'`` adds
 ``r/K + r/N`` for its factor products. dvalues pays ``parts·P/M`` once per weight tile. Larger
 ``bm`` amortises the sparse part, which is why the TPU chooser grows ``bm`` to its VMEM budget.
+
+Status: numerics tested in interpret mode for both structures; lowered for ``cuda`` and ``tpu`` at
+the 1B shapes in the CPU suite (``tests/pallas_kernels/test_lowering.py``); not yet run on a device.
+What only a device can confirm: Triton's register / shared-memory allocation at these tiles, and that
+Mosaic's layout passes accept the patterns used here — single-row loads and stores at a dynamic
+sublane offset of 32-bit ``(P/C, C)`` refs, the transposed-lhs matmul of dvalues, (1, C) rows
+broadcast over sublanes.
 """
 
 from __future__ import annotations

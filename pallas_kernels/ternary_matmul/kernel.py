@@ -19,6 +19,10 @@ from signed types, so every step is one it supports.
 Two structures (:mod:`pallas_kernels.platforms`): GPU (Triton, grid ``(M/bm, N/bn)``, a ``fori_loop``
 over the packed rows) and TPU (Mosaic, grid ``(M/bm, N/bn, Kq/bkq)`` with the reduction last and a
 float32 VMEM accumulator). Block sizes: :func:`pallas_kernels.ternary_matmul.api.choose_blocks`.
+Triton rather than Mosaic GPU for this kernel in particular: a decoding GEMV has one row, and Triton
+takes 16-row dot tiles where Mosaic GPU's warpgroup MMA works on 64-row ones; Mosaic GPU also copies
+each whole BlockSpec block into shared memory (the 4096×11008 GEMV's blocks needed 271 KB, over the
+227 KB an H100 has), while Triton streams ``bkq`` packed rows per loop iteration.
 
 Shapes must already be padded to block multiples (``api.py`` does it): ``x (Mp, 4·Kqp)``,
 ``packed (Kqp, Np)``, ``rowscale (Mp, 1)`` (2-D, so its block is legal on TPU at any ``bm``).
