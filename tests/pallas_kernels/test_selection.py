@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -75,8 +76,8 @@ def test_auto_fallback_on_an_accelerator_warns_once_and_is_recorded(monkeypatch)
     assert y.dtype == jnp.float16
     [choice] = implementation_record()
     assert choice["implementation"] == "xla" and choice["requested"] == "auto" and "float16" in choice["reason"]
-    with selection.warnings.catch_warnings():
-        selection.warnings.simplefilter("error", KernelFallbackWarning)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KernelFallbackWarning)
         sl_matmul(*ops, 0.5)  # the same signature again: no second message
     assert len(implementation_record()) == 1
 
