@@ -63,8 +63,9 @@ def test_layerwise_matches_the_ordinary_step(overrides, chunk_values, monkeypatc
         clipped += float(m_ref["grad_norm"]) > 0.5
     assert clipped >= 3 or "optim.grad_clip=0" in overrides  # clipping was active
     for a, b in zip(jax.tree.leaves(s_lw.params), jax.tree.leaves(s_ref.params), strict=True):
-        # 8-bit: a moment on a rounding tie may land one quantization level apart (≈ lr · 1e-2)
-        atol = 2e-4 if "optim.name=adamw8bit" in overrides else 1e-5
+        # 8-bit: a moment on a rounding tie may land one quantization level apart (≈ lr · 1e-2; up to
+        # 2.1e-4 after 5 steps since the blocks' linears run on 2-D tokens, which reorders float sums)
+        atol = 3e-4 if "optim.name=adamw8bit" in overrides else 1e-5
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=atol)
     moved = max(
         float(jnp.max(jnp.abs(a - b)))
