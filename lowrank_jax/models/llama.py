@@ -57,10 +57,6 @@ def apply_rope(x_BTHD: jax.Array, cos_TK: jax.Array, sin_TK: jax.Array) -> jax.A
 CPU_QUERY_BLOCK: int | None = 128  # query rows per block of causal_attention (None: the whole matrix)
 
 
-def _on_cpu() -> bool:
-    return jax.default_backend() == "cpu"
-
-
 def causal_attention(q_BTHD: jax.Array, k_BTHD: jax.Array, v_BTHD: jax.Array, *, block: int | None) -> jax.Array:
     """Causal softmax attention ``softmax(q kᵀ / √d + mask) v`` over ``(B, T, heads, head_dim)``.
 
@@ -101,7 +97,7 @@ class Attention(nnx.Module):
         q = apply_rope(self.q(x_ND).reshape(shape), cos, sin)
         k = apply_rope(self.k(x_ND).reshape(shape), cos, sin)
         v = self.v(x_ND).reshape(shape)
-        out = causal_attention(q, k, v, block=CPU_QUERY_BLOCK if _on_cpu() else None)
+        out = causal_attention(q, k, v, block=CPU_QUERY_BLOCK if jax.default_backend() == "cpu" else None)
         return self.o(out.reshape(batch * T, self.heads * self.head_dim))
 
 

@@ -176,3 +176,9 @@ def train_tiny(tmp_path: Any, overrides: list[str], state_type: type, steps: int
     assert int(state.skipped) == 0
     is_state = lambda x: isinstance(x, state_type)
     return next(x for x in jax.tree.leaves(state.opt_state, is_leaf=is_state) if is_state(x)), losses
+
+
+# Flax (in, out) leaves the method tests share: in < out, in > out, square, rank > in, a stacked leaf;
+# the bias stays plain Adam.
+SHAPES = {"a": (6, 10), "b": (10, 6), "bias": (10,), "c": (7, 7), "small": (3, 8), "stack": (2, 5, 8)}
+BF16_SHAPES = {"w": (6, 10), "stack": (3, 4, 7), "b": (10,)}  # bf16 state-stability runs

@@ -20,6 +20,8 @@ import numpy as np
 import optax
 import pytest
 from method_helpers import (
+    BF16_SHAPES,
+    SHAPES,
     Port,
     adam_moments,
     assert_state_stable,
@@ -34,8 +36,7 @@ from method_helpers import (
 from lowrank_jax.optim import ApolloState, apollo, apollo_mini
 from lowrank_jax.optim.adam_8bit import QuantizedArray
 
-# Flax (in, out): in < out, in > out, square, rank > in (not clamped), a stacked leaf; a bias stays plain Adam.
-SHAPES = {"a": (6, 10), "b": (10, 6), "bias": (10,), "c": (7, 7), "small": (3, 8), "stack": (2, 5, 8)}
+# SHAPES (method_helpers): APOLLO does not clamp the rank of "small" (rank > in).
 MATRIX = {"a": 0, "b": 1, "c": 2, "small": 3, "stack0": 4, "stack1": 5}  # flatten order, selected matrices only
 RANK, T, STEPS, LR, SEED = 4, 3, 10, 0.02, 7
 
@@ -218,9 +219,6 @@ def test_trains_through_the_trainer(tmp_path, name: str, moment: tuple) -> None:
     assert st.inner_state.mu["blocks"]["attn"]["q"]["kernel"].shape == moment  # (layers, r, out)
     assert st.inner_state.mu["embed"].shape == (512, 128)  # not a method leaf: full-size Adam
     assert st.update_norm["blocks"]["mlp"]["down"]["kernel"].shape == (1,)
-
-
-BF16_SHAPES = {"w": (6, 10), "stack": (3, 4, 7), "b": (10,)}
 
 
 def test_update_keeps_state_structure_shapes_and_dtypes_in_bf16() -> None:

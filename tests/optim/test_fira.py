@@ -19,6 +19,8 @@ import numpy as np
 import optax
 import pytest
 from method_helpers import (
+    BF16_SHAPES,
+    SHAPES,
     Port,
     adam_moments,
     align_signs,
@@ -34,8 +36,7 @@ from method_helpers import (
 
 from lowrank_jax.optim import FiraState, fira, galore
 
-# Flax (in, out): in < out, in > out, square, rank > in (clamped to 3), a stacked leaf; a bias stays plain Adam.
-SHAPES = {"a": (6, 10), "b": (10, 6), "bias": (10,), "c": (7, 7), "small": (3, 8), "stack": (2, 5, 8)}
+# SHAPES (method_helpers): Fira, like GaLore, clamps the rank of "small" to 3.
 RANK, T, STEPS, LR, ALPHA = 4, 3, 10, 0.02, 0.25
 
 
@@ -170,9 +171,6 @@ def test_fira_trains_through_the_trainer_and_the_per_layer_update(tmp_path) -> N
     assert st.galore.inner_state.mu["blocks"]["mlp"]["down"]["kernel"].shape == (1, 352, 8)  # in > out: output side
     assert st.residual_norm["blocks"]["mlp"]["up"]["kernel"].shape == (1,)
     assert float(st.residual_norm["blocks"]["mlp"]["up"]["kernel"][0]) > 0
-
-
-BF16_SHAPES = {"w": (6, 10), "stack": (3, 4, 7), "b": (10,)}
 
 
 def test_update_keeps_state_structure_shapes_and_dtypes_in_bf16() -> None:

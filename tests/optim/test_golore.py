@@ -19,6 +19,7 @@ import numpy as np
 import optax
 import pytest
 from method_helpers import (
+    BF16_SHAPES,
     Port,
     adam_moments,
     align_signs,
@@ -195,9 +196,6 @@ def test_golore_trains_through_the_trainer(tmp_path) -> None:
     q = np.asarray(gs.proj_in["blocks"]["attn"]["q"]["kernel"], np.float64)
     assert q.shape == (1, 128, 8) and int(gs.last_refresh["blocks"]["attn"]["q"]["kernel"][0]) == 6
     np.testing.assert_allclose(q[0].T @ q[0], np.eye(8), atol=1e-5)
-
-
-BF16_SHAPES = {"w": (6, 10), "stack": (3, 4, 7), "b": (10,)}
 
 
 def test_update_keeps_state_structure_shapes_and_dtypes_in_bf16() -> None:
