@@ -39,8 +39,8 @@ the matrix, "a lazy implementation" by its own comment), so the state is only th
 norm per matrix; the random numbers are JAX's, not torch's; the scaling factors, norms and limiter are
 float32 (the update itself is in the gradient dtype). With ``eight_bit=True`` the moments are 8-bit
 (:func:`~lowrank_jax.optim.scale_by_adam_8bit`, HF eps placement). Under the per-layer fused update
-(``layerwise_update``) each block's optimizer numbers its own matrices, so every layer draws the same
-projection at a refresh (each matrix's distribution is unchanged).
+(``layerwise_update``) each layer's state numbers its matrices as the stacked model does (``numbering``), so
+the random draws are the ordinary step's.
 
 State (:class:`ApolloState`): ``count``; ``inner_state``: the Adam state on the "proxy" tree (low-rank shapes
 for projected leaves, the params' shapes for the others); ``update_norm``: per selected leaf a float32
@@ -68,7 +68,13 @@ from lowrank_jax.optim._norm_scaling import (
     scaling_factor,
 )
 from lowrank_jax.optim.galore.plan import MaskOrFn, _make_plans, _Plan, _resolve_dims, _sides
-from lowrank_jax.optim.galore.projectors import matrix_keys, random_gaussian, side_key
+from lowrank_jax.optim.galore.projectors import (
+    default_numbering,
+    matrix_indices,
+    matrix_keys,
+    random_gaussian,
+    side_key,
+)
 from lowrank_jax.optim.galore.transform import _init_plans, _project, _proxy_tree
 
 APOLLO_PROJ_TYPES = ONE_SIDED_PROJ_TYPES
@@ -81,6 +87,7 @@ class ApolloState(NamedTuple):
     count: jax.Array  # int32 [], number of updates so far
     inner_state: optax.OptState  # HF-style Adam on the proxy (low-rank) tree
     update_norm: optax.Updates  # per leaf float32 (*batch,) or MaskedNode: ‖S_t‖ after the limiter
+    numbering: jax.Array  # int32 (2,): (offset, stride) of the matrix indices (galore.projectors.matrix_indices)
 
 
 def _read_plans(updates: optax.Updates, state: ApolloState, rank: int, proj_type: str, dimension_numbers: Any):
@@ -93,9 +100,11 @@ def _read_plans(updates: optax.Updates, state: ApolloState, rank: int, proj_type
     return leaves, treedef, plans, norms
 
 
-def _projections(p: _Plan, base_key: jax.Array, dtype: Any) -> tuple[jax.Array | None, jax.Array | None]:
+def _projections(
+    p: _Plan, base_key: jax.Array, numbering: jax.Array, dtype: Any
+) -> tuple[jax.Array | None, jax.Array | None]:
     """This period's Gaussian projectors of a leaf's matrices, ``(B, dim, r)`` in the gradient dtype."""
-    keys_b = matrix_keys(base_key, p)
+    keys_b = matrix_keys(base_key, matrix_indices(p, numbering))
     draw = lambda dim, out: jax.vmap(lambda k: random_gaussian(side_key(k, out), dim, p.rank))(keys_b).astype(dtype)
     return (draw(p.m, False) if p.use_in else None), (draw(p.n, True) if p.use_out else None)
 
@@ -157,6 +166,7 @@ def apollo(
             count=jnp.zeros([], jnp.int32),
             inner_state=inner.init(_proxy_tree(leaves, treedef, plans)),
             update_norm=treedef.unflatten(norms),
+            numbering=default_numbering(),
         )
 
     def update_fn(
@@ -169,7 +179,7 @@ def apollo(
         # random_projector.py: a new matrix when `iter % update_proj_gap == 0`, kept in between
         base_key = jax.random.fold_in(jax.random.key(seed), count - count % update_proj_gap)
         pairs = list(zip(leaves, plans, strict=True))
-        projs = [(None, None) if p is None else _projections(p, base_key, g.dtype) for g, p in pairs]
+        projs = [(None, None) if p is None else _projections(p, base_key, state.numbering, g.dtype) for g, p in pairs]
         mats = [None if p is None else p.to_mats(g) for g, p in pairs]
         pins, pouts = [pi for pi, _ in projs], [po for _, po in projs]
         low = _project(leaves, plans, mats, pins, pouts)
@@ -194,7 +204,9 @@ def apollo(
             coef = factor * (root_scale * c_t / limiter)[:, None, None]
             out.append(p.from_mats(g_b * coef.astype(g.dtype)))
             new_norms.append(norm_b.reshape(p.batch_shape))
-        new_state = ApolloState(optax.safe_int32_increment(count), inner_state, treedef.unflatten(new_norms))
+        new_state = ApolloState(
+            optax.safe_int32_increment(count), inner_state, treedef.unflatten(new_norms), state.numbering
+        )
         return treedef.unflatten(out), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -32,8 +32,8 @@ clipping, pass 1 repeats the backward once (≈ 1.75× a rematerialised step); w
 The optimizer is the run's optimizer (``optim.name``) built for one chunk of each non-block leaf
 and for one block's leaves; their states are ``vmap``-initialised with a leading chunks /
 ``layers`` axis (:class:`LayerwiseOptState`). Element-wise optimizers (AdamW, 8-bit Adam, GaLore with
-``refresh='all'``) give the same trajectory as the ordinary step; GaLore's ``refresh='staggered'``
-staggers over the 7 matrices of a block instead of over all matrices, and 8-bit moments are
+``refresh='all'`` or ``'staggered'``, APOLLO, GoLore: each layer's state numbers its matrices as the stacked
+model does, see :func:`_number_layers`) give the same trajectory as the ordinary step; 8-bit moments are
 quantized per layer and per chunk (the same blocks as the whole leaf when a layer's matrix is a
 multiple of the block size, and only matrices of at least ``min_size`` values per layer are
 quantized; chunks are whole rows and multiples of 256 values).
@@ -52,6 +52,7 @@ import optax
 from flax import nnx
 
 from lowrank_jax.config import Config, derive
+from lowrank_jax.optim._tree import map_namedtuples
 from lowrank_jax.train.optimizer import make_optimizer
 from lowrank_jax.train.state import cross_entropy, finish_step, float_grads, keep_int_params
 
@@ -149,8 +150,24 @@ class LayerwiseOptimizer:
             tx, ch = self.rest[name]
             return jax.vmap(lambda x: tx.init(_nest(name, x)))(ch.split(flat[name]))
 
-        block_state = jax.vmap(lambda b: self.block.init({BLOCKS: b}))(blocks)
+        block_state = _number_layers(jax.vmap(lambda b: self.block.init({BLOCKS: b}))(blocks))
         return LayerwiseOptState({name: init_rest(name) for name in self.rest}, block_state)
+
+
+def _number_layers(block_state: Any) -> Any:
+    """Layer ``l`` of ``L`` numbers its matrices ``(l, L)``: the indices they have in the stacked model.
+
+    Random projections (APOLLO, GoLore, randomized SVD) and staggered refresh offsets follow a state's
+    ``numbering = (offset, stride)`` field (:func:`lowrank_jax.optim.galore.projectors.matrix_indices`).
+    """
+
+    def visit(nt: Any) -> dict[str, Any]:
+        if "numbering" not in nt._fields:
+            return {}
+        layers = nt.numbering.shape[0]
+        return {"numbering": jnp.stack([jnp.arange(layers), jnp.full(layers, layers)], axis=-1).astype(jnp.int32)}
+
+    return map_namedtuples(block_state, visit)
 
 
 def layerwise_optimizer(cfg: Config, params: Any, labels: Any) -> tuple[LayerwiseOptimizer, optax.Schedule]:

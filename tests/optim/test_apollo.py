@@ -140,8 +140,9 @@ def test_apollo_mini_state_is_rank_one_and_sgd_like() -> None:
     assert isinstance(st, ApolloState) and st._fields[0] == "count"
     assert st.inner_state.mu["up"].shape == (1, 1376) and st.inner_state.nu["down"].shape == (1376, 1)
     assert st.update_norm["up"].shape == ()
-    # two rank-1 moments per matrix, one norm each, three int32 counts: no projection is stored
-    assert _nbytes(st) == 4 * (2 * 1376 * 2) + 4 * 2 + 4 * 2
+    # two rank-1 moments per matrix, one norm each, two int32 counts, the int32 (offset, stride) numbering:
+    # no projection is stored
+    assert _nbytes(st) == 4 * (2 * 1376 * 2) + 4 * 2 + 4 * 2 + 4 * 2
     assert _nbytes(st) < 0.002 * 2 * _nbytes(params)  # vs AdamW's two full moments
     st256 = jax.eval_shape(apollo(256).init, params)
     assert st256.inner_state.mu["up"].shape == (256, 1376) and st256.inner_state.mu["down"].shape == (1376, 256)

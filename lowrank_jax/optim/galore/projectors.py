@@ -8,6 +8,12 @@ leaf is refreshed under ``refresh='all'`` and ``'staggered'``).
 Random matrices are drawn from ``jax.random.fold_in(fold_in(fold_in(key(seed), t), j), side)``: ``t`` the step of
 the refresh, ``j`` the matrix index (leaves in flatten order, every matrix of a batched leaf counts), ``side`` 0
 for the input-side projector and 1 for the output side (:func:`matrix_keys`, :func:`side_key`).
+
+The matrix index is ``j = local · stride + offset`` with the state's ``numbering = (offset, stride)``
+(:func:`matrix_indices`): ``(0, 1)`` for a transform over the whole model; the per-layer fused update
+(:mod:`lowrank_jax.train.layerwise`), which runs one block's transform per layer, sets layer ``l`` of ``L`` to
+``(l, L)``, so every layer's matrix gets the index it has in the stacked model (the same random draws and
+staggered refresh offsets as the ordinary step).
 """
 
 from __future__ import annotations
@@ -51,9 +57,19 @@ class _SvdConfig:
     use_random: Any = False  # bool or traced: this step's refreshes draw random projectors (GoLore)
 
 
-def matrix_keys(base_key: jax.Array, plan: _Plan) -> jax.Array:
-    """One key per matrix of a leaf, ``(B,)``: ``base_key`` folded with the matrix's global index."""
-    idx = jnp.arange(plan.first, plan.first + plan.nmat, dtype=jnp.int32)
+def default_numbering() -> jax.Array:
+    """``(offset, stride) = (0, 1)``: a transform's matrices numbered as they come (see the module doc)."""
+    return jnp.array([0, 1], jnp.int32)
+
+
+def matrix_indices(plan: _Plan, numbering: jax.Array) -> jax.Array:
+    """The global indices of a leaf's matrices, ``(B,)`` int32: ``(first + b) · stride + offset``."""
+    local = jnp.arange(plan.first, plan.first + plan.nmat, dtype=jnp.int32)
+    return local * numbering[1] + numbering[0]
+
+
+def matrix_keys(base_key: jax.Array, idx: jax.Array) -> jax.Array:
+    """One key per matrix, ``(B,)``: ``base_key`` folded with the matrix's global index (:func:`matrix_indices`)."""
     return jax.vmap(lambda j: jax.random.fold_in(base_key, j))(idx)
 
 

@@ -42,6 +42,8 @@ from lowrank_jax.optim.galore.projectors import (
     _dense_svd,
     _refresh_leaf,
     _SvdConfig,
+    default_numbering,
+    matrix_indices,
     matrix_keys,
 )
 
@@ -55,6 +57,7 @@ class GaLoreState(NamedTuple):
     proj_out: optax.Updates  # per leaf (*batch, out, r) or MaskedNode
     last_refresh: optax.Updates  # per leaf int32 (*batch,) or MaskedNode; -1 = never
     svd_failures: jax.Array  # int32 [], refreshes that kept the previous projector
+    numbering: jax.Array  # int32 (2,): (offset, stride) of the matrix indices (projectors.matrix_indices)
 
 
 def _check_inner(inner: optax.GradientTransformation, proxy: Any) -> None:
@@ -134,10 +137,11 @@ def _refresh_projectors(
     update_proj_gap: Any,
     staggered: bool,
     base_key: jax.Array | None,
+    numbering: jax.Array,
     cfg: _SvdConfig,
 ) -> _Refreshed:
     """Refresh the due matrices' projectors: all at ``count % T == 0``, or matrix ``i`` of ``N`` at its offset."""
-    n_total = sum(p.nmat for p in plans if p is not None)
+    n_total = sum(p.nmat for p in plans if p is not None) * numbering[1]
     new_pins, new_pouts, new_lasts = list(pins), list(pouts), list(lasts)
     refreshed: list[jax.Array | None] = [None] * len(leaves)
     failures = jnp.zeros([], jnp.int32)
@@ -145,12 +149,12 @@ def _refresh_projectors(
     for i, (g, p) in enumerate(zip(leaves, plans, strict=True)):
         if p is None:
             continue
-        idx = jnp.arange(p.first, p.first + p.nmat, dtype=jnp.int32)
+        idx = matrix_indices(p, numbering)
         if staggered:
             do_b = ((count % update_proj_gap) == (idx * update_proj_gap) // n_total) | (count == 0)
         else:
             do_b = jnp.broadcast_to((count % update_proj_gap) == 0, (p.nmat,))
-        keys_b = None if base_key is None else matrix_keys(base_key, p)
+        keys_b = None if base_key is None else matrix_keys(base_key, idx)
         g_b = p.to_mats(g)
         mats[i] = g_b
         pin_b, pout_b, rf_b, fail_b = _refresh_leaf(
@@ -314,6 +318,7 @@ def _init_state(params: optax.Params, s: _Settings) -> GaLoreState:
         proj_out=treedef.unflatten(proj_out),
         last_refresh=treedef.unflatten(last),
         svd_failures=jnp.zeros([], jnp.int32),
+        numbering=default_numbering(),
     )
 
 
@@ -347,7 +352,9 @@ def _low_rank_step(updates: optax.Updates, state: GaLoreState, s: _Settings, ext
     )
     needs_key = s.svd == "randomized" or s.projector == "random"
     base_key = jax.random.fold_in(jax.random.key(s.seed), count) if needs_key else None
-    new = _refresh_projectors(leaves, plans, pins, pouts, lasts, count, s.update_proj_gap, s.staggered, base_key, cfg)
+    new = _refresh_projectors(
+        leaves, plans, pins, pouts, lasts, count, s.update_proj_gap, s.staggered, base_key, state.numbering, cfg
+    )
 
     inner_state = state.inner_state
     if s.moments != "keep":
@@ -365,6 +372,7 @@ def _low_rank_step(updates: optax.Updates, state: GaLoreState, s: _Settings, ext
         proj_out=mk(new.pouts),
         last_refresh=treedef.unflatten(new.lasts),
         svd_failures=state.svd_failures + new.failures,
+        numbering=state.numbering,
     )
     inner_list = treedef.flatten_up_to(inner_updates)
     return _Step(leaves, treedef, plans, new.mats, low, inner_list, new.pins, new.pouts, new_state)
