@@ -24,20 +24,41 @@ def _pair(*overrides, vocab=64):
     return make_trainer(cfg), make_trainer(replace(cfg, layerwise_update=True))
 
 
+SLOW = pytest.mark.slow  # covered in the default suite by a case of the same kind
+
+
 @pytest.mark.parametrize(
     "overrides,chunk_values",
     [
-        (["optim.name=adamw", "optim.weight_decay=0.1"], None),
-        (["optim.name=galore_adamw", "galore.rank=4", "galore.update_proj_gap=2"], None),
-        (["optim.name=adamw8bit", "model.hidden=64"], None),  # every matrix >= 4096 values per layer: quantized alike
-        (["optim.name=adamw", "optim.grad_clip=0"], None),
+        pytest.param(["optim.name=adamw", "optim.weight_decay=0.1"], None, id="adamw"),
+        pytest.param(["optim.name=galore_adamw", "galore.rank=4", "galore.update_proj_gap=2"], None, id="galore"),
+        # every matrix >= 4096 values per layer: quantized alike
+        pytest.param(["optim.name=adamw8bit", "model.hidden=64"], None, id="adamw8bit", marks=SLOW),
+        pytest.param(["optim.name=adamw", "optim.grad_clip=0"], None, id="no_clip"),
         # embed (64, 32) and lm_head (32, 64) updated in 4 row chunks each
-        (["optim.name=adamw", "optim.weight_decay=0.1"], 512),
-        (["optim.name=adamw", "optim.grad_clip=0"], 512),
+        pytest.param(["optim.name=adamw", "optim.weight_decay=0.1"], 512, id="adamw_chunked", marks=SLOW),
+        pytest.param(["optim.name=adamw", "optim.grad_clip=0"], 512, id="no_clip_chunked", marks=SLOW),
         # embed (128, 64) and lm_head (64, 128) in 2 chunks of 4096 values: the same 8-bit blocks
-        (["optim.name=adamw8bit", "model.hidden=64", "model.vocab_size=128"], 4096),
+        pytest.param(["optim.name=adamw8bit", "model.hidden=64", "model.vocab_size=128"], 4096, id="adamw8bit_chunked"),
+        # random projections and staggered offsets: each layer numbers its matrices as the stacked model does
+        pytest.param(["optim.name=apollo_adamw", "apollo.rank=4", "apollo.update_proj_gap=2"], None, id="apollo"),
+        pytest.param(
+            ["optim.name=galore_adamw", "galore.rank=4", "galore.update_proj_gap=4", "galore.refresh=staggered"],
+            None,
+            id="galore_staggered",
+        ),
+        pytest.param(
+            ["optim.name=galore_adamw", "galore.rank=4", "galore.update_proj_gap=2", "galore.projector=random"],
+            None,
+            id="golore",
+            marks=SLOW,
+        ),
+        pytest.param(
+            ["optim.name=adamw", "optim.lr_embed=3e-3", "optim.lr_norms=3e-4", "optim.lr_blocks=2e-3"],
+            512,
+            id="lr_groups_chunked",
+        ),
     ],
-    ids=["adamw", "galore", "adamw8bit", "no_clip", "adamw_chunked", "no_clip_chunked", "adamw8bit_chunked"],
 )
 def test_layerwise_matches_the_ordinary_step(overrides, chunk_values, monkeypatch):
     if chunk_values:
