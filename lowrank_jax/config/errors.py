@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import types
 import typing
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar
@@ -77,7 +78,7 @@ def _message(err: dict[str, Any], cls: type, section: str, name: str) -> str:
     if kind in _BOUND_ERRORS:
         info = cls.__pydantic_fields__[name]
         hint = f" ({info.description})" if info.description else ""
-        return f"must be {_bounds(info.metadata)}{hint}, got {value}"
+        return f"must be {_bounds(_constraints(info))}{hint}, got {value}"
     if kind == "literal_error":
         return f"must be one of {_choices(cls, name)}, got {value!r}"
     if kind == "string_too_short":
@@ -95,6 +96,13 @@ def _unknown_key(cls: type, section: str) -> str:
     plain = sorted(f.name for f in fields if not dataclasses.is_dataclass(hints[f.name]))
     sections = [f"{f.name}.*" for f in fields if dataclasses.is_dataclass(hints[f.name])]
     return f"unknown key (known: {', '.join(plain)}, {', '.join(sections)})"
+
+
+def _constraints(info: Any) -> list[Any]:
+    """A field's constraint metadata, also from inside an optional type (``Annotated[float, Field(ge=0)] | None``)."""
+    union = typing.get_origin(info.annotation) in (typing.Union, types.UnionType)
+    inner = [m for arm in typing.get_args(info.annotation) if union for m in getattr(arm, "__metadata__", ())]
+    return [*info.metadata, *(c for m in inner for c in getattr(m, "metadata", [m]))]  # a Field's own constraints
 
 
 def _bounds(metadata: list[Any]) -> str:

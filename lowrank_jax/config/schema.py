@@ -73,6 +73,7 @@ Float = Annotated[float, BeforeValidator(_float)]
 Positive = Field(gt=0)
 NonNegative = Field(ge=0)
 Fraction = Field(ge=0, lt=1)  # [0, 1)
+GroupLr = Annotated[Float, NonNegative] | None  # None: optim.lr; 0 freezes the group
 
 
 @one_line_errors("model")
@@ -128,6 +129,8 @@ class OptimConfig:
     """Optimizer and schedule: AdamW, linear warmup then cosine decay to ``min_lr_ratio``.
 
     ``name`` is one of :func:`~lowrank_jax.optim.registry.optimizer_names` (checked by :class:`Config`).
+    ``lr_embed`` / ``lr_blocks`` / ``lr_factors`` / ``lr_norms`` give a parameter group its own peak
+    learning rate (the same warmup and decay); a group left null trains at ``lr``, one at 0 is frozen.
     """
 
     name: str = "adamw"
@@ -139,6 +142,11 @@ class OptimConfig:
     eps: Annotated[Float, Positive] = 1e-8
     weight_decay: Annotated[Float, NonNegative] = 0.0
     grad_clip: Annotated[Float, Field(ge=0, description="0 disables")] = 1.0
+    # Peak learning rates of the parameter groups (lowrank_jax.train.optimizer.LR_GROUPS); null: ``lr``.
+    lr_embed: GroupLr = None  # token embedding and lm_head
+    lr_blocks: GroupLr = None  # the blocks' dense kernels (attention, MLP; BitLinear's latent weights)
+    lr_factors: GroupLr = None  # the method's trainable leaves: LoRA / low-rank factors and scale, SLTrain B, A, values
+    lr_norms: GroupLr = None  # RMSNorm scales and other vectors
 
 
 @one_line_errors("galore")

@@ -2,6 +2,7 @@
 
 from lowrank_jax.models.llama import Llama
 from lowrank_jax.models.params import (
+    FACTOR_LABELS,
     FROZEN_LABELS,
     abstract_params,
     build_model,
@@ -16,6 +17,7 @@ from lowrank_jax.models.params import (
 )
 
 __all__ = [
+    "FACTOR_LABELS",
     "FROZEN_LABELS",
     "count_trainable",
     "Llama",

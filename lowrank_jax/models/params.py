@@ -65,6 +65,9 @@ def param_labels(cfg_or_state: ModelConfig | nnx.State) -> dict[str, Any]:
 # Variable classes that are constants of the model: no gradient, no optimizer state (ReLoRA's frozen W,
 # SLTrain's int32 sparse support).
 FROZEN_LABELS = ("FrozenWeight", "SLSupport")
+# Variable classes of the methods' trainable leaves inside the blocks: LoRA / low-rank factors and ReLoRA's scale,
+# SLTrain's factors and sparse values (the ``factors`` learning-rate group of lowrank_jax.train.optimizer).
+FACTOR_LABELS = ("LoRAFactor", "LoRAScale", "SLFactor", "SparseValues")
 
 
 def count_trainable(params: Any, labels: Any) -> int:

@@ -22,6 +22,7 @@ from lowrank_jax.data import BatchIterator, eval_batches, prepare_data, unigram_
 from lowrank_jax.models import count_bytes, count_params, count_trainable, param_labels
 from lowrank_jax.train import metrics as metrics_lib
 from lowrank_jax.train.checkpoint import Checkpointer, checkpoint_steps
+from lowrank_jax.train.optimizer import lr_group_report
 from lowrank_jax.train.relora import switch_to_lora, warm_start_config
 from lowrank_jax.train.step import compile_train_step, compiled_memory, evaluate, health, make_trainer
 from pallas_kernels.selection import implementation_record
@@ -90,6 +91,7 @@ def train(cfg: Config, log=print) -> dict[str, Any]:
     memory = compiled_memory(step_fn)
     n_params = count_params(trainer.abstract_state.params)
     n_trainable = count_trainable(trainer.abstract_state.params, param_labels(cfg.model))
+    groups = lr_group_report(cfg, trainer.abstract_state.params, param_labels(cfg.model))
     opt_bytes = count_bytes(trainer.abstract_state.opt_state)
     fmt = metrics_lib.fmt_bytes
     param_bytes = count_bytes(trainer.abstract_state.params)
@@ -98,6 +100,8 @@ def train(cfg: Config, log=print) -> dict[str, Any]:
         f"{compile_s:.1f}s, XLA peak estimate {fmt(memory.get('peak_estimate_bytes', 0))}/device on "
         f"{trainer.mesh.devices.size} device(s)"
     )
+    if len({g["lr"] for g in groups.values()}) > 1:
+        log("learning rates: " + ", ".join(f"{g} {v['lr']:g} ({v['params']:,} params)" for g, v in groups.items()))
 
     checkpointer = None
     if cfg.resume:
@@ -197,6 +201,7 @@ def train(cfg: Config, log=print) -> dict[str, Any]:
         "trainable_params": n_trainable,
         "param_bytes": param_bytes,
         "optimizer_state_bytes": opt_bytes,
+        "lr_groups": groups,  # each parameter group's peak learning rate and size
         "skipped_steps": skipped,
         "wall_time_s": time.time() - t_start,
         "train_time_s": train_time,

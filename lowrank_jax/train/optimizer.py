@@ -3,18 +3,20 @@ and the frozen-leaf partition.
 
 Builders live in :mod:`lowrank_jax.optim.registry`; this module adds what every run needs around
 them: the learning-rate schedule (:func:`make_schedule`), no state for frozen leaves (LoRA's ``W``,
-SLTrain's int32 support) and global-norm clipping.
+SLTrain's int32 support), per-group learning rates (:func:`lr_groups`) and global-norm clipping.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import optax
 
 from lowrank_jax.config import Config
-from lowrank_jax.models import FROZEN_LABELS, param_labels
+from lowrank_jax.models import FACTOR_LABELS, FROZEN_LABELS, param_labels
 from lowrank_jax.optim.registry import build_optimizer
 from lowrank_jax.optim.relora import frozen_partition
 from lowrank_jax.train.relora import jagged_schedule
@@ -40,13 +42,72 @@ def make_schedule(cfg: Config) -> optax.Schedule:
     )
 
 
+# The learning-rate groups (``optim.lr_<group>``) and what each holds.
+LR_GROUPS = {
+    "embed": "token embedding and lm_head",
+    "blocks": "the blocks' dense kernels (attention, MLP)",
+    "factors": "the method's trainable block leaves (FACTOR_LABELS: LoRA / low-rank factors, SLTrain B, A, values)",
+    "norms": "RMSNorm scales and other vectors",
+}
+_NOT_SCALED = "frozen"  # FROZEN_LABELS leaves: a zero update (int32 for SLTrain's support), left as it is
+
+
+def lr_groups(cfg: Config) -> dict[str, float]:
+    """``{group: peak learning rate}``: ``optim.lr_<group>``, or ``optim.lr`` where that is null."""
+    o = cfg.optim
+    return {g: o.lr if getattr(o, f"lr_{g}") is None else getattr(o, f"lr_{g}") for g in LR_GROUPS}
+
+
+def lr_group_labels(labels: Any, *, stacked_blocks: bool) -> Callable[[Any], Any]:
+    """``tree -> `` the :data:`LR_GROUPS` name of each leaf of a params-shaped ``tree`` (``labels``: Variable names).
+
+    By the top-level key first (``embed``, ``lm_head``), then the Variable class (:data:`FACTOR_LABELS`), then
+    the shape: a matrix is a block kernel, anything smaller a norm (with ``stacked_blocks`` the leading
+    ``layers`` axis of ``blocks`` does not count). Frozen leaves are labelled ``"frozen"``.
+    """
+
+    def group(path: Any, label: str, x: Any) -> str:
+        top = getattr(path[0], "key", None)
+        if label in FROZEN_LABELS:
+            return _NOT_SCALED
+        if top in ("embed", "lm_head"):
+            return "embed"
+        if label in FACTOR_LABELS:
+            return "factors"
+        stacked = stacked_blocks and top == "blocks"
+        return "blocks" if x.ndim - int(stacked) >= 2 else "norms"
+
+    return lambda tree: jax.tree_util.tree_map_with_path(group, labels, tree)
+
+
+def lr_group_report(cfg: Config, params: Any, labels: Any) -> dict[str, dict[str, float]]:
+    """``{group: {"lr": peak lr, "params": count}}`` for the groups ``params`` has (for ``results.json``)."""
+    names = jax.tree.leaves(lr_group_labels(labels, stacked_blocks=cfg.model.scan_layers)(params))
+    counts: dict[str, int] = {}
+    for name, x in zip(names, jax.tree.leaves(params), strict=True):
+        counts[name] = counts.get(name, 0) + math.prod(x.shape)
+    return {g: {"lr": lr, "params": counts[g]} for g, lr in lr_groups(cfg).items() if g in counts}
+
+
+def scale_by_lr_group(cfg: Config, labels: Any) -> optax.GradientTransformation:
+    """Multiply each group's update by ``lr_<group> / lr`` (``optax.partition``; stateless).
+
+    Every optimizer here ends in ``-lr(t)·(direction + weight decay)`` with the same schedule shape, so this is
+    exactly a per-group peak learning rate (decoupled weight decay scales with it, as in PyTorch param groups).
+    """
+    ratios = {g: lr / cfg.optim.lr for g, lr in lr_groups(cfg).items()}
+    transforms = {g: optax.scale(r) for g, r in ratios.items()} | {_NOT_SCALED: optax.identity()}
+    return optax.partition(transforms, lr_group_labels(labels, stacked_blocks=cfg.model.scan_layers))
+
+
 def make_optimizer(
     cfg: Config, params: Any, *, labels: Any | None = None, clip: bool = True
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """``(tx, schedule)`` for ``cfg``; ``params`` may be abstract (ShapeDtypeStruct leaves).
 
     ``labels`` (Variable class names, default the whole model's) lets the per-layer update build the
-    optimizer of a sub-tree; ``clip=False`` leaves global-norm clipping to the caller.
+    optimizer of a sub-tree; ``clip=False`` leaves global-norm clipping to the caller. With any
+    ``optim.lr_<group>`` set, the update is scaled per group (:func:`scale_by_lr_group`).
     """
     schedule = make_schedule(cfg)
     tx = build_optimizer(cfg, schedule, params)
@@ -54,6 +115,8 @@ def make_optimizer(
     frozen = tuple(lab for lab in FROZEN_LABELS if lab in jax.tree.leaves(labels))
     if frozen:  # LoRA's frozen weights and SLTrain's int32 support get no optimizer state
         tx = frozen_partition(tx, labels, frozen_labels=frozen)
+    if any(getattr(cfg.optim, f"lr_{g}") is not None for g in LR_GROUPS):
+        tx = optax.chain(tx, scale_by_lr_group(cfg, labels))
     if clip and cfg.optim.grad_clip > 0:
         tx = optax.chain(optax.clip_by_global_norm(cfg.optim.grad_clip), tx)
     return tx, schedule
