@@ -142,12 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scale", type=int, default=1, help="divide every dimension (and the 2048 tokens) by this")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--out", default=str(HERE / "results" / "bench_ternary"))
-    p.add_argument("--no-tune", action="store_true", help="GPU: use the default tiles only (no tile sweep)")
+    p.add_argument("--no-tune", action="store_true", help="GPU/TPU: use the default tiles only (no tile sweep)")
     a = p.parse_args(argv)
     if a.scale < 1 or a.reps < 1:
         print("error: --scale and --reps must be >= 1", file=sys.stderr)
         return 2
-    interpret = jax.default_backend() != "gpu"
+    # compiled on an accelerator (Triton on GPU, Mosaic on TPU); interpreted only where Pallas cannot compile
+    interpret = jax.default_backend() not in ("gpu", "tpu")
     prov = provenance()
     device = f"{prov['device_kind']} ({prov['backend']}{', Pallas interpreted' if interpret else ''})"
     rows = []
