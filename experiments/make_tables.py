@@ -140,6 +140,7 @@ TABLES = {
     "memory_7b": _copied("memory_7b"),
     "bench_frameworks": _copied("bench_frameworks"),
     "cpu_ablation": _copied("cpu_ablation"),
+    "sweep": _copied("sweep"),
 }
 
 

@@ -1,0 +1,431 @@
+"""The comparison harness: every method's learning-rate grid, best of grid, the winner at 4x tokens with 3 seeds.
+
+    python experiments/sweep.py all                 # every recipe: run what is missing or stale, write the table
+    python experiments/sweep.py adamw galore        # some recipes
+    python experiments/sweep.py all --stage short   # only the grids
+    python experiments/sweep.py all --table-only    # the table from the runs on record, nothing trained
+
+The protocol (``experiments/recipes/protocol.yaml``) is the same for every method: the preset, data, tokens
+per step, schedule shape, eps, clipping, weight decay, the evaluation, the grid seed and the long-budget seeds,
+and the learning rate of the groups every method trains with plain Adam (embeddings, lm_head, norms). A recipe
+(``experiments/recipes/NAME.yaml``) adds only the method's own settings and its grid of exactly
+``grid_size`` log-spaced learning rates for the method's parameters (``optim.lr``: the block kernels or the
+method's factors), or ``lr_from: OTHER`` (run at OTHER's chosen lr, e.g. 8-bit GaLore at GaLore's) or
+``lrs: []`` (a control without a learning rate to tune). The short stage runs the grid at ``short_steps``;
+the grid point with the lowest final validation loss is re-run at ``long_steps`` (>= 4x the tokens) with each
+of ``seeds``; step-valued settings listed in a recipe's ``scale_with_steps`` scale with the budget.
+
+Every run is one in-process ``lowrank_jax.train.loop.train`` (one at a time: two CPU cores) whose
+``results.json`` and ``metrics.jsonl`` are kept under ``experiments/results/sweep/NAME/STAGE/RUN/`` with the
+commit they ran at and the equivalent ``lowrank-jax train`` command. A run is valid while nothing it executed
+changed: ``git diff --quiet COMMIT HEAD -- lowrank_jax pallas_kernels experiments/sweep.py`` plus its recipe
+and the protocol, and its recorded config equals the one the harness builds now. A stale or missing run is
+(re-)run; one killed before it finished has no ``results.json`` and is redone. Runs start only from a clean
+checkout of those paths (``--allow-dirty`` records them as dirty, hence stale, for testing the harness).
+
+The table (``experiments/results/sweep/table.md``, README ``<!-- table:sweep -->``) has one row per recipe:
+grid, chosen lr, short-budget ppl, long-budget ppl mean ± std over the seeds, trainable parameters,
+optimizer-state bytes, the ratio to the baseline recipe's long-budget ppl, and the largest block-output RMS
+over the embedding RMS seen at any evaluation (a blow-up shows here). A stale row says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from _report import markdown_table, write_record, write_table
+from make_tables import main as make_tables
+
+from lowrank_jax.config import ConfigError, load_config, to_dict
+from lowrank_jax.train.loop import train
+from lowrank_jax.train.metrics import git_commit, read_metrics
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RECIPES = HERE / "recipes"
+RESULTS = HERE / "results" / "sweep"
+CODE_PATHS = ("lowrank_jax", "pallas_kernels", "experiments/sweep.py")
+STAGES = ("short", "long")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    preset: str
+    grid_size: int
+    short_steps: int
+    long_steps: int
+    grid_seed: int
+    seeds: tuple[int, ...]
+    baseline: str
+    overrides: dict[str, Any]
+    path: Path
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    overrides: tuple[tuple[str, Any], ...]  # (key, value) pairs, in order
+    lrs: tuple[float, ...]
+    lr_from: str | None
+    scale_with_steps: tuple[str, ...]
+    path: Path
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run of the sweep: a recipe at one stage, learning rate and seed."""
+
+    recipe: Recipe
+    stage: str
+    lr: float | None
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{'lr' + format(self.lr, 'g') if self.lr is not None else 'fixed'}_seed{self.seed}"
+
+    def record_dir(self, results: Path) -> Path:
+        return results / self.recipe.name / self.stage / self.name
+
+    def out_dir(self, runs: Path) -> Path:
+        """Where the training run itself writes (checkpoints included; not kept in git)."""
+        return runs / self.recipe.name / self.stage / self.name
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping")
+    return data
+
+
+def _expect(data: dict[str, Any], path: Path, keys: set[str], required: set[str]) -> None:
+    unknown, missing = set(data) - keys, required - set(data)
+    if unknown or missing:
+        raise ConfigError(f"{path}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
+
+
+def load_protocol(path: Path) -> Protocol:
+    d = _read_yaml(path)
+    keys = {"preset", "grid_size", "short_steps", "long_steps", "grid_seed", "seeds", "baseline", "overrides"}
+    _expect(d, path, keys, keys)
+    p = Protocol(**{**d, "seeds": tuple(d["seeds"]), "overrides": dict(d["overrides"] or {}), "path": path})
+    if p.grid_size < 1 or p.short_steps < 1 or p.long_steps < p.short_steps or not p.seeds:
+        raise ConfigError(f"{path}: needs grid_size >= 1, long_steps >= short_steps >= 1 and at least one seed")
+    return p
+
+
+def load_recipe(path: Path, protocol: Protocol) -> Recipe:
+    d = _read_yaml(path)
+    keys = {"description", "overrides", "lrs", "lr_from", "scale_with_steps"}
+    _expect(d, path, keys, {"description", "overrides"})
+    lrs = tuple(float(x) for x in d.get("lrs") or ())
+    r = Recipe(
+        name=path.stem,
+        description=d["description"],
+        overrides=tuple((d["overrides"] or {}).items()),
+        lrs=lrs,
+        lr_from=d.get("lr_from"),
+        scale_with_steps=tuple(d.get("scale_with_steps") or ()),
+        path=path,
+    )
+    if r.lrs and r.lr_from:
+        raise ConfigError(f"{path}: lrs and lr_from exclude each other")
+    if "optim.lr" in dict(r.overrides) and (r.lrs or r.lr_from):
+        raise ConfigError(f"{path}: optim.lr comes from the grid (lrs / lr_from), not from overrides")
+    if r.lrs:
+        if len(r.lrs) != protocol.grid_size:
+            raise ConfigError(f"{path}: lrs has {len(r.lrs)} values, the protocol's grid_size is {protocol.grid_size}")
+        steps = [math.log(b / a) for a, b in zip(r.lrs, r.lrs[1:], strict=False)]
+        if any(s <= 0 for s in steps) or (steps and max(steps) - min(steps) > 1e-6 * max(steps)):
+            raise ConfigError(f"{path}: lrs must be increasing and log-spaced, got {list(r.lrs)}")
+    for key in r.scale_with_steps:
+        if not isinstance(dict(r.overrides).get(key), int):
+            raise ConfigError(f"{path}: scale_with_steps names {key!r}, which is not an integer override")
+    return r
+
+
+def recipe_names(recipes: Path = RECIPES) -> list[str]:
+    return sorted(p.stem for p in recipes.glob("*.yaml") if p.stem != "protocol")
+
+
+def run_overrides(run: Run, protocol: Protocol, extra: list[str]) -> list[str]:
+    """The ``key=value`` overrides of ``run`` on top of the protocol's preset (the protocol's, the recipe's,
+    the stage's steps and seed, the learning rate, then ``extra``)."""
+    steps = protocol.short_steps if run.stage == "short" else protocol.long_steps
+    factor = steps // protocol.short_steps
+    recipe = {k: v * factor if k in run.recipe.scale_with_steps else v for k, v in run.recipe.overrides}
+    items = {**protocol.overrides, **recipe, "steps": steps, "seed": run.seed}
+    if run.lr is not None:
+        items["optim.lr"] = run.lr
+    fmt = lambda v: "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+    return [f"{k}={fmt(v)}" for k, v in items.items()] + list(extra)
+
+
+def _changed_since(commit: str, paths: list[str]) -> bool:
+    """Whether ``paths`` differ between ``commit`` and HEAD (an unknown commit counts as changed)."""
+    out = subprocess.run(["git", "diff", "--quiet", commit, "HEAD", "--", *paths], cwd=ROOT, capture_output=True)
+    return out.returncode != 0
+
+
+def _dirty(paths: list[str]) -> bool:
+    out = subprocess.run(["git", "status", "--porcelain", "--", *paths], cwd=ROOT, capture_output=True, text=True)
+    return bool(out.stdout.strip())
+
+
+def watched_paths(recipe: Recipe, protocol: Protocol) -> list[str]:
+    return [*CODE_PATHS, str(recipe.path), str(protocol.path)]
+
+
+# config fields that say where and how a run reports, not what it computes
+_NOT_COMPARED = ("out_dir", "progress")
+
+
+def run_status(run: Run, protocol: Protocol, extra: list[str], results: Path) -> tuple[str, dict | None]:
+    """``('done' | 'missing' | 'stale: why', results)`` of a run on record."""
+    d = run.record_dir(results)
+    if not (d / "results.json").is_file():
+        return "missing", None
+    res = json.loads((d / "results.json").read_text())
+    meta = json.loads((d / "sweep.json").read_text()) if (d / "sweep.json").is_file() else {}
+    if meta.get("dirty", True):
+        return "stale: ran from uncommitted code", res
+    if _changed_since(res["git_commit"], watched_paths(run.recipe, protocol)):
+        return f"stale: code or recipe changed since {res['git_commit'][:8]}", res
+    if meta.get("config") != _requested(run, protocol, extra):
+        return "stale: its config differs from the recipe's", res
+    return "done", res
+
+
+def _requested(run: Run, protocol: Protocol, extra: list[str]) -> dict[str, Any]:
+    """The config the harness asks for (as JSON reads it back), before training fills in e.g. the vocab size."""
+    config = to_dict(load_config(protocol.preset, run_overrides(run, protocol, extra)))
+    return json.loads(json.dumps({k: v for k, v in config.items() if k not in _NOT_COMPARED}))
+
+
+def execute(run: Run, protocol: Protocol, extra: list[str], results: Path, runs: Path, allow_dirty: bool) -> dict:
+    """Train ``run`` and file its records; returns its ``results.json``."""
+    watched = watched_paths(run.recipe, protocol)
+    dirty = _dirty(watched)
+    if dirty and not allow_dirty:
+        raise ConfigError(f"uncommitted changes in {' '.join(watched)}: commit them first (or --allow-dirty)")
+    out = run.out_dir(runs)
+    overrides = [*run_overrides(run, protocol, extra), f"out_dir={out}", "progress=false"]
+    res = train(load_config(protocol.preset, overrides))
+    dest = run.record_dir(results)
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "metrics.jsonl").write_text((out / "metrics.jsonl").read_text())
+    command = "lowrank-jax train " + " ".join([protocol.preset, *overrides])
+    meta = {"command": command, "dirty": dirty, "commit": git_commit(), "config": _requested(run, protocol, extra)}
+    write_record(dest / "sweep.json", meta)
+    write_record(dest / "results.json", res)  # last: its presence marks the run finished
+    return res
+
+
+def _loss(res: dict | None) -> float:
+    v = (res or {}).get("final_val_loss", float("nan"))
+    return v if math.isfinite(v) else math.inf
+
+
+class Sweep:
+    """The runs of some recipes, executed in order (grid, then winners), skipping what is valid on record."""
+
+    def __init__(
+        self, protocol: Protocol, recipes: dict[str, Recipe], extra: list[str], results: Path, runs: Path
+    ) -> None:
+        self.protocol, self.recipes, self.extra, self.results, self.runs = protocol, recipes, extra, results, runs
+        self.done: dict[Run, dict] = {}
+        self.stale: dict[Run, str] = {}
+
+    def grid(self, r: Recipe) -> list[Run]:
+        lrs = r.lrs if r.lrs else (None,) if not r.lr_from else ()
+        return [Run(r, "short", lr, self.protocol.grid_seed) for lr in lrs]
+
+    def chosen_lr(self, r: Recipe) -> float | None:
+        """The grid point with the lowest short-budget validation loss (``lr_from``: the other recipe's)."""
+        if r.lr_from:
+            return self.chosen_lr(self.recipes[r.lr_from])
+        runs = self.grid(r)
+        if not all(run in self.done for run in runs):
+            raise LookupError(f"{r.name}: grid incomplete")
+        return min(runs, key=lambda run: _loss(self.done[run])).lr
+
+    def long(self, r: Recipe) -> list[Run]:
+        lr = self.chosen_lr(r)
+        return [Run(r, "long", lr, s) for s in self.protocol.seeds]
+
+    def visit(self, run: Run, *, train_it: bool, allow_dirty: bool, counter: list[int]) -> None:
+        if run in self.done:
+            return
+        status, res = run_status(run, self.protocol, self.extra, self.results)
+        counter[0] += 1
+        head = f"[{counter[0]}] {run.recipe.name} {run.stage} {run.name}"
+        if status == "done":
+            self.done[run] = res
+            print(f"{head}: on record ({res['git_commit'][:8]}), val_loss {res['final_val_loss']:.4f}", flush=True)
+            return
+        if not train_it:
+            self.stale[run] = status
+            print(f"{head}: {status}", flush=True)
+            return
+        t0 = time.time()
+        print(f"{head}: {status}, training ...", flush=True)
+        res = execute(run, self.protocol, self.extra, self.results, self.runs, allow_dirty)
+        self.done[run] = res
+        print(f"{head}: val_loss {res['final_val_loss']:.4f} in {time.time() - t0:.0f}s", flush=True)
+
+    def run(self, names: list[str], stages: tuple[str, ...], *, train_it: bool, allow_dirty: bool) -> None:
+        counter = [0]
+        order = sorted(names, key=lambda n: self.recipes[n].lr_from is not None)  # lr_from after its source
+        for stage in STAGES:
+            for name in order:
+                r = self.recipes[name]
+                source = self.recipes[r.lr_from] if r.lr_from else r
+                grid = self.grid(source)
+                for run in grid:  # a lr_from recipe needs its source's grid
+                    self.visit(run, train_it=train_it and "short" in stages, allow_dirty=allow_dirty, counter=counter)
+                if stage == "long" and "long" in stages:
+                    if not all(run in self.done for run in grid):
+                        print(f"{name}: grid incomplete, no long-budget runs", flush=True)
+                        continue
+                    for run in self.long(r):
+                        self.visit(run, train_it=train_it, allow_dirty=allow_dirty, counter=counter)
+
+
+def _max_rms_ratio(run: Run, results: Path) -> float:
+    records = read_metrics(run.record_dir(results) / "metrics.jsonl")  # [] when there is none
+    vals = [m["max_block_rms_ratio"] for m in records if "max_block_rms_ratio" in m]
+    return max(vals) if vals else math.nan
+
+
+def _ppl(loss: float) -> float:
+    return math.exp(min(loss, 50.0))
+
+
+def table(sweep: Sweep, names: list[str]) -> tuple[str, dict[str, Any]]:
+    """The markdown table and its records (one per recipe)."""
+    rows, records = [], {}
+    base_long: list[float] = []
+    baseline = sweep.recipes.get(sweep.protocol.baseline)
+    if baseline is not None:
+        try:
+            base_long = [_ppl(_loss(sweep.done[run])) for run in sweep.long(baseline) if run in sweep.done]
+        except LookupError:
+            base_long = []
+    base = statistics.mean(base_long) if len(base_long) == len(sweep.protocol.seeds) else None
+    for name in names:
+        r = sweep.recipes[name]
+        grid = sweep.grid(r)  # empty for lr_from: its chosen lr is the source's
+        rec: dict[str, Any] = {"description": r.description, "grid": [run.lr for run in grid if run.lr]}
+        try:
+            lr = sweep.chosen_lr(r)
+            longs = sweep.long(r)
+        except LookupError:
+            lr, longs = None, []
+        chosen = next((run for run in grid if run.lr == lr), None)
+        short = sweep.done.get(chosen) if chosen else None
+        long_ppl = [_ppl(_loss(sweep.done[run])) for run in longs if run in sweep.done]
+        complete = bool(longs) and len(long_ppl) == len(longs)
+        stale = sorted({why for run, why in sweep.stale.items() if run.recipe.name in (name, r.lr_from)})
+        ref = sweep.done.get(longs[0]) if complete else short
+        rms = max((_max_rms_ratio(run, sweep.results) for run in longs if run in sweep.done), default=math.nan)
+        commits = sorted({sweep.done[run]["git_commit"][:8] for run in [*grid, *longs] if run in sweep.done})
+        rec.update(
+            chosen_lr=lr,
+            short_ppl=_ppl(_loss(short)) if short else None,
+            long_ppl=long_ppl,
+            trainable_params=ref["trainable_params"] if ref else None,
+            optimizer_state_bytes=ref["optimizer_state_bytes"] if ref else None,
+            max_block_rms_ratio=rms,
+            commits=commits,
+            stale=stale,
+        )
+        records[name] = rec
+        mean = statistics.mean(long_ppl) if complete else None
+        std = statistics.stdev(long_ppl) if complete and len(long_ppl) > 1 else 0.0
+        grid_txt = f"from {r.lr_from}" if r.lr_from else ", ".join(f"{x:g}" for x in rec["grid"]) or "-"
+        rows.append(
+            [
+                name,
+                grid_txt,
+                f"{lr:g}" if lr else "-",
+                f"{rec['short_ppl']:.2f}" if short else "-",
+                f"{mean:.2f} ± {std:.2f}" if mean else "-",
+                f"{rec['trainable_params'] / 1e6:.2f}M" if ref else "-",
+                f"{rec['optimizer_state_bytes'] / 2**20:.2f} MiB" if ref else "-",
+                f"{mean / base:.3f}" if mean and base else "-",
+                f"{rms:.1f}" if math.isfinite(rms) else "-",
+                ("STALE: " + "; ".join(stale)) if stale else ", ".join(commits),
+            ]
+        )
+    header = "recipe | lr grid | chosen lr | short ppl | long ppl (mean ± std) | trainable | opt state"
+    header += f" | ÷ {sweep.protocol.baseline} | max block RMS ÷ embed RMS | commit"
+    return markdown_table(header, rows), records
+
+
+def protocol_text(p: Protocol) -> str:
+    shared = ", ".join(f"`{k}={v}`" for k, v in p.overrides.items())
+    where = p.path.relative_to(ROOT) if p.path.is_relative_to(ROOT) else p.path
+    return (
+        f"Protocol ({where}): preset `{p.preset}`, {shared}. Each method: a grid of "
+        f"{p.grid_size} log-spaced learning rates at {p.short_steps} steps (seed {p.grid_seed}); the best on "
+        f"validation loss re-run at {p.long_steps} steps with seeds {', '.join(map(str, p.seeds))}. "
+        f"Ratios divide by `{p.baseline}`'s long-budget mean ppl."
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("recipes", nargs="+", help="recipe names (experiments/recipes/*.yaml) or 'all'")
+    ap.add_argument("--stage", choices=(*STAGES, "all"), default="all")
+    ap.add_argument("--table-only", action="store_true", help="train nothing: the table from the runs on record")
+    ap.add_argument("--recipes-dir", type=Path, default=RECIPES, help="the recipes and their protocol.yaml")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="where run records and the table go")
+    ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "sweep", help="the runs' own out dirs (checkpoints)")
+    ap.add_argument("--set", dest="extra", action="append", default=[], metavar="K=V", help="override for every run")
+    ap.add_argument("--allow-dirty", action="store_true", help="run from uncommitted code (recorded as stale)")
+    a = ap.parse_args(argv)
+    try:
+        folder = a.recipes_dir.resolve()
+        protocol = load_protocol(folder / "protocol.yaml")
+        known = recipe_names(folder)
+        names = known if a.recipes == ["all"] else a.recipes
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ConfigError(f"unknown recipes {unknown} (known: {', '.join(known)})")
+        recipes = {n: load_recipe(folder / f"{n}.yaml", protocol) for n in known}
+        for n in names:
+            if recipes[n].lr_from and recipes[n].lr_from not in recipes:
+                raise ConfigError(f"{n}: lr_from names unknown recipe {recipes[n].lr_from!r}")
+        sweep = Sweep(protocol, recipes, a.extra, a.results.resolve(), a.runs.resolve())
+        stages = STAGES if a.stage == "all" else (a.stage,)
+        sweep.run(names, stages, train_it=not a.table_only, allow_dirty=a.allow_dirty)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    md, records = table(sweep, names)
+    text = protocol_text(protocol) + "\n\n" + md
+    write_table(sweep.results, text)
+    write_record(sweep.results / "results.json", {"protocol": str(protocol.path), "recipes": records, "extra": a.extra})
+    print(text)
+    if sweep.results == RESULTS:  # the README's copy (not for a harness test's own results folder)
+        make_tables()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
