@@ -30,6 +30,7 @@ def test_bench_frameworks_jax_side(tmp_path):
     assert "| tiny | galore | lowrank-jax |" in (tmp_path / "table.md").read_text()
 
 
+@pytest.mark.slow  # 13 s: four compiled variants
 def test_cpu_ablation_restores_the_library(tmp_path):
     import cpu_ablation
 

@@ -167,7 +167,7 @@ def _attention_f64(q, k, v):
     return np.einsum("bhqk,bkhd->bqhd", p, v)
 
 
-@pytest.mark.parametrize("block", [None, 4, 7, 21, 64])
+@pytest.mark.parametrize("block", [None, pytest.param(4, marks=pytest.mark.slow), 7, 21, 64])  # 4: 10 s compile
 def test_causal_attention_blocks_equal_the_float64_reference(block):
     """Query blocks (the CPU path) see exactly the keys up to their rows: same values and gradients as
     the whole-matrix path, T = 21 not a multiple of any block."""

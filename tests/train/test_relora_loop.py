@@ -131,6 +131,7 @@ def test_warm_start_switch_preserves_function_and_carries_state(lora_cfg):
     assert float(m["lr"]) > 0
 
 
+@pytest.mark.slow  # 43 s; exact resume is in the default suite (test_train, and across a restart here)
 def test_warm_start_run_resumes_exactly_across_the_switch(lora_cfg, tmp_path):
     args = dict(steps=10, checkpoint_every=2, keep_checkpoints=6, relora__warm_start=4, relora__every=3)
     args.update(relora__restart_warmup=1)

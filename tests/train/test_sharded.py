@@ -26,7 +26,7 @@ def _run(*args: str) -> dict:
 @pytest.mark.parametrize(
     "method",
     [
-        "full",
+        pytest.param("full", marks=pytest.mark.slow),  # 16 s; galore's run trains its dense leaves with AdamW too
         "galore",  # the stacked refresh on 8 CPU devices deadlocked before galore._refresh_leaf mapped on CPU
         pytest.param("sl", marks=pytest.mark.slow),
         pytest.param("relora", marks=pytest.mark.slow),
