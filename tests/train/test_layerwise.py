@@ -31,7 +31,9 @@ SLOW = pytest.mark.slow  # covered in the default suite by a case of the same ki
     "overrides,chunk_values",
     [
         pytest.param(["optim.name=adamw", "optim.weight_decay=0.1"], None, id="adamw"),
-        pytest.param(["optim.name=galore_adamw", "galore.rank=4", "galore.update_proj_gap=2"], None, id="galore"),
+        pytest.param(
+            ["optim.name=galore_adamw", "galore.rank=4", "galore.update_proj_gap=2"], None, id="galore", marks=SLOW
+        ),
         # every matrix >= 4096 values per layer: quantized alike
         pytest.param(["optim.name=adamw8bit", "model.hidden=64"], None, id="adamw8bit", marks=SLOW),
         pytest.param(["optim.name=adamw", "optim.grad_clip=0"], None, id="no_clip"),

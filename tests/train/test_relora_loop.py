@@ -68,6 +68,7 @@ def test_restarts_merge_at_the_jagged_schedule_zeros(lora_cfg):
     assert lrs[4] == 0.0 and lrs[8] == 0.0 and lrs[5] > 0
 
 
+@pytest.mark.slow  # 26 s; exact resume after SIGKILL is in the default suite (test_train)
 def test_resume_is_exact_across_a_restart(lora_cfg, tmp_path):
     args = dict(steps=12, checkpoint_every=4, keep_checkpoints=5, relora__every=4, relora__restart_warmup=2)
     ref = replace(lora_cfg, out_dir=str(tmp_path / "ref"), **args)
@@ -131,7 +132,7 @@ def test_warm_start_switch_preserves_function_and_carries_state(lora_cfg):
     assert float(m["lr"]) > 0
 
 
-@pytest.mark.slow  # 43 s; exact resume is in the default suite (test_train, and across a restart here)
+@pytest.mark.slow  # 43 s; exact resume after SIGKILL is in the default suite (test_train)
 def test_warm_start_run_resumes_exactly_across_the_switch(lora_cfg, tmp_path):
     args = dict(steps=10, checkpoint_every=2, keep_checkpoints=6, relora__warm_start=4, relora__every=3)
     args.update(relora__restart_warmup=1)
