@@ -38,6 +38,9 @@ METHODS = {
     "relora": ["model.dense=lora", "model.lora_rank=8", "relora.every=5", "relora.restart_warmup=2"],
     "sl_pallas": ["model.dense=sl", "model.sl_rank=8", "model.sl_implementation=pallas"],
     "bitlinear": ["model.dense=bitlinear"],
+    "apollo": ["optim.name=apollo_adamw", "apollo.rank=8"],
+    "fira_layerwise": ["optim.name=fira_adamw", "galore.rank=8", "layerwise_update=true"],
+    "golore": ["optim.name=galore_adamw", "galore.rank=8", "galore.projector=random", "galore.random_from=10"],
 }
 SL_KERNELS = {"sl_matmul_fwd", "sl_matmul_dx", "sl_matmul_dvalues"}
 
