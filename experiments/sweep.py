@@ -26,7 +26,8 @@ checkout of those paths (``--allow-dirty`` records them as dirty, hence stale, f
 The table (``experiments/results/sweep/table.md``, README ``<!-- table:sweep -->``) has one row per recipe:
 grid, chosen lr, short-budget ppl, long-budget ppl mean ± std over the seeds, trainable parameters,
 optimizer-state bytes, the ratio to the baseline recipe's long-budget ppl, and the largest block-output RMS
-over the embedding RMS seen at any evaluation (a blow-up shows here). A stale row says so.
+over the embedding RMS seen at any evaluation (of the long runs; of the chosen grid point until they exist:
+a blow-up shows here). A stale row says so; a row still waiting for runs counts them.
 """
 
 from __future__ import annotations
@@ -340,9 +341,14 @@ def table(sweep: Sweep, names: list[str]) -> tuple[str, dict[str, Any]]:
         short = sweep.done.get(chosen) if chosen else None
         long_ppl = [_ppl(_loss(sweep.done[run])) for run in longs if run in sweep.done]
         complete = bool(longs) and len(long_ppl) == len(longs)
-        stale = sorted({why for run, why in sweep.stale.items() if run.recipe.name in (name, r.lr_from)})
+        mine = {run: why for run, why in sweep.stale.items() if run.recipe.name in (name, r.lr_from)}
+        stale = sorted({why for why in mine.values() if why != "missing"})
+        pending = sum(why == "missing" for why in mine.values())
+        waiting = [f"{pending} runs pending"] if pending else []
         ref = sweep.done.get(longs[0]) if complete else short
-        rms = max((_max_rms_ratio(run, sweep.results) for run in longs if run in sweep.done), default=math.nan)
+        # the long runs' health once they exist, else the chosen grid point's
+        rms_runs = [run for run in longs if run in sweep.done] or ([chosen] if short else [])
+        rms = max((_max_rms_ratio(run, sweep.results) for run in rms_runs), default=math.nan)
         commits = sorted({sweep.done[run]["git_commit"][:8] for run in [*grid, *longs] if run in sweep.done})
         rec.update(
             chosen_lr=lr,
@@ -353,6 +359,7 @@ def table(sweep: Sweep, names: list[str]) -> tuple[str, dict[str, Any]]:
             max_block_rms_ratio=rms,
             commits=commits,
             stale=stale,
+            pending_runs=pending,
         )
         records[name] = rec
         mean = statistics.mean(long_ppl) if complete else None
@@ -369,7 +376,7 @@ def table(sweep: Sweep, names: list[str]) -> tuple[str, dict[str, Any]]:
                 f"{rec['optimizer_state_bytes'] / 2**20:.2f} MiB" if ref else "-",
                 f"{mean / base:.3f}" if mean and base else "-",
                 f"{rms:.1f}" if math.isfinite(rms) else "-",
-                ("STALE: " + "; ".join(stale)) if stale else ", ".join(commits),
+                ("STALE: " + "; ".join(stale)) if stale else ", ".join(commits + waiting),
             ]
         )
     header = "recipe | lr grid | chosen lr | short ppl | long ppl (mean ± std) | trainable | opt state"

@@ -136,6 +136,9 @@ def test_best_of_grid_then_seeds_resume_and_staleness(sweep, tmp_path, monkeypat
 
     killed = tmp_path / "res" / "base" / "long" / "lr0.002_seed1" / "results.json"
     killed.unlink()  # a run killed before it finished has no results.json
+    assert sweep.main([*argv, "--table-only"]) == 0
+    out = capsys.readouterr().out
+    assert "1 runs pending" in out and "STALE" not in out  # missing is pending, not stale
     assert sweep.main(argv) == 0
     assert fake.calls == [(2e-3, 1, 4)]
 
