@@ -10,10 +10,12 @@ per step, schedule shape, eps, clipping, weight decay, the evaluation, the grid 
 and the learning rate of the groups every method trains with plain Adam (embeddings, lm_head, norms). A recipe
 (``experiments/recipes/NAME.yaml``) adds only the method's own settings and its grid of exactly
 ``grid_size`` log-spaced learning rates for the method's parameters (``optim.lr``: the block kernels or the
-method's factors), or ``lr_from: OTHER`` (run at OTHER's chosen lr, e.g. 8-bit GaLore at GaLore's) or
-``lrs: []`` (a control without a learning rate to tune). The short stage runs the grid at ``short_steps``;
-the grid point with the lowest final validation loss is re-run at ``long_steps`` (>= 4x the tokens) with each
-of ``seeds``; step-valued settings listed in a recipe's ``scale_with_steps`` scale with the budget.
+method's factors; when the best is at an edge of the grid, the grid grows by one log-step on that side, up to
+three times, the same rule for every method), or ``lr_from: OTHER`` (run at OTHER's chosen lr, e.g. 8-bit
+GaLore at GaLore's) or ``lrs: []`` (a control without a learning rate to tune). The short stage runs the grid
+at ``short_steps``; the grid point with the lowest final validation loss is re-run at ``long_steps`` (>= 4x
+the tokens) with each of ``seeds``; step-valued settings listed in a recipe's ``scale_with_steps`` scale with
+the budget.
 
 Every run is one in-process ``lowrank_jax.train.loop.train`` (one at a time: two CPU cores) whose
 ``results.json`` and ``metrics.jsonl`` are kept under ``experiments/results/sweep/NAME/STAGE/RUN/`` with the
@@ -57,6 +59,7 @@ RECIPES = HERE / "recipes"
 RESULTS = HERE / "results" / "sweep"
 CODE_PATHS = ("lowrank_jax", "pallas_kernels", "experiments/sweep.py")
 STAGES = ("short", "long")
+MAX_EXTENSIONS = 3  # grid points the edge rule may add on each side of a recipe's grid
 
 
 @dataclass(frozen=True)
@@ -253,8 +256,26 @@ class Sweep:
         self.stale: dict[Run, str] = {}
 
     def grid(self, r: Recipe) -> list[Run]:
+        """The recipe's grid, extended by the edge rule as far as the runs on record call for.
+
+        The same rule for every method: while the best finished grid point is the lowest (highest) learning rate,
+        one more log-step below (above) it joins the grid, at most :data:`MAX_EXTENSIONS` per side.
+        """
         lrs = r.lrs if r.lrs else (None,) if not r.lr_from else ()
-        return [Run(r, "short", lr, self.protocol.grid_seed) for lr in lrs]
+        runs = [Run(r, "short", lr, self.protocol.grid_seed) for lr in lrs]
+        if len(r.lrs) < 2:
+            return runs
+        step, added = r.lrs[1] / r.lrs[0], {"low": 0, "high": 0}
+        while all(run in self.done for run in runs):
+            best = min(runs, key=lambda run: _loss(self.done[run]))
+            side = "low" if best is runs[0] else "high" if best is runs[-1] else None
+            if side is None or added[side] == MAX_EXTENSIONS:
+                break
+            added[side] += 1
+            lr = float(f"{(runs[0].lr / step if side == 'low' else runs[-1].lr * step):.6g}")
+            new = Run(r, "short", lr, self.protocol.grid_seed)
+            runs = [new, *runs] if side == "low" else [*runs, new]
+        return runs
 
     def chosen_lr(self, r: Recipe) -> float | None:
         """The grid point with the lowest short-budget validation loss (``lr_from``: the other recipe's)."""
@@ -296,9 +317,14 @@ class Sweep:
             for name in order:
                 r = self.recipes[name]
                 source = self.recipes[r.lr_from] if r.lr_from else r
-                grid = self.grid(source)
-                for run in grid:  # a lr_from recipe needs its source's grid
-                    self.visit(run, train_it=train_it and "short" in stages, allow_dirty=allow_dirty, counter=counter)
+                while True:  # a lr_from recipe needs its source's grid; the edge rule may add points as runs finish
+                    grid = self.grid(source)
+                    todo = [run for run in grid if run not in self.done and run not in self.stale]
+                    if not todo:
+                        break
+                    grid_train = train_it and "short" in stages
+                    for run in todo:
+                        self.visit(run, train_it=grid_train, allow_dirty=allow_dirty, counter=counter)
                 if stage == "long" and "long" in stages:
                     if not all(run in self.done for run in grid):
                         print(f"{name}: grid incomplete, no long-budget runs", flush=True)

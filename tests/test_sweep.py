@@ -91,7 +91,8 @@ class FakeTrain:
         (out / "metrics.jsonl").write_text(json.dumps({"step": cfg.steps, "max_block_rms_ratio": 3.0}) + "\n")
         from lowrank_jax.config import to_dict
 
-        loss = 5.0 + abs(math.log(cfg.optim.lr / 2e-3)) + 0.01 * cfg.seed - 0.1 * (cfg.steps > 2)
+        shape = getattr(self, "loss_at", lambda lr: abs(math.log(lr / 2e-3)))
+        loss = 5.0 + shape(cfg.optim.lr) + 0.01 * cfg.seed - 0.1 * (cfg.steps > 2)
         loss += 0.5 * (cfg.optim.name != "adamw")
         return {
             "final_val_loss": loss,
@@ -119,14 +120,16 @@ def _fake_sweep(sweep, tmp_path, monkeypatch):
 def test_best_of_grid_then_seeds_resume_and_staleness(sweep, tmp_path, monkeypatch, capsys):
     fake, changed, argv = _fake_sweep(sweep, tmp_path, monkeypatch)
     assert sweep.main(argv) == 0
-    # base's grid (2 lrs, seed 0, 2 steps), then base's and other's winners (2e-3) at 4 steps with seeds 0, 1
-    assert fake.calls == [(1e-3, 0, 2), (2e-3, 0, 2), (2e-3, 0, 4), (2e-3, 1, 4), (2e-3, 0, 4), (2e-3, 1, 4)]
+    # base's grid (2 lrs, seed 0, 2 steps); its best (2e-3) is the top edge, so the edge rule adds 4e-3, which is
+    # worse; then base's and other's winners (2e-3) at 4 steps with seeds 0, 1
+    grid = [(1e-3, 0, 2), (2e-3, 0, 2), (4e-3, 0, 2)]
+    assert fake.calls == [*grid, (2e-3, 0, 4), (2e-3, 1, 4), (2e-3, 0, 4), (2e-3, 1, 4)]
     res = json.loads((tmp_path / "res" / "results.json").read_text())["recipes"]
     assert res["base"]["chosen_lr"] == res["other"]["chosen_lr"] == 2e-3
     assert res["base"]["long_ppl"] == pytest.approx([math.exp(4.9), math.exp(4.91)])
     assert res["base"]["max_block_rms_ratio"] == 3.0 and not res["base"]["stale"]
     table = (tmp_path / "res" / "table.md").read_text()
-    assert "| base | 0.001, 0.002 | 0.002 |" in table and "| other | from base | 0.002 |" in table
+    assert "| base | 0.001, 0.002, 0.004 | 0.002 |" in table and "| other | from base | 0.002 |" in table
     mean = lambda losses: sum(map(math.exp, losses)) / len(losses)
     assert f"| {mean([5.4, 5.41]) / mean([4.9, 4.91]):.3f} | 3.0 |" in table  # other's long ppl over base's
 
@@ -147,7 +150,15 @@ def test_best_of_grid_then_seeds_resume_and_staleness(sweep, tmp_path, monkeypat
     assert sweep.main([*argv, "--table-only"]) == 0
     assert fake.calls == [] and "STALE: stale: code or recipe changed since c0ffee00" in capsys.readouterr().out
     assert sweep.main(argv) == 0
-    assert len(fake.calls) == 6  # and the harness re-runs them
+    assert len(fake.calls) == 7  # and the harness re-runs them
+
+
+def test_the_edge_rule_stops_after_three_steps_per_side(sweep, tmp_path, monkeypatch):
+    fake, _, argv = _fake_sweep(sweep, tmp_path, monkeypatch)
+    monkeypatch.setattr(fake, "loss_at", lambda lr: -math.log(lr), raising=False)  # always better at a higher lr
+    _write(tmp_path / "recipes", "base", "description: b\noverrides: {optim.name: adamw}\nlrs: [1.0e-3, 2.0e-3]\n")
+    assert sweep.main([*argv[:1], "--stage", "short", *argv[1:]]) == 0
+    assert [lr for lr, _, _ in fake.calls] == pytest.approx([1e-3, 2e-3, 4e-3, 8e-3, 16e-3])
 
 
 def test_a_changed_recipe_makes_its_runs_stale(sweep, tmp_path, monkeypatch, capsys):
