@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import statistics
 import subprocess
 import sys
@@ -228,6 +229,7 @@ def execute(run: Run, protocol: Protocol, extra: list[str], results: Path, runs:
     if dirty and not allow_dirty:
         raise ConfigError(f"uncommitted changes in {' '.join(watched)}: commit them first (or --allow-dirty)")
     out = run.out_dir(runs)
+    shutil.rmtree(out, ignore_errors=True)  # a stale or killed run's checkpoints: it is redone from the start
     overrides = [*run_overrides(run, protocol, extra), f"out_dir={out}", "progress=false"]
     res = train(load_config(protocol.preset, overrides))
     dest = run.record_dir(results)

@@ -200,3 +200,5 @@ def test_one_real_run_is_filed_with_its_command(sweep, tmp_path, monkeypatch, da
     meta = json.loads((run / "sweep.json").read_text())
     assert meta["command"].startswith("lowrank-jax train tiny optim.eps=1e-06 optim.lr_embed=0.01 optim.name=adamw")
     assert any("max_block_rms_ratio" in json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines())
+    monkeypatch.setattr(sweep, "_changed_since", lambda commit, paths: True)  # stale: redone over its old out dir
+    assert sweep.main([*argv, *sets, "--stage", "short"]) == 0
