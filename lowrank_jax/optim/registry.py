@@ -66,11 +66,13 @@ def matrix_mask(params: Any, *, stacked_blocks: bool = False) -> Any:
     (``model.scan_layers``), which does not count: a stacked norm scale ``(layers, d)`` is a vector.
     """
 
-    def is_matrix(path: Any, x: Any) -> bool:
-        stacked = stacked_blocks and bool(path) and getattr(path[0], "key", None) == "blocks"
-        return x.ndim - int(stacked) >= 2
+    return jax.tree_util.tree_map_with_path(functools.partial(is_matrix, stacked_blocks=stacked_blocks), params)
 
-    return jax.tree_util.tree_map_with_path(is_matrix, params)
+
+def is_matrix(path: Any, x: Any, *, stacked_blocks: bool) -> bool:
+    """Whether the leaf at ``path`` is a matrix, not counting the stacked ``layers`` axis of ``blocks``."""
+    stacked = stacked_blocks and bool(path) and getattr(path[0], "key", None) == "blocks"
+    return x.ndim - int(stacked) >= 2
 
 
 def decay_mask(cfg: Config) -> Callable[[Any], Any]:

@@ -31,9 +31,9 @@ clipping, pass 1 repeats the backward once (≈ 1.75× a rematerialised step); w
 
 The optimizer is the run's optimizer (``optim.name``) built for one chunk of each non-block leaf
 and for one block's leaves; their states are ``vmap``-initialised with a leading chunks /
-``layers`` axis (:class:`LayerwiseOptState`). Element-wise optimizers (AdamW, 8-bit Adam, GaLore with
-``refresh='all'`` or ``'staggered'``, APOLLO, GoLore: each layer's state numbers its matrices as the stacked
-model does, see :func:`_number_layers`) give the same trajectory as the ordinary step; 8-bit moments are
+``layers`` axis (:class:`LayerwiseOptState`). AdamW, 8-bit Adam, GaLore (``refresh='all'`` or
+``'staggered'``), APOLLO and GoLore give the same trajectory as the ordinary step (each layer's state numbers
+its matrices as the stacked model does, see :func:`_number_layers`); 8-bit moments are
 quantized per layer and per chunk (the same blocks as the whole leaf when a layer's matrix is a
 multiple of the block size, and only matrices of at least ``min_size`` values per layer are
 quantized; chunks are whole rows and multiples of 256 values).

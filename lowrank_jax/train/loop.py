@@ -90,8 +90,9 @@ def train(cfg: Config, log=print) -> dict[str, Any]:
 
     memory = compiled_memory(step_fn)
     n_params = count_params(trainer.abstract_state.params)
-    n_trainable = count_trainable(trainer.abstract_state.params, param_labels(cfg.model))
-    groups = lr_group_report(cfg, trainer.abstract_state.params, param_labels(cfg.model))
+    labels = param_labels(cfg.model)
+    n_trainable = count_trainable(trainer.abstract_state.params, labels)
+    groups = lr_group_report(cfg, trainer.abstract_state.params, labels)
     opt_bytes = count_bytes(trainer.abstract_state.opt_state)
     fmt = metrics_lib.fmt_bytes
     param_bytes = count_bytes(trainer.abstract_state.params)

@@ -17,7 +17,7 @@ import optax
 
 from lowrank_jax.config import Config
 from lowrank_jax.models import FACTOR_LABELS, FROZEN_LABELS, param_labels
-from lowrank_jax.optim.registry import build_optimizer
+from lowrank_jax.optim.registry import build_optimizer, is_matrix
 from lowrank_jax.optim.relora import frozen_partition
 from lowrank_jax.train.relora import jagged_schedule
 
@@ -54,8 +54,8 @@ _NOT_SCALED = "frozen"  # FROZEN_LABELS leaves: a zero update (int32 for SLTrain
 
 def lr_groups(cfg: Config) -> dict[str, float]:
     """``{group: peak learning rate}``: ``optim.lr_<group>``, or ``optim.lr`` where that is null."""
-    o = cfg.optim
-    return {g: o.lr if getattr(o, f"lr_{g}") is None else getattr(o, f"lr_{g}") for g in LR_GROUPS}
+    own = {g: getattr(cfg.optim, f"lr_{g}") for g in LR_GROUPS}
+    return {g: cfg.optim.lr if lr is None else lr for g, lr in own.items()}
 
 
 def lr_group_labels(labels: Any, *, stacked_blocks: bool) -> Callable[[Any], Any]:
@@ -74,8 +74,7 @@ def lr_group_labels(labels: Any, *, stacked_blocks: bool) -> Callable[[Any], Any
             return "embed"
         if label in FACTOR_LABELS:
             return "factors"
-        stacked = stacked_blocks and top == "blocks"
-        return "blocks" if x.ndim - int(stacked) >= 2 else "norms"
+        return "blocks" if is_matrix(path, x, stacked_blocks=stacked_blocks) else "norms"
 
     return lambda tree: jax.tree_util.tree_map_with_path(group, labels, tree)
 
