@@ -121,6 +121,25 @@ class DataConfig:
     vocab_size: Int = 8192  # of a trained tokenizer (>= 257, checked with `tokenizer` by Config)
     tokenizer_train_chars: Annotated[Int, Positive] = 8_000_000
     cache_dir: str = "~/.cache/lowrank_jax"
+    # "": the corpus is tokenized into shards under cache_dir on first use; else a directory written by
+    # `lowrank-jax prepare` (its manifest fixes the tokenizer; the source fields above are then not read)
+    shards: str = ""
+
+
+@one_line_errors("logging")
+@dataclass(frozen=True, config=SCHEMA)
+class LoggingConfig:
+    """Where the scalars go besides ``metrics.jsonl`` and ``loss.png`` (process 0 writes them).
+
+    ``tensorboard``: event files under ``out_dir/tensorboard`` (``tensorboard --logdir out_dir``).
+    ``wandb``: a Weights & Biases run (``pip install wandb``); ``wandb_mode=offline`` needs no network
+    (sync later with ``wandb sync``).
+    """
+
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "lowrank-jax"
+    wandb_mode: Literal["offline", "online"] = "offline"
 
 
 @one_line_errors("optim")
@@ -270,6 +289,7 @@ SECTIONS = {
     "apollo": ApolloConfig,
     "apollo_mini": ApolloMiniConfig,
     "fira": FiraConfig,
+    "logging": LoggingConfig,
 }
 
 
@@ -291,6 +311,7 @@ class Config:
     apollo: ApolloConfig = dataclasses.field(default_factory=ApolloConfig)
     apollo_mini: ApolloMiniConfig = dataclasses.field(default_factory=ApolloMiniConfig)
     fira: FiraConfig = dataclasses.field(default_factory=FiraConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     steps: Annotated[Int, Positive] = 300
     batch_size: Annotated[Int, Positive] = 16
     grad_accum: Annotated[Int, Positive] = 1

@@ -270,5 +270,5 @@ def test_section_and_unknown_key_messages():
     with pytest.raises(ConfigError) as e:
         load_config("tiny", ["step=3"])
     assert "steps" in str(e.value) and str(e.value).endswith(
-        "model.*, data.*, optim.*, galore.*, relora.*, apollo.*, apollo_mini.*, fira.*)"
+        "model.*, data.*, optim.*, galore.*, relora.*, apollo.*, apollo_mini.*, fira.*, logging.*)"
     )
