@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import os
 import sysconfig
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -71,25 +72,65 @@ def _read_text(path: str) -> str:
         return f.read()
 
 
-def _split_named(cfg: DataConfig, name: str, named: list[tuple[str, str]]) -> Corpus:
-    """Hash-split sorted ``(name, text)`` pairs, cap each split at ``max_docs`` and build the Corpus."""
-    train = [(k, t) for k, t in named if not in_validation(k, cfg.val_fraction)]
-    val = [(k, t) for k, t in named if in_validation(k, cfg.val_fraction)]
-    return _make_corpus(cfg, name, train, val, total=len(named))
+@dataclass(frozen=True)
+class CorpusStream:
+    """A corpus read one document at a time: :meth:`docs` yields a split's ``(name, text)`` in corpus order.
 
+    Nothing is held in memory between documents, so a corpus of any size can be digested and
+    tokenized (:func:`lowrank_jax.data.shards.prepare_shards`). Each call of :meth:`docs` reads the
+    split again from its source.
+    """
 
-def _make_corpus(
-    cfg: DataConfig, name: str, train: list[tuple[str, str]], val: list[tuple[str, str]], total: int
-) -> Corpus:
-    if cfg.max_docs > 0:
-        train, val = train[: cfg.max_docs], val[: cfg.max_docs]
-    for split, docs in (("train", train), ("validation", val)):
-        if not docs:
+    name: str
+    read: Callable[[str], Iterator[tuple[str, str]]]  # split ("train" | "val") -> (name, text) pairs
+    max_docs: int = 0  # 0: all documents of each split
+    val_fraction: float = 0.05  # for the empty-split message
+
+    def docs(self, split: str) -> Iterator[tuple[str, str]]:
+        if split not in SPLITS:
+            raise ValueError(f"split: must be one of {SPLITS}, got {split!r}")
+        docs = self.read(split)
+        return itertools.islice(docs, self.max_docs) if self.max_docs > 0 else docs
+
+    def texts(self, split: str) -> Iterator[str]:
+        return (text for _, text in self.docs(split))
+
+    def check_nonempty(self, split: str, count: int) -> None:
+        if count == 0:
+            label = "validation" if split == "val" else split
             raise ValueError(
-                f"data.val_fraction: the {split} split of corpus {name!r} is empty ({total} documents in all, "
-                f"val_fraction={cfg.val_fraction}, max_docs={cfg.max_docs}); adjust data.val_fraction or data.max_docs"
+                f"data.val_fraction: the {label} split of corpus {self.name!r} is empty (val_fraction="
+                f"{self.val_fraction}, max_docs={self.max_docs}); adjust data.val_fraction or data.max_docs"
             )
-    return Corpus(name=name, train=[t for _, t in train], val=[t for _, t in val], digest=corpus_digest(train, val))
+
+    def digest(self) -> str:
+        """:attr:`Corpus.digest` of this corpus, computed in one streaming pass (empty splits are an error)."""
+        counts = dict.fromkeys(SPLITS, 0)
+
+        def counted(split: str) -> Iterator[tuple[str, str]]:
+            for doc in self.docs(split):
+                counts[split] += 1
+                yield doc
+
+        digest = corpus_digest(counted("train"), counted("val"))
+        for split in SPLITS:
+            self.check_nonempty(split, counts[split])
+        return digest
+
+
+SPLITS = ("train", "val")
+
+
+def _hash_split(cfg: DataConfig, name: str, keys: list[str], read: Callable[[str], str]) -> CorpusStream:
+    """A stream over sorted document ``keys``, split by :func:`in_validation`; ``read(key)`` gives the text."""
+
+    def docs(split: str) -> Iterator[tuple[str, str]]:
+        want_val = split == "val"
+        for key in keys:
+            if in_validation(key, cfg.val_fraction) == want_val:
+                yield key, read(key)
+
+    return CorpusStream(name, docs, cfg.max_docs, cfg.val_fraction)
 
 
 def stdlib_files() -> list[tuple[str, str]]:
@@ -108,20 +149,19 @@ def stdlib_files() -> list[tuple[str, str]]:
     return out
 
 
-def _load_stdlib(cfg: DataConfig) -> Corpus:
+def _stream_stdlib(cfg: DataConfig) -> CorpusStream:
     import platform  # noqa: PLC0415
 
-    files = stdlib_files()
+    files = dict(stdlib_files())
     if not files:
         raise ValueError(f"data.source: no .py files under {sysconfig.get_paths()['stdlib']!r}")
-    named = [(rel, _read_text(full)) for rel, full in files]
-    return _split_named(cfg, f"stdlib-{platform.python_version()}", named)
+    return _hash_split(cfg, f"stdlib-{platform.python_version()}", sorted(files), lambda k: _read_text(files[k]))
 
 
-def _load_pydoc(cfg: DataConfig) -> Corpus:
+def _stream_pydoc(cfg: DataConfig) -> CorpusStream:
     from pydoc_data.topics import topics  # noqa: PLC0415
 
-    return _split_named(cfg, "pydoc", [(k, topics[k]) for k in sorted(topics)])
+    return _hash_split(cfg, "pydoc", sorted(topics), topics.__getitem__)
 
 
 def glob_files(patterns: Iterable[str]) -> list[str]:
@@ -134,15 +174,15 @@ def glob_files(patterns: Iterable[str]) -> list[str]:
     return sorted(found)
 
 
-def _load_files(cfg: DataConfig) -> Corpus:
+def _stream_files(cfg: DataConfig) -> CorpusStream:
     paths = glob_files(cfg.paths)
     if not paths:
         raise ValueError(f"data.paths: no files match {list(cfg.paths)!r}")
     # Names are relative to the deepest common directory, so the digest and the split do not
     # depend on where the data set lives on disk.
     root = os.path.commonpath([os.path.dirname(p) for p in paths])
-    named = [(os.path.relpath(p, root).replace(os.sep, "/"), _read_text(p)) for p in paths]
-    return _split_named(cfg, "files", named)
+    files = {os.path.relpath(p, root).replace(os.sep, "/"): p for p in paths}
+    return _hash_split(cfg, "files", sorted(files), lambda k: _read_text(files[k]))
 
 
 def _record_text(record: object) -> str:
@@ -156,7 +196,7 @@ def _record_text(record: object) -> str:
     return str(text)
 
 
-def _read_tfds_split(tfds, name: str, data_dir: str | None, split: str, max_docs: int) -> list[str]:
+def _tfds_split_texts(tfds, name: str, data_dir: str | None, split: str, max_docs: int) -> Iterator[str]:
     import grain  # noqa: PLC0415
 
     try:
@@ -173,30 +213,39 @@ def _read_tfds_split(tfds, name: str, data_dir: str | None, split: str, max_docs
     if max_docs > 0:
         ds = ds[: min(max_docs, len(ds))]
     ds = ds.map(_record_text)
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=8, prefetch_buffer_size=256))
-    return list(it)
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=8, prefetch_buffer_size=256)))
 
 
-def _load_tfds(cfg: DataConfig) -> Corpus:
+def _stream_tfds(cfg: DataConfig) -> CorpusStream:
     try:
         import tensorflow_datasets as tfds  # noqa: PLC0415
     except ImportError as e:
         raise ImportError("data.source=tfds needs tensorflow-datasets: pip install lowrank-jax[tfds]") from e
     data_dir = os.path.expanduser(cfg.tfds_data_dir) if cfg.tfds_data_dir else None
-    max_docs = cfg.max_docs
-    train, val = (
-        [(f"{split}/{i}", t) for i, t in enumerate(_read_tfds_split(tfds, cfg.tfds_name, data_dir, split, max_docs))]
-        for split in (cfg.tfds_split, cfg.tfds_val_split)
-    )
-    return _make_corpus(cfg, f"tfds:{cfg.tfds_name}", train, val, total=len(train) + len(val))
+    splits = {"train": cfg.tfds_split, "val": cfg.tfds_val_split}
+
+    def docs(split: str) -> Iterator[tuple[str, str]]:
+        texts = _tfds_split_texts(tfds, cfg.tfds_name, data_dir, splits[split], cfg.max_docs)
+        return ((f"{splits[split]}/{i}", t) for i, t in enumerate(texts))
+
+    return CorpusStream(f"tfds:{cfg.tfds_name}", docs, cfg.max_docs, cfg.val_fraction)
 
 
-LOADERS = {"stdlib": _load_stdlib, "pydoc": _load_pydoc, "files": _load_files, "tfds": _load_tfds}
-SOURCES = tuple(LOADERS)  # the values of data.source
+STREAMS = {"stdlib": _stream_stdlib, "pydoc": _stream_pydoc, "files": _stream_files, "tfds": _stream_tfds}
+SOURCES = tuple(STREAMS)  # the values of data.source
+
+
+def stream_corpus(cfg: DataConfig) -> CorpusStream:
+    """The corpus named by ``cfg.source`` as a :class:`CorpusStream` (documents are read lazily)."""
+    if cfg.source not in STREAMS:
+        raise ValueError(f"data.source: must be one of {SOURCES}, got {cfg.source!r}")
+    return STREAMS[cfg.source](cfg)
 
 
 def load_corpus(cfg: DataConfig) -> Corpus:
-    """Read the corpus named by ``cfg.source`` and split it into training and validation documents."""
-    if cfg.source not in LOADERS:
-        raise ValueError(f"data.source: must be one of {SOURCES}, got {cfg.source!r}")
-    return LOADERS[cfg.source](cfg)
+    """Read the whole corpus named by ``cfg.source`` into memory, split into training and validation documents."""
+    stream = stream_corpus(cfg)
+    train, val = (list(stream.docs(split)) for split in SPLITS)
+    for split, docs in zip(SPLITS, (train, val), strict=True):
+        stream.check_nonempty(split, len(docs))
+    return Corpus(stream.name, [t for _, t in train], [t for _, t in val], corpus_digest(train, val))

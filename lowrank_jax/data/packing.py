@@ -243,12 +243,19 @@ def eval_batches(tokens: np.ndarray, seq_len: int, max_tokens: int, batch_size: 
 
 def unigram_cross_entropy(train: np.ndarray, val: np.ndarray, vocab_size: int) -> float:
     """Nats/token on ``val`` of the add-one-smoothed unigram model fitted on ``train``."""
-    train, val = np.asarray(train), np.asarray(val)
+    train = np.asarray(train)
+    if train.size and (train.min() < 0 or train.max() >= vocab_size):
+        raise ValueError(f"train: token ids must lie in [0, vocab_size={vocab_size})")
+    return unigram_cross_entropy_from_counts(np.bincount(train, minlength=vocab_size), val)
+
+
+def unigram_cross_entropy_from_counts(counts: np.ndarray, val: np.ndarray) -> float:
+    """:func:`unigram_cross_entropy` from the training split's id counts (``len(counts)`` is the vocabulary)."""
+    counts, val = np.asarray(counts), np.asarray(val)
+    vocab_size = counts.size
     if val.size == 0:
         raise ValueError("val: empty token stream")
-    for name, arr in (("train", train), ("val", val)):
-        if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
-            raise ValueError(f"{name}: token ids must lie in [0, vocab_size={vocab_size})")
-    counts = np.bincount(train, minlength=vocab_size).astype(np.float64) + 1.0
-    logp = np.log(counts) - np.log(train.size + vocab_size)
+    if val.min() < 0 or val.max() >= vocab_size:
+        raise ValueError(f"val: token ids must lie in [0, vocab_size={vocab_size})")
+    logp = np.log(counts.astype(np.float64) + 1.0) - np.log(counts.sum() + vocab_size)
     return float(-logp[val].mean())

@@ -17,10 +17,10 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
-from lowrank_jax.data.corpus import Corpus
+from lowrank_jax.data.corpus import Corpus, CorpusStream
 
 if TYPE_CHECKING:  # annotations only: config imports this package's choice lists
     from lowrank_jax.config import DataConfig
@@ -118,14 +118,21 @@ def load_tokenizer(path: str) -> Tokenizer:
     path = os.path.expanduser(path)
     if not os.path.isfile(path):
         raise ValueError(f"data.tokenizer: no such file {path!r}")
-    if path.endswith(".model"):
-        return SentencePieceTokenizer(path)
-    if path.endswith(".json"):
-        return HFTokenizer(path)
-    raise ValueError(f"data.tokenizer: expected a SentencePiece .model or a tokenizer .json file, got {path!r}")
+    kinds = {".model": (SentencePieceTokenizer, "SentencePiece model"), ".json": (HFTokenizer, "tokenizer.json")}
+    kind = next((v for ext, v in kinds.items() if path.endswith(ext)), None)
+    if kind is None:
+        raise ValueError(f"data.tokenizer: expected a SentencePiece .model or a tokenizer .json file, got {path!r}")
+    cls, what = kind
+    try:
+        return cls(path)
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the libraries raise bare Exception / RuntimeError on a bad file
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise ValueError(f"data.tokenizer: {path!r} is not a readable {what} ({reason})") from None
 
 
-def training_text(docs: Sequence[str], max_chars: int) -> Iterator[str]:
+def training_text(docs: Iterable[str], max_chars: int) -> Iterator[str]:
     """The first ``max_chars`` characters of ``docs`` (in order), one string per document."""
     left = max_chars
     for doc in docs:
@@ -137,7 +144,7 @@ def training_text(docs: Sequence[str], max_chars: int) -> Iterator[str]:
             yield piece
 
 
-def train_bpe_json(docs: Sequence[str], vocab_size: int, max_chars: int) -> str:
+def train_bpe_json(docs: Iterable[str], vocab_size: int, max_chars: int) -> str:
     """Train the byte-level BPE and return its ``tokenizer.json`` text (deterministic for fixed inputs)."""
     import tokenizers  # noqa: PLC0415
     from tokenizers import decoders, models, pre_tokenizers, trainers  # noqa: PLC0415
@@ -171,19 +178,26 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         raise
 
 
-def tokenizer_cache_path(cfg: DataConfig, corpus: Corpus) -> str:
+def tokenizer_cache_path(cfg: DataConfig, corpus: Corpus | CorpusStream, digest: str | None = None) -> str:
+    digest = digest or (corpus.digest if isinstance(corpus, Corpus) else corpus.digest())
     root = os.path.expanduser(cfg.cache_dir)
-    return os.path.join(root, "tokenizers", f"{corpus.digest}-{cfg.vocab_size}-{cfg.tokenizer_train_chars}.json")
+    return os.path.join(root, "tokenizers", f"{digest}-{cfg.vocab_size}-{cfg.tokenizer_train_chars}.json")
 
 
-def get_tokenizer(cfg: DataConfig, corpus: Corpus) -> Tokenizer:
-    """The tokenizer named by ``cfg.tokenizer``, or the corpus BPE (trained once, then read from the cache)."""
+def get_tokenizer(cfg: DataConfig, corpus: Corpus | CorpusStream | None, digest: str | None = None) -> Tokenizer:
+    """The tokenizer named by ``cfg.tokenizer``, or the corpus BPE (trained once, then read from the cache).
+
+    ``corpus`` is an in-memory :class:`Corpus` or a :class:`CorpusStream` (then only the first
+    ``tokenizer_train_chars`` characters of its training split are read); ``digest``, when known,
+    saves the stream a digest pass.
+    """
     if cfg.tokenizer:
         return load_tokenizer(cfg.tokenizer)
     if cfg.vocab_size < 256 + 1:
         raise ValueError(f"data.vocab_size: a byte-level BPE needs at least 257 entries, got {cfg.vocab_size}")
-    path = tokenizer_cache_path(cfg, corpus)
+    path = tokenizer_cache_path(cfg, corpus, digest)
     if not os.path.isfile(path):
-        text = train_bpe_json(corpus.train, cfg.vocab_size, cfg.tokenizer_train_chars)
+        docs = corpus.train if isinstance(corpus, Corpus) else corpus.texts("train")
+        text = train_bpe_json(docs, cfg.vocab_size, cfg.tokenizer_train_chars)
         atomic_write_bytes(path, text.encode("utf-8"))
     return HFTokenizer(path)

@@ -11,6 +11,7 @@ import json
 import sys
 
 from lowrank_jax.config import ConfigError, load_config, named_configs, to_dict
+from lowrank_jax.data.shards import prepare_shards
 from lowrank_jax.models import formula_param_count, param_report
 from lowrank_jax.sharding import maybe_initialize_distributed
 from lowrank_jax.train.checkpoint import CheckpointError
@@ -25,6 +26,11 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="pretrain a model (writes results.json, metrics.jsonl, loss.png, checkpoints)")
     t.add_argument("config", help="named config or YAML file")
     t.add_argument("overrides", nargs="*", help="key=value, e.g. steps=100 model.hidden=128 out_dir=runs/x")
+    r = sub.add_parser(
+        "prepare", help="tokenize a config's corpus once into token shards (data.shards=DIR; default: the cache)"
+    )
+    r.add_argument("config")
+    r.add_argument("overrides", nargs="*", help="key=value, e.g. data.source=files data.paths=... data.shards=DIR")
     s = sub.add_parser("params", help="parameter count and bytes of a config, computed without allocating")
     s.add_argument("config")
     s.add_argument("overrides", nargs="*")
@@ -63,6 +69,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.command == "config":
             print(json.dumps(to_dict(cfg), indent=2))
+        elif args.command == "prepare":
+            try:
+                directory = prepare_shards(cfg.data, log=lambda msg: print(msg, file=sys.stderr))
+            except (ValueError, OSError) as e:
+                raise ConfigError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+            print(directory)
         elif args.command == "params":
             model = cfg.model
             if model.vocab_size == 0:

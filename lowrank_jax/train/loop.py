@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 from tqdm import tqdm
 
 from lowrank_jax import config as config_lib
 from lowrank_jax import sharding as shd
 from lowrank_jax.config import Config, ConfigError
-from lowrank_jax.data import BatchIterator, eval_batches, prepare_data, unigram_cross_entropy
+from lowrank_jax.data import ShardBatches, eval_batches, load_shards, unigram_cross_entropy_from_counts
 from lowrank_jax.models import count_bytes, count_params, count_trainable, param_labels
 from lowrank_jax.train import metrics as metrics_lib
 from lowrank_jax.train.checkpoint import Checkpointer, checkpoint_steps
@@ -54,8 +55,10 @@ def train(cfg: Config, log=print) -> dict[str, Any]:
         shd.mesh_shape(cfg.mesh, jax.device_count())
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if cfg.batch_size % jax.process_count():
+        raise ConfigError(f"batch_size: {cfg.batch_size} rows do not split evenly over {jax.process_count()} processes")
     try:
-        data = prepare_data(cfg.data)
+        data = load_shards(cfg.data, log)
     except (ValueError, OSError) as e:
         raise ConfigError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     if cfg.model.vocab_size == 0:
@@ -63,15 +66,17 @@ def train(cfg: Config, log=print) -> dict[str, Any]:
     elif data.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's {data.vocab_size}")
     log(
-        f"data: {data.digest} ({cfg.data.source}) train {len(data.train):,} tokens, "
-        f"val {len(data.val):,} tokens, vocab {data.vocab_size}"
+        f"data: {data.digest} ({data.manifest['corpus']}, shards {data.directory}) train {data.train.n_tokens:,} "
+        f"tokens, val {data.val.n_tokens:,} tokens, vocab {data.vocab_size}"
     )
     try:
-        iterator = BatchIterator(data.train, cfg.batch_size, cfg.seq_len, cfg.seed)
-        val_batches = eval_batches(data.val, cfg.seq_len, cfg.eval_tokens, cfg.eval_batch_size)
+        val_batches = eval_batches(
+            data.val_prefix(cfg.eval_tokens + 1), cfg.seq_len, cfg.eval_tokens, cfg.eval_batch_size
+        )
     except ValueError as e:
         raise ConfigError(f"seq_len: {e}") from None
-    unigram_ce = unigram_cross_entropy(data.train, data.val, cfg.model.vocab_size)
+    eval_targets = np.concatenate([b[:, 1:].ravel() for b in val_batches])
+    unigram_ce = unigram_cross_entropy_from_counts(data.unigram_counts(), eval_targets)
 
     switch = cfg.relora.warm_start  # ReLoRA warm start: full-rank steps [0, switch), then LoRA
     try:
@@ -88,6 +93,11 @@ def train(cfg: Config, log=print) -> dict[str, Any]:
         """(trainer, compiled step) that runs ``step``: the full-rank phase before the switch."""
         return (warm, warm_step_fn) if warm is not None and step < switch else (trainer, step_fn)
 
+    try:
+        rows = shd.host_rows(shd.batch_sharding(trainer.mesh), (cfg.batch_size, cfg.seq_len + 1))
+        batches = ShardBatches(data.train, cfg.batch_size, cfg.seq_len, cfg.seed, rows)
+    except ValueError as e:
+        raise ConfigError(str(e) if str(e).startswith(("seq_len", "batch")) else f"batch_size: {e}") from None
     memory = compiled_memory(step_fn)
     n_params = count_params(trainer.abstract_state.params)
     labels = param_labels(cfg.model)
@@ -112,6 +122,10 @@ def train(cfg: Config, log=print) -> dict[str, Any]:
         if meta.get("data_digest") != data.digest:
             raise ConfigError(f"resume: checkpoint was trained on data {meta.get('data_digest')}, not {data.digest}")
         start = int(state.step)
+        try:
+            batches.check_state(meta.get("data_state", {}), start)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         log(f"resumed from step {start} ({ckpt_dir})")
     else:
         state, start = phase(0)[0].init_state(), 0
@@ -152,12 +166,17 @@ def train(cfg: Config, log=print) -> dict[str, Any]:
         file=sys.stderr,
     )
     t_loop = time.time()
+    loader = batches.iterate(start, cfg.steps)
+    first_step_s = None  # wall time from train() start to the first step's loss (data, compile, restore included)
     for step in range(start, cfg.steps):
         if warm is not None and step == switch:
             state = switch_to_lora(state, trainer)
             bar.write(f"step {step}: warm start done, switched to LoRA (model.dense={cfg.model.dense})")
-        state, m = phase(step)[1](state, trainer.put_batch(iterator.batch(step)))
+        state, m = phase(step)[1](state, trainer.put_rows(next(loader), cfg.batch_size))
         done = step + 1
+        if first_step_s is None:
+            jax.block_until_ready(m["loss"])
+            first_step_s = time.time() - t_start
         pending.append((done, m))
         if done % cfg.log_every == 0 or done == cfg.steps:
             loss = float(m["loss"])
@@ -172,7 +191,7 @@ def train(cfg: Config, log=print) -> dict[str, Any]:
             bar.write(f"step {done}: val_loss {val_loss:.4f} val_ppl {math.exp(val_loss):.2f}")
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done != cfg.steps:
             flush_metrics()
-            checkpointer.save(done, state, {**meta, "step": done, "data_position": done})
+            checkpointer.save(done, state, {**meta, "step": done, "data_state": batches.state_dict(done)})
         excluded += time.time() - t_pause
     jax.block_until_ready(state)
     train_time = time.time() - t_loop - excluded
@@ -181,7 +200,7 @@ def train(cfg: Config, log=print) -> dict[str, Any]:
     if start < cfg.steps or not math.isfinite(val_loss):
         val_loss = run_eval(cfg.steps)
     if cfg.steps not in checkpointer.manager.all_steps():
-        checkpointer.save(cfg.steps, state, {**meta, "step": cfg.steps, "data_position": cfg.steps})
+        checkpointer.save(cfg.steps, state, {**meta, "step": cfg.steps, "data_state": batches.state_dict(cfg.steps)})
     checkpointer.close()
     mlog.close()
 
@@ -208,9 +227,17 @@ def train(cfg: Config, log=print) -> dict[str, Any]:
         "train_time_s": train_time,
         "tokens_per_s": steps_run * tps / max(train_time, 1e-9),
         "compile_time_s": compile_s,
+        "time_to_first_step_s": first_step_s,
         "xla_memory": memory,
         "kernel_implementations": implementation_record(),  # which matmul implementation ran, and why
         "data_digest": data.digest,
+        "data": {
+            "shards": str(data.directory),
+            "train_tokens": data.train.n_tokens,
+            "val_tokens": data.val.n_tokens,
+            "tokenizer": data.manifest["tokenizer"]["fingerprint"],
+            "loader": "grain MapDataset: index-shuffled windows, reseeded each epoch (lowrank_jax.data.shards)",
+        },
         "config": config_lib.to_dict(cfg),
         **metrics_lib.provenance(),
     }

@@ -67,6 +67,14 @@ class Trainer:
         """The global batch on the mesh (on several hosts each contributes only its own rows)."""
         return shd.global_batch(np.asarray(batch, np.int32), shd.batch_sharding(self.mesh))
 
+    def put_rows(self, rows: np.ndarray, batch_size: int) -> jax.Array:
+        """The global ``(batch_size, ...)`` batch from this process's own rows (``host_rows`` of the data sharding)."""
+        rows = np.asarray(rows, np.int32)
+        sharding = shd.batch_sharding(self.mesh)
+        if jax.process_count() == 1:
+            return jax.device_put(rows, sharding)
+        return jax.make_array_from_process_local_data(sharding, rows, (batch_size, *rows.shape[1:]))
+
 
 def make_trainer(cfg: Config, mesh: Mesh | None = None) -> Trainer:
     """Build optimizer, shardings and jitted steps for ``cfg`` without allocating parameters."""

@@ -137,3 +137,81 @@ def test_float_fields_accept_exponent_without_dot(tmp_path):
     assert load_config(str(f)).optim.eps == 1e-6
     with pytest.raises(ConfigError, match="^optim.eps"):
         load_config("tiny", ["optim.eps=tiny"])
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory, data_cache):
+    """Shards of the small pydoc corpus, written by `lowrank-jax prepare`."""
+    out = tmp_path_factory.mktemp("prepared") / "shards"
+    args = ["data.source=pydoc", "data.vocab_size=512", "data.tokenizer_train_chars=200000"]
+    assert main(["prepare", "tiny", *args, f"data.cache_dir={data_cache}", f"data.shards={out}"]) == 0
+    return out
+
+
+def _partial_copy(src: Path, dst: Path) -> Path:
+    import shutil  # noqa: PLC0415
+
+    shutil.copytree(src, dst)
+    shard = next(dst.glob("train-*.arrayrecord"))
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    return dst
+
+
+SHARD_CASES = {
+    # id: (overrides given the prepared dir and tmp_path, field named in the message)
+    "missing_shard_dir": (lambda d, t: [f"data.shards={t / 'absent'}"], "data.shards"),
+    "dir_without_manifest": (lambda d, t: [f"data.shards={(t / 'empty').mkdir() or t / 'empty'}"], "data.shards"),
+    "partial_shard": (lambda d, t: [f"data.shards={_partial_copy(d, t / 'partial')}"], "data.shards"),
+    "tokenizer_differs_from_manifest": (
+        lambda d, t: [f"data.shards={d}", f"data.tokenizer={_other_tokenizer(d, t)}"],
+        "data.tokenizer",
+    ),
+    "tokenizer_file_is_not_a_tokenizer": (lambda d, t: [f"data.tokenizer={_garbage(t)}"], "data.tokenizer"),
+}
+
+
+def _other_tokenizer(d: Path, t: Path) -> Path:
+    other = t / "other.json"
+    other.write_text((d / "tokenizer.json").read_text().replace('"<|eos|>"', '"<|eos|>" ', 1))
+    return other
+
+
+def _garbage(t: Path) -> Path:
+    bad = t / "tokenizer.json"
+    bad.write_text("this is a README, not a tokenizer\n" * 22)
+    return bad
+
+
+def _one_line_exit_2(argv: list[str], fld: str, root: Path, capsys) -> None:
+    """``main(argv)`` fails with one line naming ``fld``, exit 2, and leaves ``root`` as it was."""
+    before = _snapshot(root)
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1, err
+    assert err[0].startswith(f"lowrank-jax: error: {fld}"), err[0]
+    assert _snapshot(root) == before
+
+
+@pytest.mark.parametrize("case", sorted(SHARD_CASES))
+def test_bad_shard_input_is_one_line_exit_2_and_writes_nothing(case, shard_dir, tmp_path, capsys):
+    make, fld = SHARD_CASES[case]
+    overrides = make(shard_dir, tmp_path)
+    _one_line_exit_2(
+        ["train", "tiny", *overrides, "data.source=pydoc", f"out_dir={tmp_path / 'out'}"], fld, tmp_path, capsys
+    )
+
+
+def test_prepare_with_a_file_that_is_not_a_tokenizer(tmp_path, capsys):
+    bad = _garbage(tmp_path)
+    argv = ["prepare", "tiny", "data.source=pydoc", f"data.tokenizer={bad}", f"data.shards={tmp_path / 'shards'}"]
+    _one_line_exit_2(argv, "data.tokenizer", tmp_path, capsys)
+
+
+def test_process_count_not_dividing_the_batch(shard_dir, tmp_path, capsys, monkeypatch):
+    import jax  # noqa: PLC0415
+
+    monkeypatch.setattr(jax, "process_count", lambda: 3)
+    argv = ["train", "tiny", f"data.shards={shard_dir}", "batch_size=8", f"out_dir={tmp_path / 'out'}"]
+    _one_line_exit_2(argv, "batch_size: 8 rows do not split evenly over 3 processes", tmp_path, capsys)
