@@ -370,7 +370,7 @@ def table(sweep: Sweep, names: list[str]) -> tuple[str, dict[str, Any]]:
         long_ppl = [_ppl(_loss(sweep.done[run])) for run in longs if run in sweep.done]
         complete = bool(longs) and len(long_ppl) == len(longs)
         mine = {run: why for run, why in sweep.stale.items() if run.recipe.name in (name, r.lr_from)}
-        stale = sorted({why for why in mine.values() if why != "missing"})
+        stale = sorted({why.removeprefix("stale: ") for why in mine.values() if why != "missing"})
         pending = sum(why == "missing" for why in mine.values())
         waiting = [f"{pending} runs pending"] if pending else []
         ref = sweep.done.get(longs[0]) if complete else short
@@ -404,7 +404,9 @@ def table(sweep: Sweep, names: list[str]) -> tuple[str, dict[str, Any]]:
                 f"{rec['optimizer_state_bytes'] / 2**20:.2f} MiB" if ref else "-",
                 f"{mean / base:.3f}" if mean and base else "-",
                 f"{rms:.1f}" if math.isfinite(rms) else "-",
-                ("STALE: " + "; ".join(stale)) if stale else ", ".join(commits + waiting),
+                ("STALE (" + "; ".join(s.removeprefix("stale: ") for s in stale) + ")")
+                if stale
+                else ", ".join(commits + waiting),
             ]
         )
     header = "recipe | lr grid | chosen lr | short ppl | long ppl (mean ± std) | trainable | opt state"

@@ -148,7 +148,7 @@ def test_best_of_grid_then_seeds_resume_and_staleness(sweep, tmp_path, monkeypat
     fake.calls.clear()
     changed["value"] = True  # the code changed since the runs' commit: every row is stale
     assert sweep.main([*argv, "--table-only"]) == 0
-    assert fake.calls == [] and "STALE: stale: code or recipe changed since c0ffee00" in capsys.readouterr().out
+    assert fake.calls == [] and "STALE: code or recipe changed since c0ffee00" in capsys.readouterr().out
     assert sweep.main(argv) == 0
     assert len(fake.calls) == 7  # and the harness re-runs them
 

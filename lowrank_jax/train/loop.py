@@ -20,10 +20,10 @@ from lowrank_jax import config as config_lib
 from lowrank_jax import sharding as shd
 from lowrank_jax.config import Config, ConfigError
 from lowrank_jax.data import ShardBatches, eval_batches, load_shards, unigram_cross_entropy_from_counts
-from lowrank_jax.models import count_bytes, count_params, count_trainable, param_labels
+from lowrank_jax.models import count_bytes, count_params, param_labels
 from lowrank_jax.train import metrics as metrics_lib
 from lowrank_jax.train.checkpoint import Checkpointer, checkpoint_steps
-from lowrank_jax.train.optimizer import lr_group_report
+from lowrank_jax.train.optimizer import lr_group_report, trainable_params
 from lowrank_jax.train.relora import switch_to_lora, warm_start_config
 from lowrank_jax.train.step import compile_train_step, compiled_memory, evaluate, health, make_trainer
 from pallas_kernels.selection import implementation_record
@@ -101,8 +101,8 @@ def train(cfg: Config, log=print) -> dict[str, Any]:
     memory = compiled_memory(step_fn)
     n_params = count_params(trainer.abstract_state.params)
     labels = param_labels(cfg.model)
-    n_trainable = count_trainable(trainer.abstract_state.params, labels)
     groups = lr_group_report(cfg, trainer.abstract_state.params, labels)
+    n_trainable = trainable_params(groups)  # frozen leaves and groups at lr 0 excluded
     opt_bytes = count_bytes(trainer.abstract_state.opt_state)
     fmt = metrics_lib.fmt_bytes
     param_bytes = count_bytes(trainer.abstract_state.params)

@@ -88,6 +88,11 @@ def lr_group_report(cfg: Config, params: Any, labels: Any) -> dict[str, dict[str
     return {g: {"lr": lr, "params": counts[g]} for g, lr in lr_groups(cfg).items() if g in counts}
 
 
+def trainable_params(report: dict[str, dict[str, float]]) -> int:
+    """Parameters that train in a run: the groups of ``lr_group_report`` with a learning rate above 0."""
+    return sum(int(g["params"]) for g in report.values() if g["lr"] > 0)
+
+
 def scale_by_lr_group(cfg: Config, labels: Any) -> optax.GradientTransformation:
     """Multiply each group's update by ``lr_<group> / lr`` (``optax.partition``; stateless).
 

@@ -7,8 +7,15 @@ import numpy as np
 import pytest
 
 from lowrank_jax.config import ConfigError, load_config, replace
-from lowrank_jax.models import abstract_params, param_labels
-from lowrank_jax.train.optimizer import LR_GROUPS, lr_group_labels, lr_group_report, lr_groups, make_optimizer
+from lowrank_jax.models import abstract_params, count_trainable, param_labels
+from lowrank_jax.train.optimizer import (
+    LR_GROUPS,
+    lr_group_labels,
+    lr_group_report,
+    lr_groups,
+    make_optimizer,
+    trainable_params,
+)
 from lowrank_jax.train.step import make_trainer
 
 SMALL = ["model.hidden=32", "model.ffn=64", "model.heads=2", "model.layers=2", "model.max_seq_len=32", "seq_len=16"]
@@ -133,6 +140,10 @@ def test_the_report_counts_every_trainable_parameter():
     L, d, f, r = 2, 32, 64, 4
     assert report["factors"]["params"] == L * (4 * r * (d + d) + 3 * r * (d + f))
     assert report["embed"]["params"] == 2 * 64 * d and report["norms"]["params"] == (2 * L + 1) * d
+    assert trainable_params(report) == count_trainable(trainer.abstract_state.params, param_labels(cfg.model))
+    frozen = replace(cfg, optim__lr_factors=0.0)
+    report = lr_group_report(frozen, trainer.abstract_state.params, param_labels(cfg.model))
+    assert trainable_params(report) == report["embed"]["params"] + report["norms"]["params"]
 
 
 @pytest.mark.parametrize("bad", ["optim.lr_embed=-1e-3", "optim.lr_norms=true", "optim.lr_blocks=fast"])
