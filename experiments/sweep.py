@@ -404,9 +404,7 @@ def table(sweep: Sweep, names: list[str]) -> tuple[str, dict[str, Any]]:
                 f"{rec['optimizer_state_bytes'] / 2**20:.2f} MiB" if ref else "-",
                 f"{mean / base:.3f}" if mean and base else "-",
                 f"{rms:.1f}" if math.isfinite(rms) else "-",
-                ("STALE (" + "; ".join(s.removeprefix("stale: ") for s in stale) + ")")
-                if stale
-                else ", ".join(commits + waiting),
+                f"STALE: {'; '.join(stale)}" if stale else ", ".join(commits + waiting),
             ]
         )
     header = "recipe | lr grid | chosen lr | short ppl | long ppl (mean ± std) | trainable | opt state"
