@@ -14,12 +14,19 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from lowrank_jax import config as config_lib
 from lowrank_jax import sharding as shd
 from lowrank_jax.config import Config, ConfigError
-from lowrank_jax.data import ShardBatches, eval_batches, load_shards, unigram_cross_entropy_from_counts
+from lowrank_jax.data import (
+    ShardBatches,
+    TokenShards,
+    eval_batches,
+    load_shards,
+    unigram_cross_entropy_from_counts,
+)
 from lowrank_jax.models import count_bytes, count_params, param_labels
 from lowrank_jax.train import metrics as metrics_lib
 from lowrank_jax.train.checkpoint import Checkpointer, checkpoint_steps
@@ -36,6 +43,27 @@ def is_primary() -> bool:
     coordinates them); only the primary writes metrics.jsonl, config.json, results.json and the plot.
     """
     return jax.process_index() == 0
+
+
+def _load_data(cfg: Config, log, primary: bool) -> TokenShards:
+    """The run's token shards; with several processes, process 0 prepares them first and the others wait.
+
+    The others then open the same directory (a shared filesystem) or prepare their own copy (a
+    host with its own cache; the result is the same bytes). If process 0 fails, the others still
+    pass the barrier and fail on their own attempt, so no process is left waiting.
+    """
+    if jax.process_count() == 1:
+        return load_shards(cfg.data, log)
+    data, error = None, None
+    if primary:
+        try:
+            data = load_shards(cfg.data, log)
+        except (ValueError, OSError) as e:
+            error = e
+    multihost_utils.sync_global_devices("lowrank_jax: token shards ready")
+    if error is not None:
+        raise error
+    return data if primary else load_shards(cfg.data, log)
 
 
 def train(cfg: Config, log=print) -> dict[str, Any]:
@@ -58,7 +86,7 @@ def train(cfg: Config, log=print) -> dict[str, Any]:
     if cfg.batch_size % jax.process_count():
         raise ConfigError(f"batch_size: {cfg.batch_size} rows do not split evenly over {jax.process_count()} processes")
     try:
-        data = load_shards(cfg.data, log)
+        data = _load_data(cfg, log, primary)
     except (ValueError, OSError) as e:
         raise ConfigError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     if cfg.model.vocab_size == 0:
