@@ -37,9 +37,16 @@ DEFAULT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
 def mesh_shape(requested: Sequence[int], n_devices: int) -> tuple[int, ...]:
     """Resolve one ``-1`` to the remaining devices and check the product equals ``n_devices``.
 
-    ``(1, 1, 1)`` (the default) always means one device, whatever the host has.
+    ``(1, 1, 1)`` (the default) always means one device, whatever the host has; a run of several
+    processes must name a mesh over all their devices (a process without a device in the mesh has
+    no rows to feed and no part in its collectives).
     """
     if tuple(requested) == (1, 1, 1):
+        if jax.process_count() > 1:
+            raise ValueError(
+                f"mesh: (1, 1, 1) is one device, but {jax.process_count()} processes share this run; set "
+                f"mesh=-1,1,1 (data parallel over all {n_devices} devices) or another shape over all of them"
+            )
         return (1, 1, 1)
     sizes = list(requested)
     if -1 in sizes:
@@ -180,28 +187,37 @@ def maybe_initialize_distributed(env: dict[str, str] | None = None) -> bool:
     ``LOWRANK_JAX_DISTRIBUTED=auto`` calls ``jax.distributed.initialize()`` with no arguments (TPU
     pods, SLURM and other clusters JAX detects itself); ``JAX_COORDINATOR_ADDRESS`` with
     ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` passes them explicitly. Must run before anything
-    touches the devices.
+    touches the devices. Calling it again in an initialised process does nothing (returns True).
+    CPU processes talk through gloo collectives (JAX's default; set here if a JAX version leaves it unset).
     """
     env = dict(os.environ if env is None else env)
-    if env.get("LOWRANK_JAX_DISTRIBUTED") == "auto":
-        jax.distributed.initialize()
-        return True
-    if env.get("JAX_COORDINATOR_ADDRESS"):
+    auto = env.get("LOWRANK_JAX_DISTRIBUTED") == "auto"
+    if not auto and not env.get("JAX_COORDINATOR_ADDRESS"):
+        return False
+    kwargs = {}
+    if not auto:
         try:
-            n, i = int(env["JAX_NUM_PROCESSES"]), int(env["JAX_PROCESS_ID"])
+            kwargs = {"num_processes": int(env["JAX_NUM_PROCESSES"]), "process_id": int(env["JAX_PROCESS_ID"])}
         except (KeyError, ValueError) as e:
             raise ValueError(
                 f"JAX_COORDINATOR_ADDRESS: also set integer JAX_NUM_PROCESSES and JAX_PROCESS_ID ({e})"
             ) from None
-        jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"], num_processes=n, process_id=i)
+        kwargs["coordinator_address"] = env["JAX_COORDINATOR_ADDRESS"]
+    if jax.distributed.is_initialized():
         return True
-    return False
+    if jax.config.jax_cpu_collectives_implementation is None:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**kwargs)
+    return True
 
 
 def host_rows(sharding: NamedSharding, global_shape: Sequence[int]) -> slice:
     """The contiguous rows of a ``(batch, ...)`` array that this process's devices hold under ``sharding``."""
     starts, stops = [], []
-    for index in sharding.addressable_devices_indices_map(tuple(global_shape)).values():
+    indices = sharding.addressable_devices_indices_map(tuple(global_shape))
+    if not indices:
+        raise ValueError(f"batch: process {jax.process_index()} has no device in the mesh; use a mesh over all devices")
+    for index in indices.values():
         rows = index[0] if index else slice(None)
         start, stop, _ = rows.indices(global_shape[0])
         starts.append(start)

@@ -3,7 +3,8 @@
 The state pytree is saved as a flat ``{path: array}`` dict (stable string keys whatever the
 optimizer's state structure) and restored into the abstract state with its shardings. Saves are
 asynchronous; ``keep_checkpoints`` newest are kept. If the newest checkpoint cannot be read, the
-next older one is tried and a message says so.
+next older one is tried and a message says so. In a multi-process run every process takes part in
+each save and restore (orbax coordinates them); ``directory`` must be one that all processes see.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 
 class CheckpointError(RuntimeError):
@@ -28,6 +31,13 @@ def _flatten(tree: Any) -> tuple[dict[str, Any], Any]:
     if len(flat) != len(leaves):  # pragma: no cover - keys are unique for dict/NamedTuple trees
         raise ValueError("checkpoint: state paths are not unique")
     return flat, treedef
+
+
+def _on_every_process(ok: bool) -> bool:
+    """Whether ``ok`` holds in every process of the run (one tiny collective when there are several)."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
 
 
 def checkpoint_steps(directory: str | Path) -> list[int]:
@@ -65,23 +75,32 @@ class Checkpointer:
         if not steps:
             raise CheckpointError(f"resume: no checkpoint in {str(self.directory)!r}")
         errors = []
+        primary = jax.process_index() == 0
         for step in steps:
+            failure = None
             try:
                 state, meta = self.restore(step, layout(step))
             except Exception as e:  # noqa: BLE001 - any read failure means "damaged"
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-                print(
-                    f"checkpoint {step} in {self.directory} is unreadable ({first}); trying an older one",
-                    file=sys.stderr,
-                )
+                failure = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            if not _on_every_process(failure is None):  # one process's unreadable shards fail them all
+                if primary:
+                    why = failure or "in another process"
+                    print(
+                        f"checkpoint {step} in {self.directory} is unreadable ({why}); trying an older one",
+                        file=sys.stderr,
+                    )
                 errors.append(step)
                 continue
-            for bad in errors:  # set damaged newer checkpoints aside so the run can save those steps again
-                target = self.directory / f"damaged_{bad}"
-                shutil.rmtree(target, ignore_errors=True)
-                os.replace(self.directory / str(bad), target)
-                print(f"moved unreadable checkpoint {bad} to {target}", file=sys.stderr)
             if errors:
+                # set damaged newer checkpoints aside so the run can save those steps again: one process
+                # moves them (every process sees the same directory), the others wait for it
+                for bad in errors if primary else ():
+                    target = self.directory / f"damaged_{bad}"
+                    shutil.rmtree(target, ignore_errors=True)
+                    os.replace(self.directory / str(bad), target)
+                    print(f"moved unreadable checkpoint {bad} to {target}", file=sys.stderr)
+                if jax.process_count() > 1:
+                    multihost_utils.sync_global_devices("lowrank_jax: damaged checkpoints moved")
                 self.manager.reload()
             return state, meta
         raise CheckpointError(f"resume: every checkpoint in {str(self.directory)!r} is unreadable (steps {errors})")

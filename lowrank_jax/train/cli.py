@@ -7,14 +7,19 @@ input is one line on stderr naming the field, exit status 2, and nothing written
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
+import traceback
+from collections.abc import Iterator
 
 from lowrank_jax.config import ConfigError, load_config, named_configs, to_dict
 from lowrank_jax.data.shards import prepare_shards
 from lowrank_jax.models import formula_param_count, param_report
 from lowrank_jax.sharding import maybe_initialize_distributed
 from lowrank_jax.train.checkpoint import CheckpointError
+from lowrank_jax.train.launch import launch
 from lowrank_jax.train.loop import train
 from lowrank_jax.train.memory import memory_command
 from lowrank_jax.train.metrics import fmt_bytes
@@ -47,11 +52,66 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--no-licm", action="store_true", help="disable XLA loop-invariant code motion (see lowrank_jax.train.memory)"
     )
+    la = sub.add_parser(
+        "launch",
+        help="run a subcommand as several JAX processes on this machine (one multi-process run over CPU devices)",
+        description="Start N local processes of `lowrank-jax COMMAND ...` that form one JAX distributed run "
+        "(localhost coordinator, CPU devices, gloo collectives). Process 0's output is shown as is, the others' "
+        "prefixed [process i] on stderr; if one process fails the rest are killed and its exit status is returned.",
+    )
+    la.add_argument("--local-processes", type=int, required=True, metavar="N", help="number of processes")
+    la.add_argument("--devices-per-process", type=int, default=1, metavar="K", help="CPU devices each (default 1)")
+    la.add_argument("--port", type=int, default=None, help="coordinator port on 127.0.0.1 (default: a free one)")
+    la.add_argument(
+        "--grace", type=float, default=10.0, metavar="S", help="seconds after Ctrl-C before processes are killed"
+    )
+    la.add_argument("subcommand", nargs=argparse.REMAINDER, help="the lowrank-jax subcommand, e.g. train tiny steps=10")
+    p.set_defaults(subcommands=sub.choices)  # the live name -> parser dict, for `launch` to check against
     return p
+
+
+def _launch(args: argparse.Namespace) -> int:
+    names = args.subcommands
+    if not args.subcommand or args.subcommand[0] not in names or args.subcommand[0] == "launch":
+        choices = ", ".join(n for n in names if n != "launch")
+        print(f"lowrank-jax: error: launch: give a subcommand to run ({choices}) after the options", file=sys.stderr)
+        return 2
+    try:
+        return launch(args.subcommand, args.local_processes, args.devices_per_process, args.port, args.grace)
+    except ValueError as e:
+        print(f"lowrank-jax: error: {e}", file=sys.stderr)
+        return 2
+
+
+@contextlib.contextmanager
+def _exit_at_once_on_failure(distributed: bool) -> Iterator[None]:
+    """In a multi-process run, a process that fails reports and exits at once (``os._exit``).
+
+    A normal exit would wait in JAX's shutdown barrier for processes that are themselves waiting in
+    a collective for this one, and end minutes later in an abort that hides the real status; exiting
+    at once lets the launcher (or the cluster's) see the failure and stop the others.
+    """
+    if not distributed:
+        yield
+        return
+    try:
+        yield
+        return
+    except ConfigError as e:
+        print(f"lowrank-jax: error: {e}", file=sys.stderr)
+        status = 2
+    except BaseException as e:  # noqa: BLE001 - every failure leaves the same way
+        traceback.print_exc()
+        status = 130 if isinstance(e, KeyboardInterrupt) else 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "launch":
+        return _launch(args)
     if args.command == "configs":
         print("\n".join(named_configs()))
         return 0
@@ -83,13 +143,14 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({**report, "formula_params": formula_param_count(model)}))
         else:
             try:
-                maybe_initialize_distributed()
+                distributed = maybe_initialize_distributed()
             except ValueError as e:
                 raise ConfigError(str(e)) from None
-            try:
-                train(cfg)
-            except CheckpointError as e:
-                raise ConfigError(str(e)) from None
+            with _exit_at_once_on_failure(distributed):
+                try:
+                    train(cfg)
+                except CheckpointError as e:
+                    raise ConfigError(str(e)) from None
     except ConfigError as e:
         print(f"lowrank-jax: error: {e}", file=sys.stderr)
         return 2

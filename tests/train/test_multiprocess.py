@@ -1,0 +1,307 @@
+"""Several real JAX processes on this machine train one run (``lowrank-jax launch``).
+
+Every run goes through the CLI in subprocesses: ``lowrank-jax launch --local-processes N train``
+(N processes, a localhost coordinator, gloo CPU collectives, one device each unless stated) against
+``lowrank-jax train`` in one process with the same number of fake devices. The mesh is data
+parallel over every device, so each process feeds its own rows of the global batch.
+
+- N processes give the per-step losses of one process over N devices (rtol 1e-5);
+- SIGKILL of one process after a checkpoint: the launcher kills the rest and fails; a restart of
+  all with ``resume=true`` reproduces the uninterrupted run's losses bitwise;
+- a checkpoint written by 2 processes resumes in 1 process over 2 devices (and one written by
+  1 process resumes in 4) with the same losses;
+- a process that raises exits at once and the launcher stops the rest; an unreadable newest
+  checkpoint is skipped by every process alike;
+- the launcher itself (with a stand-in interpreter): first failure's status, Ctrl-C forwarding.
+
+The kill is deterministic: a ``sitecustomize`` put on the children's PYTHONPATH SIGKILLs process
+``P`` when it is about to save checkpoint ``S``, once an earlier checkpoint is on disk (the run
+has then done steps past that checkpoint that are lost).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import REPO
+
+from lowrank_jax.train import cli
+from lowrank_jax.train.checkpoint import checkpoint_steps
+from lowrank_jax.train.launch import exit_status, launch, process_env
+from lowrank_jax.train.metrics import read_metrics
+
+STEPS, EVERY, KILL_AT = 12, 4, 8
+RUN = [f"steps={STEPS}", f"checkpoint_every={EVERY}", "keep_checkpoints=5", "log_every=1", "mesh=-1,1,1"]
+
+KILL_HOOK = """
+import os, signal, time
+_spec = os.environ.get("LRJ_TEST_KILL")
+if _spec:
+    _proc, _step, _how = _spec.split(":")
+    _proc, _step = int(_proc), int(_step)
+    from lowrank_jax.train import checkpoint as _ckpt
+
+    _save = _ckpt.Checkpointer.save
+
+    def save(self, step, state, meta):
+        import jax
+
+        if step == _step and jax.process_index() == _proc:
+            deadline = time.time() + 120
+            while not _ckpt.checkpoint_steps(self.directory) and time.time() < deadline:
+                time.sleep(0.02)
+            if _how == "raise":
+                raise RuntimeError(f"test failure in process {_proc}")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return _save(self, step, state, meta)
+
+    _ckpt.Checkpointer.save = save
+"""
+
+
+_COMPILE_CACHE: list[str] = []  # this module's persistent compilation cache (the runs repeat programs)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+    _COMPILE_CACHE.append(str(tmp_path_factory.mktemp("jax_cache")))
+    yield
+    _COMPILE_CACHE.clear()
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "LOWRANK_JAX_"))}
+    if _COMPILE_CACHE:  # ~25% faster; the kill/resume runs load what the uninterrupted run compiled
+        env.update(JAX_COMPILATION_CACHE_DIR=_COMPILE_CACHE[0], JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    return {**env, "JAX_PLATFORMS": "cpu", **extra}
+
+
+def _run(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    t0 = time.time()
+    res = subprocess.run(
+        [sys.executable, "-m", "lowrank_jax.train.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=REPO,
+    )
+    print(f"{time.time() - t0:5.1f}s  {' '.join(args[:4])} -> {res.returncode}")
+    return res
+
+
+def single(small_overrides, out: Path, devices: int, *extra: str, env=None) -> subprocess.CompletedProcess:
+    """``lowrank-jax train`` in one process over ``devices`` fake CPU devices."""
+    env = {**(env or _env()), "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    return _run(["train", "tiny", *small_overrides, f"out_dir={out}", *RUN, *extra], env)
+
+
+def launched(small_overrides, out: Path, n: int, *extra: str, devices: int = 1, env=None):
+    """``lowrank-jax launch --local-processes n train ...``."""
+    args = ["launch", "--local-processes", str(n), "--devices-per-process", str(devices)]
+    return _run([*args, "train", "tiny", *small_overrides, f"out_dir={out}", *RUN, *extra], env or _env())
+
+
+def _ok(res: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+def losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r}
+
+
+def val_loss(out: Path) -> float:
+    return [r["val_loss"] for r in read_metrics(out / "metrics.jsonl") if "val_loss" in r][-1]
+
+
+def assert_close(got: Path, want: Path, rtol: float = 1e-5) -> None:
+    g, w = losses(got), losses(want)
+    assert sorted(g) == sorted(w) == list(range(1, STEPS + 1))
+    np.testing.assert_allclose([g[s] for s in w], [w[s] for s in w], rtol=rtol)
+    np.testing.assert_allclose(val_loss(got), val_loss(want), rtol=rtol)
+
+
+@pytest.fixture(scope="module")
+def runs(small_overrides, tmp_path_factory) -> dict[str, Path]:
+    """The uninterrupted runs, made once: 1 process over 2 devices and 2 processes of 1 device."""
+    root = tmp_path_factory.mktemp("mp")
+    _ok(single(small_overrides, root / "one_x2", 2))  # also fills the data cache for the rest
+    _ok(launched(small_overrides, root / "two", 2))
+    return {"one_x2": root / "one_x2", "two": root / "two", "root": root}
+
+
+def test_two_processes_match_one_process(runs):
+    assert_close(runs["two"], runs["one_x2"])
+    assert checkpoint_steps(runs["two"] / "checkpoints") == list(range(EVERY, STEPS + 1, EVERY))
+    # only process 0 writes the run's files; both wrote their part of every checkpoint
+    assert (runs["two"] / "results.json").is_file() and (runs["two"] / "loss.png").is_file()
+
+
+def _kill_env(tmp: Path, process: int, how: str = "sigkill") -> dict[str, str]:
+    """An environment in which process ``process`` SIGKILLs itself (or raises) about to save checkpoint KILL_AT."""
+    d = tmp / "hook"
+    d.mkdir(exist_ok=True)
+    (d / "sitecustomize.py").write_text(textwrap.dedent(KILL_HOOK))
+    path = os.pathsep.join(p for p in (str(d), os.environ.get("PYTHONPATH")) if p)
+    return _env(PYTHONPATH=path, LRJ_TEST_KILL=f"{process}:{KILL_AT}:{how}")
+
+
+def test_sigkill_one_process_then_resume_all_is_exact(small_overrides, runs, tmp_path):
+    out = tmp_path / "killed"
+    env = _kill_env(tmp_path, 1)
+    t0 = time.time()
+    res = launched(small_overrides, out, 2, env=env)
+    assert res.returncode == 128 + signal.SIGKILL, res.stderr[-3000:]
+    assert "process 1 exited with status 137; stopping the other processes" in res.stderr
+    assert time.time() - t0 < 120  # process 0 did not hang in a collective
+    saved = checkpoint_steps(out / "checkpoints")
+    assert saved and max(saved) < KILL_AT, saved
+    assert not (out / "results.json").exists()
+    # the same checkpoint resumed by 1 process over 2 devices (another process count)
+    shutil.copytree(out, tmp_path / "other_count")
+
+    res = _ok(launched(small_overrides, out, 2, "resume=true"))
+    resumed_from = int(res.stdout.split("resumed from step ")[1].split()[0])
+    assert 0 < resumed_from < KILL_AT
+    got, want = losses(out), losses(runs["two"])
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert all(got[s] == want[s] for s in want), "resumed losses differ from the uninterrupted run's"
+    assert val_loss(out) == val_loss(runs["two"])
+
+    _ok(single(small_overrides, tmp_path / "other_count", 2, "resume=true"))
+    assert_close(tmp_path / "other_count", runs["one_x2"])
+
+
+@pytest.mark.slow
+def test_four_processes_match_one_process_and_resume_across_counts(small_overrides, runs, tmp_path):
+    """4 processes of 1 device and 2 of 2 devices equal 1 process over 4; a 1-process checkpoint resumes in 4."""
+    one = tmp_path / "one_x4"
+    _ok(single(small_overrides, one, 4))
+    _ok(launched(small_overrides, tmp_path / "four", 4))
+    assert_close(tmp_path / "four", one)
+    _ok(launched(small_overrides, tmp_path / "two_x2", 2, devices=2))
+    assert_close(tmp_path / "two_x2", one)
+    # a 1-process run killed after a checkpoint (the same hook; steps= must stay: it sets the schedule)
+    part = tmp_path / "part"
+    res = single(small_overrides, part, 4, env=_kill_env(tmp_path, 0))
+    assert res.returncode == -signal.SIGKILL and checkpoint_steps(part / "checkpoints"), res.stderr[-3000:]
+    _ok(launched(small_overrides, part, 4, "resume=true"))
+    assert_close(part, one)
+
+
+@pytest.mark.slow
+def test_an_exception_in_one_process_fails_the_run_at_once(small_overrides, tmp_path):
+    """Process 1 raises mid-run: it exits 1 at once (no wait in JAX's shutdown barrier), the launcher stops 0."""
+    t0 = time.time()
+    res = launched(small_overrides, tmp_path / "raised", 2, env=_kill_env(tmp_path, 1, "raise"))
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert "[process 1] RuntimeError: test failure in process 1" in res.stderr
+    assert "process 1 exited with status 1; stopping the other processes" in res.stderr
+    assert time.time() - t0 < 90
+
+
+@pytest.mark.slow
+def test_damaged_checkpoint_falls_back_in_every_process(small_overrides, runs, tmp_path):
+    """The newest checkpoint of a 2-process run is unreadable: both processes take the older one, one moves it."""
+    out = tmp_path / "damaged"
+    shutil.copytree(runs["two"], out)
+    newest = out / "checkpoints" / str(STEPS)
+    for f in (newest / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    res = _ok(launched(small_overrides, out, 2, "resume=true"))
+    assert f"resumed from step {STEPS - EVERY}" in res.stdout
+    assert res.stderr.count(f"moved unreadable checkpoint {STEPS}") == 1
+    assert checkpoint_steps(out / "checkpoints")[-1] == STEPS and (out / "checkpoints" / f"damaged_{STEPS}").is_dir()
+    assert losses(out) == losses(runs["two"])
+
+
+def test_launch_errors(small_overrides, capsys):
+    assert cli.main(["launch", "--local-processes", "2"]) == 2
+    assert "give a subcommand to run (train, " in capsys.readouterr().err
+    assert cli.main(["launch", "--local-processes", "2", "launch", "train"]) == 2
+    assert cli.main(["launch", "--local-processes", "0", "configs"]) == 2
+    assert "--local-processes: must be >= 1" in capsys.readouterr().err
+    # a config error in every process: the launcher returns their status
+    res = _run(["launch", "--local-processes", "2", "train", "tiny", *small_overrides, "mesh=1,1,1"], _env())
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "mesh: (1, 1, 1) is one device, but 2 processes share this run" in res.stderr
+
+
+def _fake_python(tmp_path: Path, body: str) -> str:
+    """An executable that stands in for the child interpreter: runs ``body`` whatever its arguments."""
+    (tmp_path / "fake.py").write_text(textwrap.dedent(body))
+    wrapper = tmp_path / "py"
+    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {tmp_path / 'fake.py'}\n")
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
+def test_a_failing_process_stops_the_others(tmp_path):
+    """Process 1 exits with status 3 while process 0 would wait forever: 0 is killed, the status is 3."""
+    python = _fake_python(
+        tmp_path,
+        """
+        import os, sys, time
+        print("hello from", os.environ["JAX_PROCESS_ID"], flush=True)
+        if os.environ["JAX_PROCESS_ID"] == "1":
+            sys.exit(3)
+        time.sleep(600)
+        """,
+    )
+    lines: list[str] = []
+    t0 = time.time()
+    assert launch(["train"], 2, python=python, log=lines.append, env=_env()) == 3
+    assert time.time() - t0 < 30
+    assert lines == ["process 1 exited with status 3; stopping the other processes"]
+
+
+@pytest.mark.parametrize("ignores_sigint", [False, True])
+def test_ctrl_c_is_forwarded(tmp_path, ignores_sigint):
+    """SIGINT to the launcher reaches every process; one that ignores it is killed after the grace period."""
+    python = _fake_python(
+        tmp_path,
+        f"""
+        import os, pathlib, signal, time
+        if {ignores_sigint}:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        pathlib.Path({str(tmp_path)!r}, "ready_" + os.environ["JAX_PROCESS_ID"]).touch()
+        time.sleep(600)
+        """,
+    )
+    code = (
+        "import sys; from lowrank_jax.train.launch import launch; "
+        "sys.exit(launch(['train'], 3, python=sys.argv[1], grace_s=1))"
+    )
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", code, python], stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO
+    )
+    deadline = time.time() + 60
+    while len(list(tmp_path.glob("ready_*"))) < 3 and time.time() < deadline:
+        time.sleep(0.05)
+    t0 = time.time()
+    launcher.send_signal(signal.SIGINT)
+    _, err = launcher.communicate(timeout=60)
+    assert launcher.returncode == 130, err
+    assert time.time() - t0 < 20
+    assert ("still running 1s after SIGINT; killing them" in err) == ignores_sigint, err
+
+
+def test_process_env():
+    base = {"XLA_FLAGS": "--xla_foo=1 --xla_force_host_platform_device_count=8", "LOWRANK_JAX_DISTRIBUTED": "auto"}
+    env = process_env(base, 1, 4, 2, 12345)
+    assert env["JAX_COORDINATOR_ADDRESS"] == "127.0.0.1:12345"
+    assert (env["JAX_NUM_PROCESSES"], env["JAX_PROCESS_ID"], env["JAX_PLATFORMS"]) == ("4", "1", "cpu")
+    assert env["XLA_FLAGS"] == "--xla_foo=1 --xla_force_host_platform_device_count=2"
+    assert "LOWRANK_JAX_DISTRIBUTED" not in env
+    assert exit_status(-9) == 137 and exit_status(2) == 2
