@@ -193,13 +193,14 @@ def train(cfg: Config, log=print) -> dict[str, Any]:
         dynamic_ncols=True,
         file=sys.stderr,
     )
+    say = bar.write if primary else (lambda *args, **kwargs: None)  # tqdm's write ignores disable
     t_loop = time.time()
     loader = batches.iterate(start, cfg.steps)
     first_step_s = None  # wall time from train() start to the first step's loss (data, compile, restore included)
     for step in range(start, cfg.steps):
         if warm is not None and step == switch:
             state = switch_to_lora(state, trainer)
-            bar.write(f"step {step}: warm start done, switched to LoRA (model.dense={cfg.model.dense})")
+            say(f"step {step}: warm start done, switched to LoRA (model.dense={cfg.model.dense})")
         state, m = phase(step)[1](state, trainer.put_rows(next(loader), cfg.batch_size))
         done = step + 1
         if first_step_s is None:
@@ -216,7 +217,7 @@ def train(cfg: Config, log=print) -> dict[str, Any]:
         if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
             flush_metrics()
             val_loss = run_eval(done)
-            bar.write(f"step {done}: val_loss {val_loss:.4f} val_ppl {math.exp(val_loss):.2f}")
+            say(f"step {done}: val_loss {val_loss:.4f} val_ppl {math.exp(val_loss):.2f}")
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done != cfg.steps:
             flush_metrics()
             checkpointer.save(done, state, {**meta, "step": done, "data_state": batches.state_dict(done)})
