@@ -33,6 +33,7 @@ from lowrank_jax.train.checkpoint import Checkpointer, checkpoint_steps
 from lowrank_jax.train.optimizer import lr_group_report, trainable_params
 from lowrank_jax.train.relora import switch_to_lora, warm_start_config
 from lowrank_jax.train.step import compile_train_step, compiled_memory, evaluate, health, make_trainer
+from lowrank_jax.train.tracking import Trackers, check_logging, device_memory_gib, model_flops_utilization
 from pallas_kernels.selection import implementation_record
 
 
@@ -79,6 +80,7 @@ def train(cfg: Config, log=print) -> dict[str, Any]:
     if not cfg.resume and checkpoint_steps(ckpt_dir):
         raise ConfigError(f"out_dir: {str(out)!r} already holds checkpoints; pass resume=true or another out_dir")
 
+    check_logging(cfg)  # a missing tensorboardX / wandb package: one line, before anything is written
     try:
         shd.mesh_shape(cfg.mesh, jax.device_count())
     except ValueError as e:
@@ -164,6 +166,10 @@ def train(cfg: Config, log=print) -> dict[str, Any]:
     mlog = metrics_lib.MetricsLog(out / "metrics.jsonl", resume_step=start if cfg.resume else None, enabled=primary)
     if primary:
         metrics_lib.write_json(out / "config.json", config_lib.to_dict(cfg))
+    trackers = Trackers(cfg, out, enabled=primary, resume_step=start if cfg.resume else None)
+    device_kind, n_devices = trainer.mesh.devices.flat[0].device_kind, trainer.mesh.devices.size
+    if start == 0:
+        trackers.scalars(0, {"xla_peak_estimate_gib": memory.get("peak_estimate_bytes", 0) / 2**30}, "memory")
 
     tps = cfg.tokens_per_step
     meta = {"data_digest": data.digest, "tokens_per_step": tps}
@@ -174,64 +180,79 @@ def train(cfg: Config, log=print) -> dict[str, Any]:
     def flush_metrics() -> None:
         for s, m in jax.device_get(pending):
             mlog.write({"step": s, "tokens": s * tps, **{k: float(v) for k, v in m.items()}})
+            trackers.scalars(s, m, "train")
         pending.clear()
         mlog.flush()
+        trackers.flush()
 
     def run_eval(s: int) -> float:
         tr = phase(s - 1)[0]
         loss = evaluate(tr, state.params, val_batches)
         rms = health(tr, state.params, val_batches[0])
-        mlog.write({"step": s, "tokens": s * tps, "val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), **rms})
+        record = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), **rms}
+        mlog.write({"step": s, "tokens": s * tps, **record})
         mlog.flush()
+        trackers.scalars(s, record, "eval")
+        trackers.flush()
         return loss
 
-    bar = tqdm(
-        total=cfg.steps,
-        initial=start,
-        disable=not (cfg.progress and primary),
-        unit="step",
-        dynamic_ncols=True,
-        file=sys.stderr,
-    )
-    say = bar.write if primary else (lambda *args, **kwargs: None)  # tqdm's write ignores disable
-    t_loop = time.time()
-    loader = batches.iterate(start, cfg.steps)
-    first_step_s = None  # wall time from train() start to the first step's loss (data, compile, restore included)
-    for step in range(start, cfg.steps):
-        if warm is not None and step == switch:
-            state = switch_to_lora(state, trainer)
-            say(f"step {step}: warm start done, switched to LoRA (model.dense={cfg.model.dense})")
-        state, m = phase(step)[1](state, trainer.put_rows(next(loader), cfg.batch_size))
-        done = step + 1
-        if first_step_s is None:
-            jax.block_until_ready(m["loss"])
-            first_step_s = time.time() - t_start
-        pending.append((done, m))
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            loss = float(m["loss"])
-            flush_metrics()
-            rate = (done - start) * tps / max(time.time() - t_loop - excluded, 1e-9)
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
-            bar.update(done - bar.n)
-        t_pause = time.time()
-        if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
-            flush_metrics()
-            val_loss = run_eval(done)
-            say(f"step {done}: val_loss {val_loss:.4f} val_ppl {math.exp(val_loss):.2f}")
-        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done != cfg.steps:
-            flush_metrics()
-            checkpointer.save(done, state, {**meta, "step": done, "data_state": batches.state_dict(done)})
-        excluded += time.time() - t_pause
-    jax.block_until_ready(state)
-    train_time = time.time() - t_loop - excluded
-    bar.close()
-    flush_metrics()
-    if start < cfg.steps or not math.isfinite(val_loss):
-        val_loss = run_eval(cfg.steps)
-    if cfg.steps not in checkpointer.manager.all_steps():
-        checkpointer.save(cfg.steps, state, {**meta, "step": cfg.steps, "data_state": batches.state_dict(cfg.steps)})
-    checkpointer.close()
-    mlog.close()
+    try:
+        bar = tqdm(
+            total=cfg.steps,
+            initial=start,
+            disable=not (cfg.progress and primary),
+            unit="step",
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
+        say = bar.write if primary else (lambda *args, **kwargs: None)  # tqdm's write ignores disable
+        t_loop = time.time()
+        loader = batches.iterate(start, cfg.steps)
+        first_step_s = None  # wall time from train() start to the first step's loss (data, compile, restore included)
+        for step in range(start, cfg.steps):
+            if warm is not None and step == switch:
+                state = switch_to_lora(state, trainer)
+                say(f"step {step}: warm start done, switched to LoRA (model.dense={cfg.model.dense})")
+            state, m = phase(step)[1](state, trainer.put_rows(next(loader), cfg.batch_size))
+            done = step + 1
+            if first_step_s is None:
+                jax.block_until_ready(m["loss"])
+                first_step_s = time.time() - t_start
+            pending.append((done, m))
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                loss = float(m["loss"])
+                flush_metrics()
+                rate = (done - start) * tps / max(time.time() - t_loop - excluded, 1e-9)
+                mfu = model_flops_utilization(cfg, rate, device_kind, n_devices)
+                trackers.scalars(done, {"tokens_per_s": rate, "mfu": mfu}, "train")
+                trackers.scalars(done, device_memory_gib(), "memory")
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
+                bar.update(done - bar.n)
+            t_pause = time.time()
+            if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
+                flush_metrics()
+                val_loss = run_eval(done)
+                say(f"step {done}: val_loss {val_loss:.4f} val_ppl {math.exp(val_loss):.2f}")
+            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done != cfg.steps:
+                flush_metrics()
+                checkpointer.save(done, state, {**meta, "step": done, "data_state": batches.state_dict(done)})
+            excluded += time.time() - t_pause
+        jax.block_until_ready(state)
+        train_time = time.time() - t_loop - excluded
+        bar.close()
+        flush_metrics()
+        if start < cfg.steps or not math.isfinite(val_loss):
+            val_loss = run_eval(cfg.steps)
+        if cfg.steps not in checkpointer.manager.all_steps():
+            checkpointer.save(
+                cfg.steps, state, {**meta, "step": cfg.steps, "data_state": batches.state_dict(cfg.steps)}
+            )
+        checkpointer.close()
+        mlog.close()
+    except BaseException:
+        trackers.close(ok=False)
+        raise
+    trackers.close()
 
     if primary:
         records = metrics_lib.read_metrics(out / "metrics.jsonl")
@@ -259,6 +280,7 @@ def train(cfg: Config, log=print) -> dict[str, Any]:
         "time_to_first_step_s": first_step_s,
         "xla_memory": memory,
         "kernel_implementations": implementation_record(),  # which matmul implementation ran, and why
+        "trackers": trackers.record(),
         "data_digest": data.digest,
         "data": {
             "shards": str(data.directory),

@@ -380,3 +380,23 @@ def test_device_memory_gib():
     assert tracking.device_memory_gib([_Device(None)]) == {}
     if jax.default_backend() == "cpu":
         assert tracking.device_memory_gib() == {}  # the CPU backend keeps no counters
+
+
+def test_a_training_run_and_its_resume_log_the_same_scalars_as_metrics_jsonl(small_overrides, tmp_path):
+    """The loop's wiring: every step's loss, the evals and tokens/s reach TensorBoard, once each, across a resume."""
+    from lowrank_jax.train.cli import main  # noqa: PLC0415
+    from lowrank_jax.train.metrics import read_metrics  # noqa: PLC0415
+
+    out = tmp_path / "run"
+    run = [*small_overrides, "log_every=2", "eval_every=4", "checkpoint_every=4", f"out_dir={out}"]
+    assert main(["train", "tiny", *run, "steps=6"]) == 0
+    assert main(["train", "tiny", *run, "steps=8", "resume=true"]) == 0  # continues from the step-6 checkpoint
+    series = _scalars(_accumulator(out / tracking.TENSORBOARD_DIR, "server"))
+    records = read_metrics(out / "metrics.jsonl")
+    losses = {r["step"]: _f32(r["loss"]) for r in records if "loss" in r}
+    assert sorted(losses) == list(range(1, 9)) and series["train/loss"] == losses
+    evals = {r["step"]: _f32(r["val_loss"]) for r in records if "val_loss" in r}
+    assert series["eval/val_loss"] == evals and {4, 8} <= set(evals)
+    assert sorted(series["train/tokens_per_s"]) == [2, 4, 6, 8]
+    results = json.loads((out / "results.json").read_text())
+    assert results["trackers"]["tensorboard"] == str(out / tracking.TENSORBOARD_DIR)
