@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -34,30 +34,31 @@ if TYPE_CHECKING:  # annotations only: config imports this package's choice list
 ENCODE_CHUNK_CHARS = 4_000_000  # characters handed to one encode_batch call
 
 
-def encode_corpus(tokenizer: Tokenizer, docs: Sequence[str]) -> np.ndarray:
-    """One int32 stream: each document's ids followed by ``tokenizer.eos_id``, in order."""
-    eos = np.array([tokenizer.eos_id], dtype=np.int32)
-    parts: list[np.ndarray] = []
+def encoded_chunks(tokenizer: Tokenizer, docs: Iterable[str]) -> Iterator[np.ndarray]:
+    """The stream of :func:`encode_corpus` in pieces: one int64 array per ~``ENCODE_CHUNK_CHARS`` characters of docs."""
+    eos = np.array([tokenizer.eos_id], dtype=np.int64)
     chunk: list[str] = []
     size = 0
 
-    def flush() -> None:
-        for ids in tokenizer.encode_batch(chunk):
-            parts.append(np.asarray(ids, dtype=np.int32))
-            parts.append(eos)
+    def encoded() -> np.ndarray:
+        parts = [p for ids in tokenizer.encode_batch(chunk) for p in (np.asarray(ids, dtype=np.int64), eos)]
         chunk.clear()
+        return np.concatenate(parts)
 
     for doc in docs:
         chunk.append(doc)
         size += len(doc)
         if size >= ENCODE_CHUNK_CHARS:
-            flush()
+            yield encoded()
             size = 0
     if chunk:
-        flush()
-    if not parts:
-        return np.zeros((0,), dtype=np.int32)
-    return np.concatenate(parts)
+        yield encoded()
+
+
+def encode_corpus(tokenizer: Tokenizer, docs: Sequence[str]) -> np.ndarray:
+    """One int32 stream: each document's ids followed by ``tokenizer.eos_id``, in order."""
+    parts = list(encoded_chunks(tokenizer, docs))
+    return np.concatenate(parts).astype(np.int32) if parts else np.zeros((0,), dtype=np.int32)
 
 
 @dataclass

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lowrank_jax.data.corpus import SPLITS, stream_corpus
-from lowrank_jax.data.packing import ENCODE_CHUNK_CHARS, num_windows
+from lowrank_jax.data.packing import encoded_chunks, num_windows
 from lowrank_jax.data.tokenizer import Tokenizer, atomic_write_bytes, get_tokenizer, load_tokenizer
 
 if TYPE_CHECKING:  # annotations only: config imports this package's choice lists
@@ -124,28 +124,18 @@ class _SplitWriter:
 
 
 def _encode_split(tok: Tokenizer, texts: Iterator[str], writer: _SplitWriter) -> tuple[int, int]:
-    """Tokenize ``texts`` in chunks of about ``ENCODE_CHUNK_CHARS`` characters into ``writer``; (docs, chars)."""
-    eos = np.array([tok.eos_id], dtype=np.int64)
-    docs = chars = 0
-    chunk: list[str] = []
-    size = 0
+    """Tokenize ``texts`` a chunk at a time into ``writer``; returns (documents, characters)."""
+    counts = [0, 0]
 
-    def flush() -> None:
-        parts = [p for ids in tok.encode_batch(chunk) for p in (np.asarray(ids, dtype=np.int64), eos)]
-        writer.add(np.concatenate(parts))
-        chunk.clear()
+    def counted() -> Iterator[str]:
+        for text in texts:
+            counts[0] += 1
+            counts[1] += len(text)
+            yield text
 
-    for text in texts:
-        chunk.append(text)
-        docs += 1
-        chars += len(text)
-        size += len(text)
-        if size >= ENCODE_CHUNK_CHARS:
-            flush()
-            size = 0
-    if chunk:
-        flush()
-    return docs, chars
+    for ids in encoded_chunks(tok, counted()):
+        writer.add(ids)
+    return counts[0], counts[1]
 
 
 def prepare_shards(

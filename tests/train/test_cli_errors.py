@@ -213,5 +213,5 @@ def test_process_count_not_dividing_the_batch(shard_dir, tmp_path, capsys, monke
     import jax  # noqa: PLC0415
 
     monkeypatch.setattr(jax, "process_count", lambda: 3)
-    argv = ["train", "tiny", f"data.shards={shard_dir}", "batch_size=8", f"out_dir={tmp_path / 'out'}"]
+    argv = ["train", "tiny", f"data.shards={shard_dir}", "batch_size=8", "mesh=-1,1,1", f"out_dir={tmp_path / 'out'}"]
     _one_line_exit_2(argv, "batch_size: 8 rows do not split evenly over 3 processes", tmp_path, capsys)

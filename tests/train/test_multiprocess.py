@@ -279,9 +279,11 @@ def test_ctrl_c_is_forwarded(tmp_path, ignores_sigint):
         time.sleep(600)
         """,
     )
+    # a process that honours SIGINT gets a long grace (a loaded machine may take seconds to exit it)
+    grace = 1 if ignores_sigint else 15
     code = (
         "import sys; from lowrank_jax.train.launch import launch; "
-        "sys.exit(launch(['train'], 3, python=sys.argv[1], grace_s=1))"
+        f"sys.exit(launch(['train'], 3, python=sys.argv[1], grace_s={grace}))"
     )
     launcher = subprocess.Popen(
         [sys.executable, "-c", code, python], stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO
@@ -293,8 +295,8 @@ def test_ctrl_c_is_forwarded(tmp_path, ignores_sigint):
     launcher.send_signal(signal.SIGINT)
     _, err = launcher.communicate(timeout=60)
     assert launcher.returncode == 130, err
-    assert time.time() - t0 < 20
-    assert ("still running 1s after SIGINT; killing them" in err) == ignores_sigint, err
+    assert time.time() - t0 < 30
+    assert (f"still running {grace}s after SIGINT; killing them" in err) == ignores_sigint, err
 
 
 def test_process_env():
