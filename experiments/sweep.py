@@ -35,6 +35,8 @@ a blow-up shows here). A stale row says so; a row still waiting for runs counts 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import math
 import shutil
@@ -42,6 +44,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -222,8 +225,24 @@ def _requested(run: Run, protocol: Protocol, extra: list[str]) -> dict[str, Any]
     return json.loads(json.dumps({k: v for k, v in config.items() if k not in _NOT_COMPARED}))
 
 
-def execute(run: Run, protocol: Protocol, extra: list[str], results: Path, runs: Path, allow_dirty: bool) -> dict:
-    """Train ``run`` and file its records; returns its ``results.json``."""
+@contextlib.contextmanager
+def held(lock: Path | None) -> Iterator[None]:
+    """An exclusive ``flock`` on ``lock`` for the duration (nothing if None): other heavy jobs wait between runs."""
+    if lock is None:
+        yield
+        return
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def execute(
+    run: Run, protocol: Protocol, extra: list[str], results: Path, runs: Path, allow_dirty: bool, lock: Path | None
+) -> dict:
+    """Train ``run`` (holding ``lock``, if given) and file its records; returns its ``results.json``."""
     watched = watched_paths(run.recipe, protocol)
     dirty = _dirty(watched)
     if dirty and not allow_dirty:
@@ -231,7 +250,8 @@ def execute(run: Run, protocol: Protocol, extra: list[str], results: Path, runs:
     out = run.out_dir(runs)
     shutil.rmtree(out, ignore_errors=True)  # a stale or killed run's checkpoints: it is redone from the start
     overrides = [*run_overrides(run, protocol, extra), f"out_dir={out}", "progress=false"]
-    res = train(load_config(protocol.preset, overrides))
+    with held(lock):
+        res = train(load_config(protocol.preset, overrides))
     dest = run.record_dir(results)
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "metrics.jsonl").write_text((out / "metrics.jsonl").read_text())
@@ -254,6 +274,7 @@ class Sweep:
         self, protocol: Protocol, recipes: dict[str, Recipe], extra: list[str], results: Path, runs: Path
     ) -> None:
         self.protocol, self.recipes, self.extra, self.results, self.runs = protocol, recipes, extra, results, runs
+        self.lock: Path | None = None  # --lock: a file flock-ed while each run trains
         self.done: dict[Run, dict] = {}
         self.stale: dict[Run, str] = {}
 
@@ -308,7 +329,7 @@ class Sweep:
             return
         t0 = time.time()
         print(f"{head}: {status}, training ...", flush=True)
-        res = execute(run, self.protocol, self.extra, self.results, self.runs, allow_dirty)
+        res = execute(run, self.protocol, self.extra, self.results, self.runs, allow_dirty, self.lock)
         self.done[run] = res
         print(f"{head}: val_loss {res['final_val_loss']:.4f} in {time.time() - t0:.0f}s", flush=True)
 
@@ -432,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", type=Path, default=RESULTS, help="where run records and the table go")
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "sweep", help="the runs' own out dirs (checkpoints)")
     ap.add_argument("--set", dest="extra", action="append", default=[], metavar="K=V", help="override for every run")
+    ap.add_argument("--lock", type=Path, default=None, help="hold an exclusive flock on this file while a run trains")
     ap.add_argument("--allow-dirty", action="store_true", help="run from uncommitted code (recorded as stale)")
     a = ap.parse_args(argv)
     try:
@@ -447,6 +469,7 @@ def main(argv: list[str] | None = None) -> int:
             if recipes[n].lr_from and recipes[n].lr_from not in recipes:
                 raise ConfigError(f"{n}: lr_from names unknown recipe {recipes[n].lr_from!r}")
         sweep = Sweep(protocol, recipes, a.extra, a.results.resolve(), a.runs.resolve())
+        sweep.lock = a.lock
         stages = STAGES if a.stage == "all" else (a.stage,)
         sweep.run(names, stages, train_it=not a.table_only, allow_dirty=a.allow_dirty)
     except ConfigError as e:

@@ -202,3 +202,26 @@ def test_one_real_run_is_filed_with_its_command(sweep, tmp_path, monkeypatch, da
     assert any("max_block_rms_ratio" in json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines())
     monkeypatch.setattr(sweep, "_changed_since", lambda commit, paths: True)  # stale: redone over its old out dir
     assert sweep.main([*argv, *sets, "--stage", "short"]) == 0
+
+
+def test_lock_is_held_while_each_run_trains(sweep, tmp_path, monkeypatch):
+    import fcntl  # noqa: PLC0415
+
+    fake, _, argv = _fake_sweep(sweep, tmp_path, monkeypatch)
+    lock = tmp_path / "heavy.lock"
+    held = []
+
+    def locked_train(cfg):
+        with open(lock) as f:  # a second open file description: a flock on it fails while the sweep holds one
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held.append(False)
+            except BlockingIOError:
+                held.append(True)
+        return fake(cfg)
+
+    monkeypatch.setattr(sweep, "train", locked_train)
+    assert sweep.main([*argv, "--stage", "short", "--lock", str(lock)]) == 0
+    assert held and all(held)
+    with open(lock) as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released after the sweep
