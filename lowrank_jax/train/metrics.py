@@ -58,14 +58,14 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 def plot_losses(records: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
     """Training loss (raw and smoothed) and validation loss against tokens seen."""
-    import matplotlib  # noqa: PLC0415 - keep start-up light
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    # A bare Figure renders with Agg on savefig and leaves pyplot's backend alone (a notebook keeps
+    # its inline plots after a run); imported here to keep start-up light.
+    from matplotlib.figure import Figure  # noqa: PLC0415
 
     train = [r for r in records if "loss" in r]
     val = [r for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    fig = Figure(figsize=(7, 4.2), dpi=110)
+    ax = fig.subplots()
     if train:
         x = [r["tokens"] for r in train]
         y = [r["loss"] for r in train]
@@ -84,7 +84,6 @@ def plot_losses(records: list[dict[str, Any]], path: str | Path, title: str = ""
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def fmt_bytes(n: float) -> str:
