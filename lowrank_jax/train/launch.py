@@ -69,8 +69,16 @@ def process_env(
     return env
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Ask Linux to SIGKILL this child when the launcher dies (PR_SET_PDEATHSIG)."""
+def _child_setup() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Default SIGINT, and on Linux a SIGKILL when the launcher dies (PR_SET_PDEATHSIG).
+
+    An ignored SIGINT survives exec, and Python only turns SIGINT into KeyboardInterrupt when it
+    starts with the signal not ignored: a launcher started from a background job (or a test
+    worker) would otherwise hand its children an ignored SIGINT, and Ctrl-C could not stop them.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    if not sys.platform.startswith("linux"):
+        return
     try:
         import ctypes
 
@@ -133,7 +141,7 @@ def launch(
                     stdout=None if i == 0 else subprocess.PIPE,
                     stderr=None if i == 0 else subprocess.STDOUT,
                     start_new_session=True,  # signals reach it only through the launcher
-                    preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,  # noqa: PLW1509
+                    preexec_fn=_child_setup,  # noqa: PLW1509
                 )
             )
     except BaseException:

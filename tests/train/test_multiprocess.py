@@ -285,8 +285,15 @@ def test_ctrl_c_is_forwarded(tmp_path, ignores_sigint):
         "import sys; from lowrank_jax.train.launch import launch; "
         f"sys.exit(launch(['train'], 3, python=sys.argv[1], grace_s={grace}))"
     )
+    # the launcher starts with SIGINT ignored, as under a background job or a test worker: an ignored
+    # SIGINT survives exec, so the launcher must give its children the default back
     launcher = subprocess.Popen(
-        [sys.executable, "-c", code, python], stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO
+        [sys.executable, "-c", code, python],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        cwd=REPO,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # noqa: PLW1509
     )
     deadline = time.time() + 60
     while len(list(tmp_path.glob("ready_*"))) < 3 and time.time() < deadline:
