@@ -234,9 +234,19 @@ def global_batch(batch: np.ndarray, sharding: NamedSharding) -> jax.Array:
 
     On one process this is ``jax.device_put``; on several, every process computes the same
     deterministic global batch (it is a pure function of the step) and hands JAX just the rows its
-    devices hold (``jax.make_array_from_process_local_data``).
+    devices hold (:func:`batch_from_rows`).
     """
     if jax.process_count() == 1:
         return jax.device_put(batch, sharding)
-    rows = host_rows(sharding, batch.shape)
-    return jax.make_array_from_process_local_data(sharding, np.asarray(batch[rows]), batch.shape)
+    return batch_from_rows(np.asarray(batch[host_rows(sharding, batch.shape)]), sharding, batch.shape[0])
+
+
+def batch_from_rows(rows: np.ndarray, sharding: NamedSharding, batch_size: int) -> jax.Array:
+    """The global ``(batch_size, ...)`` array from this process's own rows (its :func:`host_rows`).
+
+    ``jax.make_array_from_process_local_data`` on several processes; ``jax.device_put`` on one, where
+    the rows are the whole batch.
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(rows, sharding)
+    return jax.make_array_from_process_local_data(sharding, rows, (batch_size, *rows.shape[1:]))

@@ -69,11 +69,7 @@ class Trainer:
 
     def put_rows(self, rows: np.ndarray, batch_size: int) -> jax.Array:
         """The global ``(batch_size, ...)`` batch from this process's own rows (``host_rows`` of the data sharding)."""
-        rows = np.asarray(rows, np.int32)
-        sharding = shd.batch_sharding(self.mesh)
-        if jax.process_count() == 1:
-            return jax.device_put(rows, sharding)
-        return jax.make_array_from_process_local_data(sharding, rows, (batch_size, *rows.shape[1:]))
+        return shd.batch_from_rows(np.asarray(rows, np.int32), shd.batch_sharding(self.mesh), batch_size)
 
 
 def make_trainer(cfg: Config, mesh: Mesh | None = None) -> Trainer:
