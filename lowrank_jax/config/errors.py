@@ -24,6 +24,16 @@ T = TypeVar("T", bound=type)
 class ConfigError(ValueError):
     """A configuration problem; the message names the offending field."""
 
+    @classmethod
+    def from_exception(cls, e: BaseException) -> ConfigError:
+        """The first line of ``e``'s message (its type name if it has none), as a ConfigError."""
+        return cls(first_line(e))
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of ``str(e)``, or the exception's type name when the message is empty."""
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
 
 # pydantic error type -> what the field expected
 _EXPECTED = {

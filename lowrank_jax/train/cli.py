@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 directory = prepare_shards(cfg.data, log=lambda msg: print(msg, file=sys.stderr))
             except (ValueError, OSError) as e:
-                raise ConfigError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+                raise ConfigError.from_exception(e) from None
             print(directory)
         elif args.command == "params":
             model = cfg.model

@@ -90,7 +90,7 @@ def train(cfg: Config, log=print) -> dict[str, Any]:
     try:
         data = _load_data(cfg, log, primary)
     except (ValueError, OSError) as e:
-        raise ConfigError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+        raise ConfigError.from_exception(e) from None
     if cfg.model.vocab_size == 0:
         cfg = config_lib.replace(cfg, model__vocab_size=data.vocab_size)
     elif data.vocab_size > cfg.model.vocab_size:

@@ -42,6 +42,7 @@ from typing import Any
 
 from lowrank_jax import config as config_lib
 from lowrank_jax.config import Config, ConfigError
+from lowrank_jax.config.errors import first_line
 
 TENSORBOARD_DIR = "tensorboard"  # under out_dir
 WANDB_ID_FILE = "wandb_run_id"  # under out_dir: the W&B run id a resumed run reuses
@@ -302,7 +303,7 @@ class Trackers:
                 config=cfg_dict,
             )
         except wandb.errors.Error as e:
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            msg = first_line(e)
             hint = "; run `wandb login`, or logging.wandb_mode=offline" if mode == "online" else ""
             raise ConfigError(f"logging.wandb_mode: could not start a {mode} W&B run: {msg}{hint}") from None
         id_file.write_text(run.id + "\n")
