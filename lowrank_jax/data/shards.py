@@ -21,9 +21,9 @@ With ``data.shards = ""`` (the default) training prepares the shards itself, onc
 prepare step.
 
 Training examples are the windows ``w_i = tokens[i*L : i*L + L + 1]`` of the training stream
-(:class:`WindowSource`, a grain ``RandomAccessDataSource``). :class:`ShardBatches` orders them with
-grain's index shuffle (``MapDataset.source(windows).shuffle(seed).repeat()``: a fresh permutation
-every epoch, computed per index in O(1) memory) and defines global batch ``t`` as the elements
+(:class:`WindowSource`). :class:`ShardBatches` orders them with grain's index shuffle
+(``MapDataset.range(n_windows).shuffle(seed).repeat()``: a fresh permutation every epoch, computed
+per index in O(1) memory) and defines global batch ``t`` as the elements
 ``t*B .. t*B + B - 1`` of that order. Each process reads only its own rows of the global batch, and
 batch ``t`` is a pure function of ``(t, seed)``: a run resumed at step ``k`` sees exactly the batches
 of an uninterrupted one whatever the number of processes before and after, as long as
@@ -278,7 +278,7 @@ class TokenStream:
 
 
 class WindowSource:
-    """The training windows of a stream as a grain random-access source: item ``i`` is ``tokens[i*L : i*L+L+1]``."""
+    """The training windows of a stream, by index: item ``i`` is ``tokens[i*L : i*L+L+1]``."""
 
     def __init__(self, stream: TokenStream, seq_len: int):
         self.stream, self.seq_len = stream, seq_len
