@@ -271,10 +271,16 @@ class Sweep:
     """The runs of some recipes, executed in order (grid, then winners), skipping what is valid on record."""
 
     def __init__(
-        self, protocol: Protocol, recipes: dict[str, Recipe], extra: list[str], results: Path, runs: Path
+        self,
+        protocol: Protocol,
+        recipes: dict[str, Recipe],
+        extra: list[str],
+        results: Path,
+        runs: Path,
+        lock: Path | None = None,  # --lock: a file flock-ed while each run trains
     ) -> None:
         self.protocol, self.recipes, self.extra, self.results, self.runs = protocol, recipes, extra, results, runs
-        self.lock: Path | None = None  # --lock: a file flock-ed while each run trains
+        self.lock = lock
         self.done: dict[Run, dict] = {}
         self.stale: dict[Run, str] = {}
 
@@ -468,8 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         for n in names:
             if recipes[n].lr_from and recipes[n].lr_from not in recipes:
                 raise ConfigError(f"{n}: lr_from names unknown recipe {recipes[n].lr_from!r}")
-        sweep = Sweep(protocol, recipes, a.extra, a.results.resolve(), a.runs.resolve())
-        sweep.lock = a.lock
+        sweep = Sweep(protocol, recipes, a.extra, a.results.resolve(), a.runs.resolve(), a.lock)
         stages = STAGES if a.stage == "all" else (a.stage,)
         sweep.run(names, stages, train_it=not a.table_only, allow_dirty=a.allow_dirty)
     except ConfigError as e:
