@@ -16,7 +16,10 @@ prefixed ``[process i]``.
 
 Supervision: if a process fails (non-zero exit or a signal) the others are killed at once (a
 survivor would otherwise sit in a collective that can never complete) and the launcher exits with
-the first failure's status (``128 + signal`` for a signal). Ctrl-C / SIGTERM are forwarded as
+the failed process's status (``128 + signal`` for a signal). The cause is the process that exited
+first (one waiter thread per process records the order); a process killed by a signal is taken as
+the cause over one seen failing at the same time with a non-zero status, because a survivor's
+collective fails within milliseconds of its peer's death and it then exits 1. Ctrl-C / SIGTERM are forwarded as
 SIGINT / SIGTERM; processes still running ``--grace`` seconds later are killed. The children get
 SIGKILL if the launcher itself dies (Linux).
 """
@@ -168,34 +171,47 @@ def launch(
     previous = {}
     if threading.current_thread() is threading.main_thread():
         previous = {s: signal.signal(s, on_signal) for s in handled}
-    status, deadline = 0, None
+    exits: list[int] = []  # process indices in the order they exited
+
+    def wait_for(i: int, p: subprocess.Popen) -> None:
+        p.wait()
+        exits.append(i)  # list.append is atomic
+
+    waiters = [threading.Thread(target=wait_for, args=(i, p), daemon=True) for i, p in enumerate(procs)]
+    for t in waiters:
+        t.start()
+    failed, deadline = None, None
     try:
-        while None in [p.poll() for p in procs]:  # poll every process (any() would stop at the first)
-            if status == 0:
-                failed = next((i for i, p in enumerate(procs) if p.returncode not in (None, 0)), None)
+        while True:
+            done = len(exits) == len(procs)  # read first: every exit up to here is judged below
+            if failed is None and not received:
+                failed = _cause([(i, procs[i].returncode) for i in list(exits)])
                 if failed is not None:
                     status = exit_status(procs[failed].returncode)
-                    if not received:
-                        log(f"process {failed} exited with status {status}; stopping the other processes")
-                        _kill(procs, signal.SIGKILL)
+                    log(f"process {failed} exited with status {status}; stopping the other processes")
+                    _kill(procs, signal.SIGKILL)
             if received and deadline is None:
                 deadline = time.monotonic() + grace_s
             if deadline is not None and time.monotonic() > deadline:
                 log(f"processes still running {grace_s:g}s after {signal.Signals(received[0]).name}; killing them")
                 _kill(procs, signal.SIGKILL)
                 deadline = float("inf")
-            time.sleep(0.05)
+            if done:
+                break
+            time.sleep(0.02)
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
         _kill(procs, signal.SIGKILL)
-        for p in procs:
-            p.wait()
-        for t in threads:
+        for t in (*waiters, *threads):
             t.join(timeout=5)
     if received:
         return 128 + received[0]
-    if status == 0:
-        failed = next((i for i, p in enumerate(procs) if p.returncode != 0), None)
-        status = 0 if failed is None else exit_status(procs[failed].returncode)
-    return status
+    return 0 if failed is None else exit_status(procs[failed].returncode)
+
+
+def _cause(exited: Sequence[tuple[int, int]]) -> int | None:
+    """The failed process to blame among ``(index, returncode)`` in exit order: a signal first."""
+    failures = [(i, rc) for i, rc in exited if rc != 0]
+    signalled = [i for i, rc in failures if rc < 0]
+    return signalled[0] if signalled else failures[0][0] if failures else None

@@ -266,6 +266,36 @@ def test_a_failing_process_stops_the_others(tmp_path):
     assert lines == ["process 1 exited with status 3; stopping the other processes"]
 
 
+def test_a_killed_process_is_blamed_over_the_survivor_whose_collective_failed(tmp_path):
+    """Process 1 is SIGKILLed and process 0 exits 1 a moment later (as gloo does): the status is 137."""
+    python = _fake_python(
+        tmp_path,
+        f"""
+        import os, pathlib, signal, sys, time
+        mark = pathlib.Path({str(tmp_path)!r}, "dying")
+        if os.environ["JAX_PROCESS_ID"] == "1":
+            mark.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        while not mark.exists():
+            time.sleep(0.001)
+        time.sleep(0.002)
+        sys.exit(1)
+        """,
+    )
+    lines: list[str] = []
+    assert launch(["train"], 2, python=python, log=lines.append, env=_env()) == 128 + signal.SIGKILL
+    assert lines == ["process 1 exited with status 137; stopping the other processes"]
+
+
+def test_the_cause_is_the_first_signal_then_the_first_exit():
+    from lowrank_jax.train.launch import _cause
+
+    assert _cause([]) is None and _cause([(1, 0), (0, 0)]) is None
+    assert _cause([(0, 1), (1, -signal.SIGKILL)]) == 1  # seen together: the signal is the cause
+    assert _cause([(1, 0), (2, 3), (0, 1)]) == 2  # in exit order
+    assert _cause([(2, -15), (0, -9)]) == 2
+
+
 @pytest.mark.parametrize("ignores_sigint", [False, True])
 def test_ctrl_c_is_forwarded(tmp_path, ignores_sigint):
     """SIGINT to the launcher reaches every process; one that ignores it is killed after the grace period."""
