@@ -20,10 +20,12 @@ the budget.
 Every run is one in-process ``lowrank_jax.train.loop.train`` (one at a time: two CPU cores) whose
 ``results.json`` and ``metrics.jsonl`` are kept under ``experiments/results/sweep/NAME/STAGE/RUN/`` with the
 commit they ran at and the equivalent ``lowrank-jax train`` command. A run is valid while nothing it executed
-changed: ``git diff --quiet COMMIT HEAD -- lowrank_jax pallas_kernels experiments/sweep.py`` plus its recipe
-and the protocol, and its recorded config equals the one the harness builds now. A stale or missing run is
-(re-)run; one killed before it finished has no ``results.json`` and is redone. Runs start only from a clean
-checkout of those paths (``--allow-dirty`` records them as dirty, hence stale, for testing the harness).
+changed: ``git diff --quiet COMMIT HEAD -- FILES experiments/sweep.py`` plus its recipe and the protocol, where
+FILES are the package files it could have run (``sweep.json`` ``code_files``: every module of ``lowrank_jax`` /
+``pallas_kernels`` imported by then, and their presets; the whole trees for a record without the list), and
+its recorded config equals the one the harness builds now. A stale or missing run is (re-)run; one killed
+before it finished has no ``results.json`` and is redone. Runs start only from a clean checkout of those
+paths (``--allow-dirty`` records them as dirty, hence stale, for testing the harness).
 
 The table (``experiments/results/sweep/table.md``, README ``<!-- table:sweep -->``) has one row per recipe:
 grid, chosen lr, short-budget ppl, long-budget ppl mean ± std over the seeds, trainable parameters,
@@ -195,8 +197,30 @@ def _dirty(paths: list[str]) -> bool:
     return bool(out.stdout.strip())
 
 
-def watched_paths(recipe: Recipe, protocol: Protocol) -> list[str]:
-    return [*CODE_PATHS, str(recipe.path), str(protocol.path)]
+def watched_paths(recipe: Recipe, protocol: Protocol, code: list[str] | None = None) -> list[str]:
+    """What a run depends on: ``code`` (default: the whole of CODE_PATHS), the harness, its recipe and the protocol."""
+    return [*(code or CODE_PATHS[:-1]), CODE_PATHS[-1], str(recipe.path), str(protocol.path)]
+
+
+def code_files() -> list[str]:
+    """The package files a run in this process can have executed or read, relative to the repository.
+
+    Every module of ``lowrank_jax`` / ``pallas_kernels`` imported so far (a superset of what ran: an
+    import is needed to execute, and a changed import list changes an importing file) and every
+    tracked non-Python file of those trees (presets). A run stays valid across commits that change
+    only other files of the package (the launcher, the notebooks' helpers, ...).
+    """
+    trees = [ROOT / d for d in CODE_PATHS[:-1]]
+    modules = {
+        Path(f).resolve()
+        for m in list(sys.modules.values())
+        if (f := getattr(m, "__file__", None)) and any(Path(f).resolve().is_relative_to(t) for t in trees)
+    }
+    listed = subprocess.run(
+        ["git", "ls-files", "--", *CODE_PATHS[:-1]], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    data = [f for f in listed if not f.endswith(".py")]
+    return sorted({*data, *(str(m.relative_to(ROOT)) for m in modules)})
 
 
 # config fields that say where and how a run reports, not what it computes
@@ -212,7 +236,7 @@ def run_status(run: Run, protocol: Protocol, extra: list[str], results: Path) ->
     meta = json.loads((d / "sweep.json").read_text()) if (d / "sweep.json").is_file() else {}
     if meta.get("dirty", True):
         return "stale: ran from uncommitted code", res
-    if _changed_since(res["git_commit"], watched_paths(run.recipe, protocol)):
+    if _changed_since(res["git_commit"], watched_paths(run.recipe, protocol, meta.get("code_files"))):
         return f"stale: code or recipe changed since {res['git_commit'][:8]}", res
     if meta.get("config") != _requested(run, protocol, extra):
         return "stale: its config differs from the recipe's", res
@@ -256,7 +280,13 @@ def execute(
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "metrics.jsonl").write_text((out / "metrics.jsonl").read_text())
     command = "lowrank-jax train " + " ".join([protocol.preset, *overrides])
-    meta = {"command": command, "dirty": dirty, "commit": git_commit(), "config": _requested(run, protocol, extra)}
+    meta = {
+        "command": command,
+        "dirty": dirty,
+        "commit": git_commit(),
+        "config": _requested(run, protocol, extra),
+        "code_files": code_files(),
+    }
     write_record(dest / "sweep.json", meta)
     write_record(dest / "results.json", res)  # last: its presence marks the run finished
     return res

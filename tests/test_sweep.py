@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -200,7 +202,31 @@ def test_one_real_run_is_filed_with_its_command(sweep, tmp_path, monkeypatch, da
     meta = json.loads((run / "sweep.json").read_text())
     assert meta["command"].startswith("lowrank-jax train tiny optim.eps=1e-06 optim.lr_embed=0.01 optim.name=adamw")
     assert any("max_block_rms_ratio" in json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines())
-    monkeypatch.setattr(sweep, "_changed_since", lambda commit, paths: True)  # stale: redone over its old out dir
+    # the files it ran: the modules training imported and the presets, not the whole package
+    assert {
+        "lowrank_jax/train/loop.py",
+        "lowrank_jax/optim/__init__.py",
+        "lowrank_jax/config/presets/tiny.yaml",
+    } <= set(meta["code_files"])
+    # this worker may have imported more (other test modules); the harness's own process has not
+    here = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; sys.path.insert(0, 'experiments'); import sweep; print(sweep.code_files())",
+        ],
+        cwd=sweep.ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "lowrank_jax/data/shards.py" in here and "lowrank_jax/train/launch.py" not in here
+    assert all((sweep.ROOT / f).is_file() for f in meta["code_files"])
+    seen = []
+    monkeypatch.setattr(sweep, "_changed_since", lambda commit, paths: seen.append(paths) or True)
+    assert sweep.main([*argv, *sets, "--stage", "short", "--table-only"]) == 0  # stale: judged on those files
+    assert seen[0][: len(meta["code_files"])] == meta["code_files"] and "experiments/sweep.py" in seen[0]
+    assert sweep.main([*argv, *sets, "--stage", "short"]) == 0  # stale: redone over its old out dir
     assert sweep.main([*argv, *sets, "--stage", "short"]) == 0
 
 
