@@ -21,10 +21,12 @@ Parts (each can be run on its own; every part reads what the earlier ones wrote)
 
 ``--part methods`` runs ``sensitivity`` for every pretrained method (full-rank at every checkpoint, the
 others at 25/50/100/200 steps) and then the report; ``--relative rms`` adds RMS-relative noise.
-Pretraining uses the ``tiny`` recipe except that the learning rate stays
-constant after the warmup (``optim.min_lr_ratio=1``): the budgets are intermediate checkpoints of one
-run (``checkpoint_every=25``), and a constant learning rate keeps them comparable (a cosine schedule
-would anneal the later checkpoints and mix the effect of annealing into the effect of tokens).
+Each method pretrains with its comparison-harness recipe (``experiments/recipes/``, the same protocol:
+eps, clipping, per-group learning rates) at the learning rate the sweep chose on record, at the sweep's short
+budget (200 steps of ``tiny``), except that the learning rate stays constant after the warmup
+(``optim.min_lr_ratio=1``): the budgets are intermediate checkpoints of one run (``checkpoint_every=25``),
+and a constant learning rate keeps them comparable (a cosine schedule would anneal the later checkpoints and
+mix the effect of annealing into the effect of tokens).
 Runs go to ``runs/overtraining/<method>`` (git-ignored); records to
 ``experiments/results/overtraining/``.
 """
@@ -32,6 +34,9 @@ Runs go to ``runs/overtraining/<method>`` (git-ignored); records to
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import io
 import json
 import shutil
 import sys
@@ -64,24 +69,36 @@ COMMON = [
     "eval_every=25",
     "progress=false",
 ]
-# Method overrides: the settings of the repository's other tiny comparisons (see experiments/results/tiny.md).
-METHODS: dict[str, list[str]] = {
-    "full": [],
-    "galore": ["optim.name=galore_adamw", "optim.lr=0.01", "galore.rank=32", "galore.update_proj_gap=25"],
-    "relora": [
-        "model.dense=lora",
-        "model.lora_rank=32",
-        "model.lora_alpha=32",
-        "optim.lr=0.006",
-        "relora.every=50",
-    ],
-    # alpha 8 keeps SLTrain's scale s = alpha/r = 0.25 at r = 32, as the repository's tiny_sl run.
-    "sl": ["model.dense=sl", "model.sl_rank=32", "model.sl_alpha=8"],
-}
+# Each method is its comparison-harness recipe (experiments/recipes/RECIPE.yaml, under the protocol) at the
+# learning rate the sweep chose on record at HEAD (experiments/sweep.py: best of the grid on validation loss).
+RECIPE_OF: dict[str, str] = {"full": "adamw", "galore": "galore", "relora": "relora", "sl": "sl"}
+
+
+@functools.cache
+def method_overrides(method: str) -> tuple[str, ...]:
+    """The protocol's, the recipe's and the chosen lr's overrides of ``method`` (the sweep's short-budget run).
+
+    Raises ``LookupError`` when the recipe's grid has no valid runs on record at HEAD (run
+    ``python experiments/sweep.py RECIPE --stage short`` first): the study runs only tuned recipes.
+    """
+    import sweep
+
+    protocol = sweep.load_protocol(sweep.RECIPES / "protocol.yaml")
+    recipes = {n: sweep.load_recipe(sweep.RECIPES / f"{n}.yaml", protocol) for n in sweep.recipe_names()}
+    harness = sweep.Sweep(protocol, recipes, [], sweep.RESULTS, REPO / "runs" / "sweep")
+    with contextlib.redirect_stdout(io.StringIO()):
+        harness.run([RECIPE_OF[method]], ("short",), train_it=False, allow_dirty=False)
+    recipe = recipes[RECIPE_OF[method]]
+    try:
+        lr = harness.chosen_lr(recipe)
+    except LookupError as e:
+        raise LookupError(f"{e} at HEAD: run `python experiments/sweep.py {recipe.name} --stage short` first") from None
+    run = sweep.Run(recipe, "short", lr, protocol.grid_seed)
+    return tuple(sweep.run_overrides(run, protocol, []))
 
 
 def method_config(method: str, extra: list[str] | None = None):
-    return load_config("tiny", [*COMMON, *METHODS[method], f"out_dir={RUNS / method}", *(extra or [])])
+    return load_config("tiny", [*method_overrides(method), *COMMON, f"out_dir={RUNS / method}", *(extra or [])])
 
 
 def part_pretrain(args) -> None:
@@ -162,7 +179,7 @@ def part_sensitivity(args) -> None:
                     tab["rows"] = sorted(row[relative]["rows"] + tab["rows"], key=lambda r: r["lambda"])
                 row[relative] = tab
             done[str(step)] = row
-            write_record(out_path, {"method": method, "overrides": METHODS[method], "budgets": done})
+            write_record(out_path, {"method": method, "overrides": list(method_overrides(method)), "budgets": done})
             summary = ", ".join(f"λ={r['lambda']:g}: {r['mean_increase']:+.4f}" for r in row["init"]["rows"])
             print(
                 f"sensitivity {method} step {step}: clean {row['init']['clean_loss']:.4f}; {summary} "
@@ -253,7 +270,7 @@ def part_methods(args) -> None:
     """Sensitivity of every pretrained method: full-rank at every checkpoint, the others at the geometric
     budgets (25/50/100/200 steps); then the report."""
     requested = args.steps
-    for method in [m for m in METHODS if (RUNS / m / "checkpoints").is_dir()]:
+    for method in [m for m in RECIPE_OF if (RUNS / m / "checkpoints").is_dir()]:
         args.methods = [method]
         args.steps = requested if (requested or method == "full") else [25, 50, 100, 200]
         part_sensitivity(args)
@@ -297,7 +314,7 @@ def _sens_series(sens: dict, relative: str = "init") -> tuple[list[int], dict[fl
 
 def plot_sensitivity(sens_by_method: dict[str, dict], path: Path) -> None:
     full = sens_by_method.get("full")
-    methods = [m for m in METHODS if m in sens_by_method]
+    methods = [m for m in RECIPE_OF if m in sens_by_method]
     fig, axes = subplots(1, 3, figsize=(16, 4.6), dpi=110)
     if full:
         tokens, by_lam, clean = _sens_series(full)
@@ -369,7 +386,7 @@ def plot_toy(toy: dict, path: Path) -> None:
 
 
 def part_report(args) -> None:
-    sens = {m: _json(RESULTS / f"sensitivity_{m}.json") for m in METHODS}
+    sens = {m: _json(RESULTS / f"sensitivity_{m}.json") for m in RECIPE_OF}
     sens = {m: v for m, v in sens.items() if v.get("budgets")}
     ft = {}
     for path in sorted(RESULTS.glob("finetune_*.json")):
@@ -378,7 +395,7 @@ def part_report(args) -> None:
             lr = next(iter(v["budgets"].values()))["settings"]["lr"]
             ft[f"{v['method']} lr {lr:g}"] = v
     toy = _json(RESULTS / "toy.json")
-    runs = {m: _json(RUNS / m / "results.json") for m in METHODS}
+    runs = {m: _json(RUNS / m / "results.json") for m in RECIPE_OF}
     runs = {m: r for m, r in runs.items() if r}
     lines = ["# Overtraining study (CPU scale)", ""]
     lines += [
@@ -393,11 +410,11 @@ def part_report(args) -> None:
         "",
     ]
     if runs:
-        header = "method | overrides | params | tokens | final val loss | tokens/s (shared CPU: not comparable)"
+        header = "method | recipe | params | tokens | final val loss | tokens/s (shared CPU: not comparable)"
         cells = [
             [
                 m,
-                f"`{' '.join(METHODS[m]) or '-'}`",
+                f"`{RECIPE_OF[m]}` at lr {r['config']['optim']['lr']:g}",
                 f"{r['params'] / 1e6:.2f}M",
                 f"{r['tokens']:,}",
                 f"{r['final_val_loss']:.4f}",
@@ -405,7 +422,8 @@ def part_report(args) -> None:
             ]
             for m, r in runs.items()
         ]
-        lines += ["## Pretraining runs (`tiny`, constant lr after warmup)", "", markdown_table(header, cells), ""]
+        title = "## Pretraining runs (the sweep's recipes at their chosen lr, `tiny`, constant lr after warmup)"
+        lines += [title, "", markdown_table(header, cells), ""]
     for m, v in sens.items():
         tokens, by_lam, clean = _sens_series(v)
         lams = sorted(by_lam)
@@ -554,7 +572,7 @@ def part_report(args) -> None:
         plot_toy(toy, RESULTS / "toy.png")
     settings = {
         "common_overrides": COMMON,
-        "methods": METHODS,
+        "methods": {m: v.get("overrides") for m, v in sens.items()},
         "lambdas": LAMBDAS,
         "n_seeds": N_SEEDS,
         "sensitivity_eval_tokens": SENS_EVAL_TOKENS,
@@ -580,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parts = ["pretrain", "sensitivity", "methods", "finetune", "toy", "groups", "report"]
     p.add_argument("--part", required=True, choices=parts)
-    p.add_argument("--methods", nargs="+", default=["full"], choices=sorted(METHODS))
+    p.add_argument("--methods", nargs="+", default=["full"], choices=sorted(RECIPE_OF))
     p.add_argument("--force", action="store_true", help="redo work whose results exist")
     p.add_argument("--steps", nargs="*", type=int, default=None, help="only these checkpoint steps")
     p.add_argument("--relative", nargs="+", default=["init"], choices=["init", "rms"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,24 @@ def test_cpu_ablation_restores_the_library(tmp_path):
     # every variant trains the same model: the losses agree to float32 rounding
     losses = [r["last_loss"] for r in rows]
     assert max(losses) - min(losses) < 1e-4 * abs(losses[0]), losses
+
+
+def test_overtraining_pretrains_each_method_at_the_sweeps_chosen_lr(monkeypatch):
+    """The study runs the harness recipes (protocol included) at the best grid lr on record, lr kept constant."""
+    import overtraining
+    import sweep
+
+    done = ("done", None)
+
+    def status(run, *_):  # every grid point on record; the lowest loss at lr 2e-3
+        return done[0], {"final_val_loss": 3.9 + math.log(run.lr / 2e-3) ** 2, "git_commit": "0" * 8}
+
+    monkeypatch.setattr(sweep, "run_status", status)
+    monkeypatch.setattr(overtraining, "method_overrides", overtraining.method_overrides.__wrapped__)
+    cfg = overtraining.method_config("full")
+    assert cfg.optim.lr == 2e-3 and cfg.optim.min_lr_ratio == 1.0 and cfg.eval_every == 25
+    assert cfg.optim.eps == 1e-6 and cfg.optim.grad_clip == 1.0 and cfg.optim.lr_embed == 0.01 and cfg.steps == 200
+    assert overtraining.method_config("relora").model.dense == "lora"
+    done = ("missing", None)  # no valid records at HEAD: no untuned fallback
+    with pytest.raises(LookupError, match=r"adamw: grid incomplete at HEAD: run `python experiments/sweep.py adamw"):
+        overtraining.method_config("full")

@@ -1,0 +1,85 @@
+"""The recommended recipes rank as the methods should (issue 14, item 5): retrained here, at HEAD.
+
+Each of ``adamw``, ``lora``, ``lowrank`` and ``frozen_blocks`` is trained with the shipped recipe
+(``experiments/recipes/*.yaml``) under the comparison protocol at the short budget (200 steps of the
+``tiny`` preset, grid seed 0), at the learning rate the sweep chose on record (the grid point with the
+lowest validation loss among ``experiments/results/sweep/NAME/short/*``, whatever commit it ran at:
+the lr is the recommendation, the loss is measured again now). Then:
+
+- LoRA from scratch and low-rank W = BA beat doing nothing to the blocks (frozen at init) by a clear
+  margin: a LoRA whose factors blow up or do not train (the README's old one-lr recipe) fails here;
+- full-rank AdamW beats low-rank W = BA;
+- full-rank AdamW against LoRA from scratch is asserted only to within ``LORA_SHORT_TOLERANCE``: at
+  200 steps the frozen random W plus a rank-32 update is on par with full rank (measured in the
+  sweep: val loss 3.832 LoRA vs 3.844 AdamW at 0bd64c26 / 63146867); the long-budget table is where
+  full rank is compared with LoRA on equal tokens.
+
+Four 200-step runs (~5 min on two cores): ``slow``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lowrank_jax.config import load_config
+from lowrank_jax.train.loop import train
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+MARGIN = 0.05  # nats of validation loss: well above the run-to-run spread of one seed at 200 steps
+LORA_SHORT_TOLERANCE = 0.03
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    import sys
+
+    sys.path.insert(0, str(EXPERIMENTS))
+    try:
+        import sweep
+    finally:
+        sys.path.remove(str(EXPERIMENTS))
+    return sweep
+
+
+def recommended_lr(sweep, name: str) -> float | None:
+    """The short-budget grid point on record with the lowest validation loss (None: a recipe without an lr)."""
+    protocol = sweep.load_protocol(sweep.RECIPES / "protocol.yaml")
+    records = sorted((sweep.RESULTS / name / "short").glob(f"*_seed{protocol.grid_seed}/results.json"))
+    assert records, f"no sweep records for {name}: run `python experiments/sweep.py {name} --stage short`"
+    best = min((json.loads(p.read_text()) for p in records), key=lambda r: r["final_val_loss"])
+    recipe = sweep.load_recipe(sweep.RECIPES / f"{name}.yaml", protocol)
+    return best["config"]["optim"]["lr"] if recipe.lrs else None
+
+
+@pytest.fixture(scope="module")
+def val_loss(sweep, tmp_path_factory):
+    protocol = sweep.load_protocol(sweep.RECIPES / "protocol.yaml")
+    losses: dict[str, float] = {}
+
+    def get(name: str) -> float:
+        if name not in losses:
+            recipe = sweep.load_recipe(sweep.RECIPES / f"{name}.yaml", protocol)
+            run = sweep.Run(recipe, "short", recommended_lr(sweep, name), protocol.grid_seed)
+            out = tmp_path_factory.mktemp(name)
+            overrides = [*sweep.run_overrides(run, protocol, []), f"out_dir={out}", "progress=false"]
+            res = train(load_config(protocol.preset, overrides))
+            print(f"{name} lr {run.lr}: val loss {res['final_val_loss']:.4f}")
+            losses[name] = res["final_val_loss"]
+        return losses[name]
+
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "lowrank"])
+def test_low_rank_methods_beat_frozen_blocks(val_loss, method):
+    assert val_loss(method) < val_loss("frozen_blocks") - MARGIN, (val_loss(method), val_loss("frozen_blocks"))
+
+
+@pytest.mark.slow
+def test_full_rank_beats_low_rank_and_matches_lora(val_loss):
+    assert val_loss("adamw") < val_loss("lowrank") - MARGIN / 2, (val_loss("adamw"), val_loss("lowrank"))
+    assert val_loss("adamw") < val_loss("lora") + LORA_SHORT_TOLERANCE, (val_loss("adamw"), val_loss("lora"))
