@@ -8,115 +8,77 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 from pathlib import Path
 
 from _report import markdown_table, write_table
-
-from lowrank_jax.config import ModelConfig
-from lowrank_jax.models import abstract_params, count_trainable, param_labels
 
 HERE = Path(__file__).resolve().parent
 README = HERE.parent / "README.md"
 
 
-def _load(name: str) -> dict | None:
-    p = HERE / "results" / name / "results.json"
-    return json.loads(p.read_text()) if p.is_file() else None
-
-
-def _trainable(r: dict) -> int:
-    """Trainable parameters of a run: recorded since the ReLoRA warm start; else counted from its config."""
-    if "trainable_params" in r:
-        return r["trainable_params"]
-    cfg = ModelConfig(**r["config"]["model"])
-    return count_trainable(abstract_params(cfg)[1], param_labels(cfg))
-
-
-def tiny_table() -> str:
-    """The `tiny` pretraining runs: one row per results folder whose name starts with ``tiny``.
-
-    "ppl / best full" divides by the best full-rank AdamW run (dense layers, any learning rate), so
-    each method is compared with a tuned baseline at equal tokens and seed.
-    """
-    runs = {d.parent.name: json.loads(d.read_text()) for d in sorted((HERE / "results").glob("tiny*/results.json"))}
-    full = [
-        r["final_val_ppl"]
-        for r in runs.values()
-        if r["config"]["optim"]["name"] == "adamw" and r["config"]["model"]["dense"] == "dense"
-    ]
-    best = min(full) if full else None
-    rows = []
-    for name, r in runs.items():
-        c = r["config"]
-        ratio = f"{r['final_val_ppl'] / best:.3f}" if best else "-"
-        method = c["optim"]["name"]
-        if method.startswith("galore"):
-            g = c["galore"]
-            method += f" r={g['rank']} T={g['update_proj_gap']} {g['refresh']}/{g['svd']}/{g['moments']}"
-        if c["model"]["dense"] == "sl":
-            m = c["model"]
-            method += f" r={m['sl_rank']} alpha={m['sl_alpha']:g} density={m['sl_density']:g}"
-        if c["model"]["dense"] in ("lora", "lowrank"):
-            method += f" r={c['model']['lora_rank']}"
-            rl = c.get("relora", {})
-            if rl.get("warm_start"):
-                method += f" warm start {rl['warm_start']}"
-            if rl.get("every"):
-                method += f" ReLoRA every={rl['every']} reset={rl['reset']}"
-            if (rl.get("every") or rl.get("warm_start")) and not rl.get("jagged", True):
-                method += " no jagged lr"
-        rows.append(
-            [
-                name,
-                method,
-                c["model"]["dense"],
-                f"{c['optim']['lr']:g}",
-                f"{r['params'] / 1e6:.2f}M",
-                f"{_trainable(r) / 1e6:.2f}M",
-                f"{r['optimizer_state_bytes'] / 2**20:.1f} MiB",
-                f"{r['tokens']:,}",
-                f"{r['final_val_ppl']:.2f}",
-                ratio,
-                f"{r['unigram_val_ppl']:.1f}",
-                f"{r['tokens_per_s']:,.0f}",
-            ]
-        )
-    header = (
-        "run | optimizer | dense | lr | params | trainable | optimizer state | tokens | val ppl | ppl / best full"
-        " | unigram ppl | tokens/s"
-    )
-    return markdown_table(header, rows)
-
-
-# ReLoRA paper Table 6 (130M, validation perplexity) next to the tiny runs that mirror each row.
+# ReLoRA paper Table 6 (130M, validation perplexity) next to the sweep recipe that mirrors each row.
 RELORA_ABLATION = [
-    ("tiny_lora", "LoRA (no restarts)", "-", "-", "-", "-", "34.17"),
-    ("tiny_relora_restarts", "+ restarts", "yes", "-", "-", "-", "34.25"),
-    ("tiny_relora_restarts_reset", "+ restarts + optimizer reset", "yes", "yes", "-", "-", "diverged"),
-    ("tiny_relora_restarts_jagged", "+ restarts + jagged schedule", "yes", "-", "yes", "-", "34.29"),
-    ("tiny_relora", "+ restarts + reset + jagged (ReLoRA, no warm start)", "yes", "yes", "yes", "-", "29.77"),
-    ("tiny_lora_warm", "warm start + LoRA (no restarts)", "-", "-", "at switch", "yes", "25.46"),
-    ("tiny_relora_warm", "ReLoRA (warm start + restarts + reset + jagged)", "yes", "yes", "yes", "yes", "25.04"),
+    ("lora", "LoRA (no restarts)", "-", "-", "-", "-", "34.17"),
+    ("relora_restarts", "+ restarts", "yes", "-", "-", "-", "34.25"),
+    ("relora_restarts_reset", "+ restarts + optimizer reset", "yes", "yes", "-", "-", "diverged"),
+    ("relora_restarts_jagged", "+ restarts + jagged schedule", "yes", "-", "yes", "-", "34.29"),
+    ("relora", "+ restarts + reset + jagged (ReLoRA, no warm start)", "yes", "yes", "yes", "-", "29.77"),
+    ("lora_warm", "warm start + LoRA (no restarts)", "-", "-", "at switch", "yes", "25.46"),
+    ("relora_warm", "ReLoRA (warm start + restarts + reset + jagged)", "yes", "yes", "yes", "yes", "25.04"),
+    ("adamw", "full-rank AdamW", "-", "-", "-", "-", "23.65"),
 ]
 
 
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.2f}"
+
+
 def relora_ablation_table() -> str:
-    """ReLoRA's ablation at tiny scale: each row's val ppl and its ratio to the best full-rank run."""
-    full = [
-        json.loads(p.read_text())
-        for p in sorted((HERE / "results").glob("tiny_full*/results.json"))
-        if json.loads(p.read_text())["config"]["optim"]["name"] == "adamw"
-    ]
-    best = min((r["final_val_ppl"] for r in full), default=None)
+    """ReLoRA's ablation at tiny scale from the comparison harness's records (experiments/results/sweep).
+
+    Every row is a sweep recipe under the same protocol, tuned the same way (its own lr grid, best on
+    validation loss); ratios divide by tuned full-rank AdamW at the same budget. A row the sweep marks
+    stale or has not finished says so instead of showing a number.
+    """
+    p = HERE / "results" / "sweep" / "results.json"
+    recs = json.loads(p.read_text())["recipes"] if p.is_file() else {}
+    base = recs.get("adamw", {})
     rows = []
     for name, label, restarts, reset, jagged, warm, paper in RELORA_ABLATION:
-        r = _load(name)
-        ppl = f"{r['final_val_ppl']:.2f}" if r else "(not run)"
-        ratio = f"{r['final_val_ppl'] / best:.3f}" if r and best else "-"
-        rows.append([name, label, restarts, reset, jagged, warm, ppl, ratio, paper])
-    if best:
-        rows.append(["best full-rank", "AdamW", "-", "-", "-", "-", f"{best:.2f}", "1.000", "23.65"])
-    header = "run | variant | restarts | reset | jagged lr | warm start | val ppl | / best full-rank | paper 130M ppl"
+        r = recs.get(name)
+        if not r or r["stale"] or r["short_ppl"] is None:
+            why = "not run" if not r else f"STALE: {'; '.join(r['stale'])}" if r["stale"] else "grid incomplete"
+            rows.append([name, label, restarts, reset, jagged, warm, "-", "-", "-", "-", "-", paper, why])
+            continue
+        short_ratio = (
+            f"{r['short_ppl'] / base['short_ppl']:.3f}" if base.get("short_ppl") and not base["stale"] else "-"
+        )
+        full = len(r["long_ppl"]) == len(base.get("long_ppl", [])) > 0 and not base["stale"]
+        long_ratio = f"{statistics.mean(r['long_ppl']) / statistics.mean(base['long_ppl']):.3f}" if full else "-"
+        rows.append(
+            [
+                name,
+                label,
+                restarts,
+                reset,
+                jagged,
+                warm,
+                f"{r['chosen_lr']:g}",
+                f"{r['short_ppl']:.2f}",
+                short_ratio,
+                _mean_std(r["long_ppl"]),
+                long_ratio,
+                paper,
+                ", ".join(r["commits"]),
+            ]
+        )
+    header = (
+        "recipe | variant | restarts | reset | jagged lr | warm start | chosen lr | short ppl | ÷ adamw (short)"
+        " | long ppl (mean ± std) | ÷ adamw (long) | paper 130M ppl | commits"
+    )
     return markdown_table(header, rows)
 
 
@@ -131,7 +93,6 @@ def _copied(name: str):
 
 
 TABLES = {
-    "tiny": tiny_table,
     "optim_memory": _copied("optim_memory"),
     "bench_optim": _copied("bench_optim"),
     "relora_ablation": relora_ablation_table,
@@ -148,7 +109,7 @@ def main() -> None:
     text = README.read_text() if README.is_file() else ""
     for name, fn in TABLES.items():
         table = fn()
-        if name in ("tiny", "relora_ablation"):
+        if name == "relora_ablation":
             write_table(HERE / "results", table, f"{name}.md")
         pattern = re.compile(rf"(<!-- table:{name} -->\n).*?(<!-- /table:{name} -->)", re.S)
         text = pattern.sub(lambda m, t=table: m.group(1) + t + "\n" + m.group(2), text)

@@ -68,3 +68,21 @@ def test_overtraining_pretrains_each_method_at_the_sweeps_chosen_lr(monkeypatch)
     done = ("missing", None)  # no valid records at HEAD: no untuned fallback
     with pytest.raises(LookupError, match=r"adamw: grid incomplete at HEAD: run `python experiments/sweep.py adamw"):
         overtraining.method_config("full")
+
+
+def test_relora_ablation_table_comes_from_the_sweep_records(tmp_path, monkeypatch):
+    import make_tables
+
+    def rec(short, long, stale=()):
+        return {"chosen_lr": 2e-3, "short_ppl": short, "long_ppl": long, "stale": list(stale), "commits": ["abc12345"]}
+
+    recipes = {"adamw": rec(40.0, [30.0, 32.0, 31.0]), "lora": rec(50.0, [45.0, 45.0, 48.0])}
+    recipes["relora"] = rec(44.0, [], stale=["code or recipe changed since abc12345"])
+    (tmp_path / "results" / "sweep").mkdir(parents=True)
+    (tmp_path / "results" / "sweep" / "results.json").write_text(json.dumps({"recipes": recipes}))
+    monkeypatch.setattr(make_tables, "HERE", tmp_path)
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in make_tables.relora_ablation_table().splitlines()}
+    assert "| 0.002 | 50.00 | 1.250 | 46.00 ± 1.73 | 1.484 | 34.17 | abc12345 |" in rows["lora"]
+    assert rows["relora"].endswith("| 29.77 | STALE: code or recipe changed since abc12345 |")
+    assert rows["relora_warm"].endswith("| 25.04 | not run |")
+    assert "| 31.00 ± 1.00 | 1.000 | 23.65 |" in rows["adamw"]
