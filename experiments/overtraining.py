@@ -45,6 +45,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import sweep
 from _report import markdown_table, save_figure, subplots, write_record, write_results, write_table
 
 from lowrank_jax.analysis.finetune import finetune_degradation, finetune_token_data, load_params, run_config
@@ -81,8 +82,6 @@ def method_overrides(method: str) -> tuple[str, ...]:
     Raises ``LookupError`` when the recipe's grid has no valid runs on record at HEAD (run
     ``python experiments/sweep.py RECIPE --stage short`` first): the study runs only tuned recipes.
     """
-    import sweep
-
     protocol = sweep.load_protocol(sweep.RECIPES / "protocol.yaml")
     recipes = {n: sweep.load_recipe(sweep.RECIPES / f"{n}.yaml", protocol) for n in sweep.recipe_names()}
     harness = sweep.Sweep(protocol, recipes, [], sweep.RESULTS, REPO / "runs" / "sweep")

@@ -105,7 +105,9 @@ def test_residual_vanishes_at_full_rank_with_unit_scale() -> None:
     for g in grads:
         u, st = up(g, st)
         u_g, st_g = up_g(g, st_g)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), u, u_g)
+        # float32 roundoff: the residual is ~1e-7 of G, not 0, and its norm-scaled term adds ~1e-6 to O(1) updates
+        # (seen at 1.7e-6 on one element under load); a real residual would be O(1) here
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), u, u_g)
         for k in ("w", "v"):
             assert float(st.residual_norm[k]) < 1e-5 * float(jnp.linalg.norm(g[k]))
     quarter = fira(6, update_proj_gap=2)
