@@ -8,11 +8,14 @@ the lr is the recommendation, the loss is measured again now). Then:
 
 - LoRA from scratch and low-rank W = BA beat doing nothing to the blocks (frozen at init) by a clear
   margin: a LoRA whose factors blow up or do not train (the README's old one-lr recipe) fails here;
-- full-rank AdamW beats low-rank W = BA;
-- full-rank AdamW against LoRA from scratch is asserted only to within ``LORA_SHORT_TOLERANCE``: at
-  200 steps the frozen random W plus a rank-32 update is on par with full rank (measured in the
-  sweep: val loss 3.832 LoRA vs 3.844 AdamW at 0bd64c26 / 63146867); the long-budget table is where
-  full rank is compared with LoRA on equal tokens.
+- full-rank AdamW beats frozen blocks by the same margin and stays within ``NEAR`` of both low-rank
+  methods (a broken full-rank path, or a low-rank one that only matches frozen blocks, fails);
+- "full rank beats both" (the issue's expectation) is recorded as a strict xfail: at this budget it is
+  false. Measured at a30952e (these recipes, lrs 1e-3 / 2e-3 / 1e-3): val loss AdamW 3.8436, LoRA from
+  scratch 3.7807, low-rank 3.8555, frozen blocks 4.0638. LoRA (a frozen random W plus a rank-32 update)
+  beats full rank by 0.063 and low-rank trails it by only 0.012 at 200 steps; the long-budget table
+  (800 steps, 3 seeds) is where they are compared on equal tokens. If full rank starts winning, the
+  xfail turns into a failure and this note must be updated.
 
 Four 200-step runs (~5 min on two cores): ``slow``.
 """
@@ -29,7 +32,7 @@ from lowrank_jax.train.loop import train
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 MARGIN = 0.05  # nats of validation loss: well above the run-to-run spread of one seed at 200 steps
-LORA_SHORT_TOLERANCE = 0.03
+NEAR = 0.1  # nats: the low-rank methods and full rank are within this of each other at 200 steps
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +83,13 @@ def test_low_rank_methods_beat_frozen_blocks(val_loss, method):
 
 
 @pytest.mark.slow
-def test_full_rank_beats_low_rank_and_matches_lora(val_loss):
-    assert val_loss("adamw") < val_loss("lowrank") - MARGIN / 2, (val_loss("adamw"), val_loss("lowrank"))
-    assert val_loss("adamw") < val_loss("lora") + LORA_SHORT_TOLERANCE, (val_loss("adamw"), val_loss("lora"))
+def test_full_rank_beats_frozen_blocks_and_stays_near_the_low_rank_methods(val_loss):
+    assert val_loss("adamw") < val_loss("frozen_blocks") - MARGIN, (val_loss("adamw"), val_loss("frozen_blocks"))
+    for method in ("lora", "lowrank"):
+        assert abs(val_loss("adamw") - val_loss(method)) < NEAR, (method, val_loss("adamw"), val_loss(method))
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="at 200 steps LoRA from scratch beats full rank (3.7807 vs 3.8436 at a30952e)")
+def test_full_rank_beats_lora_and_low_rank_at_the_short_budget(val_loss):
+    assert val_loss("adamw") < min(val_loss("lora"), val_loss("lowrank"))
