@@ -47,7 +47,7 @@ def test_sltrain_notebook(tmp_path, monkeypatch, data_cache):
 def test_ternary_notebook(tmp_path, monkeypatch):
     run = run_notebook("ternary", tmp_path, monkeypatch, {"LRJ_COLAB_SIZE": "smoke"})
     t = run.text
-    assert "train 1438, test 359 images of 64 pixels" in t
+    assert "train 4000, test 1000 images of 784 pixels" in t  # MNIST-5k, 20% of each class held out
     bit_acc = float(grab(rf"BitLinear \+ Adam: 100 steps in {NUM} s, test accuracy {NUM}", t)[1])
     assert bit_acc > 0.9
     latent, packed = (int(x.replace(",", "")) for x in grab(r"latent float32 ([\d,]+) B -> packed 2-bit ([\d,]+) B", t))
@@ -57,7 +57,7 @@ def test_ternary_notebook(tmp_path, monkeypatch):
                                          rf"max abs logit diff {NUM}", t))  # fmt: skip
         assert acc == ref and diff < 1e-4
     ns_acc = float(grab(rf"noise_step: 100 steps in {NUM} s, test accuracy {NUM}", t)[1])
-    assert ns_acc > 0.75
+    assert ns_acc > 0.65  # measured 0.763 at 100 steps (the full run's curve: 0.766 at step 100); chance is 0.1
     assert "values [-1, 0, 1]" in t
     ckpt, dense2 = (
         int(x.replace(",", ""))
