@@ -33,7 +33,7 @@ RELORA_ABLATION = [
 def _mean_std(values: list[float]) -> str:
     if not values:
         return "-"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
 
 
 def relora_ablation_table() -> str:
@@ -69,7 +69,7 @@ def relora_ablation_table() -> str:
                 f"{r['chosen_lr']:g}",
                 f"{r['short_ppl']:.2f}",
                 short_ratio,
-                _mean_std(r["long_ppl"]),
+                f"{r['pending_runs']} runs pending" if r.get("pending_runs") else _mean_std(r["long_ppl"]),
                 long_ratio,
                 paper,
                 ", ".join(r["commits"]),

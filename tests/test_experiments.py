@@ -78,11 +78,13 @@ def test_relora_ablation_table_comes_from_the_sweep_records(tmp_path, monkeypatc
 
     recipes = {"adamw": rec(40.0, [30.0, 32.0, 31.0]), "lora": rec(50.0, [45.0, 45.0, 48.0])}
     recipes["relora"] = rec(44.0, [], stale=["code or recipe changed since abc12345"])
+    recipes["relora_warm"] = {**rec(55.0, [22.0]), "pending_runs": 2}  # 1 of 3 seeds: no mean ± std yet
     (tmp_path / "results" / "sweep").mkdir(parents=True)
     (tmp_path / "results" / "sweep" / "results.json").write_text(json.dumps({"recipes": recipes}))
     monkeypatch.setattr(make_tables, "HERE", tmp_path)
     rows = {line.split(" | ")[0].lstrip("| "): line for line in make_tables.relora_ablation_table().splitlines()}
     assert "| 0.002 | 50.00 | 1.250 | 46.00 ± 1.73 | 1.484 | 34.17 | abc12345 |" in rows["lora"]
     assert rows["relora"].endswith("| 29.77 | STALE: code or recipe changed since abc12345 |")
-    assert rows["relora_warm"].endswith("| 25.04 | not run |")
+    assert "| 55.00 | 1.375 | 2 runs pending | - | 25.04 | abc12345 |" in rows["relora_warm"]
+    assert rows["lora_warm"].endswith("| 25.46 | not run |")
     assert "| 31.00 ± 1.00 | 1.000 | 23.65 |" in rows["adamw"]
