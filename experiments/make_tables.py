@@ -33,7 +33,7 @@ RELORA_ABLATION = [
 def _mean_std(values: list[float]) -> str:
     if not values:
         return "-"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.2f}"
 
 
 def relora_ablation_table() -> str:
