@@ -34,6 +34,8 @@ def _run(*args: str) -> dict:
         pytest.param("galore8bit", marks=pytest.mark.slow),
         pytest.param("galore8bit_layerwise", marks=pytest.mark.slow),
         pytest.param("bitlinear", marks=pytest.mark.slow),
+        # issue 17: APOLLO's seeded projections, Fira's residual and GoLore's switch to random projectors
+        *(pytest.param(m, marks=pytest.mark.slow) for m in ("apollo", "apollo_mini", "fira", "golore")),
     ],
 )
 def test_meshes_give_the_one_device_losses(method):
