@@ -22,9 +22,10 @@ from lowrank_jax.train.step import make_trainer  # noqa: E402
 
 SMALL = ["model.hidden=64", "model.ffn=128", "model.heads=2", "model.layers=2", "model.max_seq_len=64"]
 SMALL += ["seq_len=16", "batch_size=8", "optim.warmup_ratio=0.2", "steps=10"]
+GALORE = ["optim.name=galore_adamw", "galore.rank=8", "galore.update_proj_gap=2"]
 METHODS = {
     "full": ["optim.name=adamw"],
-    "galore": ["optim.name=galore_adamw", "galore.rank=8", "galore.update_proj_gap=2"],
+    "galore": GALORE,
     "sl": ["model.dense=sl", "model.sl_rank=8"],
     "relora": ["model.dense=lora", "model.lora_rank=8", "relora.every=2", "relora.restart_warmup=1"],
     "adamw8bit": ["optim.name=adamw8bit", "model.ffn=256"],  # mlp up/gate codes (L, 64, 1, 256): row-blocked
@@ -34,10 +35,7 @@ METHODS = {
     "apollo": ["optim.name=apollo_adamw", "apollo.rank=8", "apollo.update_proj_gap=2"],
     "apollo_mini": ["optim.name=apollo_mini_adamw", "apollo_mini.update_proj_gap=2"],
     "fira": ["optim.name=fira_adamw", "galore.rank=8", "galore.update_proj_gap=2"],
-    "golore": [
-        *("optim.name=galore_adamw", "galore.rank=8", "galore.update_proj_gap=2"),
-        *("galore.projector=random", "galore.random_from=4", "galore.moments=reproject_first"),
-    ],
+    "golore": [*GALORE, "galore.projector=random", "galore.random_from=4", "galore.moments=reproject_first"],
 }
 MESHES = ["1,1,1", "8,1,1", "1,8,1", "2,2,2"]
 
