@@ -26,6 +26,7 @@ RELORA_ABLATION = [
     ("relora", "+ restarts + reset + jagged (ReLoRA, no warm start)", "yes", "yes", "yes", "-", "29.77"),
     ("lora_warm", "warm start + LoRA (no restarts)", "-", "-", "at switch", "yes", "25.46"),
     ("relora_warm", "ReLoRA (warm start + restarts + reset + jagged)", "yes", "yes", "yes", "yes", "25.04"),
+    ("relora_warm_split", "ReLoRA, warm start at AdamW's lr 0.001", "yes", "yes", "yes", "yes", "-"),
     ("adamw", "full-rank AdamW", "-", "-", "-", "-", "23.65"),
 ]
 

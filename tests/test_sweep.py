@@ -32,7 +32,7 @@ def test_every_recipe_follows_the_protocol_and_builds(sweep):
     assert protocol.grid_size >= 4 and protocol.long_steps >= 4 * protocol.short_steps and len(protocol.seeds) >= 3
     names = sweep.recipe_names()
     assert {"adamw", "frozen_blocks", "galore", "galore8bit", "lora", "lowrank", "relora", "relora_warm"} <= set(names)
-    assert {"sl", "sl_d005", "bitlinear", "apollo", "apollo_mini", "fira", "golore"} <= set(names)
+    assert {"sl", "sl_d005", "bitlinear", "apollo", "apollo_mini", "fira", "golore", "relora_warm_split"} <= set(names)
     recipes = {n: sweep.load_recipe(sweep.RECIPES / f"{n}.yaml", protocol) for n in names}
     s = sweep.Sweep(protocol, recipes, [], Path("unused"), Path("unused"))
     for r in recipes.values():
