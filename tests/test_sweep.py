@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from lowrank_jax.config import ConfigError, load_config
+from lowrank_jax.train.optimizer import lr_groups
+from lowrank_jax.train.relora import warm_start_config
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 TOY = ["model.layers=1", "model.hidden=32", "model.ffn=64", "batch_size=2", "seq_len=16", "model.max_seq_len=16"]
@@ -44,6 +46,9 @@ def test_every_recipe_follows_the_protocol_and_builds(sweep):
     relora = sweep.Run(recipes["relora_warm"], "long", 1e-3, 0)
     cfg = load_config(protocol.preset, sweep.run_overrides(relora, protocol, []))
     assert cfg.relora.warm_start == 4 * 50 and cfg.relora.every == 4 * 50  # step-valued settings scale
+    for run in s.grid(recipes["relora_warm_split"]):  # the full-rank phase stays at 1e-3 whatever the grid lr
+        groups = lr_groups(warm_start_config(load_config(protocol.preset, sweep.run_overrides(run, protocol, []))))
+        assert groups["blocks"] == 1e-3 and groups["factors"] == run.lr, (run.lr, groups)
 
 
 def _write(folder: Path, name: str, text: str) -> Path:
