@@ -1,19 +1,19 @@
-"""What each CPU change to the model and step bought: the train step with the changes undone one by one.
+"""What each CPU optimisation of the model and step is worth: the train step with them undone one by one.
 
     python experiments/cpu_ablation.py [CONFIG] [key=value ...] [--steps 20] [--warmup 3] [--rounds 3]
 
-The changes (README, "CPU performance"), applied cumulatively from the code as it was before them:
+The optimisations (README, "CPU performance"), applied cumulatively to a baseline without any of them:
 
 1. ``2-D linears``: the blocks and the head run every linear on ``(B·T, D)`` tokens, not ``(B, T, D)``;
 2. ``loss rule``: :func:`lowrank_jax.train.state.cross_entropy` has its derivative written out
-   (before: autodiff of ``log_softmax`` + ``take_along_axis``);
-3. ``query blocks``: causal attention in query blocks of ``CPU_QUERY_BLOCK`` rows (before: the whole
+   (baseline: autodiff of ``log_softmax`` + ``take_along_axis``);
+3. ``query blocks``: causal attention in query blocks of ``CPU_QUERY_BLOCK`` rows (baseline: the whole
    ``(T, T)`` score matrix, ``bqhd`` layout, masked with ``finfo.min``).
 
-The "before" versions are re-created here (not kept in the library) and patched in while a variant's
-step is traced; every variant is compiled in this one process and timed in interleaved rounds
-(``--warmup`` untimed, then ``--steps`` timed steps per round; a variant's time is the median of its
-per-round medians). Writes ``results.json`` and ``table.md`` to ``--out``
+The baseline versions (the variant named "before") are re-created here (not kept in the library) and
+patched in while a variant's step is traced; every variant is compiled in this one process and timed in
+interleaved rounds (``--warmup`` untimed, then ``--steps`` timed steps per round; a variant's time is the
+median of its per-round medians). Writes ``results.json`` and ``table.md`` to ``--out``
 (default ``experiments/results/cpu_ablation``).
 """
 

@@ -276,7 +276,7 @@ def sl_matmul_rows(spec: dict) -> list[dict]:
             for variant in ("xla", "pallas"):
 
                 def fwd_bwd(x, a, b, values, idx, dy, variant=variant):
-                    f = lambda *p: sl_matmul(*p, idx, 8.0 / spec["rank"], implementation=variant)  # noqa: E731
+                    f = lambda *p: sl_matmul(*p, idx, 8.0 / spec["rank"], implementation=variant)
                     y, vjp = jax.vjp(f, x, a, b, values)
                     return y, *vjp(dy)
 

@@ -7,7 +7,7 @@ the train step is lowered and compiled ahead of time on abstract inputs (nothing
 XLA's ``memory_analysis()`` gives arguments (params + optimizer state + batch), temporaries and the
 peak estimate per device. BF16 parameters, sequence 256, one sequence per device per step (the
 memory of the per-layer mode does not depend on the number of accumulated micro-batches beyond
-their activations). Compiled for the CPU backend (no GPU in the session that wrote the table) with
+their activations). Compiled for the CPU backend (the table needs no accelerator) with
 loop-invariant code motion off (see lowrank_jax.train.memory). Writes results.json and table.md.
 """
 

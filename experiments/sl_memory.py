@@ -61,7 +61,7 @@ def measure_sl(name: str) -> dict:
         optim__name="adamw",
     )
     _, params = abstract_params(cfg.model)
-    is_float = lambda x: jnp.issubdtype(x.dtype, jnp.floating)  # noqa: E731
+    is_float = lambda x: jnp.issubdtype(x.dtype, jnp.floating)
     trainable = [x for x in jax.tree.leaves(params) if is_float(x)]
     index = [x for x in jax.tree.leaves(params) if not is_float(x)]
     tx, _ = make_optimizer(cfg, params)

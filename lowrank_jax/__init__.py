@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from lowrank_jax.optim import (  # noqa: E402
+from lowrank_jax.optim import (
     apollo,
     apollo_mini,
     fira,

@@ -1,8 +1,46 @@
-"""Shared fixtures: a small, fast variant of the `tiny` run on the pydoc corpus."""
+"""Shared fixtures: every test in a fresh empty working directory; a small, fast variant of the `tiny` run.
+
+The suite never touches the working directory it is started from: each test runs with the current directory set
+to a new empty one (:func:`hermetic_cwd`), so a test that reads a path relative to it finds nothing, and one that
+writes there (a default ``out_dir=runs/...``, a subprocess that inherits the directory) fails with what it left.
+Tests locate the repository from ``__file__`` (``helpers.REPO``) and write under ``tmp_path``.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
+
+CWD_FIXTURE = "hermetic_cwd"
+
+
+@pytest.fixture(autouse=True)
+def hermetic_cwd(tmp_path_factory, monkeypatch) -> Iterator[Path]:
+    """Run the test with the current directory set to a fresh empty directory (not ``tmp_path``)."""
+    cwd = tmp_path_factory.mktemp("cwd")
+    monkeypatch.chdir(cwd)
+    yield cwd
+
+
+def _left_in(cwd: Path) -> list[str]:
+    return sorted(str(p.relative_to(cwd)) for p in cwd.rglob("*"))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """Fail a test that passed but wrote into its working directory."""
+    result = yield
+    cwd = getattr(item, "funcargs", {}).get(CWD_FIXTURE)
+    left = _left_in(cwd) if cwd is not None else []
+    if left:
+        shown = ", ".join(left[:8]) + (f" and {len(left) - 8} more" if len(left) > 8 else "")
+        pytest.fail(
+            f"the test wrote into its working directory ({shown}); write under tmp_path (a subprocess: its cwd=)",
+            pytrace=False,
+        )
+    return result
 
 
 @pytest.fixture(scope="session")

@@ -10,8 +10,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_cli(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run ``python -m lowrank_jax.train.cli ARGS`` in a subprocess."""
+def run_cli(
+    *args: str, timeout: float = 600, env: dict | None = None, cwd: str | Path | None = None
+) -> subprocess.CompletedProcess:
+    """Run ``python -m lowrank_jax.train.cli ARGS`` in a subprocess, in ``cwd``.
+
+    ``cwd`` defaults to the test's working directory, a fresh empty one (``conftest.hermetic_cwd``), so whatever
+    the command writes to a relative path (a default ``out_dir``) fails the test instead of landing in the checkout.
+    """
     full_env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "lowrank_jax.train.cli", *args],
@@ -19,5 +25,5 @@ def run_cli(*args: str, timeout: float = 600, env: dict | None = None) -> subpro
         text=True,
         timeout=timeout,
         env=full_env,
-        cwd=REPO,
+        cwd=Path.cwd() if cwd is None else cwd,
     )

@@ -12,13 +12,13 @@ import sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 os.environ["JAX_PLATFORMS"] = "cpu"
 
-import json  # noqa: E402
+import json
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import numpy as np
 
-from lowrank_jax.config import load_config, replace  # noqa: E402
-from lowrank_jax.train.step import make_trainer  # noqa: E402
+from lowrank_jax.config import load_config, replace
+from lowrank_jax.train.step import make_trainer
 
 SMALL = ["model.hidden=64", "model.ffn=128", "model.heads=2", "model.layers=2", "model.max_seq_len=64"]
 SMALL += ["seq_len=16", "batch_size=8", "optim.warmup_ratio=0.2", "steps=10"]

@@ -150,7 +150,7 @@ class Executed:
 
 def run_notebook(name: str, tmp_path: Path, monkeypatch, env: dict[str, str]) -> Executed:
     """Execute colab/NAME.ipynb top to bottom in a fresh kernel of this interpreter, on CPU, with ``env``."""
-    from nbclient import NotebookClient  # noqa: PLC0415
+    from nbclient import NotebookClient
 
     jupyter_dir = tmp_path / "jupyter"
     _install_kernelspec(jupyter_dir)
@@ -163,7 +163,10 @@ def run_notebook(name: str, tmp_path: Path, monkeypatch, env: dict[str, str]) ->
     nb = nbformat.read(COLAB / f"{name}.ipynb", as_version=4)
     probe = "import sys\nprint('KERNEL_PREFIX=' + sys.prefix)\nprint('KERNEL_EXECUTABLE=' + sys.executable)"
     nb.cells.append(nbformat.v4.new_code_cell(probe))
-    client = NotebookClient(nb, kernel_name=KERNEL_NAME, timeout=600, resources={"metadata": {"path": str(COLAB)}})
+    # the kernel starts in the test's working directory (fresh and empty): a notebook that writes a relative path
+    # fails the test instead of filling colab/ (its files go where its LRJ_* variables point, under tmp_path)
+    kernel_cwd = str(Path.cwd())
+    client = NotebookClient(nb, kernel_name=KERNEL_NAME, timeout=600, resources={"metadata": {"path": kernel_cwd}})
     client.execute()  # raises CellExecutionError on the first failing cell
 
     text, images = [], 0

@@ -11,11 +11,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_gpu_suite_smoke_writes_every_section(tmp_path):
+def test_gpu_suite_smoke_writes_every_section(tmp_path, hermetic_cwd):
     out = tmp_path / "gpu"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     cmd = [sys.executable, str(ROOT / "experiments" / "gpu_suite.py"), "--smoke", "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=hermetic_cwd, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     s = res["sections"]

@@ -150,7 +150,7 @@ def stdlib_files() -> list[tuple[str, str]]:
 
 
 def _stream_stdlib(cfg: DataConfig) -> CorpusStream:
-    import platform  # noqa: PLC0415
+    import platform
 
     files = dict(stdlib_files())
     if not files:
@@ -159,7 +159,7 @@ def _stream_stdlib(cfg: DataConfig) -> CorpusStream:
 
 
 def _stream_pydoc(cfg: DataConfig) -> CorpusStream:
-    from pydoc_data.topics import topics  # noqa: PLC0415
+    from pydoc_data.topics import topics
 
     return _hash_split(cfg, "pydoc", sorted(topics), topics.__getitem__)
 
@@ -197,7 +197,7 @@ def _record_text(record: object) -> str:
 
 
 def _tfds_split_texts(tfds, name: str, data_dir: str | None, split: str, max_docs: int) -> Iterator[str]:
-    import grain  # noqa: PLC0415
+    import grain
 
     try:
         source = tfds.data_source(name, data_dir=data_dir, split=split)
@@ -218,7 +218,7 @@ def _tfds_split_texts(tfds, name: str, data_dir: str | None, split: str, max_doc
 
 def _stream_tfds(cfg: DataConfig) -> CorpusStream:
     try:
-        import tensorflow_datasets as tfds  # noqa: PLC0415
+        import tensorflow_datasets as tfds
     except ImportError as e:
         raise ImportError("data.source=tfds needs tensorflow-datasets: pip install lowrank-jax[tfds]") from e
     data_dir = os.path.expanduser(cfg.tfds_data_dir) if cfg.tfds_data_dir else None

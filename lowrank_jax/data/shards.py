@@ -86,7 +86,7 @@ class _SplitWriter:
         self._writer = None
 
     def _write_block(self, block: np.ndarray) -> None:
-        from array_record.python.array_record_module import ArrayRecordWriter  # noqa: PLC0415
+        from array_record.python.array_record_module import ArrayRecordWriter
 
         if self._writer is None or self.files[-1]["records"] == self.per_file:
             self._close_file()
@@ -248,7 +248,7 @@ class TokenStream:
     """One split's token stream read from its shards: ``read(start, stop)`` is ``tokens[start:stop]`` as int32."""
 
     def __init__(self, directory: Path, manifest: dict[str, Any], split: str):
-        import grain  # noqa: PLC0415
+        import grain
 
         info = manifest["splits"][split]
         self.split = split
@@ -352,7 +352,7 @@ class ShardBatches:
     """
 
     def __init__(self, stream: TokenStream, batch_size: int, seq_len: int, seed: int, rows: slice | None = None):
-        import grain  # noqa: PLC0415
+        import grain
 
         if batch_size <= 0:
             raise ValueError(f"batch_size: must be positive, got {batch_size}")
@@ -389,7 +389,7 @@ class ShardBatches:
 
     def iterate(self, start: int, stop: int, threads: int = 2, prefetch: int = 4) -> Iterator[np.ndarray]:
         """Batches ``start .. stop - 1`` in order, read ahead by grain worker threads."""
-        import grain  # noqa: PLC0415
+        import grain
 
         steps = grain.MapDataset.range(start, stop).map(self.batch)
         return iter(steps.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch)))

@@ -63,7 +63,7 @@ class HFTokenizer(Tokenizer):
     """A HF ``tokenizers`` tokenizer read from a ``tokenizer.json`` file."""
 
     def __init__(self, path: str):
-        import tokenizers  # noqa: PLC0415
+        import tokenizers
 
         self.path = path
         self._tok = tokenizers.Tokenizer.from_file(path)
@@ -93,7 +93,7 @@ class SentencePieceTokenizer(Tokenizer):
     """A SentencePiece ``.model`` file; its own ``</s>`` is the end-of-document token."""
 
     def __init__(self, path: str):
-        import sentencepiece as spm  # noqa: PLC0415
+        import sentencepiece as spm
 
         self.path = path
         self._sp = spm.SentencePieceProcessor(model_file=path)
@@ -127,7 +127,7 @@ def load_tokenizer(path: str) -> Tokenizer:
         return cls(path)
     except ValueError:
         raise
-    except Exception as e:  # noqa: BLE001 - the libraries raise bare Exception / RuntimeError on a bad file
+    except Exception as e:  # the libraries raise bare Exception / RuntimeError on a bad file
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise ValueError(f"data.tokenizer: {path!r} is not a readable {what} ({reason})") from None
 
@@ -146,8 +146,8 @@ def training_text(docs: Iterable[str], max_chars: int) -> Iterator[str]:
 
 def train_bpe_json(docs: Iterable[str], vocab_size: int, max_chars: int) -> str:
     """Train the byte-level BPE and return its ``tokenizer.json`` text (deterministic for fixed inputs)."""
-    import tokenizers  # noqa: PLC0415
-    from tokenizers import decoders, models, pre_tokenizers, trainers  # noqa: PLC0415
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
 
     tok = tokenizers.Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)

@@ -179,7 +179,7 @@ def sl_effective_weight(layer: Any, config: Any) -> jax.Array:
     a, b, values, idx = layer["sl_a"], layer["sl_b"], layer["sl_values"], layer["sl_support"]
     scale = config.sl_alpha / config.sl_rank
     lead = a.shape[:-2]
-    flat = lambda x, k: x.reshape(-1, *x.shape[-k:])  # noqa: E731
+    flat = lambda x, k: x.reshape(-1, *x.shape[-k:])
     w = jax.vmap(lambda a, b, v, i: materialize_w(a, b, v, i, scale))(
         flat(a, 2), flat(b, 2), flat(values, 1), flat(idx, 1)
     )

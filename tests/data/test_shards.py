@@ -136,7 +136,7 @@ def test_interrupted_prepare_leaves_nothing(prepared, monkeypatch, tmp_path):
 
 def test_read_manifest_rejects_partial_directories(prepared, tmp_path):
     _, sh, _ = prepared
-    import shutil  # noqa: PLC0415
+    import shutil
 
     copy = tmp_path / "copy"
     shutil.copytree(sh.directory, copy)
@@ -182,9 +182,9 @@ def test_token_stream_of_an_empty_split_reads_nothing(prepared):
 
 def test_training_from_prepared_shards_reads_no_corpus(small_overrides, tmp_path, monkeypatch):
     """`prepare` then `train data.shards=DIR`: the same losses as the automatic path, without opening the corpus."""
-    from lowrank_jax.data import corpus as corpus_mod  # noqa: PLC0415
-    from lowrank_jax.train.cli import main  # noqa: PLC0415
-    from lowrank_jax.train.metrics import read_metrics  # noqa: PLC0415
+    from lowrank_jax.data import corpus as corpus_mod
+    from lowrank_jax.train.cli import main
+    from lowrank_jax.train.metrics import read_metrics
 
     run = [*small_overrides, "steps=4", "log_every=1"]
     assert main(["train", "tiny", *run, f"out_dir={tmp_path / 'auto'}"]) == 0

@@ -157,7 +157,7 @@ def test_support_is_uniform_over_entries():
     assert np.all(np.abs(freq - density) < 5 * sd)
 
 
-def test_support_identical_across_processes():
+def test_support_identical_across_processes(hermetic_cwd):
     code = textwrap.dedent(
         """
         import hashlib, jax, numpy as np
@@ -166,7 +166,9 @@ def test_support_identical_across_processes():
         print(hashlib.sha256(idx.tobytes()).hexdigest())
         """
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120, cwd=hermetic_cwd
+    )
     import hashlib
 
     here = hashlib.sha256(np.asarray(sl_support(jax.random.key(1234), 96, 80, 0.03)).tobytes()).hexdigest()
