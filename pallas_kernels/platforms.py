@@ -7,8 +7,8 @@ Every kernel in this package is written once, for two *targets* that share its t
   reduction inside one program (``fori_loop`` over dynamic ``pl.ds`` slices of refs that stay in global
   memory), which is Triton's model — each iteration's loads are software-pipelined by Triton's
   ``num_stages`` and only one iteration's tiles live in shared memory. Mosaic GPU instead copies every
-  BlockSpec block into shared memory by TMA (≤ 256 elements per dimension, 227 KiB in all on H100: the
-  reason the original kernels failed with "Async copies only support copying <=256 elements" and "kernel
+  BlockSpec block into shared memory by TMA (≤ 256 elements per dimension, 227 KiB in all on H100: these
+  kernels' blocks there fail with "Async copies only support copying <=256 elements" and "kernel
   exceeds available shared memory"), lowers only for sm_90a (no A100, no ROCm) and supports fewer of the
   integer/one-hot elementwise ops the kernels use. Triton runs on Ampere, Hopper and ROCm alike.
 * ``tpu`` — Pallas → **Mosaic TPU** (``pltpu.CompilerParams(dimension_semantics=...)``). The reduction is

@@ -128,6 +128,94 @@ def _as_stream(name: str, x: Any) -> np.ndarray:
     return a.astype(np.int32)
 
 
+def _check_settings(steps: Any, lr: Any, eval_every: Any, parameterisation: str) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps: must be a positive integer, got {steps!r}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"lr: must be a positive number, got {lr!r}")
+    if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 0:
+        raise ValueError(f"eval_every: must be an integer >= 0, got {eval_every!r}")
+    if parameterisation not in ("effective", "native"):
+        raise ValueError(f"parameterisation: must be 'effective' or 'native', got {parameterisation!r}")
+
+
+def _streams(finetune_data: Any, pretrain_eval_data: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(fine-tune train, fine-tune val, pretraining val)`` token streams, int32."""
+    if hasattr(finetune_data, "train") and hasattr(finetune_data, "val"):
+        ft_train, ft_val = finetune_data.train, finetune_data.val
+    elif isinstance(finetune_data, (tuple, list)) and len(finetune_data) == 2:
+        ft_train, ft_val = finetune_data
+    else:
+        raise ValueError("finetune_data: expected a TokenData or a (train, val) pair of token streams")
+    ft_train, ft_val = _as_stream("finetune_data", ft_train), _as_stream("finetune_data", ft_val)
+    return ft_train, ft_val, _as_stream("pretrain_eval_data", pretrain_eval_data)
+
+
+def _check_vocab(vocab: int, ft_train: np.ndarray, ft_val: np.ndarray, pt_val: np.ndarray) -> None:
+    for name, stream in (("finetune_data", ft_train), ("finetune_data", ft_val), ("pretrain_eval_data", pt_val)):
+        if stream.max() >= vocab or stream.min() < 0:
+            raise ValueError(f"{name}: token ids must lie in [0, {vocab}) (encode with the pretraining tokenizer)")
+
+
+def _finetune_config(pre_cfg: Config, model_cfg: Any, settings: dict[str, Any]) -> Config:
+    """The pretraining config turned into plain AdamW fine-tuning with ``settings`` (no ReLoRA resets)."""
+    return config_lib.replace(
+        pre_cfg,
+        model=model_cfg,
+        optim=dataclasses.replace(
+            pre_cfg.optim,
+            name="adamw",
+            lr=settings["lr"],
+            warmup_ratio=settings["warmup_ratio"],
+            min_lr_ratio=settings["min_lr_ratio"],
+            weight_decay=settings["weight_decay"],
+        ),
+        relora=dataclasses.replace(pre_cfg.relora, every=0, warm_start=0),
+        steps=settings["steps"],
+        batch_size=settings["batch_size"],
+        grad_accum=1,
+        seq_len=settings["seq_len"],
+        seed=settings["seed"],
+    )
+
+
+def _fresh_state(trainer: Any, params: Any, seed: int) -> TrainState:
+    """``params`` with a fresh optimizer state, step 0, placed with the trainer's shardings."""
+
+    def init(p, raw_key):
+        return TrainState(jnp.zeros((), jnp.int32), p, trainer.tx.init(p), raw_key, jnp.zeros((), jnp.int32))
+
+    raw_key = jax.random.key_data(jax.random.key(seed))
+    return jax.jit(init, out_shardings=trainer.state_shardings)(params, raw_key)
+
+
+def _train(trainer, state, streams, settings: dict[str, Any], eval_every: int, eval_batch_size: int):
+    """``(state, curve, train_losses)`` after ``settings["steps"]`` steps on the fine-tuning stream; both
+    domains' validation losses at step 0, every ``eval_every`` steps and at the end."""
+    ft_train, ft_val, pt_val = streams
+    steps, sl, et = settings["steps"], settings["seq_len"], settings["eval_tokens"]
+    ft_batches = eval_batches(ft_val, sl, et, eval_batch_size)
+    pt_batches = eval_batches(pt_val, sl, et, eval_batch_size)
+    iterator = BatchIterator(ft_train, settings["batch_size"], sl, settings["seed"])
+
+    def measure(s: int) -> dict[str, float]:
+        return {
+            "step": s,
+            "ft_loss": evaluate(trainer, state.params, ft_batches),
+            "pt_loss": evaluate(trainer, state.params, pt_batches),
+        }
+
+    curve = [measure(0)]
+    train_losses = []
+    for t in range(steps):
+        state, m = trainer.train_step(state, trainer.put_batch(iterator.batch(t)))
+        train_losses.append(float(m["loss"]))
+        done = t + 1
+        if done == steps or (eval_every and done % eval_every == 0):
+            curve.append(measure(done))
+    return state, curve, train_losses
+
+
 def finetune_degradation(
     checkpoint: str | Path,
     finetune_data: Any,
@@ -153,80 +241,32 @@ def finetune_degradation(
     ``ft_loss_before/after``, ``pt_loss_before/after``, ``forgetting`` (pt after − before),
     ``ft_gain`` (ft before − after), the ``curve`` and the settings.
     """
-
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps: must be a positive integer, got {steps!r}")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"lr: must be a positive number, got {lr!r}")
-    if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 0:
-        raise ValueError(f"eval_every: must be an integer >= 0, got {eval_every!r}")
-    if parameterisation not in ("effective", "native"):
-        raise ValueError(f"parameterisation: must be 'effective' or 'native', got {parameterisation!r}")
-    if hasattr(finetune_data, "train") and hasattr(finetune_data, "val"):
-        ft_train, ft_val = finetune_data.train, finetune_data.val
-    elif isinstance(finetune_data, (tuple, list)) and len(finetune_data) == 2:
-        ft_train, ft_val = finetune_data
-    else:
-        raise ValueError("finetune_data: expected a TokenData or a (train, val) pair of token streams")
-    ft_train, ft_val = _as_stream("finetune_data", ft_train), _as_stream("finetune_data", ft_val)
-    pt_val = _as_stream("pretrain_eval_data", pretrain_eval_data)
-
+    _check_settings(steps, lr, eval_every, parameterisation)
+    streams = _streams(finetune_data, pretrain_eval_data)
     params, pre_cfg, step = load_params(checkpoint)
     if parameterisation == "effective":
         params, model_cfg = densify(params, pre_cfg.model)
     else:
         model_cfg = pre_cfg.model
-    vocab = model_cfg.vocab_size
-    for name, stream in (("finetune_data", ft_train), ("finetune_data", ft_val), ("pretrain_eval_data", pt_val)):
-        if stream.max() >= vocab or stream.min() < 0:
-            raise ValueError(f"{name}: token ids must lie in [0, {vocab}) (encode with the pretraining tokenizer)")
-    bs = batch_size or pre_cfg.batch_size
-    sl = seq_len or pre_cfg.seq_len
-    et = eval_tokens or pre_cfg.eval_tokens
-    ft_cfg = config_lib.replace(
-        pre_cfg,
-        model=model_cfg,
-        optim=dataclasses.replace(
-            pre_cfg.optim,
-            name="adamw",
-            lr=float(lr),
-            warmup_ratio=warmup_ratio,
-            min_lr_ratio=min_lr_ratio,
-            weight_decay=weight_decay,
-        ),
-        relora=dataclasses.replace(pre_cfg.relora, every=0, warm_start=0),
-        steps=steps,
-        batch_size=bs,
-        grad_accum=1,
-        seq_len=sl,
-        seed=seed,
-    )
+    _check_vocab(model_cfg.vocab_size, *streams)
+    settings = {
+        "steps": steps,
+        "lr": float(lr),
+        "batch_size": batch_size or pre_cfg.batch_size,
+        "seq_len": seq_len or pre_cfg.seq_len,
+        "eval_tokens": eval_tokens or pre_cfg.eval_tokens,
+        "warmup_ratio": warmup_ratio,
+        "min_lr_ratio": min_lr_ratio,
+        "weight_decay": weight_decay,
+        "seed": seed,
+        "parameterisation": parameterisation,
+        "model_dense_kind": pre_cfg.model.dense,
+        "finetune_dense_kind": model_cfg.dense,
+    }
+    ft_cfg = _finetune_config(pre_cfg, model_cfg, settings)
     trainer = make_trainer(ft_cfg)
-    ft_batches = eval_batches(ft_val, sl, et, ft_cfg.eval_batch_size)
-    pt_batches = eval_batches(pt_val, sl, et, ft_cfg.eval_batch_size)
-    iterator = BatchIterator(ft_train, bs, sl, seed)
-
-    def init(p, raw_key):
-        return TrainState(jnp.zeros((), jnp.int32), p, trainer.tx.init(p), raw_key, jnp.zeros((), jnp.int32))
-
-    raw_key = jax.random.key_data(jax.random.key(seed))
-    state = jax.jit(init, out_shardings=trainer.state_shardings)(params, raw_key)
-
-    def measure(s: int) -> dict[str, float]:
-        return {
-            "step": s,
-            "ft_loss": evaluate(trainer, state.params, ft_batches),
-            "pt_loss": evaluate(trainer, state.params, pt_batches),
-        }
-
-    curve = [measure(0)]
-    train_losses = []
-    for t in range(steps):
-        state, m = trainer.train_step(state, trainer.put_batch(iterator.batch(t)))
-        train_losses.append(float(m["loss"]))
-        done = t + 1
-        if done == steps or (eval_every and done % eval_every == 0):
-            curve.append(measure(done))
+    state = _fresh_state(trainer, params, seed)
+    state, curve, train_losses = _train(trainer, state, streams, settings, eval_every, ft_cfg.eval_batch_size)
     before, after = curve[0], curve[-1]
     return {
         "checkpoint_step": step,
@@ -240,18 +280,5 @@ def finetune_degradation(
         "curve": curve,
         "train_losses": train_losses,
         "skipped_steps": int(state.skipped),
-        "settings": {
-            "steps": steps,
-            "lr": float(lr),
-            "batch_size": bs,
-            "seq_len": sl,
-            "eval_tokens": et,
-            "warmup_ratio": warmup_ratio,
-            "min_lr_ratio": min_lr_ratio,
-            "weight_decay": weight_decay,
-            "seed": seed,
-            "parameterisation": parameterisation,
-            "model_dense_kind": pre_cfg.model.dense,
-            "finetune_dense_kind": model_cfg.dense,
-        },
+        "settings": settings,
     }

@@ -40,6 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+HI = jax.lax.Precision.HIGHEST
+
 
 @dataclass(frozen=True)
 class Inflection:
@@ -109,6 +111,125 @@ def target_matrix(key: jax.Array, singular_values: np.ndarray, d_out: int, d_in:
     return (u * singular_values) @ v.T, u, v
 
 
+def _check(s: np.ndarray, singular_values, gammas, lr: float, **positive: Any) -> list[float]:
+    """Validate the arguments of :func:`linear_toy` (ValueError naming the argument); the gammas as floats."""
+    if s.ndim != 1 or s.size == 0 or not np.all(np.isfinite(s)) or np.any(s <= 0):
+        raise ValueError(f"singular_values: must be a non-empty sequence of positive numbers, got {singular_values!r}")
+    if np.any(np.diff(s) >= 0):
+        raise ValueError(f"singular_values: must be strictly decreasing, got {list(s)}")
+    for name in ("d_in", "d_out", "hidden", "steps", "record_every", "n_perturb"):
+        _positive(name, positive[name], integer=True)
+    _positive("init_scale", positive["init_scale"])
+    _positive("lr", lr)
+    d_min = min(positive["d_in"], positive["d_out"], positive["hidden"])
+    if s.size > d_min:
+        raise ValueError(f"singular_values: {s.size} modes exceed min(d_in, d_out, hidden) = {d_min}")
+    gams = [float(g) for g in gammas]
+    if not gams or any(not math.isfinite(g) or g <= 0 for g in gams):
+        raise ValueError(f"gammas: must be a non-empty sequence of positive numbers, got {gammas!r}")
+    if lr * s[0] >= 0.5:
+        raise ValueError(f"lr: lr * s_1 = {lr * s[0]:.3g} must stay below 0.5 for stable gradient descent")
+    return gams
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """The float32 arrays of one run: target ``Y = U diag(s) Vᵀ``, initial factors, perturbations ``Z``."""
+
+    y: jax.Array  # (d_out, d_in)
+    u: jax.Array  # (d_out, r)
+    v: jax.Array  # (d_in, r)
+    w1: jax.Array  # (hidden, d_in)
+    w2: jax.Array  # (d_out, hidden)
+    z1: jax.Array  # (n_perturb, hidden, d_in)
+    z2: jax.Array  # (n_perturb, d_out, hidden)
+    gam: jax.Array  # (G,)
+
+
+def _problem(key, s, d_in, d_out, hidden, init_scale, n_perturb, gams) -> _Problem:
+    k_target, k_init1, k_init2, k_pert = jax.random.split(key, 4)
+    y, u, v = target_matrix(k_target, s, d_out, d_in)
+    w1 = jax.random.normal(k_init1, (hidden, d_in), jnp.float32) * init_scale
+    w2 = jax.random.normal(k_init2, (d_out, hidden), jnp.float32) * init_scale
+    z1 = jax.random.normal(jax.random.fold_in(k_pert, 1), (n_perturb, hidden, d_in), jnp.float32)
+    z2 = jax.random.normal(jax.random.fold_in(k_pert, 2), (n_perturb, d_out, hidden), jnp.float32)
+    y32, u32, v32 = (jnp.asarray(a, jnp.float32) for a in (y, u, v))
+    return _Problem(y32, u32, v32, w1, w2, z1, z2, jnp.asarray(gams, jnp.float32))
+
+
+def _record(pb: _Problem, w1, w2):
+    """``(σ_k, E, perturbed mean, perturbed std, E_Z)`` at ``(W1, W2)``; the last three per γ."""
+    d_out, hidden, d_in = pb.w2.shape[0], pb.w1.shape[0], pb.w1.shape[1]
+    p = jnp.dot(w2, w1, precision=HI)
+    learned = jnp.einsum("ok,oi,ik->k", pb.u, p, pb.v, precision=HI)
+    clean = jnp.sum((p - pb.y) ** 2)
+
+    def pert(g):
+        pp = jnp.einsum("noh,nhi->noi", w2[None] + g * pb.z2, w1[None] + g * pb.z1, precision=HI)
+        e = jnp.sum((pp - pb.y[None]) ** 2, axis=(1, 2))
+        return jnp.mean(e), jnp.std(e)
+
+    pm, ps = jax.vmap(pert)(pb.gam)
+    n1, n2 = jnp.sum(w1 * w1), jnp.sum(w2 * w2)
+    expected = clean + pb.gam**2 * (d_out * n1 + d_in * n2) + pb.gam**4 * (d_out * hidden * d_in)
+    return learned, clean, pm, ps, expected
+
+
+def _train(pb: _Problem, lr: float, record_every: int, n_rec: int) -> tuple[np.ndarray, ...]:
+    """GD on ½E for ``n_rec · record_every`` steps, recording :func:`_record` every ``record_every`` (float64)."""
+
+    def gd(carry, _):
+        w1, w2 = carry
+        r = jnp.dot(w2, w1, precision=HI) - pb.y
+        g1, g2 = jnp.dot(w2.T, r, precision=HI), jnp.dot(r, w1.T, precision=HI)
+        return (w1 - lr * g1, w2 - lr * g2), None
+
+    @jax.jit
+    def run(w1, w2):
+        def chunk(carry, _):
+            carry, _ = jax.lax.scan(gd, carry, None, length=record_every)
+            return carry, _record(pb, *carry)
+
+        first = _record(pb, w1, w2)
+        _, rest = jax.lax.scan(chunk, (w1, w2), None, length=n_rec)
+        return jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first, rest)
+
+    return tuple(np.asarray(a, np.float64) for a in run(pb.w1, pb.w2))
+
+
+def _half_steps(learned: np.ndarray, s: np.ndarray, rec_steps: np.ndarray) -> np.ndarray:
+    """First recorded step with ``σ_k ≥ s_k / 2`` per mode (-1 if never)."""
+    return np.array(
+        [
+            int(rec_steps[np.argmax(learned[:, k] >= s[k] / 2)]) if np.any(learned[:, k] >= s[k] / 2) else -1
+            for k in range(s.size)
+        ]
+    )
+
+
+def _inflection(g, j, s, dims, half, learned, pm, expected, rec_steps) -> Inflection:
+    """The predicted and observed inflection of the perturbed error for ``γ = g`` (column ``j``)."""
+    tau = g * g * dims
+    below = np.nonzero(s < tau)[0]
+    mode = int(below[0]) if below.size else None
+    window, predicted = None, None
+    if mode is not None and mode > 0 and half[mode] >= 0:
+        window = (int(half[mode - 1]), int(half[mode]))
+        reached = learned[:, mode - 1] >= s[mode - 1] - tau / 2
+        predicted = int(rec_steps[np.argmax(reached)]) if np.any(reached) else None
+    i_min = int(np.argmin(pm[:, j]))
+    return Inflection(
+        gamma=g,
+        threshold=float(tau),
+        mode=mode,
+        predicted_window=window,
+        predicted_step=predicted,
+        observed_step=int(rec_steps[i_min]),
+        observed_step_expected=int(rec_steps[int(np.argmin(expected[:, j]))]),
+        rise_after_min=float(pm[-1, j] - pm[i_min, j]),
+    )
+
+
 def linear_toy(
     singular_values: Sequence[float] = (10.0, 5.0, 2.5, 1.25, 0.625, 0.3125),
     *,
@@ -125,113 +246,15 @@ def linear_toy(
 ) -> LinearToyResult:
     """Train ``W2 W1`` on ``Y = U diag(s) Vᵀ`` by gradient descent and record the quantities of the module docstring."""
     s = np.asarray(list(singular_values), np.float64)
-    if s.ndim != 1 or s.size == 0 or not np.all(np.isfinite(s)) or np.any(s <= 0):
-        raise ValueError(f"singular_values: must be a non-empty sequence of positive numbers, got {singular_values!r}")
-    if np.any(np.diff(s) >= 0):
-        raise ValueError(f"singular_values: must be strictly decreasing, got {list(s)}")
-    for name, v in (("d_in", d_in), ("d_out", d_out), ("hidden", hidden), ("steps", steps)):
-        _positive(name, v, integer=True)
-    _positive("record_every", record_every, integer=True)
-    _positive("n_perturb", n_perturb, integer=True)
-    _positive("init_scale", init_scale)
-    _positive("lr", lr)
-    if s.size > min(d_in, d_out, hidden):
-        raise ValueError(
-            f"singular_values: {s.size} modes exceed min(d_in, d_out, hidden) = {min(d_in, d_out, hidden)}"
-        )
-    gams = [float(g) for g in gammas]
-    if not gams or any(not math.isfinite(g) or g <= 0 for g in gams):
-        raise ValueError(f"gammas: must be a non-empty sequence of positive numbers, got {gammas!r}")
-    if lr * s[0] >= 0.5:
-        raise ValueError(f"lr: lr * s_1 = {lr * s[0]:.3g} must stay below 0.5 for stable gradient descent")
-    if key is None:
-        key = jax.random.key(0)
-
-    k_target, k_init1, k_init2, k_pert = jax.random.split(key, 4)
-    y, u, v = target_matrix(k_target, s, d_out, d_in)
-    w1 = jax.random.normal(k_init1, (hidden, d_in), jnp.float32) * init_scale
-    w2 = jax.random.normal(k_init2, (d_out, hidden), jnp.float32) * init_scale
-    z1 = jax.random.normal(jax.random.fold_in(k_pert, 1), (n_perturb, hidden, d_in), jnp.float32)
-    z2 = jax.random.normal(jax.random.fold_in(k_pert, 2), (n_perturb, d_out, hidden), jnp.float32)
-    y32, u32, v32 = (jnp.asarray(a, jnp.float32) for a in (y, u, v))
-    gam = jnp.asarray(gams, jnp.float32)
-    hi = jax.lax.Precision.HIGHEST
-
-    def record(w1, w2):
-        p = jnp.dot(w2, w1, precision=hi)
-        learned = jnp.einsum("ok,oi,ik->k", u32, p, v32, precision=hi)
-        clean = jnp.sum((p - y32) ** 2)
-
-        def pert(g):
-            pp = jnp.einsum("noh,nhi->noi", w2[None] + g * z2, w1[None] + g * z1, precision=hi)
-            e = jnp.sum((pp - y32[None]) ** 2, axis=(1, 2))
-            return jnp.mean(e), jnp.std(e)
-
-        pm, ps = jax.vmap(pert)(gam)
-        n1, n2 = jnp.sum(w1 * w1), jnp.sum(w2 * w2)
-        expected = clean + gam**2 * (d_out * n1 + d_in * n2) + gam**4 * (d_out * hidden * d_in)
-        return learned, clean, pm, ps, expected
-
-    def gd(carry, _):
-        w1, w2 = carry
-        r = jnp.dot(w2, w1, precision=hi) - y32
-        g1, g2 = jnp.dot(w2.T, r, precision=hi), jnp.dot(r, w1.T, precision=hi)
-        return (w1 - lr * g1, w2 - lr * g2), None
-
+    dims = dict(d_in=d_in, d_out=d_out, hidden=hidden, steps=steps, record_every=record_every, n_perturb=n_perturb)
+    gams = _check(s, singular_values, gammas, lr, init_scale=init_scale, **dims)
+    pb = _problem(jax.random.key(0) if key is None else key, s, d_in, d_out, hidden, init_scale, n_perturb, gams)
     n_rec = steps // record_every
-
-    @jax.jit
-    def run(w1, w2):
-        def chunk(carry, _):
-            carry, _ = jax.lax.scan(gd, carry, None, length=record_every)
-            return carry, record(*carry)
-
-        first = record(w1, w2)
-        _, rest = jax.lax.scan(chunk, (w1, w2), None, length=n_rec)
-        return jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first, rest)
-
-    learned, clean, pm, ps, expected = (np.asarray(a, np.float64) for a in run(w1, w2))
+    learned, clean, pm, ps, expected = _train(pb, lr, record_every, n_rec)
     rec_steps = np.arange(n_rec + 1) * record_every
-    half = np.array(
-        [
-            int(rec_steps[np.argmax(learned[:, k] >= s[k] / 2)]) if np.any(learned[:, k] >= s[k] / 2) else -1
-            for k in range(s.size)
-        ]
-    )
-    inflections = []
-    for j, g in enumerate(gams):
-        tau = g * g * (d_in + d_out)
-        below = np.nonzero(s < tau)[0]
-        mode = int(below[0]) if below.size else None
-        window, predicted = None, None
-        if mode is not None and mode > 0 and half[mode] >= 0:
-            window = (int(half[mode - 1]), int(half[mode]))
-            reached = learned[:, mode - 1] >= s[mode - 1] - tau / 2
-            predicted = int(rec_steps[np.argmax(reached)]) if np.any(reached) else None
-        i_min = int(np.argmin(pm[:, j]))
-        inflections.append(
-            Inflection(
-                gamma=g,
-                threshold=float(tau),
-                mode=mode,
-                predicted_window=window,
-                predicted_step=predicted,
-                observed_step=int(rec_steps[i_min]),
-                observed_step_expected=int(rec_steps[int(np.argmin(expected[:, j]))]),
-                rise_after_min=float(pm[-1, j] - pm[i_min, j]),
-            )
-        )
-    settings = dict(
-        singular_values=s.tolist(),
-        d_in=d_in,
-        d_out=d_out,
-        hidden=hidden,
-        init_scale=init_scale,
-        lr=lr,
-        steps=steps,
-        record_every=record_every,
-        gammas=gams,
-        n_perturb=n_perturb,
+    half = _half_steps(learned, s, rec_steps)
+    inflections = tuple(
+        _inflection(g, j, s, d_in + d_out, half, learned, pm, expected, rec_steps) for j, g in enumerate(gams)
     )
     return LinearToyResult(
         steps=rec_steps,
@@ -242,6 +265,17 @@ def linear_toy(
         perturbed_error_std={g: ps[:, j] for j, g in enumerate(gams)},
         perturbed_expected={g: expected[:, j] for j, g in enumerate(gams)},
         half_steps=half,
-        inflections=tuple(inflections),
-        settings=settings,
+        inflections=inflections,
+        settings=dict(
+            singular_values=s.tolist(),
+            d_in=d_in,
+            d_out=d_out,
+            hidden=hidden,
+            init_scale=init_scale,
+            lr=lr,
+            steps=steps,
+            record_every=record_every,
+            gammas=gams,
+            n_perturb=n_perturb,
+        ),
     )

@@ -224,7 +224,7 @@ class SensitivityTable:
 
 def t_quantile_975(dof: int) -> float:
     """The 0.975 quantile of Student's t with ``dof`` degrees of freedom."""
-    from scipy.stats import t  # noqa: PLC0415
+    from scipy.stats import t
 
     return float(t.ppf(0.975, dof))
 
@@ -273,7 +273,7 @@ def _check_data(data: Any) -> list[np.ndarray]:
 @functools.lru_cache(maxsize=16)
 def lm_loss_fn(graphdef: Any) -> Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]:
     """``(params, tokens (B, T+1)) -> (sum of next-token NLL, token count)`` for the LLaMA ``graphdef``."""
-    from flax import nnx  # noqa: PLC0415
+    from flax import nnx
 
     def fn(params, batch):
         logits = nnx.merge(graphdef, params)(batch[:, :-1])

@@ -10,9 +10,10 @@ and cast to ``x.dtype`` for the matmul, accumulated in float32.
 
 * ``'xla'`` — materialise W, matmul; the paper's backward with W recomputed
   (:mod:`pallas_kernels.sl_matmul.xla`).
-* ``'pallas'`` — the fused kernels (:mod:`pallas_kernels.sl_matmul.kernel`): W tiles built on chip in
-  both passes, dvalues by a sampled dense-dense kernel; Triton on GPUs, Mosaic on TPUs, chosen when
-  the computation is lowered (:mod:`pallas_kernels.platforms`); interpreted on CPU.
+* ``'pallas'`` — the fused kernels (:mod:`pallas_kernels.sl_matmul.kernel`, tile programs in
+  :mod:`pallas_kernels.sl_matmul.tiles`): W tiles built on chip in both passes, dvalues by a sampled
+  dense-dense kernel; Triton on GPUs, Mosaic on TPUs, chosen when the computation is lowered
+  (:mod:`pallas_kernels.platforms`); interpreted on CPU.
 * ``'auto'`` (the default; ``None`` is the same) — ``'pallas'`` on GPU and TPU backends whenever the
   kernels take the operands (:func:`unsupported`: ``x`` must be bfloat16 or float32), ``'xla'`` on
   CPU. Each decision is recorded and an accelerator fallback is announced once on stderr

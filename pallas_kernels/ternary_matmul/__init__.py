@@ -1,7 +1,7 @@
 """Packed ternary (1.58-bit) matmul: 2-bit weights, per-tensor scale, bf16 or int8 activations."""
 
 from pallas_kernels.ternary_matmul.api import IMPLEMENTATIONS, choose_blocks, ternary_matmul
-from pallas_kernels.ternary_matmul.packing import check_ternary, pack_ternary, packed_rows, unpack_ternary
+from pallas_kernels.ternary_matmul.layout import check_ternary, pack_ternary, packed_rows, unpack_ternary
 from pallas_kernels.ternary_matmul.reference import ternary_matmul_reference
 
 __all__ = [

@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.ternary_matmul.packing import unpack_ternary
+from pallas_kernels.ternary_matmul.layout import unpack_ternary
 
 
 def ternary_matmul_reference(

@@ -82,7 +82,7 @@ def test_ternary_matmul_forward_and_backward_lower(case, platform):
 
 def test_tpu_lowering_takes_a_chip_generation_from_the_abstract_mesh():
     """Mosaic rules that depend on the chip (here: rank-1 blocks, whose legal sizes come from the lane and
-    sublane counts; the original ternary kernel's row scale had one) read the device kind. On CPU that is
+    sublane counts; a 1-d per-row scale would be one) read the device kind. On CPU that is
     ``"cpu"``; an abstract mesh of TPU devices names the generation instead."""
 
     def double(x):  # a kernel with a rank-1 block

@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 
 from pallas_kernels.platforms import GPU, GPU_SMEM_BUDGET, LANE, TPU, TPU_VMEM_BUDGET, Target, is_pow2, sublane
-from pallas_kernels.sl_matmul import kernel as K
 from pallas_kernels.sl_matmul.api import sl_matmul
-from pallas_kernels.sl_matmul.kernel import KernelConfig, choose_blocks, sl_matmul_pallas, tile_layout
+from pallas_kernels.sl_matmul.blocks import Blocks, choose_blocks, smem_bytes, vmem_bytes
+from pallas_kernels.sl_matmul.kernel import KernelConfig, sl_matmul_pallas
+from pallas_kernels.sl_matmul.layout import SPILL, tile_layout
 from pallas_kernels.sl_matmul.reference import materialize_w, sl_matmul_reference
+from pallas_kernels.sl_matmul.tiles import dvalues_kernel, dx_kernel, forward_kernel
 from pallas_kernels.sl_matmul.xla import sl_matmul_xla
 
 # Small blocks so that every test shape spans several tiles in each dimension; both kernel structures
@@ -122,7 +124,7 @@ def test_spilled_entries_are_corrected_exactly(structure):
     x, a, b, values, idx, dy = _operands(rng, 20, 40, 40, 3, 0.2, jnp.float32)
     cfg = _cfg("factored", structure, slots=16)
     layout = tile_layout(idx, 40, 40, choose_blocks(Target(structure, True), 20, 40, 40, 320, 3, 4, cfg))
-    assert 0 < int(layout.n_spill) <= K.SPILL  # 320 entries in 9 tiles of 16 slots
+    assert 0 < int(layout.n_spill) <= SPILL  # 320 entries in 9 tiles of 16 slots
     got = jax.jit(lambda *o: _fwd_vjp(lambda *p: sl_matmul_pallas(*p, cfg), *o, 0.8))(x, a, b, values, idx, dy)
     _assert_close(got, _fwd_vjp(sl_matmul_reference, x, a, b, values, idx, dy, 0.8), jnp.float32)
 
@@ -162,7 +164,7 @@ def test_tile_layout_places_every_entry_once():
     rng = np.random.default_rng()
     k, n, bk, bn = 45, 70, 16, 32
     idx = rng.choice(k * n, 400, replace=False).astype(np.int32)
-    lay = tile_layout(jnp.asarray(idx), k, n, K.Blocks(16, bk, bn, 128, 32, 16, 16))
+    lay = tile_layout(jnp.asarray(idx), k, n, Blocks(16, bk, bn, 128, 32, 16, 16))
     local, slot = np.asarray(lay.local), np.asarray(lay.slot)
     kt, nt = -(-k // bk), -(-n // bn)
     assert local.shape == (kt, nt, 4, 32) and int(lay.n_spill) == 0
@@ -197,9 +199,9 @@ def test_kernels_write_every_output_block(lowrank, structure):
     rows, cols = np.divmod(np.asarray(idx), 50)
     w[rows, cols] += np.asarray(values, np.float64)
     x64, dy64 = np.asarray(x, np.float64), np.asarray(dy, np.float64)
-    y = K.forward_kernel(target, blk, x, a, b, values, lay, 0.9, cfg)
-    dx = K.dx_kernel(target, blk, dy, a, b, values, lay, 0.9, cfg)
-    dv = K.dvalues_kernel(target, blk, x, dy, lay, cfg)
+    y = forward_kernel(target, blk, x, a, b, values, lay, 0.9, cfg)
+    dx = dx_kernel(target, blk, dy, a, b, values, lay, 0.9, cfg)
+    dv = dvalues_kernel(target, blk, x, dy, lay, cfg)
     np.testing.assert_allclose(np.asarray(y), x64 @ w, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(np.asarray(dx), dy64 @ w.T, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(np.asarray(dv), (x64.T @ dy64).reshape(-1)[np.asarray(idx)], rtol=1e-4, atol=1e-4)
@@ -266,10 +268,10 @@ def test_blocks_follow_each_backends_rules(m, k, n, r, density, itemsize, reques
     gpu = choose_blocks(GPU, m, k, n, nnz, r, itemsize, request_)
     assert all(is_pow2(v) and v >= 16 for v in (gpu.bm, gpu.bk, gpu.bn, gpu.chunk, gpu.rc)), gpu  # Triton shapes
     assert gpu.slots % gpu.chunk == 0 and gpu.rp % gpu.rc == 0 and gpu.rp >= r
-    assert K.smem_bytes(gpu, itemsize) <= GPU_SMEM_BUDGET, gpu
+    assert smem_bytes(gpu, itemsize) <= GPU_SMEM_BUDGET, gpu
     tpu = choose_blocks(TPU, m, k, n, nnz, r, itemsize, request_)
     assert tpu.bk % LANE == 0 and tpu.bn % LANE == 0 and tpu.chunk == LANE and tpu.rp % LANE == 0, tpu  # lane dims
     assert tpu.bm % sublane(itemsize) == 0 and tpu.rc == tpu.rp and tpu.rp >= r, tpu
-    assert K.vmem_bytes(tpu, itemsize) <= TPU_VMEM_BUDGET, tpu
+    assert vmem_bytes(tpu, itemsize) <= TPU_VMEM_BUDGET, tpu
     if request_.block_m is None and m >= 2048:
         assert tpu.bm >= 512  # the sparse rebuild is amortised over large m-tiles on TPU

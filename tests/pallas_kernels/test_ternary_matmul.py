@@ -16,8 +16,9 @@ from pallas_kernels.ternary_matmul import (
     ternary_matmul_reference,
     unpack_ternary,
 )
-from pallas_kernels.ternary_matmul.api import TernaryBlocks, pad_operands, smem_bytes, vmem_bytes
-from pallas_kernels.ternary_matmul.kernel import ternary_matmul_pallas_padded
+from pallas_kernels.ternary_matmul.blocks import TernaryBlocks, smem_bytes, vmem_bytes
+from pallas_kernels.ternary_matmul.layout import pad_operands
+from pallas_kernels.ternary_matmul.tiles import ternary_matmul_pallas_padded
 
 RNG = np.random.default_rng()  # fresh draws every run; the failing seed is printed by the assertions
 

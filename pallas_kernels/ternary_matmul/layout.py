@@ -1,4 +1,4 @@
-"""2-bit packing of ternary matrices: four weights per byte, planar along the input dimension.
+"""How the ternary kernel sees its operands: 2-bit weights, four per byte, planar; padding to blocks.
 
 A ternary kernel ``W`` (K, N) with entries in {−1, 0, 1} (Flax orientation, ``y = x @ W``) is
 stored as ``packed`` (Kq, N) uint8 with ``Kq = ceil(K / 4)``. Each weight is coded ``w + 1`` in
@@ -10,12 +10,19 @@ rows ``r, r + Kq, r + 2·Kq, r + 3·Kq`` in bit pairs ``0–1, 2–3, 4–5, 6�
 The planar layout makes bit plane ``j`` of a block of packed rows multiply a *contiguous* slice of
 the activations, ``x[:, j·Kq + r0 : j·Kq + r1]``, so a kernel unpacks with shifts and masks only and
 never gathers strided columns. 2 bits/weight: 8× smaller than bfloat16, 16× smaller than float32.
+
+:func:`pad_operands` lays the operands of one call out for the kernel
+(:mod:`pallas_kernels.ternary_matmul.tiles`): activation planes padded to the block multiples, the
+per-row scale as a column.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from pallas_kernels.platforms import round_up
+from pallas_kernels.ternary_matmul.blocks import TernaryBlocks
 
 
 def packed_rows(k: int) -> int:
@@ -61,3 +68,22 @@ def check_ternary(w: jax.Array, name: str = "w") -> None:
     bad = jnp.sum((w != -1) & (w != 0) & (w != 1))
     if int(bad):
         raise ValueError(f"{name}: {int(bad)} entries are not in {{-1, 0, 1}}")
+
+
+def pad_operands(
+    x_MxK: jax.Array, packed: jax.Array, rowscale_M: jax.Array, k: int, blk: TernaryBlocks
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Pad to block multiples in the kernel's layout: ``(x (Mp, 4·Kqp), packed (Kqp, Np), rowscale (Mp, 1))``.
+
+    Activation plane ``j`` (columns ``j·Kq … j·Kq + Kq`` after zero-padding ``K`` to ``4·Kq``) is
+    moved to columns ``j·Kqp …``; padded packed bytes are 0x55 (four zero weights) and padded
+    activations are 0, so padded outputs are exactly 0. Nothing is copied along an axis that needs no padding.
+    """
+    m = x_MxK.shape[0]
+    kq, n = packed.shape
+    mp, np_, kqp = round_up(m, blk.bm), round_up(n, blk.bn), round_up(kq, blk.bkq)
+    xp = jnp.pad(x_MxK, ((0, 0), (0, 4 * kq - k))).reshape(m, 4, kq)
+    xp = jnp.pad(xp, ((0, mp - m), (0, 0), (0, kqp - kq))).reshape(mp, 4 * kqp)
+    wp = packed if (kqp, np_) == (kq, n) else jnp.pad(packed, ((0, kqp - kq), (0, np_ - n)), constant_values=0x55)
+    sp = jnp.pad(rowscale_M.astype(jnp.float32), (0, mp - m)).reshape(mp, 1)
+    return xp, wp, sp

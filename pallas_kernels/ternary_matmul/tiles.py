@@ -1,0 +1,148 @@
+"""The packed ternary Pallas kernel: what each program computes on its tile, and the ``pallas_call``.
+
+2-bit weights are unpacked on chip with float32 accumulation (ternary weights as in BitNet b1.58:
+Ma et al., "The Era of 1-bit LLMs: All Large Language Models are in 1.58 Bits", arXiv 2402.17764).
+
+Each program owns one ``(bm, bn)`` output tile and reduces over the packed rows in chunks of ``bkq``.
+A chunk of packed bytes ``(bkq, bn)`` uint8 is loaded once and split with shifts and masks into its
+four bit planes ``P_j = ((p >> 2j) & 3) − 1`` ∈ {−1, 0, 1}; plane ``j`` multiplies the activation
+columns ``j·Kq + k0 … j·Kq + k0 + bkq`` (the planar layout of
+:mod:`pallas_kernels.ternary_matmul.layout`). The activations are passed four times, once per plane,
+so each plane's tile is a plain 2-D block. Weights travel from memory at 2 bits each, 8× less traffic
+than bf16 — the point for memory-bound GEMV (one token) decoding.
+
+Products are exact in the compute dtype: bf16 for bf16 inputs and for int8 inputs (|x| ≤ 128 fits
+bf16's 8-bit significand exactly; bf16 rather than the int8 MXU because TPU v7 has no int8 matmul and
+Triton's int8 dot needs a different accumulator) with float32 accumulation, exact while
+``K·128 < 2²⁴``; float32 inputs multiply in float32 at HIGHEST precision. The per-row scale
+``rowscale = scale · x_scale`` is applied once to the accumulator. Unpacking widens the uint8 bytes
+to int32 first: Mosaic TPU lowers 32-bit integer shifts and masks, and casts integers to floats only
+from signed types, so every step is one it supports.
+
+Two structures (:mod:`pallas_kernels.platforms`): GPU (Triton, grid ``(M/bm, N/bn)``, a ``fori_loop``
+over the packed rows) and TPU (Mosaic, grid ``(M/bm, N/bn, Kq/bkq)`` with the reduction last and a
+float32 VMEM accumulator). Block sizes: :func:`pallas_kernels.ternary_matmul.blocks.choose_blocks`.
+Triton rather than Mosaic GPU for this kernel in particular: a decoding GEMV has one row, and Triton
+takes 16-row dot tiles where Mosaic GPU's warpgroup MMA works on 64-row ones; Mosaic GPU also copies
+each whole BlockSpec block into shared memory (the 4096×11008 GEMV's blocks needed 271 KB, over the
+227 KB an H100 has), while Triton streams ``bkq`` packed rows per loop iteration.
+
+Shapes must already be padded to block multiples
+(:func:`~pallas_kernels.ternary_matmul.layout.pad_operands` does it): ``x (Mp, 4·Kqp)``,
+``packed (Kqp, Np)``, ``rowscale (Mp, 1)`` (2-D, so its block is legal on TPU at any ``bm``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.platforms import Target, compiler_params
+
+
+def _kernel(x0_ref, x1_ref, x2_ref, x3_ref, w_ref, s_ref, o_ref, *scratch, target: Target, n_red: int, bkq: int):
+    cd = jnp.float32 if x0_ref.dtype == jnp.float32 else jnp.bfloat16
+    precision = jax.lax.Precision.HIGHEST if cd == jnp.float32 else None
+    planes_x = (x0_ref, x1_ref, x2_ref, x3_ref)
+
+    def step(kb):
+        ks = slice(None) if target.tpu else pl.ds(pl.multiple_of(kb * bkq, bkq), bkq)
+        p = w_ref[ks, :].astype(jnp.int32)  # (bkq, bn)
+        acc = 0.0
+        for j, x_ref in enumerate(planes_x):
+            plane = (((p >> (2 * j)) & 3) - 1).astype(cd)
+            acc = acc + jnp.dot(x_ref[:, ks].astype(cd), plane, precision=precision, preferred_element_type=jnp.float32)
+        return acc
+
+    def finish(acc):
+        o_ref[...] = (acc * s_ref[...]).astype(o_ref.dtype)
+
+    if not target.tpu:
+        finish(jax.lax.fori_loop(0, n_red, lambda kb, acc: acc + step(kb), jnp.zeros(o_ref.shape, jnp.float32)))
+        return
+    (acc_ref,) = scratch
+    kb = pl.program_id(2)
+
+    @pl.when(kb == 0)
+    def _():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    acc_ref[...] += step(kb)
+
+    @pl.when(kb == n_red - 1)
+    def _():
+        finish(acc_ref[...])
+
+
+def _aliased_kernel(kernel, *refs):
+    """``kernel`` with the aliased ``out_init`` input (refs[6]) skipped."""
+    kernel(*refs[:6], *refs[7:])
+
+
+def ternary_matmul_pallas_padded(
+    x_MpxK4: jax.Array,
+    packed_KqpxNp: jax.Array,
+    rowscale_Mpx1: jax.Array,
+    *,
+    bm: int,
+    bn: int,
+    bkq: int,
+    out_dtype: jnp.dtype,
+    target: Target,
+    out_init: jax.Array | None = None,
+    num_warps: int = 4,
+) -> jax.Array:
+    """The raw ``pallas_call`` on block-multiple shapes for ``target`` (no padding, no checks beyond divisibility).
+
+    ``out_init``: an ``(Mp, Np)`` buffer aliased as the output (tests pass one filled with NaN to
+    prove every tile is written).
+    """
+    mp, k4 = x_MpxK4.shape
+    kqp, np_ = packed_KqpxNp.shape
+    if k4 != 4 * kqp or mp % bm or np_ % bn or kqp % bkq or rowscale_Mpx1.shape != (mp, 1):
+        raise ValueError(
+            f"shapes: x {x_MpxK4.shape}, packed {packed_KqpxNp.shape}, rowscale {rowscale_Mpx1.shape} are not"
+            f" padded to blocks ({bm}, {bn}, {bkq})"
+        )
+    n_red, tpu = kqp // bkq, target.tpu
+    kernel = functools.partial(_kernel, target=target, n_red=n_red, bkq=bkq)
+    if tpu:
+        grid = (mp // bm, np_ // bn, n_red)
+        x_specs = [pl.BlockSpec((bm, bkq), lambda i, j, kb, p=p: (i, p * n_red + kb)) for p in range(4)]
+        w_spec = pl.BlockSpec((bkq, bn), lambda i, j, kb: (kb, j))
+        s_spec = pl.BlockSpec((bm, 1), lambda i, j, kb: (i, 0))
+        o_spec = pl.BlockSpec((bm, bn), lambda i, j, kb: (i, j))
+    else:  # plane p of the activations is block p of width Kqp; the loop slices it
+        grid = (mp // bm, np_ // bn)
+        x_specs = [pl.BlockSpec((bm, kqp), lambda i, j, p=p: (i, p)) for p in range(4)]
+        w_spec = pl.BlockSpec((kqp, bn), lambda i, j: (0, j))
+        s_spec = pl.BlockSpec((bm, 1), lambda i, j: (i, 0))
+        o_spec = pl.BlockSpec((bm, bn), lambda i, j: (i, j))
+    args = [x_MpxK4] * 4 + [packed_KqpxNp, rowscale_Mpx1.astype(jnp.float32)]
+    in_specs = [*x_specs, w_spec, s_spec]
+    aliases = {}
+    if out_init is not None:
+        if out_init.shape != (mp, np_) or out_init.dtype != out_dtype:
+            raise ValueError(f"out_init: expected {(mp, np_)} {out_dtype}, got {out_init.shape} {out_init.dtype}")
+        kernel = functools.partial(_aliased_kernel, kernel)
+        args.append(out_init)
+        in_specs.append(o_spec)
+        aliases = {6: 0}
+    return pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=o_spec,
+        out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),
+        scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)] if tpu else [],
+        input_output_aliases=aliases,
+        compiler_params=compiler_params(
+            target, semantics=("parallel", "parallel", "arbitrary"), num_warps=num_warps, num_stages=3
+        ),
+        interpret=target.interpret,
+        name="ternary_matmul",
+    )(*args)
