@@ -80,7 +80,7 @@ class Checkpointer:
             failure = None
             try:
                 state, meta = self.restore(step, layout(step))
-            except Exception as e:  # noqa: BLE001 - any read failure means "damaged"
+            except Exception as e:  # any read failure means "damaged"
                 failure = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             if not _on_every_process(failure is None):  # one process's unreadable shards fail them all
                 if primary:

@@ -100,7 +100,7 @@ def _exit_at_once_on_failure(distributed: bool) -> Iterator[None]:
     except ConfigError as e:
         print(f"lowrank-jax: error: {e}", file=sys.stderr)
         status = 2
-    except BaseException as e:  # noqa: BLE001 - every failure leaves the same way
+    except BaseException as e:  # every failure leaves the same way
         traceback.print_exc()
         status = 130 if isinstance(e, KeyboardInterrupt) else 1
     sys.stdout.flush()

@@ -144,7 +144,7 @@ def launch(
                     stdout=None if i == 0 else subprocess.PIPE,
                     stderr=None if i == 0 else subprocess.STDOUT,
                     start_new_session=True,  # signals reach it only through the launcher
-                    preexec_fn=_child_setup,  # noqa: PLW1509
+                    preexec_fn=_child_setup,
                 )
             )
     except BaseException:

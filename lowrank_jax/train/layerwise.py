@@ -44,6 +44,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -190,6 +191,190 @@ def _sumsq(tree: Any) -> jax.Array:
     return sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)), jnp.zeros((), jnp.float32))
 
 
+@dataclass(frozen=True)
+class _Model:
+    """The static pieces of the step: the model's graph, one block's graph and state template, the optimizers."""
+
+    graphdef: nnx.GraphDef
+    block_graphdef: nnx.GraphDef
+    block_template: Any
+    opt: LayerwiseOptimizer
+    accum: int  # micro-batches per step (``grad_accum``)
+    max_norm: float  # ``optim.grad_clip``; 0: no clipping
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """What the passes of one step read: the static pieces, the params before the step, the rope tables and
+    the micro-batches ``(accum, rows, T + 1)``."""
+
+    model: _Model
+    params: dict[str, Any]
+    cos: jax.Array
+    sin: jax.Array
+    micro: jax.Array
+
+    @property
+    def rest(self) -> dict[str, Any]:
+        return split_blocks(self.params)[0]
+
+    @property
+    def blocks(self) -> Any:
+        return split_blocks(self.params)[1]
+
+
+def _model_with(model: _Model, params: dict[str, Any], overrides: dict[str, Any]) -> nnx.Module:
+    return nnx.merge(model.graphdef, {**params, **overrides})
+
+
+def _batch(model: _Model, params: dict[str, Any], batch: jax.Array) -> _Batch:
+    cos, sin = _model_with(model, params, {}).rope(batch.shape[-1] - 1)
+    micro = batch.reshape(model.accum, batch.shape[0] // model.accum, batch.shape[-1])
+    return _Batch(model, params, cos, sin, micro)
+
+
+def _block_fn(b: _Batch, layer: Any, h: jax.Array) -> jax.Array:
+    """Block ``layer`` applied to ``h`` (int leaves, the SL support, get float0 cotangents)."""
+    layer_state = nnx.State(jax.tree.map(lambda x: x, b.model.block_template))
+    layer_state.replace_by_pure_dict(layer)
+    return nnx.merge(b.model.block_graphdef, layer_state)(h, b.cos, b.sin)
+
+
+def _head_loss(b: _Batch, head: dict[str, Any], x: jax.Array, targets: jax.Array) -> jax.Array:
+    return cross_entropy(_model_with(b.model, b.params, head).head(x), targets)
+
+
+def _forward_micro(b: _Batch, head: dict[str, Any], carry: tuple, tokens: jax.Array):
+    """One micro-batch: its loss and head gradient added to ``carry``; the layer inputs and ∂x_L kept."""
+    loss_sum, dhead_sum = carry
+    x0 = _model_with(b.model, b.params, {"embed": b.rest["embed"]}).embed_tokens(tokens[:, :-1])
+    x_last, inputs = jax.lax.scan(lambda h, layer: (_block_fn(b, layer, h), h), x0, b.blocks)
+    loss, head_vjp = jax.vjp(lambda hd, x: _head_loss(b, hd, x, tokens[:, 1:]), head, x_last)
+    dhead, dx = head_vjp(jnp.asarray(1.0 / b.model.accum, loss.dtype))
+    return (loss_sum + loss, jax.tree.map(jnp.add, dhead_sum, dhead)), (inputs, dx)
+
+
+def _forward(b: _Batch) -> tuple[jax.Array, dict[str, Any], jax.Array, jax.Array]:
+    """``(loss, ∂head, layer inputs (L, A, B, T, D), ∂x_L (A, B, T, D))`` over the micro-batches."""
+    head = {k: v for k, v in b.rest.items() if k != "embed"}  # final_norm, lm_head
+    zero_head = jax.tree.map(jnp.zeros_like, head)
+    init = (jnp.zeros((), jnp.float32), zero_head)
+    (loss, dhead), (inputs_ALBTD, dx_ABTD) = jax.lax.scan(partial(_forward_micro, b, head), init, b.micro)
+    return loss / b.model.accum, dhead, jnp.swapaxes(inputs_ALBTD, 0, 1), dx_ABTD
+
+
+def _layer_grad_micro(b: _Batch, layer: Any, acc: Any, x: tuple[jax.Array, jax.Array]):
+    h, d = x
+    _, vjp = jax.vjp(partial(_block_fn, b), layer, h)
+    g, dh_in = vjp(d)
+    return jax.tree.map(jnp.add, acc, float_grads(g, layer)), dh_in
+
+
+def _layer_grad(b: _Batch, layer: Any, inputs_ABTD: jax.Array, dh_ABTD: jax.Array):
+    """Σ over micro-batches of block l's parameter gradient, and the cotangents of its inputs."""
+    zeros = float_grads(jax.tree.map(jnp.zeros_like, layer), layer)
+    return jax.lax.scan(partial(_layer_grad_micro, b, layer), zeros, (inputs_ABTD, dh_ABTD))
+
+
+def _embed_grad(b: _Batch, dh_ABTD: jax.Array, i: jax.Array) -> jax.Array:
+    """Chunk ``i`` of the embedding's gradient: the vjp of the lookup, rows outside the chunk dropped."""
+    ch, table = b.model.opt.rest["embed"][1], b.rest["embed"]
+    tokens = b.micro[..., :-1].reshape(-1) - i * ch.size
+    rows = jnp.where((tokens >= 0) & (tokens < ch.size), tokens, ch.size)
+    d = dh_ABTD.reshape(-1, table.shape[-1]).astype(table.dtype)
+    return jnp.zeros((ch.size, table.shape[-1]), table.dtype).at[rows].add(d, mode="drop")
+
+
+def _rest_grads(b: _Batch, dhead: dict[str, Any], dh0: Any) -> dict[str, Callable[[jax.Array], jax.Array]]:
+    """Per non-block leaf, ``i ->`` chunk ``i`` of its gradient (``dh0``: cotangents of the embeddings)."""
+    out = {name: partial(b.model.opt.rest[name][1].get, g) for name, g in _flat(dhead).items()}
+    return {**out, "embed": partial(_embed_grad, b, dh0)}
+
+
+def _chunked_sumsq(ch: Chunking, grad_of: Callable[[jax.Array], jax.Array]) -> jax.Array:
+    return jax.lax.fori_loop(0, ch.n, lambda i, acc: acc + _sumsq(grad_of(i)), jnp.zeros(()))
+
+
+def _clip_factor(norm: jax.Array, max_norm: float) -> jax.Array:
+    """``optax.clip_by_global_norm``'s factor (``max_norm > 0``)."""
+    return jnp.where(norm < max_norm, 1.0, max_norm / norm)
+
+
+def _scaled(tree: Any, c: jax.Array) -> Any:
+    return jax.tree.map(lambda g: (g.astype(jnp.float32) * c).astype(g.dtype), tree)
+
+
+def _select(ok: jax.Array, new: Any, old: Any) -> Any:
+    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+def _put_index(i: jax.Array, full: jax.Array, part: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_update_index_in_dim(full, part, i, 0)
+
+
+def _norm_layer(b: _Batch, carry: tuple, x: tuple):
+    dh, sq = carry
+    g, dh = _layer_grad(b, *x, dh)
+    return (dh, sq + _sumsq(g)), None
+
+
+def _norm_pass(b: _Batch, dhead: dict[str, Any], inputs_LABTD: jax.Array, dx_ABTD: jax.Array) -> jax.Array:
+    """The global gradient norm: a reverse pass over the layers summing only ‖∂θ_l‖², then the other leaves."""
+    init = (dx_ABTD, jnp.zeros(()))
+    (dh0, sq), _ = jax.lax.scan(partial(_norm_layer, b), init, (b.blocks, inputs_LABTD), reverse=True)
+    rest = b.model.opt.rest
+    return jnp.sqrt(sq + sum(_chunked_sumsq(rest[name][1], g) for name, g in _rest_grads(b, dhead, dh0).items()))
+
+
+def _update_chunk(b: _Batch, name: str, grad_of: Callable, c: jax.Array, ok: jax.Array, i: jax.Array, carry: tuple):
+    leaf, st, sq = carry
+    tx, ch = b.model.opt.rest[name]
+    p, s, g = ch.get(leaf, i), jax.tree.map(lambda a: a[i], st), grad_of(i)
+    updates, new_s = tx.update(_nest(name, _scaled(g, c)), s, _nest(name, p))
+    new_p = jnp.where(ok, optax.apply_updates(p, _leaf(name, updates)), p)
+    return ch.put(leaf, new_p, i), jax.tree.map(partial(_put_index, i), st, _select(ok, new_s, s)), sq + _sumsq(g)
+
+
+def _rest_update(b: _Batch, name: str, grad_of: Callable, opt_state: Any, c: jax.Array, ok: jax.Array):
+    """Leaf ``name`` updated chunk by chunk in place: ``(leaf, its optimizer state, its gradient's sum of squares)``."""
+    init = (_leaf(name, b.rest), opt_state, jnp.zeros(()))
+    return jax.lax.fori_loop(0, b.model.opt.rest[name][1].n, partial(_update_chunk, b, name, grad_of, c, ok), init)
+
+
+def _update_layer(b: _Batch, c: jax.Array, ok: jax.Array, carry: tuple, x: tuple):
+    """Block ``index``: its gradient over the micro-batches, its update written back in place."""
+    blk, blk_state, dh, sq = carry
+    index, inputs_ABTD = x
+    layer = jax.tree.map(lambda a: a[index], blk)
+    g, dh = _layer_grad(b, layer, inputs_ABTD, dh)
+    layer_state = jax.tree.map(lambda a: a[index], blk_state)
+    updates, new_state = b.model.opt.block.update({BLOCKS: _scaled(g, c)}, layer_state, {BLOCKS: layer})
+    new_layer = _select(ok, keep_int_params(optax.apply_updates(layer, updates[BLOCKS]), layer), layer)
+    new_state = _select(ok, new_state, layer_state)
+    put = partial(_put_index, index)
+    return (jax.tree.map(put, blk, new_layer), jax.tree.map(put, blk_state, new_state), dh, sq + _sumsq(g)), None
+
+
+def _update_pass(b: _Batch, opt_state: LayerwiseOptState, dhead, inputs_LABTD, dx_ABTD, c: jax.Array, ok: jax.Array):
+    """Backward with in-place updates (gradients scaled by ``c``); where ``ok`` is false every slice is
+    written back unchanged. Returns ``(params, optimizer state, gradient norm)``."""
+    # final norm and lm_head first: their gradients are dead before the layer loop starts
+    grads = _rest_grads(b, dhead, None)
+    head_names = [name for name in b.model.opt.rest if name != "embed"]
+    new_rest = {name: _rest_update(b, name, grads[name], opt_state.rest[name], c, ok) for name in head_names}
+    new_rest, blocks_in = jax.lax.optimization_barrier((new_rest, b.blocks))
+    n_layers = jax.tree.leaves(b.blocks)[0].shape[0]
+    init = (blocks_in, opt_state.blocks, dx_ABTD, jnp.zeros(()))
+    (new_blocks, new_blocks_state, dh0, sq), _ = jax.lax.scan(
+        partial(_update_layer, b, c, ok), init, (jnp.arange(n_layers), inputs_LABTD), reverse=True
+    )
+    new_rest["embed"] = _rest_update(b, "embed", _rest_grads(b, dhead, dh0)["embed"], opt_state.rest["embed"], c, ok)
+    sq = sq + sum(r[2] for r in new_rest.values())
+    params = _unflat({name: r[0] for name, r in new_rest.items()})
+    opt_rest = {name: r[1] for name, r in new_rest.items()}
+    return {**params, BLOCKS: new_blocks}, LayerwiseOptState(opt_rest, new_blocks_state), jnp.sqrt(sq)
+
+
 def make_layerwise_step(
     cfg: Config, graphdef: nnx.GraphDef, abstract_model: nnx.Module, opt: LayerwiseOptimizer, schedule: optax.Schedule
 ) -> Callable:
@@ -200,146 +385,22 @@ def make_layerwise_step(
     """
     if not cfg.model.scan_layers:
         raise ValueError("layerwise_update: needs model.scan_layers=true (the blocks stacked on a layers axis)")
-    accum, max_norm = cfg.grad_accum, cfg.optim.grad_clip
-    block_graphdef, block_template = nnx.split(abstract_model.blocks)
+    model = _Model(graphdef, *nnx.split(abstract_model.blocks), opt, cfg.grad_accum, cfg.optim.grad_clip)
 
     def step(state: Any, batch: jax.Array):
-        params = state.params
-        rest, blocks = split_blocks(params)
-        head = {k: v for k, v in rest.items() if k != "embed"}  # final_norm, lm_head
-
-        def model_with(overrides: dict[str, Any]):
-            return nnx.merge(graphdef, {**params, **overrides})
-
-        cos, sin = model_with({}).rope(batch.shape[-1] - 1)
-
-        def block_fn(layer: Any, h: jax.Array) -> jax.Array:  # int leaves (SL support) get float0 cotangents
-            layer_state = nnx.State(jax.tree.map(lambda x: x, block_template))
-            layer_state.replace_by_pure_dict(layer)
-            return nnx.merge(block_graphdef, layer_state)(h, cos, sin)
-
-        def embed_fn(embed: jax.Array, tokens: jax.Array) -> jax.Array:
-            return model_with({"embed": embed}).embed_tokens(tokens)
-
-        def head_loss(head: dict[str, Any], x: jax.Array, targets: jax.Array) -> jax.Array:
-            return cross_entropy(model_with(head).head(x), targets)
-
-        micro = batch.reshape(accum, batch.shape[0] // accum, batch.shape[-1])
-
-        def forward(carry, tokens):
-            loss_sum, dhead_sum = carry
-            x0 = embed_fn(rest["embed"], tokens[:, :-1])
-            x_last, inputs = jax.lax.scan(lambda h, layer: (block_fn(layer, h), h), x0, blocks)
-            loss, head_vjp = jax.vjp(lambda hd, x: head_loss(hd, x, tokens[:, 1:]), head, x_last)
-            dhead, dx = head_vjp(jnp.asarray(1.0 / accum, loss.dtype))
-            return (loss_sum + loss, jax.tree.map(jnp.add, dhead_sum, dhead)), (inputs, dx)
-
-        zero_head = jax.tree.map(jnp.zeros_like, head)
-        (loss, dhead), (inputs_ALBTD, dx_ABTD) = jax.lax.scan(forward, (jnp.zeros((), jnp.float32), zero_head), micro)
-        loss = loss / accum
-        inputs_LABTD = jnp.swapaxes(inputs_ALBTD, 0, 1)
-
-        def layer_grad(layer: Any, inputs_ABTD: jax.Array, dh_ABTD: jax.Array):
-            """Σ over micro-batches of block l's parameter gradient, and the cotangents of its inputs."""
-
-            def one(acc, x):
-                h, d = x
-                _, vjp = jax.vjp(block_fn, layer, h)
-                g, dh_in = vjp(d)
-                return jax.tree.map(jnp.add, acc, float_grads(g, layer)), dh_in
-
-            zeros = float_grads(jax.tree.map(jnp.zeros_like, layer), layer)
-            return jax.lax.scan(one, zeros, (inputs_ABTD, dh_ABTD))
-
-        def embed_grad(dh_ABTD: jax.Array, i: jax.Array) -> jax.Array:
-            """Chunk ``i`` of the embedding's gradient: the vjp of the lookup, rows outside the chunk dropped."""
-            ch, table = opt.rest["embed"][1], rest["embed"]
-            tokens = micro[..., :-1].reshape(-1) - i * ch.size
-            rows = jnp.where((tokens >= 0) & (tokens < ch.size), tokens, ch.size)
-            d = dh_ABTD.reshape(-1, table.shape[-1]).astype(table.dtype)
-            return jnp.zeros((ch.size, table.shape[-1]), table.dtype).at[rows].add(d, mode="drop")
-
-        def rest_grad(dh0: Any) -> dict[str, Callable[[jax.Array], jax.Array]]:
-            """Per non-block leaf, ``i ->`` chunk ``i`` of its gradient (``dh0``: cotangents of the embeddings)."""
-            out = {name: (lambda i, g=g, ch=opt.rest[name][1]: ch.get(g, i)) for name, g in _flat(dhead).items()}
-            return {**out, "embed": lambda i: embed_grad(dh0, i)}
-
-        def chunked_sumsq(name: str, grad_of: Callable) -> jax.Array:
-            return jax.lax.fori_loop(0, opt.rest[name][1].n, lambda i, acc: acc + _sumsq(grad_of(i)), jnp.zeros(()))
-
-        def clip_factor(norm: jax.Array) -> jax.Array:  # optax.clip_by_global_norm (max_norm > 0)
-            return jnp.where(norm < max_norm, 1.0, max_norm / norm)
-
-        def scaled(tree: Any, c: jax.Array) -> Any:
-            return jax.tree.map(lambda g: (g.astype(jnp.float32) * c).astype(g.dtype), tree)
-
-        def norm_pass() -> jax.Array:
-            def body(carry, x):
-                dh, sq = carry
-                g, dh = layer_grad(*x, dh)
-                return (dh, sq + _sumsq(g)), None
-
-            (dh0, sq), _ = jax.lax.scan(body, (dx_ABTD, jnp.zeros(())), (blocks, inputs_LABTD), reverse=True)
-            return jnp.sqrt(sq + sum(chunked_sumsq(name, g) for name, g in rest_grad(dh0).items()))
-
-        def update_pass(c: jax.Array, ok: jax.Array):
-            """Backward with in-place updates; where ``ok`` is false every slice is written back unchanged."""
-
-            def select(new: Any, old: Any) -> Any:
-                return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-
-            def rest_update(name: str, grad_of: Callable) -> tuple[jax.Array, Any, jax.Array]:
-                """Leaf ``name`` updated chunk by chunk in place; also its gradient's sum of squares."""
-                tx, ch = opt.rest[name]
-
-                def chunk(i, carry):
-                    leaf, st, sq = carry
-                    p, s, g = ch.get(leaf, i), jax.tree.map(lambda a: a[i], st), grad_of(i)
-                    updates, new_s = tx.update(_nest(name, scaled(g, c)), s, _nest(name, p))
-                    new_p = jnp.where(ok, optax.apply_updates(p, _leaf(name, updates)), p)
-                    put = lambda full, part: jax.lax.dynamic_update_index_in_dim(full, part, i, 0)  # noqa: E731
-                    return ch.put(leaf, new_p, i), jax.tree.map(put, st, select(new_s, s)), sq + _sumsq(g)
-
-                init = (_leaf(name, rest), state.opt_state.rest[name], jnp.zeros(()))
-                return jax.lax.fori_loop(0, ch.n, chunk, init)
-
-            def body(carry, x):
-                blk, blk_state, dh, sq = carry
-                index, inputs_ABTD = x
-                layer = jax.tree.map(lambda a: a[index], blk)
-                g, dh = layer_grad(layer, inputs_ABTD, dh)
-                layer_state = jax.tree.map(lambda a: a[index], blk_state)
-                updates, new_state = opt.block.update({BLOCKS: scaled(g, c)}, layer_state, {BLOCKS: layer})
-                new_layer = select(keep_int_params(optax.apply_updates(layer, updates[BLOCKS]), layer), layer)
-                new_state = select(new_state, layer_state)
-                put = lambda full, part: jax.lax.dynamic_update_index_in_dim(full, part, index, 0)  # noqa: E731
-                carry = (jax.tree.map(put, blk, new_layer), jax.tree.map(put, blk_state, new_state), dh, sq + _sumsq(g))
-                return carry, None
-
-            # final norm and lm_head first: their gradients are dead before the layer loop starts
-            grads = rest_grad(None)
-            new_rest = {name: rest_update(name, grads[name]) for name in opt.rest if name != "embed"}
-            new_rest, blocks_in = jax.lax.optimization_barrier((new_rest, blocks))
-            n_layers = jax.tree.leaves(blocks)[0].shape[0]
-            init = (blocks_in, state.opt_state.blocks, dx_ABTD, jnp.zeros(()))
-            (new_blocks, new_blocks_state, dh0, sq), _ = jax.lax.scan(
-                body, init, (jnp.arange(n_layers), inputs_LABTD), reverse=True
-            )
-            new_rest["embed"] = rest_update("embed", rest_grad(dh0)["embed"])
-            sq = sq + sum(r[2] for r in new_rest.values())
-            params = _unflat({name: r[0] for name, r in new_rest.items()})
-            opt_rest = {name: r[1] for name, r in new_rest.items()}
-            return {**params, BLOCKS: new_blocks}, LayerwiseOptState(opt_rest, new_blocks_state), jnp.sqrt(sq)
-
+        b = _batch(model, state.params, batch)
+        loss, dhead, inputs_LABTD, dx_ABTD = _forward(b)
         # No lax.cond around the update: a cond's operands cannot be updated in place, which would copy
         # every block's weights and state; a skipped step writes each slice back unchanged instead.
-        if max_norm > 0:
-            grad_norm = norm_pass()
+        if model.max_norm > 0:
+            grad_norm = _norm_pass(b, dhead, inputs_LABTD, dx_ABTD)
             ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-            new_params, new_opt, _ = update_pass(clip_factor(grad_norm), ok)
+            c = _clip_factor(grad_norm, model.max_norm)
+            new_params, new_opt, _ = _update_pass(b, state.opt_state, dhead, inputs_LABTD, dx_ABTD, c, ok)
         else:
             ok = jnp.isfinite(loss)
-            new_params, new_opt, grad_norm = update_pass(jnp.ones((), jnp.float32), ok)
+            c = jnp.ones((), jnp.float32)
+            new_params, new_opt, grad_norm = _update_pass(b, state.opt_state, dhead, inputs_LABTD, dx_ABTD, c, ok)
         return finish_step(state, new_params, new_opt, ok, loss, grad_norm, schedule)
 
     return step

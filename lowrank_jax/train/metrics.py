@@ -1,14 +1,21 @@
-"""Run records: ``metrics.jsonl``, the loss-curve PNG and the provenance block of results.json."""
+"""Run records: ``metrics.jsonl``, the loss-curve PNG, the provenance block of results.json, and the
+measurements the loop logs beside the losses: model FLOPs utilisation (:func:`model_flops_utilization`,
+None where the device's peak is unknown, e.g. CPUs: then the scalar is left out) and the allocator's
+counters of the local devices (:func:`device_memory_gib`, empty on CPU)."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
+
+from lowrank_jax.config import Config
 
 
 class MetricsLog:
@@ -27,7 +34,7 @@ class MetricsLog:
         with open(self.path, "w") as f:
             for r in kept:
                 f.write(json.dumps(r) + "\n")
-        self._f = open(self.path, "a")  # noqa: SIM115 - closed in close()
+        self._f = open(self.path, "a")  # closed in close()
 
     def write(self, record: dict[str, Any]) -> None:
         if self._f is not None:
@@ -60,7 +67,7 @@ def plot_losses(records: list[dict[str, Any]], path: str | Path, title: str = ""
     """Training loss (raw and smoothed) and validation loss against tokens seen."""
     # A bare Figure renders with Agg on savefig and leaves pyplot's backend alone (a notebook keeps
     # its inline plots after a run); imported here to keep start-up light.
-    from matplotlib.figure import Figure  # noqa: PLC0415
+    from matplotlib.figure import Figure
 
     train = [r for r in records if "loss" in r]
     val = [r for r in records if "val_loss" in r]
@@ -121,3 +128,39 @@ def write_json(path: str | Path, obj: dict[str, Any]) -> None:
     tmp = Path(f"{path}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
+
+
+def model_flops_utilization(cfg: Config, tokens_per_s: float, device_kind: str, n_devices: int = 1) -> float | None:
+    """MFU of a run of ``cfg`` that trains ``tokens_per_s`` tokens/s (all devices together) on ``n_devices``.
+
+    Model FLOPs per token from :func:`lowrank_jax.analysis.flops.train_flops_per_token` (dense
+    count, remat not counted) at ``cfg.model.dtype``'s peak; None where the peak of ``device_kind``
+    is unknown (CPUs, unlisted chips). ``cfg.model.vocab_size`` must be set.
+    """
+    from lowrank_jax.analysis import flops  # lazy: analysis is above train in the import graph; flops needs config only
+
+    if n_devices <= 0:
+        raise ValueError(f"n_devices: must be positive, got {n_devices}")
+    peak = flops.peak_flops(device_kind, cfg.model.dtype)
+    if peak is None or not math.isfinite(tokens_per_s):
+        return None
+    return flops.mfu(tokens_per_s * flops.train_flops_per_token(cfg.model, cfg.seq_len), peak * n_devices)
+
+
+def device_memory_gib(devices: Sequence[Any] | None = None) -> dict[str, float]:
+    """Allocator counters of the local devices in GiB: ``in_use_gib`` / ``peak_gib`` (max over devices),
+    ``limit_gib`` (min). Empty where the backend keeps no counters (CPU's ``memory_stats()`` is None).
+    """
+    if devices is None:
+        devices = jax.local_devices()
+    stats = [s for s in (d.memory_stats() for d in devices) if s]
+    out: dict[str, float] = {}
+    for key, name, pick in (
+        ("bytes_in_use", "in_use_gib", max),
+        ("peak_bytes_in_use", "peak_gib", max),
+        ("bytes_limit", "limit_gib", min),
+    ):
+        vals = [s[key] for s in stats if key in s]
+        if vals:
+            out[name] = pick(vals) / 2**30
+    return out

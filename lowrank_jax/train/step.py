@@ -112,41 +112,10 @@ def make_trainer(cfg: Config, mesh: Mesh | None = None) -> Trainer:
         state_shardings,
     )
 
-    def loss_fn(params, tokens):
-        logits = nnx.merge(graphdef, params)(tokens[:, :-1])
-        return cross_entropy(logits, tokens[:, 1:])
-
-    def step_fn(state: TrainState, batch: jax.Array):
-        def loss_and_grads(tokens):
-            loss, grads = jax.value_and_grad(loss_fn, allow_int=True)(state.params, tokens)
-            return loss, float_grads(grads, state.params)
-
-        if cfg.grad_accum == 1:
-            loss, grads = loss_and_grads(batch)
-        else:
-            micro_batches = batch.reshape(cfg.grad_accum, micro, batch.shape[-1])
-
-            def accumulate(carry, mb):
-                loss_sum, grad_sum = carry
-                loss, grads = loss_and_grads(mb)
-                return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
-
-            zeros = float_grads(jax.tree.map(jnp.zeros_like, state.params), state.params)
-            (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros), micro_batches)
-            loss = loss / cfg.grad_accum
-            grads = jax.tree.map(lambda g: g / cfg.grad_accum, grads)
-        grad_norm = optax.global_norm(grads)
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = keep_int_params(optax.apply_updates(state.params, updates), state.params)
-        if cfg.relora.every:
-            params, opt_state = maybe_restart(cfg, state.step + 1, params, opt_state, state.rng, labels)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
-        params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
-        return finish_step(state, params, opt_state, ok, loss, grad_norm, schedule)
-
     if cfg.layerwise_update:
-        step_fn = make_layerwise_step(cfg, graphdef, abstract_model, tx, schedule)  # noqa: F811
+        step_fn = make_layerwise_step(cfg, graphdef, abstract_model, tx, schedule)
+    else:
+        step_fn = make_step(cfg, graphdef, tx, schedule, labels)
 
     def eval_fn(params, batch):
         return nll_sum(nnx.merge(graphdef, params)(batch[:, :-1]), batch[:, 1:])
@@ -167,6 +136,54 @@ def make_trainer(cfg: Config, mesh: Mesh | None = None) -> Trainer:
     return Trainer(
         cfg, mesh, graphdef, tx, schedule, state_shardings, abstract_state, train_step, eval_step, health_step
     )
+
+
+def make_step(
+    cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule, labels: Any
+) -> Callable:
+    """``step(state, batch) -> (state, metrics)``: the ``grad_accum`` micro-batches' mean gradient, one update.
+
+    A step whose loss or gradient norm is not finite keeps params and optimizer state; ReLoRA
+    restarts (``relora.every``) run after the update. ``labels`` are the params' Variable class names.
+    """
+    micro = cfg.batch_size // cfg.grad_accum
+
+    def loss_fn(params, tokens):
+        logits = nnx.merge(graphdef, params)(tokens[:, :-1])
+        return cross_entropy(logits, tokens[:, 1:])
+
+    def loss_and_grads(params, tokens):
+        loss, grads = jax.value_and_grad(loss_fn, allow_int=True)(params, tokens)
+        return loss, float_grads(grads, params)
+
+    def keep(ok, new, old):
+        return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+    def step_fn(state: TrainState, batch: jax.Array):
+        if cfg.grad_accum == 1:
+            loss, grads = loss_and_grads(state.params, batch)
+        else:
+            micro_batches = batch.reshape(cfg.grad_accum, micro, batch.shape[-1])
+
+            def accumulate(carry, mb):
+                loss_sum, grad_sum = carry
+                loss, grads = loss_and_grads(state.params, mb)
+                return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+            zeros = float_grads(jax.tree.map(jnp.zeros_like, state.params), state.params)
+            (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros), micro_batches)
+            loss = loss / cfg.grad_accum
+            grads = jax.tree.map(lambda g: g / cfg.grad_accum, grads)
+        grad_norm = optax.global_norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = keep_int_params(optax.apply_updates(state.params, updates), state.params)
+        if cfg.relora.every:
+            params, opt_state = maybe_restart(cfg, state.step + 1, params, opt_state, state.rng, labels)
+        params, opt_state = keep(ok, params, state.params), keep(ok, opt_state, state.opt_state)
+        return finish_step(state, params, opt_state, ok, loss, grad_norm, schedule)
+
+    return step_fn
 
 
 def evaluate(trainer: Trainer, params: Any, batches: list) -> float:

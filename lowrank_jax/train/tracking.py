@@ -11,27 +11,23 @@ only on the primary one (``enabled=False`` elsewhere makes every call a no-op).
   the HParams dashboard compares the runs of a sweep under one ``--logdir``.
   A fresh run deletes the event files a previous attempt left in that folder (as ``metrics.jsonl``
   is rewritten). A resumed run cuts every event after ``resume_step`` out of the existing files (and
-  a torn last record of a killed writer), so no reader shows a forked or duplicated tail: the
-  Rust data server behind ``tensorboard --logdir`` ignores ``SessionLog.START`` (tensorboardX's
-  ``purge_step`` mechanism) and only preempts a series when it is logged again. Each file still
-  opens with a ``SessionLog.START`` (at ``resume_step + 1`` on resume), which the Python loaders
-  treat as a restart.
+  a torn last record of a killed writer), so no reader shows a forked or duplicated tail.
+  ``SessionLog.START`` alone (tensorboardX's ``purge_step``) does not do it: the Rust data server
+  behind ``tensorboard --logdir`` ignores it and preempts a series only when that series is logged
+  again, so a series the resumed run does not log again keeps the interrupted run's later points;
+  the Python loaders honour it only after a first ``START`` in the run. Each file still opens with a
+  ``SessionLog.START`` (at ``resume_step + 1`` on resume) for the Python loaders.
 - **Weights & Biases** (``logging.wandb``): imported only when asked for; ``wandb_mode=offline``
   (the default) writes ``out_dir/wandb/offline-run-*`` without any network, to upload later with
   ``wandb sync``. The run id is kept in ``out_dir/wandb_run_id`` and reused on resume, so a resumed
   run continues the same W&B run. Scalars are logged against our own ``step`` metric (W&B's
   internal ``_step`` only grows), so nothing is dropped after a resume; W&B cannot rewind an
   offline run, so steps logged twice (after the checkpoint and before the crash) appear twice there.
-
-:func:`model_flops_utilization` turns a tokens/s rate into MFU (None where the device's peak is
-unknown, e.g. CPUs: then the loop leaves the scalar out) and :func:`device_memory_gib` reads the
-allocator's counters of the local devices (empty on CPU).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import secrets
 import string
 import struct
@@ -65,7 +61,7 @@ def _tensorboardx(cfg: Config):
     if not cfg.logging.tensorboard:
         return None
     try:
-        import tensorboardX  # noqa: PLC0415 - only when TensorBoard logging is on
+        import tensorboardX  # only when TensorBoard logging is on
     except ImportError:
         raise ConfigError(
             "logging.tensorboard: the tensorboardX package is not installed "
@@ -79,7 +75,7 @@ def _wandb(cfg: Config):
     if not cfg.logging.wandb:
         return None
     try:
-        import wandb  # noqa: PLC0415 - optional dependency, imported only when asked for
+        import wandb  # optional: imported only when asked for
     except ImportError:
         raise ConfigError("logging.wandb: the wandb package is not installed (pip install wandb)") from None
     return wandb
@@ -134,7 +130,7 @@ def _flat_config(d: Mapping[str, Any], prefix: str = "") -> dict[str, bool | int
 
 def _config_markdown(cfg_dict: Mapping[str, Any]) -> str:
     """The config as YAML in a Markdown code block (4-space indent: TensorBoard's text plugin renders it)."""
-    import yaml  # noqa: PLC0415
+    import yaml
 
     text = yaml.safe_dump(json.loads(json.dumps(cfg_dict)), sort_keys=False)
     return "\n".join("    " + line for line in text.splitlines())
@@ -153,8 +149,8 @@ def _drop_events_after(path: Path, last_step: int) -> None:
     ``length`` bytes of a serialized ``Event``, ``uint32`` masked CRC of the data. Kept records are
     copied byte for byte; the file is replaced atomically, and left alone when nothing is dropped.
     """
-    from google.protobuf.message import DecodeError  # noqa: PLC0415
-    from tensorboardX.proto.event_pb2 import Event  # noqa: PLC0415
+    from google.protobuf.message import DecodeError
+    from tensorboardX.proto.event_pb2 import Event
 
     data = path.read_bytes()
     kept, pos, changed = [], 0, False
@@ -188,8 +184,8 @@ class _EventFile:
     """
 
     def __init__(self, tbx, tb_dir: Path, start_step: int):
-        from tensorboardX.event_file_writer import EventsWriter  # noqa: PLC0415
-        from tensorboardX.proto import event_pb2, summary_pb2  # noqa: PLC0415
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto import event_pb2, summary_pb2
 
         self._summaries, self._event_pb2, self._summary_pb2 = tbx.summary, event_pb2, summary_pb2
         # event files are read in name order ("events.out.tfevents.<unix seconds>.<host><suffix>"): the
@@ -221,8 +217,8 @@ class _EventFile:
         self._write(0, session_start)
 
     def hparams_end(self, ok: bool) -> None:
-        from tensorboardX.proto.api_pb2 import Status  # noqa: PLC0415
-        from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData  # noqa: PLC0415
+        from tensorboardX.proto.api_pb2 import Status
+        from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData
 
         *_, session_end = self._summaries.hparams({}, {})
         if not ok:  # tensorboardX's summary says STATUS_SUCCESS: rewrite its plugin content for a failure
@@ -368,41 +364,3 @@ class Trackers:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close(ok=exc_type is None)
-
-
-def model_flops_utilization(cfg: Config, tokens_per_s: float, device_kind: str, n_devices: int = 1) -> float | None:
-    """MFU of a run of ``cfg`` that trains ``tokens_per_s`` tokens/s (all devices together) on ``n_devices``.
-
-    Model FLOPs per token from :func:`lowrank_jax.analysis.flops.train_flops_per_token` (dense
-    count, remat not counted) at ``cfg.model.dtype``'s peak; None where the peak of ``device_kind``
-    is unknown (CPUs, unlisted chips). ``cfg.model.vocab_size`` must be set.
-    """
-    from lowrank_jax.analysis import flops  # lazy: analysis is above train in the import graph; flops needs config only
-
-    if n_devices <= 0:
-        raise ValueError(f"n_devices: must be positive, got {n_devices}")
-    peak = flops.peak_flops(device_kind, cfg.model.dtype)
-    if peak is None or not math.isfinite(tokens_per_s):
-        return None
-    return flops.mfu(tokens_per_s * flops.train_flops_per_token(cfg.model, cfg.seq_len), peak * n_devices)
-
-
-def device_memory_gib(devices: Sequence[Any] | None = None) -> dict[str, float]:
-    """Allocator counters of the local devices in GiB: ``in_use_gib`` / ``peak_gib`` (max over devices),
-    ``limit_gib`` (min). Empty where the backend keeps no counters (CPU's ``memory_stats()`` is None).
-    """
-    if devices is None:
-        import jax  # noqa: PLC0415
-
-        devices = jax.local_devices()
-    stats = [s for s in (d.memory_stats() for d in devices) if s]
-    out: dict[str, float] = {}
-    for key, name, pick in (
-        ("bytes_in_use", "in_use_gib", max),
-        ("peak_bytes_in_use", "peak_gib", max),
-        ("bytes_limit", "limit_gib", min),
-    ):
-        vals = [s[key] for s in stats if key in s]
-        if vals:
-            out[name] = pick(vals) / 2**30
-    return out

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
+import jax
 import pytest
 from helpers import run_cli
 
@@ -149,8 +151,6 @@ def shard_dir(tmp_path_factory, data_cache):
 
 
 def _partial_copy(src: Path, dst: Path) -> Path:
-    import shutil  # noqa: PLC0415
-
     shutil.copytree(src, dst)
     shard = next(dst.glob("train-*.arrayrecord"))
     with open(shard, "r+b") as f:
@@ -210,8 +210,6 @@ def test_prepare_with_a_file_that_is_not_a_tokenizer(tmp_path, capsys):
 
 
 def test_process_count_not_dividing_the_batch(shard_dir, tmp_path, capsys, monkeypatch):
-    import jax  # noqa: PLC0415
-
     monkeypatch.setattr(jax, "process_count", lambda: 3)
     argv = ["train", "tiny", f"data.shards={shard_dir}", "batch_size=8", "mesh=-1,1,1", f"out_dir={tmp_path / 'out'}"]
     _one_line_exit_2(argv, "batch_size: 8 rows do not split evenly over 3 processes", tmp_path, capsys)

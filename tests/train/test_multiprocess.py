@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import REPO
 
 from lowrank_jax.train import cli
 from lowrank_jax.train.checkpoint import checkpoint_steps
@@ -69,13 +68,16 @@ if _spec:
 
 
 _COMPILE_CACHE: list[str] = []  # this module's persistent compilation cache (the runs repeat programs)
+_WORK_DIR: list[Path] = []  # the working directory of this module's subprocesses: empty, never the repository
 
 
 @pytest.fixture(scope="module", autouse=True)
 def compile_cache(tmp_path_factory):
     _COMPILE_CACHE.append(str(tmp_path_factory.mktemp("jax_cache")))
+    _WORK_DIR.append(tmp_path_factory.mktemp("cwd"))
     yield
     _COMPILE_CACHE.clear()
+    _WORK_DIR.clear()
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -93,7 +95,7 @@ def _run(args: list[str], env: dict[str, str], timeout: float = 300) -> subproce
         text=True,
         timeout=timeout,
         env=env,
-        cwd=REPO,
+        cwd=_WORK_DIR[0],
     )
     print(f"{time.time() - t0:5.1f}s  {' '.join(args[:4])} -> {res.returncode}")
     return res
@@ -226,14 +228,15 @@ def test_damaged_checkpoint_falls_back_in_every_process(small_overrides, runs, t
     assert losses(out) == losses(runs["two"])
 
 
-def test_launch_errors(small_overrides, capsys):
+def test_launch_errors(small_overrides, tmp_path, capsys):
     assert cli.main(["launch", "--local-processes", "2"]) == 2
     assert "give a subcommand to run (train, " in capsys.readouterr().err
     assert cli.main(["launch", "--local-processes", "2", "launch", "train"]) == 2
     assert cli.main(["launch", "--local-processes", "0", "configs"]) == 2
     assert "--local-processes: must be >= 1" in capsys.readouterr().err
     # a config error in every process: the launcher returns their status
-    res = _run(["launch", "--local-processes", "2", "train", "tiny", *small_overrides, "mesh=1,1,1"], _env())
+    run = ["train", "tiny", *small_overrides, f"out_dir={tmp_path / 'run'}", "mesh=1,1,1"]
+    res = _run(["launch", "--local-processes", "2", *run], _env())
     assert res.returncode == 2, res.stderr[-3000:]
     assert "mesh: (1, 1, 1) is one device, but 2 processes share this run" in res.stderr
 
@@ -322,8 +325,8 @@ def test_ctrl_c_is_forwarded(tmp_path, ignores_sigint):
         stderr=subprocess.PIPE,
         text=True,
         env=_env(),
-        cwd=REPO,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # noqa: PLW1509
+        cwd=tmp_path,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
     deadline = time.time() + 60
     while len(list(tmp_path.glob("ready_*"))) < 3 and time.time() < deadline:

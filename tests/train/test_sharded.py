@@ -27,14 +27,14 @@ def _run(*args: str) -> dict:
     "method",
     [
         pytest.param("full", marks=pytest.mark.slow),  # 16 s; galore's run trains its dense leaves with AdamW too
-        "galore",  # the stacked refresh on 8 CPU devices deadlocked before galore._refresh_leaf mapped on CPU
+        "galore",  # the stacked projector refresh, mapped over the layers, on 8 CPU devices
         pytest.param("sl", marks=pytest.mark.slow),
         pytest.param("relora", marks=pytest.mark.slow),
         pytest.param("adamw8bit", marks=pytest.mark.slow),
         pytest.param("galore8bit", marks=pytest.mark.slow),
         pytest.param("galore8bit_layerwise", marks=pytest.mark.slow),
         pytest.param("bitlinear", marks=pytest.mark.slow),
-        # issue 17: APOLLO's seeded projections, Fira's residual and GoLore's switch to random projectors
+        # APOLLO's seeded projections, Fira's residual and GoLore's switch to random projectors
         *(pytest.param(m, marks=pytest.mark.slow) for m in ("apollo", "apollo_mini", "fira", "golore")),
     ],
 )

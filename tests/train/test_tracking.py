@@ -1,4 +1,4 @@
-"""Trackers: events read back by TensorBoard's own loaders and server, the tail cut on resume, W&B offline, MFU."""
+"""Trackers: events read back by TensorBoard's own loaders and server, the tail cut on resume, W&B offline."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -23,9 +22,12 @@ from tensorboard.backend.event_processing import (
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.plugins.hparams import plugin_data_pb2
 from tensorboard.util import tensor_util
+from tensorboardX import SummaryWriter
 
 from lowrank_jax.config import Config, ConfigError, replace
 from lowrank_jax.train import tracking
+from lowrank_jax.train.cli import main
+from lowrank_jax.train.metrics import read_metrics
 from lowrank_jax.train.tracking import Trackers
 
 
@@ -151,16 +153,13 @@ def test_resume_drops_the_interrupted_tail(tmp_path, loader):
     assert _scalars(_accumulator(tmp_path / "tensorboard", loader)) == {"train/loss": {3: 1.5}}
 
 
-@pytest.mark.parametrize("load_fast", ["true", "false"])
-def test_the_tensorboard_server_shows_the_scalars(tmp_path, load_fast):
-    """The stock ``tensorboard --logdir RUN`` (``load_fast=true``: the Rust data server) over HTTP."""
-    rng = np.random.default_rng()
-    first, second = rng.uniform(1, 10, size=11), rng.uniform(20, 30, size=15)
-    _interrupted_and_resumed(tmp_path, first, second)
+def _served_scalars(logdir: Path, load_fast: str, tags: tuple[str, ...], points: int) -> dict[str, dict[int, float]]:
+    """The scalars ``tensorboard --logdir logdir`` serves over HTTP (``load_fast=true``: the Rust data
+    server), once the first tag has ``points`` points (or after 60 s)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "tensorboard.main", "--logdir", str(tmp_path), "--host", "127.0.0.1"]
+    cmd = [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", "127.0.0.1"]
     cmd += ["--port", str(port), f"--load_fast={load_fast}", "--reload_interval=1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/data/plugin/scalars/scalars?run=tensorboard&tag="
@@ -175,19 +174,47 @@ def test_the_tensorboard_server_shows_the_scalars(tmp_path, load_fast):
         deadline, got = time.monotonic() + 60, {}
         while time.monotonic() < deadline:
             try:
-                got = {tag: fetch(tag) for tag in ("train/loss", "train/only_first")}
-                if len(got["train/loss"]) == 14:
+                got = {tag: fetch(tag) for tag in tags}
+                if len(got[tags[0]]) == points:
                     break
             except (OSError, ValueError):
                 pass
             time.sleep(0.5)
-        assert got == {
-            "train/loss": {**{s: _f32(first[s]) for s in range(1, 7)}, **{s: _f32(second[s]) for s in range(7, 15)}},
-            "train/only_first": {s: _f32(first[s] + 1) for s in range(1, 7)},
-        }
+        return got
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("load_fast", ["true", "false"])
+def test_the_tensorboard_server_shows_the_scalars(tmp_path, load_fast):
+    """The stock ``tensorboard --logdir RUN`` (``load_fast=true``: the Rust data server) over HTTP."""
+    rng = np.random.default_rng()
+    first, second = rng.uniform(1, 10, size=11), rng.uniform(20, 30, size=15)
+    _interrupted_and_resumed(tmp_path, first, second)
+    got = _served_scalars(tmp_path, load_fast, ("train/loss", "train/only_first"), 14)
+    assert got == {
+        "train/loss": {**{s: _f32(first[s]) for s in range(1, 7)}, **{s: _f32(second[s]) for s in range(7, 15)}},
+        "train/only_first": {s: _f32(first[s] + 1) for s in range(1, 7)},
+    }
+
+
+@pytest.mark.slow
+def test_purge_step_alone_leaves_the_interrupted_tail_on_the_data_server(tmp_path):
+    """Why a resume cuts the old event files: with tensorboardX's ``purge_step`` (a ``SessionLog.START``)
+    and nothing cut, the Rust data server still shows the interrupted run's points of a series that
+    the resumed run does not log again."""
+    tb = tmp_path / tracking.TENSORBOARD_DIR
+    with SummaryWriter(str(tb), purge_step=0, filename_suffix=".0000") as w:
+        for s in range(1, 11):
+            w.add_scalar("train/loss", float(s), s)
+            w.add_scalar("train/only_first", float(s), s)
+    with SummaryWriter(str(tb), purge_step=7, filename_suffix=".0001") as w:  # resumed from step 6
+        for s in range(7, 15):
+            w.add_scalar("train/loss", 100.0 + s, s)
+    got = _served_scalars(tmp_path, "true", ("train/loss", "train/only_first"), 14)
+    assert got["train/loss"] == {**{s: float(s) for s in range(1, 7)}, **{s: 100.0 + s for s in range(7, 15)}}
+    assert got["train/only_first"] == {s: float(s) for s in range(1, 11)}  # 7..10 are the interrupted run's
 
 
 def test_disabled_writes_and_imports_nothing(tmp_path, monkeypatch):
@@ -331,7 +358,7 @@ def test_wandb_offline_run_and_resume(tmp_path, wandb_offline):
     assert third["run_id"] != run_id and (out / tracking.WANDB_ID_FILE).read_text().strip() == third["run_id"]
 
 
-# -- scalars, MFU, memory -------------------------------------------------------------------------------
+# -- scalars -------------------------------------------------------------------------------
 
 
 def test_flatten_scalars_types():
@@ -346,47 +373,8 @@ def test_flatten_scalars_types():
             tracking.flatten_scalars({"k": bad}, "p")
 
 
-def test_mfu_against_the_counting_rule(tmp_path):
-    rng = np.random.default_rng()
-    d, f, L, V, T = (int(rng.integers(1, 9)) * 64, int(rng.integers(1, 9)) * 128, int(rng.integers(1, 6)), 512, 128)
-    cfg = _cfg(tmp_path, model__hidden=d, model__ffn=f, model__layers=L, model__vocab_size=V, model__heads=1)
-    cfg = replace(cfg, seq_len=T, model__max_seq_len=T, model__dtype="bfloat16")
-    tokens_per_s = float(rng.uniform(1e4, 1e6))
-    per_token = 3 * (2 * (L * (4 * d * d + 3 * d * f) + d * V) + L * 4 * T * d)
-    got = tracking.model_flops_utilization(cfg, tokens_per_s, "NVIDIA H100 80GB HBM3", n_devices=4)
-    assert got == pytest.approx(tokens_per_s * per_token / (4 * 989e12), rel=1e-12)
-    fp32 = tracking.model_flops_utilization(replace(cfg, model__dtype="float32"), tokens_per_s, "NVIDIA A100-SXM4-40GB")
-    assert fp32 == pytest.approx(tokens_per_s * per_token / 156e12, rel=1e-12)
-    assert tracking.model_flops_utilization(cfg, tokens_per_s, "cpu") is None
-    with pytest.raises(ValueError, match="n_devices"):
-        tracking.model_flops_utilization(cfg, tokens_per_s, "cpu", n_devices=0)
-
-
-class _Device:
-    def __init__(self, stats):
-        self._stats = stats
-
-    def memory_stats(self):
-        return self._stats
-
-
-def test_device_memory_gib():
-    gib = 2**30
-    devs = [
-        _Device({"bytes_in_use": 3 * gib, "peak_bytes_in_use": 5 * gib, "bytes_limit": 80 * gib}),
-        _Device({"bytes_in_use": 4 * gib, "peak_bytes_in_use": 4.5 * gib, "bytes_limit": 79 * gib}),
-    ]
-    assert tracking.device_memory_gib(devs) == {"in_use_gib": 4.0, "peak_gib": 5.0, "limit_gib": 79.0}
-    assert tracking.device_memory_gib([_Device(None)]) == {}
-    if jax.default_backend() == "cpu":
-        assert tracking.device_memory_gib() == {}  # the CPU backend keeps no counters
-
-
 def test_a_training_run_and_its_resume_log_the_same_scalars_as_metrics_jsonl(small_overrides, tmp_path):
     """The loop's wiring: every step's loss, the evals and tokens/s reach TensorBoard, once each, across a resume."""
-    from lowrank_jax.train.cli import main  # noqa: PLC0415
-    from lowrank_jax.train.metrics import read_metrics  # noqa: PLC0415
-
     out = tmp_path / "run"
     run = [*small_overrides, "log_every=2", "eval_every=4", "checkpoint_every=4", f"out_dir={out}"]
     assert main(["train", "tiny", *run, "steps=6"]) == 0

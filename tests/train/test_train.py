@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import REPO
 
 from lowrank_jax.config import load_config, replace
 from lowrank_jax.train.checkpoint import Checkpointer, checkpoint_steps
@@ -107,12 +106,12 @@ def test_exact_resume_after_sigkill(small_overrides, tmp_path):
     args = ["steps=300", "checkpoint_every=40", "keep_checkpoints=3", "log_every=1"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     ref = tmp_path / "ref"
-    subprocess.run(_cli_cmd(small_overrides, ref, *args), check=True, env=env, cwd=REPO, capture_output=True)
+    subprocess.run(_cli_cmd(small_overrides, ref, *args), check=True, env=env, cwd=tmp_path, capture_output=True)
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
         _cli_cmd(small_overrides, killed, *args),
         env=env,
-        cwd=REPO,
+        cwd=tmp_path,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -129,7 +128,7 @@ def test_exact_resume_after_sigkill(small_overrides, tmp_path):
     assert steps and max(steps) < 300, steps
     logged_before = max(_losses(killed))
     resumed = subprocess.run(
-        _cli_cmd(small_overrides, killed, *args, "resume=true"), env=env, cwd=REPO, capture_output=True, text=True
+        _cli_cmd(small_overrides, killed, *args, "resume=true"), env=env, cwd=tmp_path, capture_output=True, text=True
     )
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from step" in resumed.stdout
