@@ -5,7 +5,7 @@
 No dataset is read: batches are uniform random token ids, so ``model.vocab_size`` must be known
 (a config that leaves it to the tokenizer gets ``--vocab-size``, default 32000). The step is
 compiled ahead of time, run ``--warmup`` times, then ``--steps`` times with a device sync after
-each step. FLOPs come from the analytic count of :mod:`lowrank_jax.analysis.flops` (model FLOPs,
+each step. FLOPs come from the analytic count of :mod:`lowrank_jax.models.flops` (model FLOPs,
 training = 3× forward); MFU is reported when the device's peak for ``model.dtype`` is known.
 Writes ``results.json`` and ``step_times.png`` into ``--out``
 (default ``experiments/results/bench_step/<config>``).
@@ -26,9 +26,8 @@ import numpy as np
 from _report import save_figure, step_seconds, subplots, write_results
 
 from lowrank_jax import config as config_lib
-from lowrank_jax.analysis import flops
 from lowrank_jax.config import ConfigError, load_config
-from lowrank_jax.models import count_bytes, count_params
+from lowrank_jax.models import count_bytes, count_params, flops
 from lowrank_jax.train import metrics as metrics_lib
 from lowrank_jax.train.step import make_trainer, memory_report
 

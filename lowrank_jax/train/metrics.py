@@ -16,6 +16,7 @@ from typing import Any
 import jax
 
 from lowrank_jax.config import Config
+from lowrank_jax.models import flops
 
 
 class MetricsLog:
@@ -133,12 +134,10 @@ def write_json(path: str | Path, obj: dict[str, Any]) -> None:
 def model_flops_utilization(cfg: Config, tokens_per_s: float, device_kind: str, n_devices: int = 1) -> float | None:
     """MFU of a run of ``cfg`` that trains ``tokens_per_s`` tokens/s (all devices together) on ``n_devices``.
 
-    Model FLOPs per token from :func:`lowrank_jax.analysis.flops.train_flops_per_token` (dense
+    Model FLOPs per token from :func:`lowrank_jax.models.flops.train_flops_per_token` (dense
     count, remat not counted) at ``cfg.model.dtype``'s peak; None where the peak of ``device_kind``
     is unknown (CPUs, unlisted chips). ``cfg.model.vocab_size`` must be set.
     """
-    from lowrank_jax.analysis import flops  # lazy: analysis is above train in the import graph; flops needs config only
-
     if n_devices <= 0:
         raise ValueError(f"n_devices: must be positive, got {n_devices}")
     peak = flops.peak_flops(device_kind, cfg.model.dtype)

@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lowrank_jax.analysis import flops
 from lowrank_jax.config import ModelConfig
-from lowrank_jax.models import abstract_params
+from lowrank_jax.models import abstract_params, flops
 from lowrank_jax.train.step import cross_entropy
 
 # A toy LLaMA: d=64, f=160, 2 heads, 2 layers, V=512. Unrolled layers: XLA's cost analysis counts
