@@ -107,8 +107,8 @@ def test_fallback_message_reaches_stderr():
         print(selection.implementation_record()[0]["implementation"])
         """
     )
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONWARNINGS": ""}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONWARNINGS": "", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "xla"
     assert out.stderr.count("KernelFallbackWarning: sl_matmul: running the XLA path") == 1, out.stderr
