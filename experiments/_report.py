@@ -1,6 +1,6 @@
 """What every experiment script writes: markdown tables, results.json with provenance, PNG plots, timings.
 
-DESIGN.md, "Results": every experiment script writes ``results.json`` (metrics + config + jax version +
+docs/design.md ("Results" section): every experiment script writes ``results.json`` (metrics + config + jax version +
 device kind + git commit) and a PNG plot into its out dir, and the tables in experiments/results/ are
 produced by scripts, never typed by hand. The scripts share these helpers for it:
 

@@ -1,7 +1,9 @@
-"""Regenerate the README's results tables from experiments/results/*/results.json.
+"""Regenerate the results tables in README.md and docs/*.md from the records under experiments/results/.
 
-Tables live between ``<!-- table:NAME -->`` and ``<!-- /table:NAME -->`` markers in README.md and
-are also written to experiments/results/NAME.md. Never edit them by hand.
+A table lives between ``<!-- table:NAME -->`` and ``<!-- /table:NAME -->`` markers, in README.md and in
+every docs/*.md page that has them. The tables made here (not copied from another script's
+``experiments/results/NAME/table.md``) are also written to ``experiments/results/NAME.md``. Never edit
+them by hand.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from _report import markdown_table, write_table
 
 HERE = Path(__file__).resolve().parent
 README = HERE.parent / "README.md"
+DOCS = HERE.parent / "docs"
 
 
 # ReLoRA paper Table 6 (130M, validation perplexity) next to the sweep recipe that mirrors each row.
@@ -44,8 +47,7 @@ def relora_ablation_table() -> str:
     validation loss); ratios divide by tuned full-rank AdamW at the same budget. A row the sweep marks
     stale or has not finished says so instead of showing a number.
     """
-    p = HERE / "results" / "sweep" / "results.json"
-    recs = json.loads(p.read_text())["recipes"] if p.is_file() else {}
+    recs = _sweep_records()
     base = recs.get("adamw", {})
     rows = []
     for name, label, restarts, reset, jagged, warm, paper in RELORA_ABLATION:
@@ -83,6 +85,47 @@ def relora_ablation_table() -> str:
     return markdown_table(header, rows)
 
 
+# The README's headline: the methods a reader compares first, from the sweep's long-budget runs.
+HEADLINE = [
+    ("adamw", "AdamW (full rank)"),
+    ("galore", "GaLore"),
+    ("galore8bit", "GaLore, 8-bit Adam"),
+    ("golore", "GoLore"),
+    ("apollo", "APOLLO"),
+    ("apollo_mini", "APOLLO-Mini"),
+    ("fira", "Fira"),
+    ("lora", "LoRA"),
+    ("relora", "ReLoRA"),
+    ("relora_warm", "ReLoRA, warm start"),
+    ("sl", "SLTrain"),
+    ("bitlinear", "BitLinear (ternary)"),
+]
+
+
+def _sweep_records() -> dict:
+    p = HERE / "results" / "sweep" / "results.json"
+    return json.loads(p.read_text())["recipes"] if p.is_file() else {}
+
+
+def sweep_headline_table() -> str:
+    """Long-budget perplexity (mean ± std over the seeds), its ratio to AdamW's and the optimizer state of the
+    headline methods, from the comparison harness's records (experiments/results/sweep/results.json)."""
+    recs = _sweep_records()
+    base = recs.get("adamw", {})
+    base_ok = bool(base.get("long_ppl")) and not base.get("stale") and not base.get("pending_runs")
+    rows = []
+    for name, label in HEADLINE:
+        r = recs.get(name)
+        if not r or r["stale"] or r.get("pending_runs") or not r["long_ppl"]:
+            why = "not run" if not r else "STALE" if r["stale"] else "runs pending"
+            rows.append([label, f"`{name}`", why, "-", "-"])
+            continue
+        ratio = f"{statistics.mean(r['long_ppl']) / statistics.mean(base['long_ppl']):.3f}" if base_ok else "-"
+        state = f"{r['optimizer_state_bytes'] / 2**20:.2f} MiB" if r["optimizer_state_bytes"] is not None else "-"
+        rows.append([label, f"`{name}`", _mean_std(r["long_ppl"]), ratio, state])
+    return markdown_table("method | recipe | long ppl (mean ± std) | ÷ adamw | optimizer state", rows)
+
+
 def _copied(name: str):
     """A table another script wrote into experiments/results/NAME/table.md."""
 
@@ -103,19 +146,33 @@ TABLES = {
     "bench_frameworks": _copied("bench_frameworks"),
     "cpu_ablation": _copied("cpu_ablation"),
     "sweep": _copied("sweep"),
+    "sweep_headline": sweep_headline_table,
 }
+GENERATED = ("relora_ablation", "sweep_headline")  # made here: also written to experiments/results/NAME.md
+
+
+def fill(text: str, tables: dict[str, str]) -> str:
+    """``text`` with the content between each table's markers replaced by the table."""
+    for name, table in tables.items():
+        pattern = re.compile(rf"(<!-- table:{name} -->\n).*?(<!-- /table:{name} -->)", re.S)
+        text = pattern.sub(lambda m, t=table: m.group(1) + t + "\n" + m.group(2), text)
+    return text
+
+
+def pages() -> list[Path]:
+    """README.md and the docs pages, where they exist."""
+    return [p for p in [README, *sorted(DOCS.glob("*.md"))] if p.is_file()]
 
 
 def main() -> None:
-    text = README.read_text() if README.is_file() else ""
-    for name, fn in TABLES.items():
-        table = fn()
-        if name == "relora_ablation":
-            write_table(HERE / "results", table, f"{name}.md")
-        pattern = re.compile(rf"(<!-- table:{name} -->\n).*?(<!-- /table:{name} -->)", re.S)
-        text = pattern.sub(lambda m, t=table: m.group(1) + t + "\n" + m.group(2), text)
-    if text:
-        README.write_text(text)
+    tables = {name: fn() for name, fn in TABLES.items()}
+    for name in GENERATED:
+        write_table(HERE / "results", tables[name], f"{name}.md")
+    for page in pages():
+        text = page.read_text()
+        new = fill(text, tables)
+        if new != text:
+            page.write_text(new)
 
 
 if __name__ == "__main__":

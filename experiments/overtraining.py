@@ -27,8 +27,10 @@ budget (200 steps of ``tiny``), except that the learning rate stays constant aft
 (``optim.min_lr_ratio=1``): the budgets are intermediate checkpoints of one run (``checkpoint_every=25``),
 and a constant learning rate keeps them comparable (a cosine schedule would anneal the later checkpoints and
 mix the effect of annealing into the effect of tokens).
-Runs go to ``runs/overtraining/<method>`` (git-ignored); records to
-``experiments/results/overtraining/``.
+Runs go to ``runs/overtraining/<method>`` (git-ignored); the report and plots to
+``experiments/results/overtraining/``, and the records of the parts (``sensitivity_METHOD``,
+``sensitivity_groups``, ``finetune_METHOD[_lrLR]``, ``toy``) into one pack there, ``records.json.xz``
+(``experiments/records.py``).
 """
 
 from __future__ import annotations
@@ -45,8 +47,9 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import records
 import sweep
-from _report import markdown_table, save_figure, subplots, write_record, write_results, write_table
+from _report import markdown_table, save_figure, subplots, write_results, write_table
 
 from lowrank_jax.analysis.finetune import finetune_degradation, finetune_token_data, load_params, run_config
 from lowrank_jax.analysis.linear_toy import linear_toy
@@ -60,6 +63,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RUNS = REPO / "runs" / "overtraining"
 RESULTS = HERE / "results" / "overtraining"
+PACK = RESULTS / "records.json.xz"  # the sensitivity and fine-tune records, by name
 
 # Common recipe: `tiny` (200 steps x 16 x 256 tokens) with a constant lr after warmup and a checkpoint
 # every 25 steps (25, 50, ..., 200; the geometric budgets 25/50/100/200 are among them).
@@ -132,6 +136,15 @@ def _json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def _record(name: str) -> dict:
+    """The study's record ``name`` from its pack (``{}`` when there is none)."""
+    return records.read_pack(PACK).get(name, {})
+
+
+def _save(name: str, record: dict) -> None:
+    records.put(PACK, name, json.loads(json.dumps(record)))
+
+
 def _checkpoints(method: str, only: list[int] | None) -> list[int]:
     steps = checkpoint_steps(RUNS / method / "checkpoints")
     return [s for s in steps if not only or s in only]
@@ -143,8 +156,8 @@ def part_sensitivity(args) -> None:
         if not steps:
             print(f"sensitivity {method}: no checkpoints under {RUNS / method} (run --part pretrain first)")
             continue
-        out_path = RESULTS / f"sensitivity_{method}.json"
-        done = _json(out_path).get("budgets", {})
+        out_name = f"sensitivity_{method}"
+        done = _record(out_name).get("budgets", {})
         for step in steps:
             row = {} if args.force else done.get(str(step), {})
             todo = {
@@ -178,7 +191,7 @@ def part_sensitivity(args) -> None:
                     tab["rows"] = sorted(row[relative]["rows"] + tab["rows"], key=lambda r: r["lambda"])
                 row[relative] = tab
             done[str(step)] = row
-            write_record(out_path, {"method": method, "overrides": list(method_overrides(method)), "budgets": done})
+            _save(out_name, {"method": method, "overrides": list(method_overrides(method)), "budgets": done})
             summary = ", ".join(f"λ={r['lambda']:g}: {r['mean_increase']:+.4f}" for r in row["init"]["rows"])
             print(
                 f"sensitivity {method} step {step}: clean {row['init']['clean_loss']:.4f}; {summary} "
@@ -195,8 +208,8 @@ GROUPS = {
 
 def part_groups(args) -> None:
     """Which tensors carry the sensitivity: noise on one group at a time (init std × λ, step 200 or --steps)."""
-    out_path = RESULTS / "sensitivity_groups.json"
-    done = _json(out_path)
+    out_name = "sensitivity_groups"
+    done = _record(out_name)
     lams = (1.0, 2.0, 4.0)
     for method in args.methods:
         for step in args.steps or [200]:
@@ -219,7 +232,7 @@ def part_groups(args) -> None:
                 )
                 row[name] = tab.to_dict()
             done[f"{method}/{step}"] = row
-            write_record(out_path, done)
+            _save(out_name, done)
             summary = "; ".join(
                 f"{g}: " + ", ".join(f"λ={r['lambda']:g} {r['mean_increase']:+.3f}" for r in t["rows"])
                 for g, t in row.items()
@@ -228,7 +241,7 @@ def part_groups(args) -> None:
 
 
 def _ft_name(method: str, lr: float) -> str:
-    return f"finetune_{method}.json" if lr == FT_LR else f"finetune_{method}_lr{lr:g}.json"
+    return f"finetune_{method}" if lr == FT_LR else f"finetune_{method}_lr{lr:g}"
 
 
 def part_finetune(args) -> None:
@@ -240,8 +253,8 @@ def part_finetune(args) -> None:
         pre_cfg = run_config(RUNS / method)
         ft = finetune_token_data(pre_cfg, "pydoc")
         pt_val = prepare_data(pre_cfg.data).val
-        out_path = RESULTS / _ft_name(method, args.ft_lr)
-        done = _json(out_path).get("budgets", {})
+        out_name = _ft_name(method, args.ft_lr)
+        done = _record(out_name).get("budgets", {})
         for step in steps:
             if str(step) in done and not args.force:
                 continue
@@ -257,7 +270,7 @@ def part_finetune(args) -> None:
             )
             res["finetune_data"] = ft.info
             done[str(step)] = res
-            write_record(out_path, {"method": method, "lr": args.ft_lr, "budgets": done})
+            _save(out_name, {"method": method, "lr": args.ft_lr, "budgets": done})
             print(
                 f"finetune {method} step {step}: pydoc {res['ft_loss_before']:.4f} -> {res['ft_loss_after']:.4f}, "
                 f"stdlib {res['pt_loss_before']:.4f} -> {res['pt_loss_after']:.4f} ({time.time() - t0:.0f}s)",
@@ -278,7 +291,7 @@ def part_methods(args) -> None:
 
 def part_toy(args) -> None:
     res = linear_toy(gammas=TOY_GAMMAS, n_perturb=64, key=jax.random.key(0))
-    write_record(RESULTS / "toy.json", res.to_dict())
+    _save("toy", res.to_dict())
     for inf in res.inflections:
         print(
             f"toy γ={inf.gamma}: τ={inf.threshold:.3f}, first mode below τ k*={inf.mode} "
@@ -385,15 +398,15 @@ def plot_toy(toy: dict, path: Path) -> None:
 
 
 def part_report(args) -> None:
-    sens = {m: _json(RESULTS / f"sensitivity_{m}.json") for m in RECIPE_OF}
+    sens = {m: _record(f"sensitivity_{m}") for m in RECIPE_OF}
     sens = {m: v for m, v in sens.items() if v.get("budgets")}
     ft = {}
-    for path in sorted(RESULTS.glob("finetune_*.json")):
-        v = _json(path)
+    for name in sorted((n for n in records.read_pack(PACK) if n.startswith("finetune_")), key=lambda n: f"{n}.json"):
+        v = _record(name)
         if v.get("budgets"):
             lr = next(iter(v["budgets"].values()))["settings"]["lr"]
             ft[f"{v['method']} lr {lr:g}"] = v
-    toy = _json(RESULTS / "toy.json")
+    toy = _record("toy")
     runs = {m: _json(RUNS / m / "results.json") for m in RECIPE_OF}
     runs = {m: r for m, r in runs.items() if r}
     lines = ["# Overtraining study (CPU scale)", ""]
@@ -508,7 +521,7 @@ def part_report(args) -> None:
             markdown_table(header, cells),
             "",
         ]
-    groups = _json(RESULTS / "sensitivity_groups.json")
+    groups = _record("sensitivity_groups")
     if groups:
         header = ["method/step", "group", *(f"Δ loss, λ={lam:g}" for lam in (1.0, 2.0, 4.0))]
         cells = [[key, g, *(_fmt_band(r) for r in t["rows"])] for key, row in groups.items() for g, t in row.items()]

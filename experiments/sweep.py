@@ -17,15 +17,29 @@ at ``short_steps``; the grid point with the lowest final validation loss is re-r
 the tokens) with each of ``seeds``; step-valued settings listed in a recipe's ``scale_with_steps`` scale with
 the budget.
 
-Every run is one in-process ``lowrank_jax.train.loop.train`` (one at a time: two CPU cores) whose
-``results.json`` and ``metrics.jsonl`` are kept under ``experiments/results/sweep/NAME/STAGE/RUN/`` with the
-commit they ran at and the equivalent ``lowrank-jax train`` command. A run is valid while nothing it executed
-changed: ``git diff --quiet COMMIT HEAD -- FILES experiments/sweep.py`` plus its recipe and the protocol, where
-FILES are the package files it could have run (``sweep.json`` ``code_files``: every module of ``lowrank_jax`` /
-``pallas_kernels`` imported by then, and their presets; the whole trees for a record without the list), and
-its recorded config equals the one the harness builds now. A stale or missing run is (re-)run; one killed
-before it finished has no ``results.json`` and is redone. Runs start only from a clean checkout of those
-paths (``--allow-dirty`` records them as dirty, hence stale, for testing the harness).
+Every run is one in-process ``lowrank_jax.train.loop.train`` (one at a time: two CPU cores). A finished run
+is filed into its recipe's pack of records, ``experiments/results/sweep/runs/NAME.json.xz``
+(``experiments/records.py``: its ``results.json``, its ``metrics.jsonl`` records, and the commit it ran at,
+the config it asked for and the equivalent ``lowrank-jax train`` command); a run killed before it finished
+is not in the pack and is redone. Runs start only from a clean checkout of the packages, the harness, the
+recipe and the protocol (``--allow-dirty`` records them as dirty, for testing the harness).
+
+A run on record is valid while the library still computes what it computed for it, judged by evidence
+(``experiments/canary.py``): each recipe keeps a canary in ``experiments/results/sweep/canaries.json``, the
+first ``canary_steps`` training losses of the seed-0 run at its chosen lr of the recipe's first stage (the
+grid's; for ``lr_from`` recipes, which have no grid, the first long run), with the commit and a fingerprint
+of the machine they came from. When the sweep trains that run, the canary is recorded from it.
+
+    python experiments/sweep.py --check             # re-run every canary with the library as it is
+    python experiments/sweep.py --check galore lora # some recipes
+    python experiments/sweep.py all --record-canaries  # record the canaries with this library (runs on record)
+
+``--check`` trains each canary's steps in this process (the shards loaded once) and compares: on the
+machine it was recorded on the losses must be equal bit for bit, on another machine within
+``canary.TOLERANCE``. The verdict (commit, machine, max abs diff, first differing step) goes into
+``canaries.json``, the table is regenerated, and the exit status is 1 if any canary differs. A run is stale
+when its recipe's canary failed its last check, or when its recorded config differs from the one the
+harness builds now; a stale or missing run is (re-)run.
 
 The table (``experiments/results/sweep/table.md``, README ``<!-- table:sweep -->``) has one row per recipe:
 grid, chosen lr, short-budget ppl, long-budget ppl mean ± std over the seeds, trainable parameters,
@@ -39,6 +53,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import io
 import json
 import math
 import shutil
@@ -51,6 +66,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import canary as canary_lib
+import records
 import yaml
 from _report import markdown_table, write_record, write_table
 from make_tables import main as make_tables
@@ -63,7 +80,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RECIPES = HERE / "recipes"
 RESULTS = HERE / "results" / "sweep"
-CODE_PATHS = ("lowrank_jax", "pallas_kernels", "experiments/sweep.py")
+CANARIES = "canaries.json"
+# what a run executes besides its recipe and the protocol (a run starts only from a clean checkout of these)
+SOURCES = ("lowrank_jax", "pallas_kernels", "experiments/sweep.py", "experiments/canary.py", "experiments/records.py")
 STAGES = ("short", "long")
 MAX_EXTENSIONS = 3  # grid points the edge rule may add on each side of a recipe's grid
 
@@ -77,6 +96,7 @@ class Protocol:
     grid_seed: int
     seeds: tuple[int, ...]
     baseline: str
+    canary_steps: int
     overrides: dict[str, Any]
     path: Path
 
@@ -105,8 +125,10 @@ class Run:
     def name(self) -> str:
         return f"{'lr' + format(self.lr, 'g') if self.lr is not None else 'fixed'}_seed{self.seed}"
 
-    def record_dir(self, results: Path) -> Path:
-        return results / self.recipe.name / self.stage / self.name
+    @property
+    def key(self) -> str:
+        """The run's name in its recipe's pack of records: ``STAGE/RUN``."""
+        return f"{self.stage}/{self.name}"
 
     def out_dir(self, runs: Path) -> Path:
         """Where the training run itself writes (checkpoints included; not kept in git)."""
@@ -132,10 +154,13 @@ def _expect(data: dict[str, Any], path: Path, keys: set[str], required: set[str]
 def load_protocol(path: Path) -> Protocol:
     d = _read_yaml(path)
     keys = {"preset", "grid_size", "short_steps", "long_steps", "grid_seed", "seeds", "baseline", "overrides"}
+    keys |= {"canary_steps"}
     _expect(d, path, keys, keys)
     p = Protocol(**{**d, "seeds": tuple(d["seeds"]), "overrides": dict(d["overrides"] or {}), "path": path})
     if p.grid_size < 1 or p.short_steps < 1 or p.long_steps < p.short_steps or not p.seeds:
         raise ConfigError(f"{path}: needs grid_size >= 1, long_steps >= short_steps >= 1 and at least one seed")
+    if not 1 <= p.canary_steps <= p.short_steps:
+        raise ConfigError(f"{path}: needs 1 <= canary_steps <= short_steps")
     return p
 
 
@@ -186,61 +211,46 @@ def run_overrides(run: Run, protocol: Protocol, extra: list[str]) -> list[str]:
     return [f"{k}={fmt(v)}" for k, v in items.items()] + list(extra)
 
 
-def _changed_since(commit: str, paths: list[str]) -> bool:
-    """Whether ``paths`` differ between ``commit`` and HEAD (an unknown commit counts as changed)."""
-    out = subprocess.run(["git", "diff", "--quiet", commit, "HEAD", "--", *paths], cwd=ROOT, capture_output=True)
-    return out.returncode != 0
-
-
 def _dirty(paths: list[str]) -> bool:
     out = subprocess.run(["git", "status", "--porcelain", "--", *paths], cwd=ROOT, capture_output=True, text=True)
     return bool(out.stdout.strip())
 
 
-def watched_paths(recipe: Recipe, protocol: Protocol, code: list[str] | None = None) -> list[str]:
-    """What a run depends on: ``code`` (default: the whole of CODE_PATHS), the harness, its recipe and the protocol."""
-    return [*(code or CODE_PATHS[:-1]), CODE_PATHS[-1], str(recipe.path), str(protocol.path)]
-
-
-def code_files() -> list[str]:
-    """The package files a run in this process can have executed or read, relative to the repository.
-
-    Every module of ``lowrank_jax`` / ``pallas_kernels`` imported so far (a superset of what ran: an
-    import is needed to execute, and a changed import list changes an importing file) and every
-    tracked non-Python file of those trees (presets). A run stays valid across commits that change
-    only other files of the package (the launcher, the notebooks' helpers, ...).
-    """
-    trees = [ROOT / d for d in CODE_PATHS[:-1]]
-    modules = {
-        Path(f).resolve()
-        for m in list(sys.modules.values())
-        if (f := getattr(m, "__file__", None)) and any(Path(f).resolve().is_relative_to(t) for t in trees)
-    }
-    listed = subprocess.run(
-        ["git", "ls-files", "--", *CODE_PATHS[:-1]], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout.split()
-    data = [f for f in listed if not f.endswith(".py")]
-    return sorted({*data, *(str(m.relative_to(ROOT)) for m in modules)})
+def sources(recipe: Recipe, protocol: Protocol) -> list[str]:
+    """What a run executes and reads: the packages, the harness, its recipe and the protocol."""
+    return [*SOURCES, str(recipe.path), str(protocol.path)]
 
 
 # config fields that say where and how a run reports, not what it computes
 _NOT_COMPARED = ("out_dir", "progress")
 
 
-def run_status(run: Run, protocol: Protocol, extra: list[str], results: Path) -> tuple[str, dict | None]:
-    """``('done' | 'missing' | 'stale: why', results)`` of a run on record."""
-    d = run.record_dir(results)
-    if not (d / "results.json").is_file():
+def run_status(
+    run: Run, protocol: Protocol, extra: list[str], results: Path, canaries: dict[str, Any] | None = None
+) -> tuple[str, dict | None]:
+    """``('done' | 'missing' | 'stale: why', results)`` of a run on record.
+
+    A run on record is stale when its recorded config is not the one the harness builds now, or when its
+    recipe's canary (``canaries[recipe]``) failed its last check.
+    """
+    rec = records.run_record(results, run.recipe.name, run.key)
+    if rec is None:
         return "missing", None
-    res = json.loads((d / "results.json").read_text())
-    meta = json.loads((d / "sweep.json").read_text()) if (d / "sweep.json").is_file() else {}
-    if meta.get("dirty", True):
-        return "stale: ran from uncommitted code", res
-    if _changed_since(res["git_commit"], watched_paths(run.recipe, protocol, meta.get("code_files"))):
-        return f"stale: code or recipe changed since {res['git_commit'][:8]}", res
-    if meta.get("config") != _requested(run, protocol, extra):
+    res = rec["results"]
+    if rec["meta"].get("config") != _requested(run, protocol, extra):
         return "stale: its config differs from the recipe's", res
+    why = canary_failure((canaries or {}).get(run.recipe.name))
+    if why:
+        return f"stale: {why}", res
     return "done", res
+
+
+def canary_failure(entry: dict[str, Any] | None) -> str | None:
+    """Why a recipe's canary condemns its runs (its last check failed), or None."""
+    check = (entry or {}).get("check")
+    if not check or check["verdict"] != "differs":
+        return None
+    return f"canary differs from step {check['first_differing_step']} at {check['commit'][:8]}"
 
 
 def _requested(run: Run, protocol: Protocol, extra: list[str]) -> dict[str, Any]:
@@ -266,8 +276,8 @@ def held(lock: Path | None) -> Iterator[None]:
 def execute(
     run: Run, protocol: Protocol, extra: list[str], results: Path, runs: Path, allow_dirty: bool, lock: Path | None
 ) -> dict:
-    """Train ``run`` (holding ``lock``, if given) and file its records; returns its ``results.json``."""
-    watched = watched_paths(run.recipe, protocol)
+    """Train ``run`` (holding ``lock``, if given) and file its record into its recipe's pack; returns its results."""
+    watched = sources(run.recipe, protocol)
     dirty = _dirty(watched)
     if dirty and not allow_dirty:
         raise ConfigError(f"uncommitted changes in {' '.join(watched)}: commit them first (or --allow-dirty)")
@@ -276,19 +286,16 @@ def execute(
     overrides = [*run_overrides(run, protocol, extra), f"out_dir={out}", "progress=false"]
     with held(lock):
         res = train(load_config(protocol.preset, overrides))
-    dest = run.record_dir(results)
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / "metrics.jsonl").write_text((out / "metrics.jsonl").read_text())
-    command = "lowrank-jax train " + " ".join([protocol.preset, *overrides])
     meta = {
-        "command": command,
+        "command": "lowrank-jax train " + " ".join([protocol.preset, *overrides]),
         "dirty": dirty,
         "commit": git_commit(),
         "config": _requested(run, protocol, extra),
-        "code_files": code_files(),
     }
-    write_record(dest / "sweep.json", meta)
-    write_record(dest / "results.json", res)  # last: its presence marks the run finished
+    # JSON's view of the results (as a record reads back), filed only once the run has finished
+    res = json.loads(json.dumps(res))
+    record = {"results": res, "metrics": read_metrics(out / "metrics.jsonl"), "meta": meta}
+    records.put_run(results, run.recipe.name, run.key, record)
     return res
 
 
@@ -313,6 +320,8 @@ class Sweep:
         self.lock = lock
         self.done: dict[Run, dict] = {}
         self.stale: dict[Run, str] = {}
+        self.trained: set[Run] = set()
+        self.canaries: dict[str, Any] = read_canaries(results)
 
     def grid(self, r: Recipe) -> list[Run]:
         """The recipe's grid, extended by the edge rule as far as the runs on record call for.
@@ -349,10 +358,37 @@ class Sweep:
         lr = self.chosen_lr(r)
         return [Run(r, "long", lr, s) for s in self.protocol.seeds]
 
+    def canary_run(self, r: Recipe) -> Run:
+        """The run a recipe's canary stands for: the first seed's run at the chosen lr of the recipe's first
+        stage (the grid's; ``lr_from`` recipes have no grid: their first long run)."""
+        if r.lr_from:
+            return self.long(r)[0]
+        return Run(r, "short", self.chosen_lr(r), self.protocol.grid_seed)
+
+    def record_canaries(self, names: list[str]) -> None:
+        """Re-record the canary of every recipe whose canary run trained in this process, from its metrics."""
+        for name in names:
+            try:
+                run = self.canary_run(self.recipes[name])
+            except LookupError:
+                continue
+            if run not in self.trained:
+                continue
+            rec = records.run_record(self.results, name, run.key)
+            try:
+                losses = canary_losses(rec["metrics"], self.protocol.canary_steps)
+            except ValueError as e:
+                print(f"{name}: no canary from {run.key}: {e} (record one with --record-canaries)", flush=True)
+                continue
+            commit = rec["results"].get("git_commit", "unknown")
+            self.canaries[name] = canary_entry(run, losses, commit, canary_lib.fingerprint())
+            write_canaries(self.results, self.canaries)
+            print(f"{name}: canary recorded from {run.key} ({len(losses)} steps)", flush=True)
+
     def visit(self, run: Run, *, train_it: bool, allow_dirty: bool, counter: list[int]) -> None:
         if run in self.done:
             return
-        status, res = run_status(run, self.protocol, self.extra, self.results)
+        status, res = run_status(run, self.protocol, self.extra, self.results, self.canaries)
         counter[0] += 1
         head = f"[{counter[0]}] {run.recipe.name} {run.stage} {run.name}"
         if status == "done":
@@ -367,6 +403,7 @@ class Sweep:
         print(f"{head}: {status}, training ...", flush=True)
         res = execute(run, self.protocol, self.extra, self.results, self.runs, allow_dirty, self.lock)
         self.done[run] = res
+        self.trained.add(run)
         print(f"{head}: val_loss {res['final_val_loss']:.4f} in {time.time() - t0:.0f}s", flush=True)
 
     def run(self, names: list[str], stages: tuple[str, ...], *, train_it: bool, allow_dirty: bool) -> None:
@@ -390,11 +427,12 @@ class Sweep:
                         continue
                     for run in self.long(r):
                         self.visit(run, train_it=train_it, allow_dirty=allow_dirty, counter=counter)
+        self.record_canaries(names)
 
 
 def _max_rms_ratio(run: Run, results: Path) -> float:
-    records = read_metrics(run.record_dir(results) / "metrics.jsonl")  # [] when there is none
-    vals = [m["max_block_rms_ratio"] for m in records if "max_block_rms_ratio" in m]
+    rec = records.run_record(results, run.recipe.name, run.key)
+    vals = [m["max_block_rms_ratio"] for m in (rec or {}).get("metrics", []) if "max_block_rms_ratio" in m]
     return max(vals) if vals else math.nan
 
 
@@ -404,7 +442,7 @@ def _ppl(loss: float) -> float:
 
 def table(sweep: Sweep, names: list[str]) -> tuple[str, dict[str, Any]]:
     """The markdown table and its records (one per recipe)."""
-    rows, records = [], {}
+    rows, recs = [], {}
     base_long: list[float] = []
     baseline = sweep.recipes.get(sweep.protocol.baseline)
     if baseline is not None:
@@ -446,7 +484,7 @@ def table(sweep: Sweep, names: list[str]) -> tuple[str, dict[str, Any]]:
             stale=stale,
             pending_runs=pending,
         )
-        records[name] = rec
+        recs[name] = rec
         mean = statistics.mean(long_ppl) if complete else None
         std = statistics.stdev(long_ppl) if complete and len(long_ppl) > 1 else 0.0
         grid_txt = f"from {r.lr_from}" if r.lr_from else ", ".join(f"{x:g}" for x in rec["grid"]) or "-"
@@ -466,7 +504,7 @@ def table(sweep: Sweep, names: list[str]) -> tuple[str, dict[str, Any]]:
         )
     header = "recipe | lr grid | chosen lr | short ppl | long ppl (mean ± std) | trainable | opt state"
     header += f" | ÷ {sweep.protocol.baseline} | max block RMS ÷ embed RMS | commit"
-    return markdown_table(header, rows), records
+    return markdown_table(header, rows), recs
 
 
 def protocol_text(p: Protocol) -> str:
@@ -480,23 +518,127 @@ def protocol_text(p: Protocol) -> str:
     )
 
 
+def read_canaries(results: Path) -> dict[str, Any]:
+    p = results / CANARIES
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def write_canaries(results: Path, canaries: dict[str, Any]) -> None:
+    write_record(results / CANARIES, canaries)
+
+
+def canary_losses(metrics: list[dict[str, Any]], steps: int) -> list[float]:
+    """The training losses of steps 1..``steps`` in a run's metrics records."""
+    by_step = {m["step"]: m["loss"] for m in metrics if "loss" in m}
+    missing = [s for s in range(1, steps + 1) if s not in by_step]
+    if missing:
+        raise ValueError(f"the run's metrics have no training loss at steps {missing[:5]}")
+    return [by_step[s] for s in range(1, steps + 1)]
+
+
+def canary_entry(run: Run, losses: list[float], commit: str, machine: dict[str, Any]) -> dict[str, Any]:
+    """A recipe's canary: the run it stands for, its first losses, and the commit and machine they came from."""
+    return {
+        "run": run.key,
+        "stage": run.stage,
+        "lr": run.lr,
+        "seed": run.seed,
+        "steps": len(losses),
+        "losses": losses,
+        "commit": commit,
+        "machine": machine,
+    }
+
+
+def _canary_config(run: Run, sweep: Sweep):
+    overrides = [*run_overrides(run, sweep.protocol, sweep.extra), f"out_dir={run.out_dir(sweep.runs)}"]
+    return load_config(sweep.protocol.preset, [*overrides, "progress=false"])
+
+
+def record_with_runner(sweep: Sweep, names: list[str]) -> int:
+    """``--record-canaries``: train each recipe's canary steps with the library of this process, record them,
+    and compare them with the first losses of the packed run they stand for (bitwise, or within the tolerance
+    between machines). Returns how many recipes have no canary or one that differs from its run."""
+    runner, bad = canary_lib.Runner(), 0
+    machine, commit = canary_lib.fingerprint(), git_commit()
+    print(f"recording canaries at {commit[:8]} on {canary_lib.describe(machine)}", flush=True)
+    for name in names:
+        try:
+            run = sweep.canary_run(sweep.recipes[name])
+        except LookupError as e:
+            print(f"{name}: no canary ({e})", flush=True)
+            bad += 1
+            continue
+        t0 = time.time()
+        with held(sweep.lock):
+            losses = runner.losses(_canary_config(run, sweep), sweep.protocol.canary_steps)
+        sweep.canaries[name] = canary_entry(run, losses, commit, machine)
+        write_canaries(sweep.results, sweep.canaries)
+        rec = records.run_record(sweep.results, name, run.key)
+        if rec is None:
+            print(f"{name}: recorded from {run.key} in {time.time() - t0:.1f}s; the run is not on record", flush=True)
+            bad += 1
+            continue
+        # the run may have trained on another machine: bitwise, or within the tolerance between machines
+        v = canary_lib.compare(canary_losses(rec["metrics"], len(losses)), losses, same_machine=False)
+        print(f"{name}: recorded from {run.key} in {time.time() - t0:.1f}s; against the run: {v.kind}", flush=True)
+        bad += not v.passed
+    return bad
+
+
+def check(sweep: Sweep, names: list[str]) -> int:
+    """``--check``: re-run each recipe's canary with the library of this process and record the verdict.
+
+    Returns how many recipes failed: a canary that differs, or runs on record without a canary.
+    """
+    runner, bad = canary_lib.Runner(), 0
+    machine, commit = canary_lib.fingerprint(), git_commit()
+    dirty = _dirty(list(SOURCES))
+    print(f"checking canaries at {commit[:8]}{' (dirty)' if dirty else ''} on {canary_lib.describe(machine)}")
+    for name in names:
+        entry = sweep.canaries.get(name)
+        if entry is None:
+            if records.runs(sweep.results, name):
+                print(f"{name}: runs on record but no canary (record one with --record-canaries)", flush=True)
+                bad += 1
+            continue
+        t0 = time.time()
+        run = Run(sweep.recipes[name], entry["stage"], entry["lr"], entry["seed"])
+        with held(sweep.lock):
+            losses = runner.losses(_canary_config(run, sweep), entry["steps"])
+        v = canary_lib.compare(entry["losses"], losses, same_machine=entry["machine"] == machine)
+        entry["check"] = {"commit": commit, "dirty": dirty, "machine": machine, **v.to_dict()}
+        write_canaries(sweep.results, sweep.canaries)
+        where = "this machine" if v.same_machine else f"another machine (tolerance {canary_lib.TOLERANCE:g})"
+        detail = "" if v.first_differing_step is None else f", first at step {v.first_differing_step}"
+        print(f"{name}: {v.kind} on {where}, max abs diff {v.max_abs_diff:.3g}{detail} ({time.time() - t0:.1f}s)")
+        bad += not v.passed
+    return bad
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("recipes", nargs="+", help="recipe names (experiments/recipes/*.yaml) or 'all'")
+    ap.add_argument("recipes", nargs="*", help="recipe names (experiments/recipes/*.yaml) or 'all'")
     ap.add_argument("--stage", choices=(*STAGES, "all"), default="all")
     ap.add_argument("--table-only", action="store_true", help="train nothing: the table from the runs on record")
+    canaries = ap.add_mutually_exclusive_group()
+    canaries.add_argument("--check", action="store_true", help="re-run the canaries (default: all), then the table")
+    canaries.add_argument("--record-canaries", action="store_true", help="record the canaries with this library")
     ap.add_argument("--recipes-dir", type=Path, default=RECIPES, help="the recipes and their protocol.yaml")
     ap.add_argument("--results", type=Path, default=RESULTS, help="where run records and the table go")
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "sweep", help="the runs' own out dirs (checkpoints)")
     ap.add_argument("--set", dest="extra", action="append", default=[], metavar="K=V", help="override for every run")
     ap.add_argument("--lock", type=Path, default=None, help="hold an exclusive flock on this file while a run trains")
-    ap.add_argument("--allow-dirty", action="store_true", help="run from uncommitted code (recorded as stale)")
+    ap.add_argument("--allow-dirty", action="store_true", help="run from uncommitted code (recorded as dirty)")
     a = ap.parse_args(argv)
+    if not a.recipes and not a.check:
+        ap.error("name the recipes (or 'all')")
+    canary_mode = a.check or a.record_canaries
     try:
         folder = a.recipes_dir.resolve()
         protocol = load_protocol(folder / "protocol.yaml")
         known = recipe_names(folder)
-        names = known if a.recipes == ["all"] else a.recipes
+        names = known if a.recipes in (["all"], []) else a.recipes
         unknown = [n for n in names if n not in known]
         if unknown:
             raise ConfigError(f"unknown recipes {unknown} (known: {', '.join(known)})")
@@ -504,20 +646,27 @@ def main(argv: list[str] | None = None) -> int:
         for n in names:
             if recipes[n].lr_from and recipes[n].lr_from not in recipes:
                 raise ConfigError(f"{n}: lr_from names unknown recipe {recipes[n].lr_from!r}")
-        sweep = Sweep(protocol, recipes, a.extra, a.results.resolve(), a.runs.resolve(), a.lock)
+        make = lambda: Sweep(protocol, recipes, a.extra, a.results.resolve(), a.runs.resolve(), a.lock)
+        sweep = make()
         stages = STAGES if a.stage == "all" else (a.stage,)
-        sweep.run(names, stages, train_it=not a.table_only, allow_dirty=a.allow_dirty)
+        bad = 0
+        if canary_mode:  # the canaries, then the whole table judged by their verdicts
+            with contextlib.redirect_stdout(io.StringIO()):
+                sweep.run(known, STAGES, train_it=False, allow_dirty=False)
+            bad = check(sweep, names) if a.check else record_with_runner(sweep, names)
+            sweep, names = make(), known
+        sweep.run(names, stages, train_it=not (a.table_only or canary_mode), allow_dirty=a.allow_dirty)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    md, records = table(sweep, names)
+    md, recs = table(sweep, names)
     text = protocol_text(protocol) + "\n\n" + md
     write_table(sweep.results, text)
-    write_record(sweep.results / "results.json", {"protocol": str(protocol.path), "recipes": records, "extra": a.extra})
+    write_record(sweep.results / "results.json", {"protocol": str(protocol.path), "recipes": recs, "extra": a.extra})
     print(text)
     if sweep.results == RESULTS:  # the README's copy (not for a harness test's own results folder)
         make_tables()
-    return 0
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

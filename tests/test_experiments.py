@@ -88,3 +88,42 @@ def test_relora_ablation_table_comes_from_the_sweep_records(tmp_path, monkeypatc
     assert "| 55.00 | 1.375 | 2 runs pending | - | 25.04 | abc12345 |" in rows["relora_warm"]
     assert rows["lora_warm"].endswith("| 25.46 | not run |")
     assert "| 31.00 ± 1.00 | 1.000 | 23.65 |" in rows["adamw"]
+
+
+def test_sweep_headline_table_from_the_sweep_records(tmp_path, monkeypatch):
+    import make_tables
+
+    def rec(long, state=2**21, stale=()):
+        return {"long_ppl": long, "optimizer_state_bytes": state, "stale": list(stale), "pending_runs": 0}
+
+    recipes = {"adamw": rec([30.0, 32.0, 31.0]), "galore": rec([33.0, 33.0, 36.0], 2**20)}
+    recipes["lora"] = rec([40.0], stale=["canary differs from step 3 at abc12345"])
+    recipes["relora"] = {**rec([20.0]), "pending_runs": 2}
+    (tmp_path / "results" / "sweep").mkdir(parents=True)
+    (tmp_path / "results" / "sweep" / "results.json").write_text(json.dumps({"recipes": recipes}))
+    monkeypatch.setattr(make_tables, "HERE", tmp_path)
+    rows = {line.split(" | ")[1]: line for line in make_tables.sweep_headline_table().splitlines()[2:]}
+    assert rows["`adamw`"] == "| AdamW (full rank) | `adamw` | 31.00 ± 1.00 | 1.000 | 2.00 MiB |"
+    assert rows["`galore`"] == "| GaLore | `galore` | 34.00 ± 1.73 | 1.097 | 1.00 MiB |"
+    assert rows["`lora`"].endswith("| STALE | - | - |") and rows["`relora`"].endswith("| runs pending | - | - |")
+    assert rows["`bitlinear`"].endswith("| not run | - | - |") and len(rows) == len(make_tables.HEADLINE)
+
+
+def test_make_tables_fills_the_readme_and_every_docs_page_with_markers(tmp_path, monkeypatch):
+    import make_tables
+
+    readme, docs = tmp_path / "README.md", tmp_path / "docs"
+    docs.mkdir()
+    readme.write_text("# x\n<!-- table:sweep_headline -->\nold\n<!-- /table:sweep_headline -->\nend\n")
+    (docs / "results.md").write_text("a\n<!-- table:relora_ablation -->\n<!-- /table:relora_ablation -->\nb\n")
+    (docs / "other.md").write_text("no tables here\n")
+    monkeypatch.setattr(make_tables, "README", readme)
+    monkeypatch.setattr(make_tables, "DOCS", docs)
+    monkeypatch.setattr(make_tables, "HERE", tmp_path / "experiments")
+    make_tables.main()
+    text = readme.read_text()
+    assert text.startswith("# x\n<!-- table:sweep_headline -->\n| method | recipe |") and text.endswith("-->\nend\n")
+    assert "| adamw | full-rank AdamW |" in (docs / "results.md").read_text()
+    assert (docs / "other.md").read_text() == "no tables here\n"
+    written = tmp_path / "experiments" / "results"
+    assert (written / "sweep_headline.md").is_file() and (written / "relora_ablation.md").is_file()
