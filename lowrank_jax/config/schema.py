@@ -174,8 +174,8 @@ class GaloreConfig:
     """GaLore settings for ``optim.name=galore_adamw`` / ``galore_adamw8bit`` (see lowrank_jax.optim.galore).
 
     The field names are exactly keyword arguments of :func:`lowrank_jax.optim.galore.galore`: the
-    optimizer builders pass this section as ``**dataclasses.asdict(cfg.galore)``, so a new GaLore
-    option is one field here plus its keyword in the transform.
+    optimizer builders (:mod:`lowrank_jax.optim.registry`) pass each field as that keyword, so a new
+    GaLore option is one field here, one keyword in the builders and its keyword in the transform.
 
     Applied to the attention and MLP kernels only; embeddings, norms and lm_head use the same Adam
     at full size. Paper recipe: rank 128 (60M) … 1024 (7B), update_proj_gap 200, scale 0.25, lr 0.01.

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lowrank_jax.optim._checks import check_int
+from lowrank_jax.optim.checks import check_int
 
 Params = dict[str, jax.Array]
 # loss_fn(params, batch, perturb) -> scalar; every linear calls y = perturb(name, x, x @ params[name]).

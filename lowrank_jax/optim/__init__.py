@@ -1,11 +1,13 @@
 """Optax GradientTransformations of the memory-efficient methods: GaLore (and GoLore), APOLLO, Fira, 8-bit Adam,
 ReLoRA.
 
-One home each: :mod:`~lowrank_jax.optim.galore` (package: plan, projectors, moments, transform; GoLore is its
-``projector='random'``), :mod:`~lowrank_jax.optim.apollo` (APOLLO, APOLLO-Mini), :mod:`~lowrank_jax.optim.fira`,
-:mod:`~lowrank_jax.optim.adam_hf` (GaLore's official inner Adam), :mod:`~lowrank_jax.optim.adam_8bit`,
-:mod:`~lowrank_jax.optim.relora`; shared argument checks in ``_checks``, the optax-state walk in ``_tree``, and
-what APOLLO and Fira share (the Adam-ratio scaling factor, the norm-growth limiter) in ``_norm_scaling``.
+One home each: :mod:`~lowrank_jax.optim.projection` (the projection core that GaLore, GoLore, APOLLO and Fira
+share: plans, projectors, refresh schedule, project / project back), :mod:`~lowrank_jax.optim.galore` (package:
+moments, transform; GoLore is its ``projector='random'``), :mod:`~lowrank_jax.optim.apollo` (APOLLO,
+APOLLO-Mini), :mod:`~lowrank_jax.optim.fira`, :mod:`~lowrank_jax.optim.adam_hf` (GaLore's official inner Adam),
+:mod:`~lowrank_jax.optim.adam_8bit`, :mod:`~lowrank_jax.optim.relora`; shared argument checks in
+:mod:`~lowrank_jax.optim.checks`, the optax-state walk in :mod:`~lowrank_jax.optim.tree`, and what APOLLO and
+Fira share beyond the projection (the Adam-ratio scaling factor, the norm-growth limiter) in ``_norm_scaling``.
 noise_step is its own package, :mod:`lowrank_jax.noise_step`.
 """
 

@@ -29,10 +29,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lowrank_jax.optim._checks import check_bool, check_real, is_traced
 from lowrank_jax.optim.adam_8bit import scale_by_adam_8bit
 from lowrank_jax.optim.adam_hf import scale_by_adam_hf
-from lowrank_jax.optim.galore.plan import _Plan
+from lowrank_jax.optim.checks import check_bool, check_real, is_traced
+from lowrank_jax.optim.projection import Plan
 
 SCALE_TYPES = ("channel", "tensor")
 # one-sided projections only: a two-sided R (r × r) has no channels of the gradient's shape
@@ -62,7 +62,7 @@ def hf_step_size(b1: Any, b2: Any, count: jax.Array) -> jax.Array:
     return jnp.sqrt(1 - jnp.power(f32(b2), t)) / (1 - jnp.power(f32(b1), t))
 
 
-def scaling_factor(n_b: jax.Array, r_b: jax.Array, plan: _Plan, scale_type: str) -> jax.Array:
+def scaling_factor(n_b: jax.Array, r_b: jax.Array, plan: Plan, scale_type: str) -> jax.Array:
     """``‖N‖ / (‖R‖ + 1e-8)`` of low-rank ``(B, ·, ·)`` matrices, broadcastable to the gradient's ``(B, m, n)``.
 
     ``'channel'``: over the rank axis, shape ``(B, 1, n)`` (input side projected) or ``(B, m, 1)``;

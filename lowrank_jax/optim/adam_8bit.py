@@ -82,6 +82,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -89,7 +90,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lowrank_jax.optim._checks import check_choice, check_int, check_real, is_traced, static_int
+from lowrank_jax.optim.checks import check_choice, check_int, check_real, is_traced, static_int
 
 __all__ = [
     "EPS_PLACEMENTS",
@@ -371,82 +372,106 @@ def scale_by_adam_8bit(
         _check_block_size(block_size)
     check_int(min_size, "min_size", lo=0)
 
-    def init_fn(params: optax.Params) -> ScaleByAdam8bitState:
-        block_size_ = _check_block_size(block_size)
-        min_size_ = static_int(min_size, "min_size", "it decides which leaves are quantized")
+    return optax.GradientTransformation(
+        functools.partial(_init_8bit, block_size=block_size, min_size=min_size),
+        functools.partial(_update_8bit, b1=b1, b2=b2, eps=eps, eps_placement=eps_placement),
+    )
 
-        def zeros(p: Any, signed: bool) -> Any:
-            shape = tuple(p.shape)
-            if math.prod(shape) < max(min_size_, 1):
-                return jnp.zeros(shape, jnp.float32)
-            return _quantized_zeros(shape, signed, block_size_)
 
-        mu = jax.tree.map(lambda p: zeros(p, True), params)
-        nu = jax.tree.map(lambda p: zeros(p, False), params)
-        return ScaleByAdam8bitState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu)
+def _init_8bit(params: optax.Params, *, block_size: Any, min_size: Any) -> ScaleByAdam8bitState:
+    """Zero moments: quantized for leaves of at least ``min_size`` elements, float32 for the others."""
+    block_size_ = _check_block_size(block_size)
+    min_size_ = static_int(min_size, "min_size", "it decides which leaves are quantized")
 
-    def update_fn(
-        updates: optax.Updates, state: ScaleByAdam8bitState, params: optax.Params | None = None
-    ) -> tuple[optax.Updates, ScaleByAdam8bitState]:
-        del params
-        count_inc = optax.safe_increment(state.count)
-        bc1, bc2 = _bias_correction(b1, count_inc), _bias_correction(b2, count_inc)
+    def zeros(p: Any, signed: bool) -> Any:
+        shape = tuple(p.shape)
+        if math.prod(shape) < max(min_size_, 1):
+            return jnp.zeros(shape, jnp.float32)
+        return _quantized_zeros(shape, signed, block_size_)
 
-        g_leaves, treedef = jax.tree.flatten(updates)
-        mu_leaves = treedef.flatten_up_to(state.mu)
-        nu_leaves = treedef.flatten_up_to(state.nu)
-        u_leaves, new_mu, new_nu = [], [], []
+    mu = jax.tree.map(lambda p: zeros(p, True), params)
+    nu = jax.tree.map(lambda p: zeros(p, False), params)
+    return ScaleByAdam8bitState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu)
 
-        def adam(g32: jax.Array, m: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-            m = (1 - b1) * g32 + b1 * m
-            v = (1 - b2) * jnp.square(g32) + b2 * v
-            if eps_placement == "optax":
-                return (m / bc1) / (jnp.sqrt(v / bc2) + eps), m, v
-            return m / (jnp.sqrt(v) + eps) * (jnp.sqrt(bc2) / bc1), m, v
 
-        def quantized_leaf(g: jax.Array, mu_q: QuantizedArray, nu_q: QuantizedArray):
-            """Adam on one quantized leaf, block chunk by block chunk (zero padding stays zero).
+AdamFn = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array, jax.Array]]
 
-            A loop whose carry is updated in place: the gradient buffer becomes the update and the
-            codes and scales are rewritten chunk by chunk, so the only leaf-sized temporaries are
-            the (padded) gradient in its own dtype and the new codes; float32 exists per chunk.
-            """
-            axis = mu_q.codes.ndim - 2  # the block axis; the leading dims are the array's own
-            per = mu_q.codes.shape[axis] // _chunk_count(mu_q.codes.shape, CHUNK_BLOCKS)
-            g_KB = _to_blocks(g, mu_q.codes.shape)
 
-            def chunk(i: jax.Array, carry: tuple) -> tuple:
-                start = i * per
-                part = lambda x: jax.lax.dynamic_slice_in_dim(x, start, per, axis)  # noqa: E731
-                put = lambda full, x: jax.lax.dynamic_update_slice_in_dim(full, x, start, axis)  # noqa: E731
-                u_KB, mc, ms, nc, ns = carry
-                u, m, v = adam(
-                    part(u_KB).astype(jnp.float32),
-                    _dequantize_blocks(part(mc), part(ms), True),
-                    _dequantize_blocks(part(nc), part(ns), False),
-                )
-                new = (u.astype(g.dtype), *_quantize_blocks(m, True), *_quantize_blocks(v, False))
-                return tuple(put(full, x) for full, x in zip(carry, new, strict=True))
+def _adam(
+    g32: jax.Array, m: jax.Array, v: jax.Array, *, b1: Any, b2: Any, eps: Any, bc1: Any, bc2: Any, eps_placement: str
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(direction, m, v)`` of one Adam step in float32 (the module doc's two eps placements)."""
+    m = (1 - b1) * g32 + b1 * m
+    v = (1 - b2) * jnp.square(g32) + b2 * v
+    if eps_placement == "optax":
+        return (m / bc1) / (jnp.sqrt(v / bc2) + eps), m, v
+    return m / (jnp.sqrt(v) + eps) * (jnp.sqrt(bc2) / bc1), m, v
 
-            init = (g_KB, mu_q.codes, mu_q.scales, nu_q.codes, nu_q.scales)
-            u, mc, ms, nc, ns = jax.lax.fori_loop(0, mu_q.codes.shape[axis] // per, chunk, init)
-            u = _from_blocks(u, g.shape)
-            mu_new = QuantizedArray(mc, ms, mu_q.shape, mu_q.dtype, True)
-            nu_new = QuantizedArray(nc, ns, nu_q.shape, nu_q.dtype, False)
-            return u, mu_new, nu_new
 
-        for g, mu_s, nu_s in zip(g_leaves, mu_leaves, nu_leaves, strict=True):
-            if _is_quantized(mu_s) and _is_quantized(nu_s) and mu_s.signed and not nu_s.signed:
-                u, mu_q, nu_q = quantized_leaf(g, mu_s, nu_s)
-                u_leaves.append(u)
-                new_mu.append(mu_q)
-                new_nu.append(nu_q)
-                continue
-            u, m, v = adam(g.astype(jnp.float32), _load(mu_s), _load(nu_s))
-            u_leaves.append(u.astype(g.dtype))
-            new_mu.append(_store(m, mu_s))
-            new_nu.append(_store(v, nu_s))
-        new_state = ScaleByAdam8bitState(count=count_inc, mu=treedef.unflatten(new_mu), nu=treedef.unflatten(new_nu))
-        return treedef.unflatten(u_leaves), new_state
+def _quantized_leaf(
+    g: jax.Array, mu_q: QuantizedArray, nu_q: QuantizedArray, adam: AdamFn
+) -> tuple[jax.Array, QuantizedArray, QuantizedArray]:
+    """Adam on one quantized leaf, block chunk by block chunk (zero padding stays zero).
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    A loop whose carry is updated in place: the gradient buffer becomes the update and the
+    codes and scales are rewritten chunk by chunk, so the only leaf-sized temporaries are
+    the (padded) gradient in its own dtype and the new codes; float32 exists per chunk.
+    """
+    axis = mu_q.codes.ndim - 2  # the block axis; the leading dims are the array's own
+    per = mu_q.codes.shape[axis] // _chunk_count(mu_q.codes.shape, CHUNK_BLOCKS)
+    g_KB = _to_blocks(g, mu_q.codes.shape)
+
+    def chunk(i: jax.Array, carry: tuple) -> tuple:
+        start = i * per
+        part = lambda x: jax.lax.dynamic_slice_in_dim(x, start, per, axis)
+        put = lambda full, x: jax.lax.dynamic_update_slice_in_dim(full, x, start, axis)
+        u_KB, mc, ms, nc, ns = carry
+        u, m, v = adam(
+            part(u_KB).astype(jnp.float32),
+            _dequantize_blocks(part(mc), part(ms), True),
+            _dequantize_blocks(part(nc), part(ns), False),
+        )
+        new = (u.astype(g.dtype), *_quantize_blocks(m, True), *_quantize_blocks(v, False))
+        return tuple(put(full, x) for full, x in zip(carry, new, strict=True))
+
+    init = (g_KB, mu_q.codes, mu_q.scales, nu_q.codes, nu_q.scales)
+    u, mc, ms, nc, ns = jax.lax.fori_loop(0, mu_q.codes.shape[axis] // per, chunk, init)
+    u = _from_blocks(u, g.shape)
+    mu_new = QuantizedArray(mc, ms, mu_q.shape, mu_q.dtype, True)
+    nu_new = QuantizedArray(nc, ns, nu_q.shape, nu_q.dtype, False)
+    return u, mu_new, nu_new
+
+
+def _update_8bit(
+    updates: optax.Updates,
+    state: ScaleByAdam8bitState,
+    params: optax.Params | None = None,
+    *,
+    b1: Any,
+    b2: Any,
+    eps: Any,
+    eps_placement: str,
+) -> tuple[optax.Updates, ScaleByAdam8bitState]:
+    """One Adam step on every leaf: chunked on the quantized moments, at once on the float32 ones."""
+    del params
+    count_inc = optax.safe_increment(state.count)
+    bc1, bc2 = _bias_correction(b1, count_inc), _bias_correction(b2, count_inc)
+    adam = functools.partial(_adam, b1=b1, b2=b2, eps=eps, bc1=bc1, bc2=bc2, eps_placement=eps_placement)
+
+    g_leaves, treedef = jax.tree.flatten(updates)
+    mu_leaves = treedef.flatten_up_to(state.mu)
+    nu_leaves = treedef.flatten_up_to(state.nu)
+    u_leaves, new_mu, new_nu = [], [], []
+    for g, mu_s, nu_s in zip(g_leaves, mu_leaves, nu_leaves, strict=True):
+        if _is_quantized(mu_s) and _is_quantized(nu_s) and mu_s.signed and not nu_s.signed:
+            u, mu_q, nu_q = _quantized_leaf(g, mu_s, nu_s, adam)
+            u_leaves.append(u)
+            new_mu.append(mu_q)
+            new_nu.append(nu_q)
+            continue
+        u, m, v = adam(g.astype(jnp.float32), _load(mu_s), _load(nu_s))
+        u_leaves.append(u.astype(g.dtype))
+        new_mu.append(_store(m, mu_s))
+        new_nu.append(_store(v, nu_s))
+    new_state = ScaleByAdam8bitState(count=count_inc, mu=treedef.unflatten(new_mu), nu=treedef.unflatten(new_nu))
+    return treedef.unflatten(u_leaves), new_state

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lowrank_jax.optim._checks import check_real
+from lowrank_jax.optim.checks import check_real
 
 
 class ScaleByAdamHFState(NamedTuple):

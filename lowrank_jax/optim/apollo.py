@@ -50,13 +50,14 @@ are batches of matrices exactly as in :func:`~lowrank_jax.optim.galore.galore` (
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from lowrank_jax.optim._checks import check_bool, check_choice, check_int, check_real, static_int
 from lowrank_jax.optim._norm_scaling import (
     ONE_SIDED_PROJ_TYPES,
     SCALE_TYPES,
@@ -67,15 +68,21 @@ from lowrank_jax.optim._norm_scaling import (
     hf_step_size,
     scaling_factor,
 )
-from lowrank_jax.optim.galore.plan import MaskOrFn, _make_plans, _Plan, _resolve_dims, _sides
-from lowrank_jax.optim.galore.projectors import (
+from lowrank_jax.optim.checks import check_bool, check_choice, check_int, check_real, static_int
+from lowrank_jax.optim.projection import (
+    MaskOrFn,
+    Plan,
     default_numbering,
-    matrix_indices,
-    matrix_keys,
-    random_gaussian,
-    side_key,
+    gaussian_projectors,
+    init_plans,
+    make_plans,
+    period_start,
+    project,
+    proxy_tree,
+    refresh_key,
+    resolve_dims,
+    sides,
 )
-from lowrank_jax.optim.galore.transform import _init_plans, _project, _proxy_tree
 
 APOLLO_PROJ_TYPES = ONE_SIDED_PROJ_TYPES
 __all__ = ["APOLLO_PROJ_TYPES", "SCALE_TYPES", "ApolloState", "apollo", "apollo_mini"]
@@ -87,7 +94,7 @@ class ApolloState(NamedTuple):
     count: jax.Array  # int32 [], number of updates so far
     inner_state: optax.OptState  # HF-style Adam on the proxy (low-rank) tree
     update_norm: optax.Updates  # per leaf float32 (*batch,) or MaskedNode: ‖S_t‖ after the limiter
-    numbering: jax.Array  # int32 (2,): (offset, stride) of the matrix indices (galore.projectors.matrix_indices)
+    numbering: jax.Array  # int32 (2,): (offset, stride) of the matrix indices (projection.matrix_indices)
 
 
 def _read_plans(updates: optax.Updates, state: ApolloState, rank: int, proj_type: str, dimension_numbers: Any):
@@ -95,18 +102,101 @@ def _read_plans(updates: optax.Updates, state: ApolloState, rank: int, proj_type
     leaves, treedef = jax.tree.flatten(updates)
     norms = treedef.flatten_up_to(state.update_norm)
     selected = [not isinstance(x, optax.MaskedNode) for x in norms]
-    dims = _resolve_dims(dimension_numbers, updates, leaves)
-    plans = _make_plans(leaves, selected, dims, lambda _, m, n: _sides(proj_type, m, n), lambda *_: rank)
+    dims = resolve_dims(dimension_numbers, updates, leaves)
+    plans = make_plans(leaves, selected, dims, lambda _, m, n: sides(proj_type, m, n), lambda *_: rank)
     return leaves, treedef, plans, norms
 
 
-def _projections(
-    p: _Plan, base_key: jax.Array, numbering: jax.Array, dtype: Any
-) -> tuple[jax.Array | None, jax.Array | None]:
-    """This period's Gaussian projectors of a leaf's matrices, ``(B, dim, r)`` in the gradient dtype."""
-    keys_b = matrix_keys(base_key, matrix_indices(p, numbering))
-    draw = lambda dim, out: jax.vmap(lambda k: random_gaussian(side_key(k, out), dim, p.rank))(keys_b).astype(dtype)
-    return (draw(p.m, False) if p.use_in else None), (draw(p.n, True) if p.use_out else None)
+@dataclasses.dataclass(frozen=True)
+class _ApolloSettings:
+    """:func:`apollo`'s keywords after validation (numbers may be traced under ``inject_hyperparams``)."""
+
+    rank: Any
+    update_proj_gap: Any
+    scale: Any
+    scale_type: str
+    proj_type: str
+    norm_growth_limit: Any
+    scale_front: bool
+    b1: Any
+    b2: Any
+    inner: optax.GradientTransformation  # HF-style Adam, float or 8-bit moments
+    mask: MaskOrFn
+    dimension_numbers: Any
+    seed: Any
+
+
+def _init(params: optax.Params, *, s: _ApolloSettings) -> ApolloState:
+    leaves, treedef, plans = init_plans(
+        params, rank=s.rank, mask=s.mask, dimension_numbers=s.dimension_numbers, proj_type=s.proj_type, clamp=False
+    )
+    norms = [optax.MaskedNode() if p is None else jnp.zeros(p.batch_shape, jnp.float32) for p in plans]
+    return ApolloState(
+        count=jnp.zeros([], jnp.int32),
+        inner_state=s.inner.init(proxy_tree(leaves, treedef, plans)),
+        update_norm=treedef.unflatten(norms),
+        numbering=default_numbering(),
+    )
+
+
+def _update(
+    updates: optax.Updates, state: ApolloState, params: optax.Params | None = None, *, s: _ApolloSettings
+) -> tuple[optax.Updates, ApolloState]:
+    """Project with this period's Gaussians, step the low-rank Adam, scale the full gradient by its ratio."""
+    del params
+    rank_ = static_int(s.rank, "rank", "it sets the projection shapes")
+    leaves, treedef, plans, norms = _read_plans(updates, state, rank_, s.proj_type, s.dimension_numbers)
+    count = state.count
+    # random_projector.py: a new matrix when `iter % update_proj_gap == 0`, kept in between
+    base_key = refresh_key(s.seed, period_start(count, s.update_proj_gap))
+    pairs = list(zip(leaves, plans, strict=True))
+    projs = [
+        (None, None) if p is None else gaussian_projectors(p, base_key, state.numbering, g.dtype) for g, p in pairs
+    ]
+    mats = [None if p is None else p.to_mats(g) for g, p in pairs]
+    pins, pouts = [pi for pi, _ in projs], [po for _, po in projs]
+    low = project(leaves, plans, mats, pins, pouts)
+    inner_updates, inner_state = s.inner.update(treedef.unflatten(low), state.inner_state, None)
+    inner_list = treedef.flatten_up_to(inner_updates)
+    c_t = hf_step_size(s.b1, s.b2, count)  # apollo.py: step_size = lr * sqrt(bias_correction2) / bias_correction1
+    root_scale = jnp.sqrt(jnp.asarray(s.scale, jnp.float32))
+
+    out, new_norms = [], []
+    for p, g_b, r, u, prev in zip(plans, mats, low, inner_list, norms, strict=True):
+        if p is None:
+            out.append(u)  # the official param group without rank: plain AdamW
+            new_norms.append(prev)
+            continue
+        update, norm_b = _scaled_gradient(p, g_b, r, u, prev, count, c_t, root_scale, s)
+        out.append(p.from_mats(update))
+        new_norms.append(norm_b.reshape(p.batch_shape))
+    new_state = ApolloState(
+        optax.safe_int32_increment(count), inner_state, treedef.unflatten(new_norms), state.numbering
+    )
+    return treedef.unflatten(out), new_state
+
+
+def _scaled_gradient(
+    p: Plan,
+    g_b: jax.Array,
+    r: jax.Array,
+    u: jax.Array,
+    prev: jax.Array,
+    count: jax.Array,
+    c_t: jax.Array,
+    root_scale: jax.Array,
+    s: _ApolloSettings,
+) -> tuple[jax.Array, jax.Array]:
+    """One leaf's update ``(B, m, n)`` (the rescaled, limited gradient) and the norm the limiter keeps, ``(B,)``."""
+    # apollo.py Step 3: norm_grad = exp_avg / denom has no bias correction; the inner's update has it
+    factor = scaling_factor(p.low_b(u).astype(jnp.float32) / c_t, p.low_b(r), p, s.scale_type)
+    # Step 4: scaled_grad = p.grad * grad_scaling_factor (times sqrt(scale) first with scale_front),
+    # then the limiter's division, sqrt(scale) (unless in front) and the step size: one factor for G
+    front = root_scale if s.scale_front else 1.0
+    norm = frobenius(g_b, factor * front)
+    limiter, norm_b = growth_limiter(norm, prev.reshape(-1), count == 0, s.norm_growth_limit)
+    coef = factor * (root_scale * c_t / limiter)[:, None, None]
+    return g_b * coef.astype(g_b.dtype), norm_b
 
 
 def apollo(
@@ -155,61 +245,22 @@ def apollo(
     check_norm_growth_limit(norm_growth_limit)
     check_bool(scale_front, "scale_front")
     check_int(seed, "seed", lo=0)
-    inner = hf_adam(b1, b2, eps, eight_bit)
-
-    def init_fn(params: optax.Params) -> ApolloState:
-        leaves, treedef, plans = _init_plans(
-            params, rank=rank, mask=mask, dimension_numbers=dimension_numbers, proj_type=proj_type, clamp=False
-        )
-        norms = [optax.MaskedNode() if p is None else jnp.zeros(p.batch_shape, jnp.float32) for p in plans]
-        return ApolloState(
-            count=jnp.zeros([], jnp.int32),
-            inner_state=inner.init(_proxy_tree(leaves, treedef, plans)),
-            update_norm=treedef.unflatten(norms),
-            numbering=default_numbering(),
-        )
-
-    def update_fn(
-        updates: optax.Updates, state: ApolloState, params: optax.Params | None = None
-    ) -> tuple[optax.Updates, ApolloState]:
-        del params
-        rank_ = static_int(rank, "rank", "it sets the projection shapes")
-        leaves, treedef, plans, norms = _read_plans(updates, state, rank_, proj_type, dimension_numbers)
-        count = state.count
-        # random_projector.py: a new matrix when `iter % update_proj_gap == 0`, kept in between
-        base_key = jax.random.fold_in(jax.random.key(seed), count - count % update_proj_gap)
-        pairs = list(zip(leaves, plans, strict=True))
-        projs = [(None, None) if p is None else _projections(p, base_key, state.numbering, g.dtype) for g, p in pairs]
-        mats = [None if p is None else p.to_mats(g) for g, p in pairs]
-        pins, pouts = [pi for pi, _ in projs], [po for _, po in projs]
-        low = _project(leaves, plans, mats, pins, pouts)
-        inner_updates, inner_state = inner.update(treedef.unflatten(low), state.inner_state, None)
-        inner_list = treedef.flatten_up_to(inner_updates)
-        c_t = hf_step_size(b1, b2, count)  # apollo.py: step_size = lr * sqrt(bias_correction2) / bias_correction1
-        root_scale = jnp.sqrt(jnp.asarray(scale, jnp.float32))
-
-        out, new_norms = [], []
-        for g, p, g_b, r, u, prev in zip(leaves, plans, mats, low, inner_list, norms, strict=True):
-            if p is None:
-                out.append(u)  # the official param group without rank: plain AdamW
-                new_norms.append(prev)
-                continue
-            # apollo.py Step 3: norm_grad = exp_avg / denom has no bias correction; the inner's update has it
-            factor = scaling_factor(p.low_b(u).astype(jnp.float32) / c_t, p.low_b(r), p, scale_type)
-            # Step 4: scaled_grad = p.grad * grad_scaling_factor (times sqrt(scale) first with scale_front),
-            # then the limiter's division, sqrt(scale) (unless in front) and the step size: one factor for G
-            front = root_scale if scale_front else 1.0
-            norm = frobenius(g_b, factor * front)
-            limiter, norm_b = growth_limiter(norm, prev.reshape(-1), count == 0, norm_growth_limit)
-            coef = factor * (root_scale * c_t / limiter)[:, None, None]
-            out.append(p.from_mats(g_b * coef.astype(g.dtype)))
-            new_norms.append(norm_b.reshape(p.batch_shape))
-        new_state = ApolloState(
-            optax.safe_int32_increment(count), inner_state, treedef.unflatten(new_norms), state.numbering
-        )
-        return treedef.unflatten(out), new_state
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    settings = _ApolloSettings(
+        rank=rank,
+        update_proj_gap=update_proj_gap,
+        scale=scale,
+        scale_type=scale_type,
+        proj_type=proj_type,
+        norm_growth_limit=norm_growth_limit,
+        scale_front=scale_front,
+        b1=b1,
+        b2=b2,
+        inner=hf_adam(b1, b2, eps, eight_bit),
+        mask=mask,
+        dimension_numbers=dimension_numbers,
+        seed=seed,
+    )
+    return optax.GradientTransformation(functools.partial(_init, s=settings), functools.partial(_update, s=settings))
 
 
 def apollo_mini(

@@ -55,12 +55,14 @@ from lowrank_jax.optim._norm_scaling import (
     scaling_factor,
 )
 from lowrank_jax.optim.galore.transform import (
+    GALORE_OPTIONS,
     GaLoreState,
-    _back_project_mats,
-    _galore_settings,
-    _init_state,
-    _low_rank_step,
+    LowRankStep,
+    galore_settings,
+    init_galore_state,
+    low_rank_step,
 )
+from lowrank_jax.optim.projection import Plan, back_project_mats
 
 
 class FiraState(NamedTuple):
@@ -98,7 +100,11 @@ def fira(
     if "inner" in galore_options:
         raise ValueError("inner: fira fixes the inner transform (HF-style Adam, whose bias correction it reads)")
     check_norm_growth_limit(norm_growth_limit)
-    s = _galore_settings(rank, {**galore_options, "inner": hf_adam(b1, b2, eps, eight_bit)})
+    inner = hf_adam(b1, b2, eps, eight_bit)
+    unknown = sorted(set(galore_options) - set(GALORE_OPTIONS))
+    if unknown:
+        raise ValueError(f"{unknown[0]}: not an option of galore (options: {', '.join(GALORE_OPTIONS)})")
+    s = galore_settings(rank, inner=inner, **galore_options)
     if s.proj_type not in ONE_SIDED_PROJ_TYPES:
         raise ValueError(
             f"proj_type: fira needs a one-sided projection ({', '.join(ONE_SIDED_PROJ_TYPES)}), "
@@ -106,7 +112,7 @@ def fira(
         )
 
     def init_fn(params: optax.Params) -> FiraState:
-        galore_state = _init_state(params, s)
+        galore_state = init_galore_state(params, s)
         norms = jax.tree.map(lambda last: jnp.zeros(last.shape, jnp.float32), galore_state.last_refresh)
         return FiraState(jnp.zeros([], jnp.int32), galore_state, norms)
 
@@ -114,30 +120,38 @@ def fira(
         updates: optax.Updates, state: FiraState, params: optax.Params | None = None
     ) -> tuple[optax.Updates, FiraState]:
         del params
-        st = _low_rank_step(updates, state.galore, s, {})
+        st = low_rank_step(updates, state.galore, s, {})
         count = state.count
         c_t = hf_step_size(b1, b2, count)  # fira_adamw.py: step_size = lr * sqrt(bias_correction2) / bias_correction1
         norms = st.treedef.flatten_up_to(state.residual_norm)
         out, new_norms = [], []
         for i, p in enumerate(st.plans):
-            g, u, prev = st.leaves[i], st.inner[i], norms[i]
             if p is None:
-                out.append(u)  # the official param group without rank: plain AdamW
-                new_norms.append(prev)
+                out.append(st.inner[i])  # the official param group without rank: plain AdamW
+                new_norms.append(norms[i])
                 continue
-            r, pi, po = st.low[i], st.pins[i], st.pouts[i]
-            alpha = jnp.asarray(s.scale, g.dtype)
-            # gradient_projection.py: project_back multiplies by alpha, so subgrad = alpha · P R
-            residual_b = st.mats[i] - alpha * _back_project_mats(p, r, pi, po).astype(g.dtype)
-            phi = scaling_factor(p.low_b(u).astype(jnp.float32) / c_t, p.low_b(r), p, "channel")
-            norm = frobenius(residual_b, phi)
-            limiter, norm_b = growth_limiter(norm, prev.reshape(-1), count == 0, norm_growth_limit)
-            coef = (phi * (c_t / limiter)[:, None, None]).astype(g.dtype)
-            # step_size · (project_back(norm_grad) + scaling_grad); the inner's u already carries c_t
-            main_b = alpha * _back_project_mats(p, u, pi, po).astype(g.dtype)
-            out.append(p.from_mats(main_b + coef * residual_b))
+            update_b, norm_b = _leaf_update(st, i, p, norms[i], count, c_t, s.scale, norm_growth_limit)
+            out.append(p.from_mats(update_b))
             new_norms.append(norm_b.reshape(p.batch_shape))
         new_state = FiraState(optax.safe_int32_increment(count), st.state, st.treedef.unflatten(new_norms))
         return st.treedef.unflatten(out), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _leaf_update(
+    st: LowRankStep, i: int, p: Plan, prev: jax.Array, count: jax.Array, c_t: jax.Array, scale: Any, gamma: Any
+) -> tuple[jax.Array, jax.Array]:
+    """Leaf ``i``'s update ``(B, m, n)``: GaLore's back-projected step plus the scaled, limited residual; and the
+    residual norm the limiter keeps, ``(B,)``."""
+    g, u, r, pi, po = st.leaves[i], st.inner[i], st.low[i], st.pins[i], st.pouts[i]
+    alpha = jnp.asarray(scale, g.dtype)
+    # gradient_projection.py: project_back multiplies by alpha, so subgrad = alpha · P R
+    residual_b = st.mats[i] - alpha * back_project_mats(p, r, pi, po).astype(g.dtype)
+    phi = scaling_factor(p.low_b(u).astype(jnp.float32) / c_t, p.low_b(r), p, "channel")
+    norm = frobenius(residual_b, phi)
+    limiter, norm_b = growth_limiter(norm, prev.reshape(-1), count == 0, gamma)
+    coef = (phi * (c_t / limiter)[:, None, None]).astype(g.dtype)
+    # step_size · (project_back(norm_grad) + scaling_grad); the inner's u already carries c_t
+    main_b = alpha * back_project_mats(p, u, pi, po).astype(g.dtype)
+    return main_b + coef * residual_b, norm_b

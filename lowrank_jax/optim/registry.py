@@ -7,17 +7,18 @@ with :func:`register_optimizer`; the config schema checks ``optim.name`` against
 :func:`optimizer_names`. This module reads the config only through its attributes, so the config
 package can import the names from here without an import cycle.
 
-GaLore's builders pass the whole ``galore`` config section to :func:`~lowrank_jax.optim.galore.galore`
-as keyword arguments: a new GaLore option is one schema field plus the transform's keyword (GoLore is
-``galore.projector=random galore.random_from=N galore.moments=reproject_first``). Likewise the ``apollo``,
-``apollo_mini`` and ``fira`` sections go to :func:`~lowrank_jax.optim.apollo`, :func:`~lowrank_jax.optim.apollo_mini`
-and :func:`~lowrank_jax.optim.fira`; Fira is GaLore plus a residual, so ``fira_adamw`` takes its projector
-settings from the ``galore`` section and only its own from ``fira``.
+Each builder passes its config section field by field as keyword arguments (``rank=g.rank``, …), so a setting
+can be followed from the YAML field to the transform's argument: the ``galore`` section goes to
+:func:`~lowrank_jax.optim.galore.galore` / :func:`~lowrank_jax.optim.galore.galore_adamw` (GoLore is
+``galore.projector=random galore.random_from=N galore.moments=reproject_first``), the ``apollo`` and ``apollo_mini``
+sections to :func:`~lowrank_jax.optim.apollo` / :func:`~lowrank_jax.optim.apollo_mini`; Fira is GaLore plus a
+residual, so ``fira_adamw`` takes its projector settings from the ``galore`` section and only its own from ``fira``.
+A new option is one schema field, one keyword here and the transform's keyword (tests/optim/test_registry.py checks
+that every field arrives).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -95,7 +96,21 @@ def method_mask(params: Any) -> Any:
 
 def _galore_kwargs(cfg: Config) -> dict[str, Any]:
     """The ``galore`` section as :func:`~lowrank_jax.optim.galore.galore` keywords, on the method's kernels."""
-    return {**dataclasses.asdict(cfg.galore), "mask": method_mask}
+    g = cfg.galore
+    return {
+        "rank": g.rank,
+        "update_proj_gap": g.update_proj_gap,
+        "scale": g.scale,
+        "proj_type": g.proj_type,
+        "refresh": g.refresh,
+        "svd": g.svd,
+        "moments": g.moments,
+        "canonical_signs": g.canonical_signs,
+        "oversample": g.oversample,
+        "projector": g.projector,
+        "random_from": g.random_from,
+        "mask": method_mask,
+    }
 
 
 def _decayed(cfg: Config, schedule: optax.Schedule, scaling: optax.GradientTransformation):
@@ -140,24 +155,56 @@ def _galore_adamw8bit(cfg: Config, schedule: optax.Schedule, params: Any) -> opt
     return _decayed(cfg, schedule, galore(inner=inner, **_galore_kwargs(cfg)))
 
 
-def _adam_kwargs(cfg: Config) -> dict[str, Any]:
-    """The run's Adam settings (``optim.b1``, ``b2``, ``eps``) as keywords of APOLLO / Fira."""
-    return {"b1": cfg.optim.b1, "b2": cfg.optim.b2, "eps": cfg.optim.eps}
-
-
 @register_optimizer("apollo_adamw")
 def _apollo_adamw(cfg: Config, schedule: optax.Schedule, params: Any) -> optax.GradientTransformation:
-    scaling = apollo(**dataclasses.asdict(cfg.apollo), **_adam_kwargs(cfg), mask=method_mask)
+    a, o = cfg.apollo, cfg.optim
+    scaling = apollo(
+        a.rank,
+        update_proj_gap=a.update_proj_gap,
+        scale=a.scale,
+        scale_type=a.scale_type,
+        proj_type=a.proj_type,
+        norm_growth_limit=a.norm_growth_limit,
+        scale_front=a.scale_front,
+        b1=o.b1,
+        b2=o.b2,
+        eps=o.eps,
+        eight_bit=a.eight_bit,
+        mask=method_mask,
+        seed=a.seed,
+    )
     return _decayed(cfg, schedule, scaling)
 
 
 @register_optimizer("apollo_mini_adamw")
 def _apollo_mini_adamw(cfg: Config, schedule: optax.Schedule, params: Any) -> optax.GradientTransformation:
-    scaling = apollo_mini(**dataclasses.asdict(cfg.apollo_mini), **_adam_kwargs(cfg), mask=method_mask)
+    a, o = cfg.apollo_mini, cfg.optim
+    scaling = apollo_mini(
+        a.rank,
+        scale=a.scale,
+        scale_front=a.scale_front,
+        update_proj_gap=a.update_proj_gap,
+        proj_type=a.proj_type,
+        norm_growth_limit=a.norm_growth_limit,
+        b1=o.b1,
+        b2=o.b2,
+        eps=o.eps,
+        eight_bit=a.eight_bit,
+        mask=method_mask,
+        seed=a.seed,
+    )
     return _decayed(cfg, schedule, scaling)
 
 
 @register_optimizer("fira_adamw")
 def _fira_adamw(cfg: Config, schedule: optax.Schedule, params: Any) -> optax.GradientTransformation:
-    scaling = fira(**_galore_kwargs(cfg), **dataclasses.asdict(cfg.fira), **_adam_kwargs(cfg))
+    f, o = cfg.fira, cfg.optim
+    scaling = fira(
+        norm_growth_limit=f.norm_growth_limit,
+        b1=o.b1,
+        b2=o.b2,
+        eps=o.eps,
+        eight_bit=f.eight_bit,
+        **_galore_kwargs(cfg),
+    )
     return _decayed(cfg, schedule, scaling)

@@ -70,9 +70,9 @@ import numpy as np
 import optax
 
 from lowrank_jax.layers.lora import KERNEL, LORA_A, LORA_B, LORA_SCALE, kaiming_uniform, lora_scale_of, lora_weight
-from lowrank_jax.optim._checks import check_choice, check_real, static_int
-from lowrank_jax.optim._tree import find_namedtuples, map_namedtuples
 from lowrank_jax.optim.adam_8bit import QuantizedArray, dequantize, quantize
+from lowrank_jax.optim.checks import check_choice, check_real, static_int
+from lowrank_jax.optim.tree import find_namedtuples, map_namedtuples
 
 RESET_MODES = ("random", "magnitude", "zero", "none")
 FROZEN_LABEL = "FrozenWeight"
@@ -83,7 +83,7 @@ Path = tuple[Hashable, ...]
 
 
 # --------------------------------------------------------------------------------------------
-# Argument checks (the numeric ones are shared: lowrank_jax.optim._checks)
+# Argument checks (the numeric ones are shared: lowrank_jax.optim.checks)
 # --------------------------------------------------------------------------------------------
 
 

@@ -53,7 +53,7 @@ import optax
 from flax import nnx
 
 from lowrank_jax.config import Config, derive
-from lowrank_jax.optim._tree import map_namedtuples
+from lowrank_jax.optim.tree import map_namedtuples
 from lowrank_jax.train.optimizer import make_optimizer
 from lowrank_jax.train.state import cross_entropy, finish_step, float_grads, keep_int_params
 
@@ -159,7 +159,7 @@ def _number_layers(block_state: Any) -> Any:
     """Layer ``l`` of ``L`` numbers its matrices ``(l, L)``: the indices they have in the stacked model.
 
     Random projections (APOLLO, GoLore, randomized SVD) and staggered refresh offsets follow a state's
-    ``numbering = (offset, stride)`` field (:func:`lowrank_jax.optim.galore.projectors.matrix_indices`).
+    ``numbering = (offset, stride)`` field (:func:`lowrank_jax.optim.projection.matrix_indices`).
     """
 
     def visit(nt: Any) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lowrank_jax.optim._checks import check_bool, check_choice, check_int, check_real, is_traced, static_int
+from lowrank_jax.optim.checks import check_bool, check_choice, check_int, check_real, is_traced, static_int
 
 
 @pytest.mark.parametrize("value", [0.5, 1, np.float32(0.25), np.int64(1), jnp.asarray(0.75), np.asarray(0.5)])

@@ -3,6 +3,7 @@ jit / inject_hyperparams / MultiSteps / apply_if_finite, no SVD outside a cond, 
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import subprocess
@@ -18,6 +19,7 @@ import optax
 import pytest
 
 from lowrank_jax.optim import GaLoreDims, GaLoreState, ScaleByAdamHFState, galore, galore_adamw, scale_by_adam_hf
+from lowrank_jax.optim.galore.transform import GALORE_OPTIONS, galore_settings
 
 SHAPES = {"w": (6, 10), "v": (9, 5), "stack": (3, 4, 7), "b": (10,)}
 SMALL = {"w": (6, 10), "b": (10,)}  # for tests that compile: every extra leaf costs compile time
@@ -431,3 +433,12 @@ def test_vmapped_refresh_of_accelerators_equals_the_cpu_map(svd: str, monkeypatc
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     vmapped = run()
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), on_cpu, vmapped)
+
+
+def test_galore_settings_take_galore_keywords_and_defaults() -> None:
+    """fira() builds its settings with galore_settings(): the same keywords and defaults as galore()."""
+    public = {n: p.default for n, p in inspect.signature(galore).parameters.items()}
+    settings = {n: p.default for n, p in inspect.signature(galore_settings).parameters.items()}
+    assert public.pop("_svd_fn") is settings.pop("svd_fn") is None
+    assert public == settings
+    assert set(GALORE_OPTIONS) == set(public) - {"rank"}

@@ -33,7 +33,7 @@ from method_helpers import (
 )
 
 from lowrank_jax.optim import GaLoreState, galore
-from lowrank_jax.optim.galore.projectors import random_orthonormal
+from lowrank_jax.optim.projection import random_orthonormal
 
 # Flax (in, out): in < out, in > out, square, a stacked leaf (2 layers of 5 × 8); a bias stays plain Adam.
 SHAPES = {"a": (6, 10), "b": (10, 6), "bias": (10,), "c": (7, 7), "stack": (2, 5, 8)}

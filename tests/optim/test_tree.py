@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lowrank_jax.optim._tree import find_namedtuples, is_namedtuple, map_namedtuples
+from lowrank_jax.optim.tree import find_namedtuples, is_namedtuple, map_namedtuples
 
 
 class _Moments(NamedTuple):

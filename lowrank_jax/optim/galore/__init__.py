@@ -79,7 +79,7 @@ the convergence guarantee. The official recipe uses SVD for the first 80% of the
 switch step ``rand_ratio · num_training_steps``, ``rand = step >= rand_epoch`` in golore_torch/adamw.py),
 ``scale=1`` and rotates the first moment into each new basis while keeping the second: pass
 ``moments='reproject_first'``. The random projectors are orthonormal, drawn in float32 from
-``(seed, t, matrix index, side)`` (see :mod:`~lowrank_jax.optim.galore.projectors`) and cast to the param
+``(seed, t, matrix index, side)`` (see :mod:`~lowrank_jax.optim.projection`) and cast to the param
 dtype; a random refresh computes no SVD. (golore_torch's ``get_random_orthogonal_matrix`` is applied to a
 ``Z`` of shape ``(r, n)`` for its right-side projector, whose ``ZᵀZ`` is singular for ``r < n``; here both
 sides use the ``(dim, r)`` polar factor, the distribution the paper specifies.)
@@ -120,17 +120,16 @@ but ``init`` needs it static (call ``init`` outside ``jit`` or pass ``static_arg
 ``oversample`` must be static for ``svd='randomized'``; callables (``mask``,
 ``dimension_numbers``) must be listed in ``static_args``, as for any optax factory.
 
-Code: ``plan.py`` (:class:`GaLoreDims`, which leaves are projected, their matrix view and sides), ``projectors.py``
-(SVDs, canonical signs, the refresh of a leaf), ``moments.py`` (:func:`register_moments`, reproject / reset),
+Code: the projection core shared with GoLore, APOLLO and Fira is :mod:`lowrank_jax.optim.projection` (plans,
+projectors, refresh schedule, projection); here ``moments.py`` (:func:`register_moments`, reproject / reset) and
 ``transform.py`` (:class:`GaLoreState`, :func:`galore`, :func:`galore_adamw`); :func:`scale_by_adam_hf` lives in
 :mod:`lowrank_jax.optim.adam_hf`.
 """
 
 from lowrank_jax.optim.adam_hf import ScaleByAdamHFState, scale_by_adam_hf
 from lowrank_jax.optim.galore.moments import MOMENT_MODES, register_moments
-from lowrank_jax.optim.galore.plan import PROJ_TYPES, GaLoreDims
-from lowrank_jax.optim.galore.projectors import PROJECTORS, REFRESH_MODES, SVD_MODES
 from lowrank_jax.optim.galore.transform import GaLoreState, galore, galore_adamw
+from lowrank_jax.optim.projection import PROJ_TYPES, PROJECTORS, REFRESH_MODES, SVD_MODES, GaLoreDims
 
 __all__ = [
     "MOMENT_MODES",

@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lowrank_jax.optim._tree import map_namedtuples
-from lowrank_jax.optim.galore.plan import _Plan
+from lowrank_jax.optim.projection import Plan
+from lowrank_jax.optim.tree import map_namedtuples
 
 # 'reproject_first': official GoLore (pkumelon/Golore, peft_pretraining/GoLore.py, merge_and_reinit) rotates
 # exp_avg into the new basis, Pnewᵀ (Pold exp_avg), and leaves exp_avg_sq as it is.
@@ -69,7 +69,7 @@ def _map_moments(state: Any, fn: Callable[[str, Any], Any] | None) -> Any:
     return map_namedtuples(state, fields, opaque=opaque)
 
 
-def _check_moments(inner_state: Any, treedef: Any, plans: list[_Plan | None], mode: str) -> None:
+def check_moments(inner_state: Any, treedef: Any, plans: list[Plan | None], mode: str) -> None:
     """The inner state holds float moments of the low-rank shapes and no other per-parameter leaves."""
     found: list[str] = []
 
@@ -134,7 +134,7 @@ def _remix_one(
 
 
 def _remix_leaf(
-    plan: _Plan,
+    plan: Plan,
     firsts: list[jax.Array],
     seconds: list[jax.Array],
     old_in: Any,
@@ -164,10 +164,10 @@ def _remix_leaf(
     return jax.lax.cond(jnp.any(refreshed_b), remix_all, ident, firsts, seconds, old_in, new_in, old_out, new_out)
 
 
-def _remix_inner(
+def remix_moments(
     inner_state: Any,
     treedef: Any,
-    plans: list[_Plan | None],
+    plans: list[Plan | None],
     pins: list,
     new_pins: list,
     pouts: list,
