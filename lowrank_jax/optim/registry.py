@@ -155,44 +155,38 @@ def _galore_adamw8bit(cfg: Config, schedule: optax.Schedule, params: Any) -> opt
     return _decayed(cfg, schedule, galore(inner=inner, **_galore_kwargs(cfg)))
 
 
-@register_optimizer("apollo_adamw")
-def _apollo_adamw(cfg: Config, schedule: optax.Schedule, params: Any) -> optax.GradientTransformation:
-    a, o = cfg.apollo, cfg.optim
-    scaling = apollo(
-        a.rank,
+def _apollo_shared_kwargs(a: Any, o: Any) -> dict[str, Any]:
+    """The keywords APOLLO and APOLLO-Mini take alike: the shared fields of their config sections and Adam's."""
+    return dict(
         update_proj_gap=a.update_proj_gap,
-        scale=a.scale,
-        scale_type=a.scale_type,
         proj_type=a.proj_type,
         norm_growth_limit=a.norm_growth_limit,
-        scale_front=a.scale_front,
+        eight_bit=a.eight_bit,
+        seed=a.seed,
         b1=o.b1,
         b2=o.b2,
         eps=o.eps,
-        eight_bit=a.eight_bit,
         mask=method_mask,
-        seed=a.seed,
+    )
+
+
+@register_optimizer("apollo_adamw")
+def _apollo_adamw(cfg: Config, schedule: optax.Schedule, params: Any) -> optax.GradientTransformation:
+    a = cfg.apollo
+    scaling = apollo(
+        a.rank,
+        scale=a.scale,
+        scale_type=a.scale_type,
+        scale_front=a.scale_front,
+        **_apollo_shared_kwargs(a, cfg.optim),
     )
     return _decayed(cfg, schedule, scaling)
 
 
 @register_optimizer("apollo_mini_adamw")
 def _apollo_mini_adamw(cfg: Config, schedule: optax.Schedule, params: Any) -> optax.GradientTransformation:
-    a, o = cfg.apollo_mini, cfg.optim
-    scaling = apollo_mini(
-        a.rank,
-        scale=a.scale,
-        scale_front=a.scale_front,
-        update_proj_gap=a.update_proj_gap,
-        proj_type=a.proj_type,
-        norm_growth_limit=a.norm_growth_limit,
-        b1=o.b1,
-        b2=o.b2,
-        eps=o.eps,
-        eight_bit=a.eight_bit,
-        mask=method_mask,
-        seed=a.seed,
-    )
+    a = cfg.apollo_mini
+    scaling = apollo_mini(a.rank, scale=a.scale, scale_front=a.scale_front, **_apollo_shared_kwargs(a, cfg.optim))
     return _decayed(cfg, schedule, scaling)
 
 
