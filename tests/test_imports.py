@@ -12,6 +12,7 @@ import ast
 from pathlib import Path
 
 import pytest
+from helpers import imported_module, module_name
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("lowrank_jax", "pallas_kernels")
@@ -30,13 +31,8 @@ FORBIDDEN = {
 }
 
 
-def _module_name(path: Path) -> str:
-    parts = path.relative_to(ROOT).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
 def _modules() -> dict[str, Path]:
-    return {_module_name(p): p for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))}
+    return {module_name(ROOT, p): p for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))}
 
 
 def _is_type_checking(node: ast.If) -> bool:
@@ -46,18 +42,10 @@ def _is_type_checking(node: ast.If) -> bool:
     )
 
 
-def _resolve(node: ast.ImportFrom, module: str, is_package: bool) -> str:
-    if not node.level:
-        return node.module or ""
-    base = module.split(".") if is_package else module.split(".")[:-1]
-    base = base[: len(base) - (node.level - 1)]
-    return ".".join([*base, *([node.module] if node.module else [])])
-
-
 def _imported(node: ast.Import | ast.ImportFrom, module: str, is_package: bool, known: set[str]) -> list[str]:
     if isinstance(node, ast.Import):
         return [a.name for a in node.names]
-    target = _resolve(node, module, is_package)
+    target = imported_module(node, module, is_package)
     return [target] + [f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in known]
 
 

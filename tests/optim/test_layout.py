@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from helpers import imported_module, module_name
+
 ROOT = Path(__file__).resolve().parents[2]
 FIRST_PARTY = ("lowrank_jax", "pallas_kernels")
 MAX_FUNCTION_LINES = 100
@@ -13,19 +15,6 @@ MAX_FUNCTION_LINES = 100
 
 def _is_private(name: str) -> bool:
     return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
-
-
-def _module_name(root: Path, path: Path) -> str:
-    parts = path.relative_to(root).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def _absolute(node: ast.ImportFrom, module: str, is_package: bool) -> str:
-    if not node.level:
-        return node.module or ""
-    base = module.split(".") if is_package else module.split(".")[:-1]
-    base = base[: len(base) - (node.level - 1)]
-    return ".".join([*base, *([node.module] if node.module else [])])
 
 
 def _private_module_outside(target: str, importer: str) -> str | None:
@@ -46,7 +35,7 @@ def private_uses(root: Path, packages: tuple[str, ...] = FIRST_PARTY) -> list[st
     ``from m import _name``, ``m._name`` on a name bound to a first-party module, and an import of a private module
     (``pkg._mod``) from outside ``pkg``.
     """
-    files = {_module_name(root, p): p for pkg in packages for p in sorted((root / pkg).rglob("*.py"))}
+    files = {module_name(root, p): p for pkg in packages for p in sorted((root / pkg).rglob("*.py"))}
     found = []
     for module, path in files.items():
         where = f"{path.relative_to(root)}"
@@ -71,7 +60,7 @@ def _private_uses_in(module: str, path: Path, files: dict, packages: tuple[str, 
                     private_module(alias.name, node)
                     module_aliases.add(alias.asname or alias.name.split(".")[0])
         elif isinstance(node, ast.ImportFrom):
-            target = _absolute(node, module, path.name == "__init__.py")
+            target = imported_module(node, module, path.name == "__init__.py")
             if target.split(".")[0] not in packages:
                 continue
             private_module(target, node)
