@@ -25,22 +25,61 @@ from __future__ import annotations
 import functools
 import json
 import lzma
+import math
 import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 SUFFIX = ".json.xz"
 _PRESET = 9 | lzma.PRESET_EXTREME
+FLOAT32_KEYS = "metrics_float32"  # in a packed run record: its metrics written as float32 text
+
+
+def _float32_text(v: float) -> float:
+    """The shortest decimal that reads back as the same float32 (``np.float32`` prints it)."""
+    return float(str(np.float32(v)))
+
+
+def _is_float32(v: Any) -> bool:
+    return isinstance(v, float) and math.isfinite(v) and float(np.float32(_float32_text(v))) == v
+
+
+def _compact(record: Any) -> Any:
+    """A run record with its metrics' float32 values written in their shortest float32 text.
+
+    Training metrics come off the device as float32, but JSON writes them in float64's 17 digits; the
+    float32 text is about half as long and reads back to the very same value through ``np.float32``.
+    The keys written so are listed in :data:`FLOAT32_KEYS`; any other value is kept as it is.
+    """
+    metrics = record.get("metrics") if isinstance(record, dict) else None
+    if not isinstance(metrics, list) or FLOAT32_KEYS in record:
+        return record
+    keys = sorted({k for m in metrics for k in m})
+    f32 = [k for k in keys if all(_is_float32(m[k]) for m in metrics if k in m)]
+    short = [{k: _float32_text(v) if k in f32 else v for k, v in m.items()} for m in metrics]
+    return {**record, "metrics": short, FLOAT32_KEYS: f32}
+
+
+def _expand(record: Any) -> Any:
+    """The inverse of :func:`_compact`: the listed metrics back to the float32 values they stand for."""
+    if not isinstance(record, dict) or FLOAT32_KEYS not in record:
+        return record
+    f32 = set(record.pop(FLOAT32_KEYS))
+    record["metrics"] = [{k: float(np.float32(v)) if k in f32 else v for k, v in m.items()} for m in record["metrics"]]
+    return record
 
 
 def encode(records: dict[str, Any]) -> bytes:
     """The pack's bytes: sorted, compact JSON (NaN and infinities as JSON's extensions), xz-compressed."""
-    text = json.dumps(records, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    compact = {name: _compact(record) for name, record in records.items()}
+    text = json.dumps(compact, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return lzma.compress(text.encode(), format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC64, preset=_PRESET)
 
 
 def decode(data: bytes) -> dict[str, Any]:
-    return json.loads(lzma.decompress(data).decode())
+    return {name: _expand(record) for name, record in json.loads(lzma.decompress(data).decode()).items()}
 
 
 @functools.lru_cache(maxsize=64)

@@ -4,9 +4,11 @@ staleness, the table."""
 from __future__ import annotations
 
 import json
+import lzma
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lowrank_jax.config import ConfigError, load_config
@@ -309,6 +311,28 @@ def test_packs_are_deterministic_and_round_trip(sweep, tmp_path):
     assert records.runs(tmp_path, "r") == ["short/x"] and records.run_record(tmp_path, "r", "long/x") is None
     assert records.run_record(tmp_path, "r", "short/x")["metrics"] == [{"step": 1}]
     assert (tmp_path / "runs" / "r.json.xz").is_file()
+
+
+def test_float32_metrics_are_packed_short_and_read_back_exactly(sweep):
+    """Metrics that are float32 values are written in float32's shortest text and read back bit for bit;
+    float64 values (a validation loss, a perplexity) and non-finite ones keep their full text."""
+    records = sweep.records
+    rng = np.random.default_rng()
+    losses = [float(np.float32(x)) for x in rng.uniform(2.0, 9.0, 40)]
+    metrics = [{"step": i + 1, "loss": v, "lr": float(np.float32(1e-3 * (i + 1) / 40))} for i, v in enumerate(losses)]
+    metrics.append({"step": 40, "val_loss": float(rng.uniform(3.0, 4.0)), "loss": math.nan})
+    run = {"results": {"final": float(rng.uniform())}, "metrics": metrics, "meta": {}}
+    data = records.encode({"short/x": run})
+    back = records.decode(data)["short/x"]
+    assert json.dumps(back, sort_keys=True) == json.dumps(run, sort_keys=True)  # every float exactly (repr)
+    assert set(back) == {"results", "metrics", "meta"}
+    text = lzma.decompress(data).decode()
+    assert '"metrics_float32":["lr"]' in text  # loss holds a NaN: kept in full, like val_loss
+    assert str(np.float32(metrics[5]["lr"])) in text and repr(metrics[5]["lr"]) not in text
+    assert repr(metrics[-1]["val_loss"]) in text
+    packed = records.encode({"short/x": {**run, "metrics": metrics[:-1]}})
+    assert '"metrics_float32":["loss","lr"]' in lzma.decompress(packed).decode()
+    assert records.decode(packed)["short/x"]["metrics"] == metrics[:-1]
 
 
 def test_the_edge_rule_stops_after_three_steps_per_side(sweep, tmp_path, monkeypatch):
