@@ -14,6 +14,7 @@ produced by scripts, never typed by hand. The scripts share these helpers for it
 
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -131,3 +132,17 @@ def step_seconds(
         jax.block_until_ready((state, aux))
         times.append(time.perf_counter() - t0)
     return times, state, aux
+
+
+def cpu_info() -> tuple[str, str]:
+    """The CPU model name and its feature-flags line: the first of each in /proc/cpuinfo (elsewhere
+    ``platform.processor()`` and no flags)."""
+    found: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                found.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    return found.get("model name") or platform.processor() or "unknown", found.get("flags", "")

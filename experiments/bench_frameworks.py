@@ -32,7 +32,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from _report import markdown_table, write_results, write_table
+from _report import cpu_info, markdown_table, write_results, write_table
 
 from lowrank_jax import config as config_lib
 from lowrank_jax.config import load_config
@@ -175,16 +175,6 @@ class TorchRunner:
         return times
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def versions(with_torch: bool) -> dict[str, str]:
     out = {"jax": jax.__version__, "python": platform.python_version()}
     if with_torch:
@@ -256,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rows = bench(args)
     info = {
-        "cpu": cpu_model(),
+        "cpu": cpu_info()[0],
         "cpu_count": os.cpu_count(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "versions": versions(not args.no_torch),

@@ -29,6 +29,7 @@ from typing import Any
 
 import jax
 import jaxlib
+from _report import cpu_info
 
 from lowrank_jax import config as config_lib
 from lowrank_jax import sharding as shd
@@ -45,24 +46,10 @@ from lowrank_jax.train.step import compile_train_step, make_trainer
 TOLERANCE = 1e-2
 
 
-def _cpu() -> tuple[str, str]:
-    """The CPU model name and its flags line: the first of each in /proc/cpuinfo (elsewhere
-    ``platform.processor()`` and no flags)."""
-    found: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                found.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    return found.get("model name") or platform.processor() or "unknown", found.get("flags", "")
-
-
 def fingerprint() -> dict[str, Any]:
     """What the compiled code of a canary depends on besides the library: the CPU model, a short hash of its
     feature flags, the platform, the CPU count (XLA:CPU's thread pool) and the jax / jaxlib versions."""
-    model, flags = _cpu()
+    model, flags = cpu_info()
     return {
         "cpu": model,
         "cpu_flags": hashlib.sha256(flags.encode()).hexdigest()[:12],
