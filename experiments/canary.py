@@ -12,8 +12,8 @@ the chosen learning rate of the recipe's first stage), with the commit and the m
   rounding differs within the first steps and grows through training; the losses must agree within
   :data:`TOLERANCE` nats at every step.
 
-:class:`Runner` trains those steps in-process, the way ``lowrank_jax.train.loop.train`` runs them (the same
-trainer, compiled step, data order and ReLoRA warm-start switch) without evaluation, checkpoints or files,
+:class:`Runner` trains those steps in-process through the training loop's own pieces (the same
+:class:`lowrank_jax.train.step.Phases` and ``train_batches``) without evaluation, checkpoints or files,
 and opens the token shards once for every canary of a process.
 """
 
@@ -32,10 +32,9 @@ import jaxlib
 from _report import cpu_info
 
 from lowrank_jax import config as config_lib
-from lowrank_jax import sharding as shd
-from lowrank_jax.data import ShardBatches, load_shards
-from lowrank_jax.train.relora import switch_to_lora, warm_start_config
-from lowrank_jax.train.step import compile_train_step, make_trainer
+from lowrank_jax.data import load_shards
+from lowrank_jax.train.loop import train_batches
+from lowrank_jax.train.step import Phases
 
 # Nats of training loss, at every one of the canary's steps, between two machines. On one machine a canary
 # repeats bit for bit. Measured on the tiny preset over 50 steps: XLA:CPU code for AVX2 instead of AVX-512 moves
@@ -124,19 +123,11 @@ class Runner:
         data = self.data(cfg)
         if cfg.model.vocab_size == 0:
             cfg = config_lib.replace(cfg, model__vocab_size=data.vocab_size)
-        trainer = make_trainer(cfg)
-        step_fn = compile_train_step(trainer)
-        switch = cfg.relora.warm_start  # ReLoRA warm start: full-rank steps [0, switch), then LoRA
-        warm = make_trainer(warm_start_config(cfg)) if switch else None
-        warm_fn = compile_train_step(warm) if warm is not None else None
-        rows = shd.host_rows(shd.batch_sharding(trainer.mesh), (cfg.batch_size, cfg.seq_len + 1))
-        batches = ShardBatches(data.train, cfg.batch_size, cfg.seq_len, cfg.seed, rows)
-        state = (warm or trainer).init_state()
+        phases = Phases.compile(cfg, *Phases.trainers(cfg))
+        batches = train_batches(cfg, phases.trainer, data)
+        state = phases.init_state()
         out = []
-        for step, batch in zip(range(steps), batches.iterate(0, steps), strict=False):
-            if warm is not None and step == switch:
-                state = switch_to_lora(state, trainer)
-            fn = warm_fn if warm is not None and step < switch else step_fn
-            state, m = fn(state, trainer.put_rows(batch, cfg.batch_size))
+        for step, rows in zip(range(steps), batches.iterate(0, steps), strict=False):
+            state, m = phases.advance(state, step, rows, cfg.batch_size)
             out.append(float(m["loss"]))
         return out

@@ -43,8 +43,7 @@ from lowrank_jax.train import metrics as metrics_lib
 from lowrank_jax.train.checkpoint import Checkpointer, checkpoint_steps
 from lowrank_jax.train.metrics import device_memory_gib, model_flops_utilization
 from lowrank_jax.train.optimizer import lr_group_report, trainable_params
-from lowrank_jax.train.relora import switch_to_lora, warm_start_config
-from lowrank_jax.train.step import Trainer, compile_train_step, compiled_memory, evaluate, health, make_trainer
+from lowrank_jax.train.step import Phases, Trainer, compiled_memory, evaluate, health
 from lowrank_jax.train.tracking import Trackers, check_logging
 from pallas_kernels.selection import implementation_record
 
@@ -98,10 +97,7 @@ class Run:
     data: TokenShards
     val_batches: list[np.ndarray]
     unigram_ce: float  # the unigram model's validation cross-entropy (nats/token), the floor to beat
-    trainer: Trainer
-    warm: Trainer | None  # the full-rank trainer of a ReLoRA warm start, else None
-    step_fn: Any
-    warm_step_fn: Any
+    phases: Phases  # the compiled steps (a ReLoRA warm start's full-rank phase first)
     compile_s: float
     batches: ShardBatches
     memory: dict[str, int]  # XLA's memory analysis of the compiled step
@@ -119,11 +115,12 @@ class Run:
     def ckpt_dir(self) -> Path:
         return self.out / "checkpoints"
 
+    @property
+    def trainer(self) -> Trainer:
+        return self.phases.trainer
+
     def phase(self, step: int) -> tuple[Trainer, Any]:
-        """(trainer, compiled step) that runs ``step``: the full-rank phase before the warm start's switch."""
-        if self.warm is not None and step < self.cfg.relora.warm_start:
-            return self.warm, self.warm_step_fn
-        return self.trainer, self.step_fn
+        return self.phases.phase(step)
 
 
 def setup(cfg: Config, log, primary: bool) -> Run:
@@ -131,15 +128,13 @@ def setup(cfg: Config, log, primary: bool) -> Run:
     _check_run(cfg)
     cfg, data, val_batches, unigram_ce = _prepare_data(cfg, log, primary)
     try:
-        trainer = make_trainer(cfg)
-        warm = make_trainer(warm_start_config(cfg)) if cfg.relora.warm_start else None
+        trainer, warm = Phases.trainers(cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     t0 = time.time()
-    step_fn = compile_train_step(trainer)
-    warm_step_fn = compile_train_step(warm) if warm else None
+    phases = Phases.compile(cfg, trainer, warm)
     compile_s = time.time() - t0
-    batches = _train_batches(cfg, trainer, data)
+    batches = train_batches(cfg, trainer, data)
     abstract = trainer.abstract_state
     groups = lr_group_report(cfg, abstract.params, param_labels(cfg.model))
     run = Run(
@@ -147,13 +142,10 @@ def setup(cfg: Config, log, primary: bool) -> Run:
         data=data,
         val_batches=val_batches,
         unigram_ce=unigram_ce,
-        trainer=trainer,
-        warm=warm,
-        step_fn=step_fn,
-        warm_step_fn=warm_step_fn,
+        phases=phases,
         compile_s=compile_s,
         batches=batches,
-        memory=compiled_memory(step_fn),
+        memory=compiled_memory(phases.step_fn),
         n_params=count_params(abstract.params),
         n_trainable=trainable_params(groups),  # frozen leaves and groups at lr 0 excluded
         param_bytes=count_bytes(abstract.params),
@@ -227,7 +219,7 @@ def _prepare_data(cfg: Config, log, primary: bool) -> tuple[Config, TokenShards,
     return cfg, data, val_batches, unigram_ce
 
 
-def _train_batches(cfg: Config, trainer: Trainer, data: TokenShards) -> ShardBatches:
+def train_batches(cfg: Config, trainer: Trainer, data: TokenShards) -> ShardBatches:
     """This process's rows of every training batch, in a deterministic order resumable from a step."""
     try:
         rows = shd.host_rows(shd.batch_sharding(trainer.mesh), (cfg.batch_size, cfg.seq_len + 1))
@@ -255,7 +247,7 @@ def restore_or_init(run: Run, log) -> tuple[Any, int, Checkpointer | None]:
     (and no checkpointer yet: nothing is created in ``out_dir`` before every check has passed)."""
     cfg = run.cfg
     if not cfg.resume:
-        return run.phase(0)[0].init_state(), 0, None
+        return run.phases.init_state(), 0, None
     checkpointer = Checkpointer(run.ckpt_dir, cfg.keep_checkpoints)
     # a checkpoint at step s holds the state before step s runs: full-rank while s <= switch
     state, meta = checkpointer.restore_latest(lambda s: run.phase(max(s - 1, 0))[0].abstract_state)
@@ -349,10 +341,10 @@ class Loop:
         self.t_loop = time.time()
         loader = run.batches.iterate(self.start, cfg.steps)
         for step in range(self.start, cfg.steps):
-            if run.warm is not None and step == cfg.relora.warm_start:
-                self.state = switch_to_lora(self.state, run.trainer)
+            self.state, switched = run.phases.switch_if_due(self.state, step)
+            if switched:
                 say(f"step {step}: warm start done, switched to LoRA (model.dense={cfg.model.dense})")
-            self.state, m = run.phase(step)[1](self.state, run.trainer.put_rows(next(loader), cfg.batch_size))
+            self.state, m = run.phases.run_step(self.state, step, next(loader), cfg.batch_size)
             self._after_step(step + 1, m, bar, say)
         jax.block_until_ready(self.state)
         self.train_time = time.time() - self.t_loop - self.excluded

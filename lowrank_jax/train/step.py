@@ -26,7 +26,7 @@ from lowrank_jax.config import Config
 from lowrank_jax.models import build_model, logical_axes, param_labels, split_model
 from lowrank_jax.train.layerwise import layerwise_optimizer, make_layerwise_step
 from lowrank_jax.train.optimizer import make_optimizer
-from lowrank_jax.train.relora import maybe_restart
+from lowrank_jax.train.relora import maybe_restart, switch_to_lora, warm_start_config
 from lowrank_jax.train.state import TrainState, cross_entropy, finish_step, float_grads, keep_int_params, nll_sum
 
 
@@ -235,6 +235,57 @@ def batch_abstract(trainer: Trainer) -> jax.ShapeDtypeStruct:
 def compile_train_step(trainer: Trainer) -> Any:
     """Ahead-of-time compiled train step (nothing allocated); call it like ``trainer.train_step``."""
     return trainer.train_step.lower(trainer.abstract_state, batch_abstract(trainer)).compile()
+
+
+@dataclass(frozen=True)
+class Phases:
+    """A run's compiled steps: with ``relora.warm_start`` the full-rank ``warm`` trainer runs steps
+    ``[0, switch)``, then the state moves into ``trainer``'s LoRA layout and ``trainer`` runs the rest.
+
+    :meth:`trainers` builds the trainers, :meth:`compile` their AOT-compiled steps; :meth:`advance` runs one
+    step, switching first when ``step == switch``. The training loop and the sweep's canaries step through it.
+    """
+
+    trainer: Trainer
+    step_fn: Any
+    warm: Trainer | None = None
+    warm_step_fn: Any = None
+    switch: int = 0
+
+    @staticmethod
+    def trainers(cfg: Config) -> tuple[Trainer, Trainer | None]:
+        """``cfg``'s trainer and, with a warm start, the full-rank trainer of its first phase."""
+        return make_trainer(cfg), make_trainer(warm_start_config(cfg)) if cfg.relora.warm_start else None
+
+    @classmethod
+    def compile(cls, cfg: Config, trainer: Trainer, warm: Trainer | None) -> Phases:
+        step_fn = compile_train_step(trainer)
+        warm_step_fn = compile_train_step(warm) if warm is not None else None
+        return cls(trainer, step_fn, warm, warm_step_fn, cfg.relora.warm_start)
+
+    def phase(self, step: int) -> tuple[Trainer, Any]:
+        """(trainer, compiled step) that runs ``step``: the full-rank phase before the switch."""
+        if self.warm is not None and step < self.switch:
+            return self.warm, self.warm_step_fn
+        return self.trainer, self.step_fn
+
+    def init_state(self) -> TrainState:
+        return self.phase(0)[0].init_state()
+
+    def switch_if_due(self, state: TrainState, step: int) -> tuple[TrainState, bool]:
+        """Before ``step``: the state in ``trainer``'s layout if ``step`` is the switch; whether it switched."""
+        if self.warm is not None and step == self.switch:
+            return switch_to_lora(state, self.trainer), True
+        return state, False
+
+    def run_step(self, state: TrainState, step: int, rows: np.ndarray, batch_size: int) -> tuple[TrainState, Any]:
+        """Run ``step``'s phase on this process's ``rows`` (the switch already made): ``(state, metrics)``."""
+        return self.phase(step)[1](state, self.trainer.put_rows(rows, batch_size))
+
+    def advance(self, state: TrainState, step: int, rows: np.ndarray, batch_size: int) -> tuple[TrainState, Any]:
+        """:meth:`switch_if_due`, then :meth:`run_step`."""
+        state, _ = self.switch_if_due(state, step)
+        return self.run_step(state, step, rows, batch_size)
 
 
 def memory_report(trainer: Trainer) -> dict[str, int]:
