@@ -9,6 +9,8 @@ parameters. For each token count M, in one process:
 * ``dense``   — ``x @ W`` with a given dense bf16 W (the full-rank layer's cost; not an SL method);
 * ``naive``   — materialise W, matmul, plain autodiff (keeps W for the backward);
 * ``xla``     — materialise W, matmul, the paper's custom VJP (W recomputed in the backward);
+* ``bf16w``   — the same with W built in the activations' dtype and default-precision GEMMs (the
+  official SLTrain code's bf16 path; ``auto`` on GPUs);
 * ``pallas``  — the fused kernels, low-rank part factored (``s·(x A) B`` plus sparse tiles built
   on chip: W never exists);
 * ``pallas_tile`` — the fused kernels building every W tile ``A_t B_t s + S_t`` on chip.
@@ -35,11 +37,12 @@ from _report import markdown_table, median_seconds, save_figure, subplots, write
 from lowrank_jax.train.step import compiled_memory
 from pallas_kernels.sl_matmul.api import sl_matmul
 from pallas_kernels.sl_matmul.reference import materialize_w, sl_matmul_reference
+from pallas_kernels.sl_matmul.xla import sl_matmul_bf16w
 
 HERE = Path(__file__).resolve().parent
 FULL = {"shapes": [(2048, 5461), (5461, 2048)], "rank": 512, "tokens": [4096, 8192, 16384]}
 REDUCED = {"shapes": [(256, 683), (683, 256)], "rank": 64, "tokens": [256, 512]}
-VARIANTS = ("dense", "naive", "xla", "pallas", "pallas_tile")
+VARIANTS = ("dense", "naive", "xla", "bf16w", "pallas", "pallas_tile")
 
 
 def operands(k: int, n: int, rank: int, m: int, density: float, seed: int = 0):
@@ -62,6 +65,8 @@ def variant_fn(name: str, scale: float, interpret: bool):
         return lambda x, a, b, v, i: sl_matmul_reference(x, a, b, v, i, scale)
     if name == "xla":
         return lambda x, a, b, v, i: sl_matmul(x, a, b, v, i, scale, implementation="xla")
+    if name == "bf16w":
+        return lambda x, a, b, v, i: sl_matmul_bf16w(x, a, b, v, i, scale)
     lowrank = {"pallas": "factored", "pallas_tile": "tile"}[name]
     kw = dict(implementation="pallas", interpret=interpret, lowrank=lowrank)
     return lambda x, a, b, v, i: sl_matmul(x, a, b, v, i, scale, **kw)
@@ -99,7 +104,7 @@ def bench_shape(k: int, n: int, rank: int, m: int, density: float, repeats: int,
         )
     ref = outs["naive"]
     for r in rows:
-        if r["variant"] in ("xla", "pallas", "pallas_tile"):
+        if r["variant"] in ("xla", "bf16w", "pallas", "pallas_tile"):
             got = outs[r["variant"]]
             r["max_rel_err"] = {
                 nm: float(np.max(np.abs(g - w)) / max(np.max(np.abs(w)), 1e-30))

@@ -2,8 +2,9 @@
 
 Each kernel's ``api.py`` asks :func:`choose` when it is traced. ``'auto'`` (``None`` is the same) is
 the Pallas kernel on a GPU or TPU backend whenever the kernel supports the operands (a static,
-platform-independent rule the kernel states: dtypes, sizes) and the XLA path on CPU, where Pallas only
-interprets. There is no compile probe and no ``except Exception``: a kernel that fails to lower raises
+platform-independent rule the kernel states: dtypes, sizes) — unless the kernel names a backend on which
+the evidence favours its XLA path (``prefer_xla``: the SL matmul on GPUs) — and the XLA path on CPU,
+where Pallas only interprets. There is no compile probe and no ``except Exception``: a kernel that fails to lower raises
 (the CPU test suite lowers every kernel for ``cuda`` and ``tpu`` to keep that from happening).
 
 Every decision is kept in a process-wide record, :func:`implementation_record`, which a run writes into
@@ -40,6 +41,7 @@ class Choice:
 
 _LOCK = threading.Lock()
 _RECORD: dict[tuple[str, str, str, str], Choice] = {}
+_ANNOUNCED: dict[tuple[str, str], bool] = {}
 
 
 def check_implementation(implementation: str | None) -> str:
@@ -57,12 +59,18 @@ def current_backend() -> str:
 
 
 def choose(
-    kernel: str, implementation: str | None, signature: str, unsupported: str | None, backend: str | None = None
+    kernel: str,
+    implementation: str | None,
+    signature: str,
+    unsupported: str | None,
+    backend: str | None = None,
+    prefer_xla: dict[str, str] | None = None,
 ) -> str:
     """``'xla'`` or ``'pallas'`` for one call of ``kernel``, recorded (see the module docstring).
 
     ``unsupported``: why the kernel cannot take these operands, or None. ``backend``: default
-    :func:`current_backend`.
+    :func:`current_backend`. ``prefer_xla``: backends on which ``'auto'`` takes the XLA path although
+    the kernel would run, each with the evidence why; announced once per kernel and backend.
     """
     requested = check_implementation(implementation)
     backend = backend or current_backend()
@@ -77,13 +85,18 @@ def choose(
         impl, reason = "xla", f"auto on {backend}: Pallas kernels only run interpreted there"
     elif unsupported:
         impl, reason = "xla", f"auto on {backend}: the kernel does not support these operands ({unsupported})"
+    elif backend in (prefer_xla or {}):
+        impl, reason = "xla", f"auto on {backend}: {prefer_xla[backend]}"
     else:
         impl, reason = "pallas", f"auto on {backend}"
     choice = Choice(kernel, signature, requested, backend, impl, reason)
     key = (kernel, signature, requested, backend)
+    preferred = requested == "auto" and not unsupported and backend in (prefer_xla or {})
     with _LOCK:
         new = _RECORD.get(key) != choice
         _RECORD[key] = choice
+        if preferred:  # one announcement per kernel and backend, not per signature
+            new, _ANNOUNCED[(kernel, backend)] = (kernel, backend) not in _ANNOUNCED, True
     if new and requested == "auto" and on_accelerator and impl == "xla":
         warnings.warn(f"{kernel}: running the XLA path for {signature}: {reason}", KernelFallbackWarning, stacklevel=3)
     return impl
@@ -100,6 +113,7 @@ def clear_implementation_record() -> None:
     """Forget all decisions (the next fallback warns again)."""
     with _LOCK:
         _RECORD.clear()
+        _ANNOUNCED.clear()
 
 
 def signature(**operands: jax.Array) -> str:

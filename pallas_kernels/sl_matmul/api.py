@@ -14,10 +14,12 @@ and cast to ``x.dtype`` for the matmul, accumulated in float32.
   :mod:`pallas_kernels.sl_matmul.tiles`): W tiles built on chip in both passes, dvalues by a sampled
   dense-dense kernel; Triton on GPUs, Mosaic on TPUs, chosen when the computation is lowered
   (:mod:`pallas_kernels.platforms`); interpreted on CPU.
-* ``'auto'`` (the default; ``None`` is the same) — ``'pallas'`` on GPU and TPU backends whenever the
-  kernels take the operands (:func:`unsupported`: ``x`` must be bfloat16 or float32), ``'xla'`` on
-  CPU. Each decision is recorded and an accelerator fallback is announced once on stderr
-  (:mod:`pallas_kernels.selection`).
+* ``'auto'`` (the default; ``None`` is the same) — ``'pallas'`` on TPU backends whenever the kernels
+  take the operands (:func:`unsupported`: ``x`` must be bfloat16 or float32); on GPUs W materialised in
+  ``x``'s dtype and one cuBLAS GEMM (:func:`~pallas_kernels.sl_matmul.xla.sl_matmul_bf16w`, the official
+  code's path), which the compiled kernels' SASS predicts faster (:data:`GPU_AUTO`) until a device
+  measurement says otherwise; ``'xla'`` on CPU. Each decision is recorded and an accelerator's XLA
+  path is announced once on stderr (:mod:`pallas_kernels.selection`).
 """
 
 from __future__ import annotations
@@ -28,12 +30,18 @@ from numbers import Real
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.selection import IMPLEMENTATIONS, choose, signature
+from pallas_kernels import selection
+from pallas_kernels.selection import IMPLEMENTATIONS, check_implementation, choose, signature
 from pallas_kernels.sl_matmul.kernel import KernelConfig, sl_matmul_pallas
-from pallas_kernels.sl_matmul.xla import sl_matmul_xla
+from pallas_kernels.sl_matmul.xla import sl_matmul_bf16w, sl_matmul_xla
 
 __all__ = ["IMPLEMENTATIONS", "check_operands", "sl_matmul", "unsupported"]
 KERNEL_DTYPES = (jnp.bfloat16, jnp.float32)
+GPU_AUTO = (
+    "W materialised in x's dtype + one GEMM (sl_matmul_bf16w): the fused kernels are issue-bound in their"
+    " sm_90a SASS (experiments/results/sass), slower than that path until a device measurement says otherwise"
+)
+GPU_BACKENDS = ("gpu", "cuda", "rocm")
 
 
 def check_operands(x, a, b, values, idx, scale) -> None:
@@ -91,7 +99,12 @@ def sl_matmul(
         interpret=bool(interpret),
         interpret_as=interpret_as,
     )
-    impl = choose("sl_matmul", implementation, signature(x=x, a=a, b=b, values=values), unsupported(x))
+    backend = selection.current_backend()
+    prefer = dict.fromkeys(GPU_BACKENDS, GPU_AUTO)
+    why_not = unsupported(x)
+    impl = choose("sl_matmul", implementation, signature(x=x, a=a, b=b, values=values), why_not, backend, prefer)
+    if impl == "xla" and backend in GPU_BACKENDS and check_implementation(implementation) == "auto" and not why_not:
+        return sl_matmul_bf16w(x, a, b, values, idx, float(scale))
     if impl == "xla":
         return sl_matmul_xla(x, a, b, values, idx, float(scale))
     return sl_matmul_pallas(x, a, b, values, idx, float(scale), cfg)

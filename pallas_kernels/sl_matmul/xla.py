@@ -63,3 +63,47 @@ def _bwd(scale, res, dy):
 
 
 sl_matmul_xla.defvjp(_fwd, _bwd)
+
+
+def materialize_w_lowp(a: jax.Array, b: jax.Array, values: jax.Array, idx: jax.Array, scale: float, dtype) -> jax.Array:
+    """``W = A B · s + S`` built in ``dtype`` itself: one default-precision GEMM of ``A, B`` cast to ``dtype``
+    (float32 accumulation, ``dtype`` result), then the values added in ``dtype`` — what the official SLTrain
+    code does under bf16 autocast. No float32 copy of ``W`` exists at any point."""
+    k, n = a.shape[0], b.shape[1]
+    w = jnp.dot(a.astype(dtype), b.astype(dtype), preferred_element_type=dtype) * jnp.asarray(scale, dtype)
+    w = w.reshape(-1).at[idx].add(values.astype(dtype), indices_are_sorted=False, unique_indices=True)
+    return w.reshape(k, n)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(5,))
+def sl_matmul_bf16w(
+    x: jax.Array, a: jax.Array, b: jax.Array, values: jax.Array, idx: jax.Array, scale: float
+) -> jax.Array:
+    """``y = x @ (A B s + S)`` with ``W`` materialised in ``x.dtype`` (:func:`materialize_w_lowp`) and multiplied
+    at the default precision, ``W`` recomputed in the backward pass (Han et al., arXiv 2406.02214; the
+    official code's bf16 path). The float32 gradient ``G = Xᵀ dY`` gives ``dvalues``; ``dA``, ``dB`` are
+    GEMMs of ``G`` cast to ``x.dtype``."""
+    w = materialize_w_lowp(a, b, values, idx, scale, x.dtype)
+    return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _bf16w_fwd(x, a, b, values, idx, scale):
+    return sl_matmul_bf16w(x, a, b, values, idx, scale), (x, a, b, values, idx)
+
+
+def _bf16w_bwd(scale, res, dy):
+    x, a, b, values, idx, dy = jax.lax.optimization_barrier((*res, dy))
+    k, n, cd = a.shape[0], b.shape[1], x.dtype
+    row, col = idx // n, idx % n
+    w_t = materialize_w_lowp(b.T, a.T, values, col * k + row, scale, cd)  # (out, in)
+    x2, dy2 = x.reshape(-1, k), dy.reshape(-1, n)
+    dx = jnp.dot(dy2, w_t, preferred_element_type=jnp.float32).astype(cd).reshape(x.shape)
+    g = jnp.dot(x2.T, dy2, preferred_element_type=jnp.float32)  # (in, out)
+    g_c = g.astype(cd)
+    da = (jnp.dot(g_c, b.astype(cd).T, preferred_element_type=jnp.float32) * scale).astype(a.dtype)
+    db = (jnp.dot(a.astype(cd).T, g_c, preferred_element_type=jnp.float32) * scale).astype(b.dtype)
+    dv = g.reshape(-1)[idx].astype(values.dtype)
+    return dx, da, db, dv, None
+
+
+sl_matmul_bf16w.defvjp(_bf16w_fwd, _bf16w_bwd)

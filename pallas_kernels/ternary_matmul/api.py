@@ -75,7 +75,8 @@ def ternary_matmul(
       k: number of input rows of ``W`` (not recoverable from the packed shape when ``k % 4 != 0``).
       x_scale: ``(...)`` per-row dequantisation factor; required for int8 ``x``, optional otherwise.
       implementation: ``'xla'``, ``'pallas'`` or ``'auto'`` / ``None`` (Pallas on GPU and TPU, else XLA).
-      blocks: ``(bm, bn, bkq)`` requested Pallas tiles, legalised per backend (default :func:`choose_blocks`).
+      blocks: ``(bm, bn, bkq)`` requested Pallas tiles, legalised per backend (default :func:`choose_blocks`),
+        optionally a fourth entry: the split-K factor on GPUs (it must divide the packed-row steps).
       interpret: run the Pallas kernel interpreted on every platform (CPU always interprets).
     """
     if packed_KqxN.ndim != 2 or packed_KqxN.dtype != jnp.uint8:
@@ -90,8 +91,8 @@ def ternary_matmul(
         raise ValueError("x_scale: int8 activations need their per-row dequantisation scale")
     if x_scale is not None and x_scale.shape != x.shape[:-1]:
         raise ValueError(f"x_scale: expected shape {x.shape[:-1]}, got {x_scale.shape}")
-    if blocks is not None and (len(blocks) != 3 or any(b < 1 for b in blocks)):
-        raise ValueError(f"blocks: expected three positive tile sizes (bm, bn, bkq), got {blocks!r}")
+    if blocks is not None and (len(blocks) not in (3, 4) or any(b < 1 for b in blocks)):
+        raise ValueError(f"blocks: expected positive (bm, bn, bkq) tile sizes [+ GPU split-K], got {blocks!r}")
     # every operand the checks above accept is supported by the kernel on every platform
     impl = choose("ternary_matmul", implementation, signature(x=x, packed=packed_KqxN), None)
     interpret = bool(interpret)

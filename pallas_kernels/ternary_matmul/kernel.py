@@ -26,6 +26,20 @@ def _pallas_on(target, k, out_dtype, blocks, x_MxK, packed, rowscale_M):
     m, (kq, n) = x_MxK.shape[0], packed.shape
     blk = choose_blocks(target, m, kq, n, jnp.dtype(x_MxK.dtype).itemsize, blocks)
     xp, wp, sp = pad_operands(x_MxK, packed, rowscale_M, k, blk)
+    if blk.splits > 1:  # float32 partials of the split-K GEMV, summed here
+        parts = ternary_matmul_pallas_padded(
+            xp,
+            wp,
+            sp,
+            bm=blk.bm,
+            bn=blk.bn,
+            bkq=blk.bkq,
+            out_dtype=jnp.float32,
+            target=target,
+            num_warps=blk.num_warps,
+            splits=blk.splits,
+        )
+        return parts[:, :m, :n].sum(axis=0).astype(out_dtype)
     y = ternary_matmul_pallas_padded(
         xp, wp, sp, bm=blk.bm, bn=blk.bn, bkq=blk.bkq, out_dtype=out_dtype, target=target, num_warps=blk.num_warps
     )

@@ -44,7 +44,9 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels.platforms import Target, compiler_params
 
 
-def _kernel(x0_ref, x1_ref, x2_ref, x3_ref, w_ref, s_ref, o_ref, *scratch, target: Target, n_red: int, bkq: int):
+def _kernel(
+    x0_ref, x1_ref, x2_ref, x3_ref, w_ref, s_ref, o_ref, *scratch, target: Target, n_red: int, bkq: int, splits: int = 1
+):
     cd = jnp.float32 if x0_ref.dtype == jnp.float32 else jnp.bfloat16
     precision = jax.lax.Precision.HIGHEST if cd == jnp.float32 else None
     planes_x = (x0_ref, x1_ref, x2_ref, x3_ref)
@@ -61,8 +63,11 @@ def _kernel(x0_ref, x1_ref, x2_ref, x3_ref, w_ref, s_ref, o_ref, *scratch, targe
     def finish(acc):
         o_ref[...] = (acc * s_ref[...]).astype(o_ref.dtype)
 
-    if not target.tpu:
-        finish(jax.lax.fori_loop(0, n_red, lambda kb, acc: acc + step(kb), jnp.zeros(o_ref.shape, jnp.float32)))
+    if not target.tpu:  # split-K: program (i, j, s) reduces packed-row steps s·n/splits … (s+1)·n/splits
+        per = n_red // splits
+        base = pl.program_id(2) * per if splits > 1 else 0
+        acc = jax.lax.fori_loop(0, per, lambda kb, acc: acc + step(base + kb), jnp.zeros(o_ref.shape, jnp.float32))
+        finish(acc)
         return
     (acc_ref,) = scratch
     kb = pl.program_id(2)
@@ -95,10 +100,14 @@ def ternary_matmul_pallas_padded(
     target: Target,
     out_init: jax.Array | None = None,
     num_warps: int = 4,
+    splits: int = 1,
 ) -> jax.Array:
     """The raw ``pallas_call`` on block-multiple shapes for ``target`` (no padding, no checks beyond divisibility).
 
-    ``out_init``: an ``(Mp, Np)`` buffer aliased as the output (tests pass one filled with NaN to
+    ``splits`` (GPU only): split-K — the packed rows are divided among ``splits`` programs per output
+    tile (a third grid axis), each writing a float32 partial ``(splits, Mp, Np)`` that the caller sums,
+    so a one-token GEMV has ``splits`` × as many programs to spread over the SMs.
+    ``out_init``: a buffer of the output's shape aliased as the output (tests pass one filled with NaN to
     prove every tile is written).
     """
     mp, k4 = x_MpxK4.shape
@@ -109,25 +118,34 @@ def ternary_matmul_pallas_padded(
             f" padded to blocks ({bm}, {bn}, {bkq})"
         )
     n_red, tpu = kqp // bkq, target.tpu
-    kernel = functools.partial(_kernel, target=target, n_red=n_red, bkq=bkq)
+    if splits < 1 or n_red % splits or (tpu and splits > 1):
+        raise ValueError(f"splits: {splits} must divide the {n_red} reduction steps (and be 1 on TPU)")
+    kernel = functools.partial(_kernel, target=target, n_red=n_red, bkq=bkq, splits=splits)
     if tpu:
         grid = (mp // bm, np_ // bn, n_red)
         x_specs = [pl.BlockSpec((bm, bkq), lambda i, j, kb, p=p: (i, p * n_red + kb)) for p in range(4)]
         w_spec = pl.BlockSpec((bkq, bn), lambda i, j, kb: (kb, j))
         s_spec = pl.BlockSpec((bm, 1), lambda i, j, kb: (i, 0))
         o_spec = pl.BlockSpec((bm, bn), lambda i, j, kb: (i, j))
-    else:  # plane p of the activations is block p of width Kqp; the loop slices it
+    elif splits == 1:  # plane p of the activations is block p of width Kqp; the loop slices it
         grid = (mp // bm, np_ // bn)
         x_specs = [pl.BlockSpec((bm, kqp), lambda i, j, p=p: (i, p)) for p in range(4)]
         w_spec = pl.BlockSpec((kqp, bn), lambda i, j: (0, j))
         s_spec = pl.BlockSpec((bm, 1), lambda i, j: (i, 0))
         o_spec = pl.BlockSpec((bm, bn), lambda i, j: (i, j))
+    else:  # the same blocks, a third axis over the splits and one float32 partial per split
+        grid = (mp // bm, np_ // bn, splits)
+        x_specs = [pl.BlockSpec((bm, kqp), lambda i, j, s, p=p: (i, p)) for p in range(4)]
+        w_spec = pl.BlockSpec((kqp, bn), lambda i, j, s: (0, j))
+        s_spec = pl.BlockSpec((bm, 1), lambda i, j, s: (i, 0))
+        o_spec = pl.BlockSpec((None, bm, bn), lambda i, j, s: (s, i, j))
+    out_shape = jax.ShapeDtypeStruct((mp, np_) if splits == 1 else (splits, mp, np_), out_dtype)
     args = [x_MpxK4] * 4 + [packed_KqpxNp, rowscale_Mpx1.astype(jnp.float32)]
     in_specs = [*x_specs, w_spec, s_spec]
     aliases = {}
     if out_init is not None:
-        if out_init.shape != (mp, np_) or out_init.dtype != out_dtype:
-            raise ValueError(f"out_init: expected {(mp, np_)} {out_dtype}, got {out_init.shape} {out_init.dtype}")
+        if out_init.shape != out_shape.shape or out_init.dtype != out_dtype:
+            raise ValueError(f"out_init: expected {out_shape.shape} {out_dtype}, got {out_init.shape} {out_init.dtype}")
         kernel = functools.partial(_aliased_kernel, kernel)
         args.append(out_init)
         in_specs.append(o_spec)
@@ -137,7 +155,7 @@ def ternary_matmul_pallas_padded(
         grid=grid,
         in_specs=in_specs,
         out_specs=o_spec,
-        out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),
+        out_shape=out_shape,
         scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)] if tpu else [],
         input_output_aliases=aliases,
         compiler_params=compiler_params(

@@ -18,6 +18,7 @@ from pallas_kernels import selection
 from pallas_kernels.selection import KernelFallbackWarning, implementation_record
 from pallas_kernels.sl_matmul.api import sl_matmul
 from pallas_kernels.sl_matmul.reference import sl_matmul_reference
+from pallas_kernels.sl_matmul.xla import sl_matmul_bf16w
 from pallas_kernels.ternary_matmul import pack_ternary, ternary_matmul
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,18 +55,41 @@ def test_auto_on_cpu_is_xla_and_recorded_without_a_warning(recwarn):
     json.dumps(implementation_record())  # goes into results.json as is
 
 
+def test_auto_on_a_gpu_runs_sl_as_bf16_materialise_and_says_so_once(monkeypatch):
+    _fake_backend(monkeypatch, "gpu")
+    rng = np.random.default_rng(0)
+    ops = _sl_operands(rng, jnp.bfloat16)
+    with pytest.warns(KernelFallbackWarning, match=r"sl_matmul: running the XLA path .*sl_matmul_bf16w"):
+        y = sl_matmul(*ops, 0.5)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(sl_matmul_bf16w(*ops, 0.5), np.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KernelFallbackWarning)
+        sl_matmul(*_sl_operands(rng, jnp.bfloat16, m=3, k=24, n=40), 0.5)  # another signature: no second message
+        y_paper = sl_matmul(*ops, 0.5, implementation="xla")  # explicit xla: the paper's float32-W path
+    np.testing.assert_array_equal(np.asarray(y_paper), np.asarray(sl_matmul_reference(*ops, 0.5)))
+    packed = pack_ternary(jnp.asarray(rng.integers(-1, 2, (40, 8))))
+    ternary_matmul(ops[0], packed, 0.1, k=40)
+    rec = implementation_record()
+    assert [(c["kernel"], c["implementation"]) for c in rec] == [("sl_matmul", "xla")] * 3 + [
+        ("ternary_matmul", "pallas")
+    ]
+    assert "sl_matmul_bf16w" in rec[0]["reason"] and rec[2]["reason"] == "requested"
+
+
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])
 def test_auto_on_an_accelerator_uses_the_kernel(monkeypatch, backend, recwarn):
     _fake_backend(monkeypatch, backend)
     rng = np.random.default_rng()
     ops = _sl_operands(rng, jnp.float32)
-    y = sl_matmul(*ops, 0.5)  # the Pallas kernel (here interpreted: CPU lowers the cpu branch)
+    y = sl_matmul(*ops, 0.5, implementation="pallas" if backend == "gpu" else "auto")  # interpreted on CPU
     np.testing.assert_allclose(np.asarray(y), np.asarray(sl_matmul_reference(*ops, 0.5)), rtol=1e-5, atol=1e-5)
     packed = pack_ternary(jnp.asarray(rng.integers(-1, 2, (40, 8))))
     ternary_matmul(ops[0], packed, 0.1, k=40)
     kinds = {(c["kernel"], c["implementation"], c["reason"]) for c in implementation_record()}
-    assert kinds == {("sl_matmul", "pallas", f"auto on {backend}"), ("ternary_matmul", "pallas", f"auto on {backend}")}
-    assert not [w for w in recwarn if issubclass(w.category, KernelFallbackWarning)]
+    assert ("ternary_matmul", "pallas", f"auto on {backend}") in kinds
+    if backend == "tpu":
+        assert ("sl_matmul", "pallas", "auto on tpu") in kinds
+        assert not [w for w in recwarn if issubclass(w.category, KernelFallbackWarning)]
 
 
 def test_auto_fallback_on_an_accelerator_warns_once_and_is_recorded(monkeypatch):

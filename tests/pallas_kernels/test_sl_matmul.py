@@ -17,7 +17,7 @@ from pallas_kernels.sl_matmul.kernel import KernelConfig, sl_matmul_pallas
 from pallas_kernels.sl_matmul.layout import SPILL, tile_layout
 from pallas_kernels.sl_matmul.reference import materialize_w, sl_matmul_reference
 from pallas_kernels.sl_matmul.tiles import dvalues_kernel, dx_kernel, forward_kernel
-from pallas_kernels.sl_matmul.xla import sl_matmul_xla
+from pallas_kernels.sl_matmul.xla import materialize_w_lowp, sl_matmul_bf16w, sl_matmul_xla
 
 # Small blocks so that every test shape spans several tiles in each dimension; both kernel structures
 # (Triton's in-program loop, Mosaic TPU's reduction grid axis) run in the interpreter.
@@ -147,6 +147,24 @@ def test_xla_custom_vjp_matches_reference_autodiff(dtype):
     got = jax.jit(lambda *o: _fwd_vjp(sl_matmul_xla, *o, 2.0))(x, a, b, values, idx, dy)
     want = jax.jit(lambda *o: _fwd_vjp(sl_matmul_reference, *o, 2.0))(x, a, b, values, idx, dy)
     _assert_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_bf16w_path_matches_the_float32_reference(dtype):
+    """W materialised in x's dtype (the GPU 'auto' path): forward and every gradient within the dtype's
+    tolerance of the float32 reference on float32 operands; W is built and multiplied in ``dtype``."""
+    rng = np.random.default_rng(3)
+    x, a, b, values, idx, dy = _operands(rng, 13, 37, 29, 5, 0.1, dtype, batch=(3,))
+    got = jax.jit(lambda *o: _fwd_vjp(sl_matmul_bf16w, *o, 2.0))(x, a, b, values, idx, dy)
+    f32 = [o.astype(jnp.float32) if o.dtype == dtype else o for o in (x, a, b, values, idx, dy)]
+    with jax.default_matmul_precision("float32"):
+        want = jax.jit(lambda *o: _fwd_vjp(sl_matmul_reference, *o, 2.0))(*f32)
+    assert got[0].dtype == dtype and got[1].dtype == dtype
+    _assert_close(got, want, dtype)
+    w = materialize_w_lowp(a, b, values, idx, 2.0, dtype)
+    assert w.dtype == dtype
+    jaxpr = str(jax.make_jaxpr(lambda *o: materialize_w_lowp(*o, 2.0, dtype))(a, b, values, idx))
+    assert dtype == jnp.float32 or "f32[37,29]" not in jaxpr  # no float32 copy of a bf16 W
 
 
 def test_reference_matches_float64_numpy():

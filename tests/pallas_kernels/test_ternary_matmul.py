@@ -16,7 +16,7 @@ from pallas_kernels.ternary_matmul import (
     ternary_matmul_reference,
     unpack_ternary,
 )
-from pallas_kernels.ternary_matmul.blocks import TernaryBlocks, smem_bytes, vmem_bytes
+from pallas_kernels.ternary_matmul.blocks import TernaryBlocks, choose_splits, smem_bytes, vmem_bytes, wave_efficiency
 from pallas_kernels.ternary_matmul.layout import pad_operands
 from pallas_kernels.ternary_matmul.tiles import ternary_matmul_pallas_padded
 
@@ -101,13 +101,27 @@ def test_pallas_kernel_matches_reference_on_random_shapes(case):
     rowscale = scale * (x_scale if x_scale is not None else jnp.ones((m,), jnp.float32))
     target = Target(structure, interpret=True)
     blk = choose_blocks(target, m, packed.shape[0], n, x.dtype.itemsize, blocks)
+    if structure == "gpu":  # split-K whenever the packed-row steps divide (GEMV and GEMM alike)
+        n_red = -(-packed.shape[0] // blk.bkq)
+        blk = blk._replace(splits=max(s for s in (1, 2, 3) if n_red % s == 0))
     xp, wp, sp = pad_operands(x, packed, rowscale, k, blk)
-    poison = jnp.full((xp.shape[0], wp.shape[1]), jnp.nan, jnp.float32)
+    shape = (xp.shape[0], wp.shape[1]) if blk.splits == 1 else (blk.splits, xp.shape[0], wp.shape[1])
+    poison = jnp.full(shape, jnp.nan, jnp.float32)
     out = ternary_matmul_pallas_padded(
-        xp, wp, sp, bm=blk.bm, bn=blk.bn, bkq=blk.bkq, out_dtype=jnp.float32, target=target, out_init=poison
+        xp,
+        wp,
+        sp,
+        bm=blk.bm,
+        bn=blk.bn,
+        bkq=blk.bkq,
+        out_dtype=jnp.float32,
+        target=target,
+        out_init=poison,
+        splits=blk.splits,
     )
-    out = np.asarray(out)
-    msg = f"seed={seed} m={m} k={k} n={n} blocks={blocks} dtype={dtype} structure={structure}"
+    assert not np.isnan(np.asarray(out)).any()  # every tile of every split written
+    out = np.asarray(out) if blk.splits == 1 else np.asarray(out).sum(axis=0)
+    msg = f"seed={seed} m={m} k={k} n={n} blocks={blk} dtype={dtype} structure={structure}"
     assert not np.isnan(out).any(), msg  # every tile written
     np.testing.assert_array_equal(out[m:], 0.0, err_msg=msg)
     np.testing.assert_array_equal(out[:, n:], 0.0, err_msg=msg)
@@ -173,10 +187,33 @@ def test_blocks_follow_each_backends_rules(m, k, n, itemsize):
     if (m, k, n) == (1, 4096, 11008):  # the 7B GEMV: weights not padded (no per-call copy), enough GPU programs
         assert 11008 % gpu.bn == 0 and 11008 % tpu.bn == 0 and kq % gpu.bkq == 0 and kq % tpu.bkq == 0
         assert 11008 // gpu.bn >= 132  # an H100 has 132 SMs
+        assert gpu.splits > 1 and wave_efficiency(11008 // gpu.bn * gpu.splits) >= 0.9  # split-K fills them
+    if m >= 128:
+        assert gpu.bm == 128 and gpu.num_warps == 8 and gpu.splits == 1  # one decode per 128-row tile
     # requests are legalised, never rejected: any target takes any request
     assert choose_blocks(TPU, m, kq, n, itemsize, (16, 16, 16))[1:3] == (LANE, LANE)
     assert choose_blocks(GPU, m, kq, n, itemsize, (3, 20, 16))[:3] == (16, 32, 16)
     assert choose_blocks(Target("tpu", True), m, kq, n, itemsize, (16, 16, 16)) == TernaryBlocks(16, 16, 16)
+
+
+def test_choose_splits_fills_the_sms():
+    assert wave_efficiency(132) == 1.0 and wave_efficiency(172) == pytest.approx(172 / 264)
+    assert choose_splits(172, 8) == 8  # 1376 programs: 94.8 % of 11 waves; 1 split: 65 %
+    assert choose_splits(264, 8) == 1  # already two full waves
+    assert choose_splits(172, 3) in (1, 3) and 3 % choose_splits(172, 3) == 0  # only divisors of the steps
+
+
+def test_split_k_through_the_api_matches_the_reference():
+    rng = np.random.default_rng(5)
+    w = _ternary(rng, 200, 40)
+    packed = pack_ternary(jnp.asarray(w))
+    x = jnp.asarray(rng.standard_normal((3, 200)), jnp.float32)
+    want = _reference64(x, w, 0.5, None)
+    for blocks in [(16, 16, 16, 4), (16, 16, 16, 2), (16, 32, 16)]:
+        y = ternary_matmul(x, packed, 0.5, k=200, implementation="pallas", interpret=True, blocks=blocks)
+        np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="splits: 3 must divide the 4"):
+        ternary_matmul(x, packed, 0.5, k=200, implementation="pallas", interpret=True, blocks=(16, 16, 16, 3))
 
 
 def test_api_errors():
