@@ -40,6 +40,12 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.2f}"
 
 
+def _lr(r: dict) -> str:
+    """The grid's chosen lr, and the long runs' where the sweep's lr check moved them."""
+    moved = r.get("long_lr") not in (None, r["chosen_lr"])
+    return f"{r['chosen_lr']:g} → {r['long_lr']:g}" if moved else f"{r['chosen_lr']:g}"
+
+
 def relora_ablation_table() -> str:
     """ReLoRA's ablation at tiny scale from the comparison harness's records (experiments/results/sweep).
 
@@ -69,7 +75,7 @@ def relora_ablation_table() -> str:
                 reset,
                 jagged,
                 warm,
-                f"{r['chosen_lr']:g}",
+                _lr(r),
                 f"{r['short_ppl']:.2f}",
                 short_ratio,
                 f"{r['pending_runs']} runs pending" if r.get("pending_runs") else _mean_std(r["long_ppl"]),
@@ -138,6 +144,7 @@ def _copied(name: str):
 
 TABLES = {
     "optim_memory": _copied("optim_memory"),
+    "method_api": _copied("method_api"),
     "bench_optim": _copied("bench_optim"),
     "relora_ablation": relora_ablation_table,
     "noise_step_mnist": _copied("noise_step_mnist"),

@@ -3,7 +3,10 @@
     python experiments/sweep.py all                 # every recipe: run what is missing or stale, write the table
     python experiments/sweep.py adamw galore        # some recipes
     python experiments/sweep.py all --stage short   # only the grids
+    python experiments/sweep.py all --stage lrcheck # only the lr checks
     python experiments/sweep.py all --table-only    # the table from the runs on record, nothing trained
+    python experiments/sweep.py all --dry-run       # the runs a sweep would train next, nothing trained
+    python experiments/sweep.py --eval-cost         # time one evaluation at the protocol's eval_tokens
 
 The protocol (``experiments/recipes/protocol.yaml``) is the same for every method: the preset, data, tokens
 per step, schedule shape, eps, clipping, weight decay, the evaluation, the grid seed and the long-budget seeds,
@@ -13,9 +16,10 @@ and the learning rate of the groups every method trains with plain Adam (embeddi
 method's factors; when the best is at an edge of the grid, the grid grows by one log-step on that side, up to
 three times, the same rule for every method), or ``lr_from: OTHER`` (run at OTHER's chosen lr, e.g. 8-bit
 GaLore at GaLore's) or ``lrs: []`` (a control without a learning rate to tune). The short stage runs the grid
-at ``short_steps``; the grid point with the lowest final validation loss is re-run at ``long_steps`` (>= 4x
-the tokens) with each of ``seeds``; step-valued settings listed in a recipe's ``scale_with_steps`` scale with
-the budget.
+at ``short_steps``; the lr check (``lr_check`` in the protocol) runs the grid point with the lowest final
+validation loss, and that lr ÷ and × ``lr_check``, at ``long_steps`` (>= 4x the tokens) with the grid seed;
+the long stage runs the best of those three with each of ``seeds`` (``lr_from`` recipes follow their source).
+Step-valued settings listed in a recipe's ``scale_with_steps`` scale with the budget.
 
 Every run is one in-process ``lowrank_jax.train.loop.train`` (one at a time: two CPU cores). A finished run
 is filed into its recipe's pack of records, ``experiments/results/sweep/runs/NAME.json.xz``
@@ -39,13 +43,18 @@ machine it was recorded on the losses must be equal bit for bit, on another mach
 ``canary.TOLERANCE``. The verdict (commit, machine, max abs diff, first differing step) goes into
 ``canaries.json``, the table is regenerated, and the exit status is 1 if any canary differs. A run is stale
 when its recipe's canary failed its last check, or when its recorded config differs from the one the
-harness builds now; a stale or missing run is (re-)run.
+harness builds now (a setting the record lacks counts as the same when the harness asks for the preset's
+value); a stale or missing run is (re-)run. A run evaluated on fewer validation tokens than the protocol's
+``eval_tokens`` but otherwise the same is outdated: the table shows it, a sweep that trains re-runs it.
 
 The table (``experiments/results/sweep/table.md``, README ``<!-- table:sweep -->``) has one row per recipe:
-grid, chosen lr, short-budget ppl, long-budget ppl mean ± std over the seeds, trainable parameters,
-optimizer-state bytes, the ratio to the baseline recipe's long-budget ppl, and the largest block-output RMS
-over the embedding RMS seen at any evaluation (of the long runs; of the chosen grid point until they exist:
-a blow-up shows here). A stale row says so; a row still waiting for runs counts them.
+grid, chosen lr, short-budget ppl, the lr check's three losses, long-budget ppl mean ± std over the seeds,
+trainable parameters, optimizer-state bytes, the ratio to the baseline recipe's long-budget ppl, the paired
+statistics against the baseline (``experiments/stats.py``: the mean loss difference over the shared seeds with
+its 95% Student-t interval, the perplexity ratio's interval, p, and the verdict on the recipe's goal from the
+protocol's ``goals``), the validation tokens the row was evaluated on, and the largest block-output RMS over
+the embedding RMS seen at any evaluation (of the long runs; of the chosen grid point until they exist: a
+blow-up shows here). A stale row says so; a row still waiting for runs counts them.
 """
 
 from __future__ import annotations
@@ -53,6 +62,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import functools
 import io
 import json
 import math
@@ -62,19 +72,23 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import canary as canary_lib
 import records
+import stats
 import yaml
 from _report import markdown_table, write_record, write_table
 from make_tables import main as make_tables
 
 from lowrank_jax.config import ConfigError, load_config, to_dict
+from lowrank_jax.config import replace as replace_config
+from lowrank_jax.data import eval_batches, load_shards
 from lowrank_jax.train.loop import train
 from lowrank_jax.train.metrics import git_commit, read_metrics
+from lowrank_jax.train.step import evaluate, make_trainer
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -83,7 +97,7 @@ RESULTS = HERE / "results" / "sweep"
 CANARIES = "canaries.json"
 # what a run executes besides its recipe and the protocol (a run starts only from a clean checkout of these)
 SOURCES = ("lowrank_jax", "pallas_kernels", "experiments/sweep.py", "experiments/canary.py", "experiments/records.py")
-STAGES = ("short", "long")
+STAGES = ("short", "lrcheck", "long")
 MAX_EXTENSIONS = 3  # grid points the edge rule may add on each side of a recipe's grid
 
 
@@ -99,6 +113,8 @@ class Protocol:
     canary_steps: int
     overrides: dict[str, Any]
     path: Path
+    lr_check: float | None = None  # the long-budget check's step: the chosen lr x 1/lr_check and x lr_check
+    goals: dict[str, float] = field(default_factory=dict)  # recipe -> the ppl ratio to the baseline it is held to
 
 
 @dataclass(frozen=True)
@@ -153,14 +169,22 @@ def _expect(data: dict[str, Any], path: Path, keys: set[str], required: set[str]
 
 def load_protocol(path: Path) -> Protocol:
     d = _read_yaml(path)
-    keys = {"preset", "grid_size", "short_steps", "long_steps", "grid_seed", "seeds", "baseline", "overrides"}
-    keys |= {"canary_steps"}
-    _expect(d, path, keys, keys)
-    p = Protocol(**{**d, "seeds": tuple(d["seeds"]), "overrides": dict(d["overrides"] or {}), "path": path})
+    required = {"preset", "grid_size", "short_steps", "long_steps", "grid_seed", "seeds", "baseline", "overrides"}
+    required |= {"canary_steps"}
+    _expect(d, path, required | {"lr_check", "goals"}, required)
+    goals = d.get("goals") or {}
+    if not isinstance(goals, dict) or not all(isinstance(v, int | float) and v > 0 for v in goals.values()):
+        raise ConfigError(f"{path}: goals must map recipes to positive perplexity ratios, got {goals!r}")
+    goals = {str(k): float(v) for k, v in goals.items()}
+    p = Protocol(
+        **{**d, "seeds": tuple(d["seeds"]), "overrides": dict(d["overrides"] or {}), "path": path, "goals": goals}
+    )
     if p.grid_size < 1 or p.short_steps < 1 or p.long_steps < p.short_steps or not p.seeds:
         raise ConfigError(f"{path}: needs grid_size >= 1, long_steps >= short_steps >= 1 and at least one seed")
     if not 1 <= p.canary_steps <= p.short_steps:
         raise ConfigError(f"{path}: needs 1 <= canary_steps <= short_steps")
+    if p.lr_check is not None and not (isinstance(p.lr_check, int | float) and p.lr_check > 1):
+        raise ConfigError(f"{path}: lr_check must be a factor > 1 (e.g. 1.4142135623730951), got {p.lr_check!r}")
     return p
 
 
@@ -228,21 +252,76 @@ _NOT_COMPARED = ("out_dir", "progress")
 def run_status(
     run: Run, protocol: Protocol, extra: list[str], results: Path, canaries: dict[str, Any] | None = None
 ) -> tuple[str, dict | None]:
-    """``('done' | 'missing' | 'stale: why', results)`` of a run on record.
+    """``('done' | 'missing' | 'stale: why' | 'outdated: why', results)`` of a run on record.
 
     A run on record is stale when its recorded config is not the one the harness builds now, or when its
-    recipe's canary (``canaries[recipe]``) failed its last check.
+    recipe's canary (``canaries[recipe]``) failed its last check. It is outdated when its config differs only
+    in being evaluated on fewer validation tokens than the protocol's: it trained the same way, so the table
+    still shows it (saying on how many tokens), and a sweep that trains re-runs it.
     """
     rec = records.run_record(results, run.recipe.name, run.key)
     if rec is None:
         return "missing", None
-    res = rec["results"]
-    if rec["meta"].get("config") != _requested(run, protocol, extra):
-        return "stale: its config differs from the recipe's", res
+    res, status = rec["results"], "done"
+    default = _preset_default(protocol.preset)
+    recorded, wanted = _method_sections(rec["meta"].get("config") or {}, default), _requested(run, protocol, extra)
+    if not _matches(recorded, wanted, default):
+        fewer, asked = recorded.get("eval_tokens"), wanted.get("eval_tokens")
+        same = _matches({**recorded, "eval_tokens": asked}, wanted, default)
+        if not (isinstance(fewer, int) and fewer < asked and same):
+            return "stale: its config differs from the recipe's", res
+        status = f"outdated: evaluated on {fewer:,} validation tokens, the protocol's {asked:,}"
     why = canary_failure((canaries or {}).get(run.recipe.name))
     if why:
         return f"stale: {why}", res
-    return "done", res
+    return status, res
+
+
+_PROJECTOR_FIELDS = ("rank", "update_proj_gap", "scale", "proj_type", "refresh", "svd", "moments", "canonical_signs")
+
+
+def _method_sections(config: dict[str, Any], default: dict[str, Any]) -> dict[str, Any]:
+    """A recorded config with Fira's and GoLore's projector settings in their own sections (``fira``, ``golore``).
+
+    A record may hold them in the ``galore`` section, where ``optim.name=fira_adamw`` and ``galore_adamw`` with
+    ``galore.projector=random`` read them: the same computation as ``fira_adamw`` with ``fira.*`` and
+    ``golore_adamw`` with ``golore.*`` (the recipes' canaries are the evidence), so they compare as such.
+    """
+    optim, galore = config.get("optim") or {}, config.get("galore") or {}
+    moved = {k: galore[k] for k in (*_PROJECTOR_FIELDS, "oversample") if k in galore}
+    if optim.get("name") == "fira_adamw" and "rank" not in (config.get("fira") or {}):
+        return {**config, "fira": {**(config.get("fira") or {}), **moved}, "galore": default.get("galore", {})}
+    if optim.get("name") == "galore_adamw" and galore.get("projector") == "random" and "golore" not in config:
+        golore = {**moved, "random_from": galore.get("random_from", 0)}
+        renamed = {**optim, "name": "golore_adamw"}
+        return {**config, "optim": renamed, "golore": golore, "galore": default.get("galore", {})}
+    return config
+
+
+def _matches(recorded: dict[str, Any], wanted: dict[str, Any], default: dict[str, Any]) -> bool:
+    """Whether a run's recorded config is the one the harness asks for. A setting the record does not have
+    (one the library that ran it did not have) matches when the harness asks for the preset's value of it: that
+    value computes what the run computed, and the recipe's canary is the evidence (``--check``)."""
+    for key in set(recorded) | set(wanted):
+        if key not in wanted:
+            return False
+        if key not in recorded:
+            if wanted[key] != default.get(key):
+                return False
+            continue
+        a, b, d = recorded[key], wanted[key], default.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            if not _matches(a, b, d if isinstance(d, dict) else {}):
+                return False
+        elif a != b:
+            return False
+    return True
+
+
+@functools.cache
+def _preset_default(preset: str) -> dict[str, Any]:
+    config = to_dict(load_config(preset, []))
+    return json.loads(json.dumps({k: v for k, v in config.items() if k not in _NOT_COMPARED}))
 
 
 def canary_failure(entry: dict[str, Any] | None) -> str | None:
@@ -315,11 +394,14 @@ class Sweep:
         results: Path,
         runs: Path,
         lock: Path | None = None,  # --lock: a file flock-ed while each run trains
+        dry: bool = False,  # --dry-run: list the runs that would train (self.planned), train none
     ) -> None:
         self.protocol, self.recipes, self.extra, self.results, self.runs = protocol, recipes, extra, results, runs
-        self.lock = lock
+        self.lock, self.dry = lock, dry
         self.done: dict[Run, dict] = {}
         self.stale: dict[Run, str] = {}
+        self.outdated: dict[Run, str] = {}  # on record and shown, but re-run by a sweep that trains
+        self.planned: list[Run] = []
         self.trained: set[Run] = set()
         self.canaries: dict[str, Any] = read_canaries(results)
 
@@ -354,8 +436,34 @@ class Sweep:
             raise LookupError(f"{r.name}: grid incomplete")
         return min(runs, key=lambda run: _loss(self.done[run])).lr
 
-    def long(self, r: Recipe) -> list[Run]:
+    def lr_check(self, r: Recipe) -> list[Run]:
+        """The long-budget check of the grid's choice: the chosen lr, x 1/``lr_check`` and x ``lr_check`` at
+        ``long_steps`` with the grid seed (none without ``lr_check`` in the protocol, for ``lr_from`` recipes,
+        which follow their source, and for recipes without a grid). The chosen lr comes first."""
+        step = self.protocol.lr_check
+        if step is None or not r.lrs:
+            return []
         lr = self.chosen_lr(r)
+        lrs = (lr, float(f"{lr / step:.6g}"), float(f"{lr * step:.6g}"))
+        return [Run(r, "long", x, self.protocol.grid_seed) for x in lrs]
+
+    def check_done(self, r: Recipe) -> bool:
+        """Whether the recipe's lr check has run, all three evaluated on the same validation tokens."""
+        check = self.lr_check(r)
+        done = bool(check) and all(run in self.done for run in check)
+        return done and len({_pair_key(run, self.done[run])[1:] for run in check}) == 1
+
+    def long_lr(self, r: Recipe) -> float | None:
+        """The learning rate of the long runs: the best of the lr check on final validation loss once it is done
+        (a tie keeps the grid's choice), the grid's choice until then (``lr_from``: the source's)."""
+        if r.lr_from:
+            return self.long_lr(self.recipes[r.lr_from])
+        if self.check_done(r):
+            return min(self.lr_check(r), key=lambda run: _loss(self.done[run])).lr
+        return self.chosen_lr(r)
+
+    def long(self, r: Recipe) -> list[Run]:
+        lr = self.long_lr(r)
         return [Run(r, "long", lr, s) for s in self.protocol.seeds]
 
     def canary_run(self, r: Recipe) -> Run:
@@ -391,13 +499,21 @@ class Sweep:
         status, res = run_status(run, self.protocol, self.extra, self.results, self.canaries)
         counter[0] += 1
         head = f"[{counter[0]}] {run.recipe.name} {run.stage} {run.name}"
-        if status == "done":
+        usable = status == "done" or (status.startswith("outdated") and not train_it)
+        if usable:
             self.done[run] = res
-            print(f"{head}: on record ({res['git_commit'][:8]}), val_loss {res['final_val_loss']:.4f}", flush=True)
+            if status != "done":
+                self.outdated[run] = status
+            note = f", {status}" if status != "done" else ""
+            print(
+                f"{head}: on record ({res['git_commit'][:8]}), val_loss {res['final_val_loss']:.4f}{note}", flush=True
+            )
             return
-        if not train_it:
+        if not train_it or self.dry:
             self.stale[run] = status
-            print(f"{head}: {status}", flush=True)
+            if train_it:
+                self.planned.append(run)
+            print(f"{head}: {status}{', would train' if train_it else ''}", flush=True)
             return
         t0 = time.time()
         print(f"{head}: {status}, training ...", flush=True)
@@ -421,11 +537,16 @@ class Sweep:
                     grid_train = train_it and "short" in stages
                     for run in todo:
                         self.visit(run, train_it=grid_train, allow_dirty=allow_dirty, counter=counter)
-                if stage == "long" and "long" in stages:
+                if stage in stages and stage != "short":
                     if not all(run in self.done for run in grid):
                         print(f"{name}: grid incomplete, no long-budget runs", flush=True)
                         continue
-                    for run in self.long(r):
+                    check = self.lr_check(source)  # a lr_from recipe's long lr waits for its source's check
+                    todo = check if stage == "lrcheck" else self.long(r)
+                    if stage == "long" and train_it and check and not self.check_done(source):
+                        print(f"{name}: lr check incomplete, no long-budget runs yet", flush=True)
+                        continue
+                    for run in todo:
                         self.visit(run, train_it=train_it, allow_dirty=allow_dirty, counter=counter)
         self.record_canaries(names)
 
@@ -440,43 +561,117 @@ def _ppl(loss: float) -> float:
     return math.exp(min(loss, 50.0))
 
 
+def _pair_key(run: Run, res: dict[str, Any]) -> tuple[int, int, str]:
+    """What two long runs must share to be a pair: the seed (the same initialisation and data order) and the
+    validation tokens they were evaluated on (their number and the data's digest)."""
+    cfg = res.get("config") or {}
+    return (run.seed, int(cfg.get("eval_tokens") or 0), str(res.get("data_digest") or ""))
+
+
+def _final_losses(sweep: Sweep, runs: list[Run]) -> dict[tuple[int, int, str], float]:
+    return {_pair_key(run, sweep.done[run]): _loss(sweep.done[run]) for run in runs if run in sweep.done}
+
+
+def _sqrt2(step: float) -> str:
+    return "√2" if abs(step - math.sqrt(2.0)) < 1e-9 else f"{step:g}"
+
+
+def lr_check_summary(sweep: Sweep, r: Recipe) -> tuple[str, dict[str, Any] | None]:
+    """The lr check's cell (the final validation losses at chosen lr ÷ k, chosen lr, chosen lr × k, and whether
+    the long runs kept the chosen lr) and its record; ``'-'`` and None for a recipe without a check."""
+    try:
+        check = sweep.lr_check(r)
+    except LookupError:
+        return "-", None
+    if not check:
+        return "-", None
+    losses = [sweep.done[run]["final_val_loss"] if run in sweep.done else None for run in check]
+    rec: dict[str, Any] = {"lrs": [run.lr for run in check], "val_loss": losses, "long_lr": None, "moved": None}
+    missing = losses.count(None)
+    if missing:
+        return f"{missing} pending", rec
+    if not sweep.check_done(r):
+        return "evaluated on different tokens", rec
+    lr = sweep.long_lr(r)
+    rec.update(long_lr=lr, moved=lr != check[0].lr)
+    text = " / ".join(f"{losses[i]:.4f}" for i in (1, 0, 2))
+    return text + (f": moved to {lr:g}" if rec["moved"] else ": kept"), rec
+
+
+def paired_cells(p: stats.Paired | None, n_seeds: int, goal: float | None) -> list[str]:
+    """The paired columns: Δ loss ± the CI's half-width, the ratio's CI, p, and the goal's verdict."""
+    verdict = f"≤ {goal:.2f}: {stats.verdict(p, goal)}" if goal else "-"
+    if p is None:
+        return ["-", "-", "-", verdict]
+    seeds = "" if p.n == n_seeds else f" ({p.n} seeds)"
+    pval = "-" if math.isnan(p.p) else "< 0.001" if p.p < 0.001 else f"{p.p:.3f}"
+    return [f"{p.mean:+.4f} ± {p.hi - p.mean:.4f}{seeds}", f"{p.ratio_lo:.3f}–{p.ratio_hi:.3f}", pval, verdict]
+
+
+def _baseline(sweep: Sweep) -> tuple[float | None, dict[tuple[int, int, str], float]]:
+    """The baseline's long-budget mean ppl (None until all its seeds ran) and its final losses by pair key."""
+    baseline = sweep.recipes.get(sweep.protocol.baseline)
+    try:
+        runs = sweep.long(baseline) if baseline is not None else []
+    except LookupError:
+        runs = []
+    ppl = [_ppl(_loss(sweep.done[run])) for run in runs if run in sweep.done]
+    mean = statistics.mean(ppl) if len(ppl) == len(sweep.protocol.seeds) else None
+    return mean, _final_losses(sweep, runs) if mean else {}
+
+
+def _row_runs(sweep: Sweep, r: Recipe) -> tuple[list[Run], float | None, list[Run], list[Run]]:
+    """A recipe's grid, the grid's chosen lr, its lr check and its long runs (as far as the records go)."""
+    grid = sweep.grid(r)  # empty for lr_from: its chosen lr is the source's
+    source = sweep.recipes[r.lr_from] if r.lr_from else r
+    try:
+        lr, check, longs = sweep.chosen_lr(r), sweep.lr_check(source), sweep.long(r)
+    except LookupError:
+        lr, check, longs = None, [], []
+    return grid, lr, check, longs
+
+
 def table(sweep: Sweep, names: list[str]) -> tuple[str, dict[str, Any]]:
     """The markdown table and its records (one per recipe)."""
     rows, recs = [], {}
-    base_long: list[float] = []
-    baseline = sweep.recipes.get(sweep.protocol.baseline)
-    if baseline is not None:
-        try:
-            base_long = [_ppl(_loss(sweep.done[run])) for run in sweep.long(baseline) if run in sweep.done]
-        except LookupError:
-            base_long = []
-    base = statistics.mean(base_long) if len(base_long) == len(sweep.protocol.seeds) else None
+    base, base_losses = _baseline(sweep)
     for name in names:
         r = sweep.recipes[name]
-        grid = sweep.grid(r)  # empty for lr_from: its chosen lr is the source's
-        rec: dict[str, Any] = {"description": r.description, "grid": [run.lr for run in grid if run.lr]}
-        try:
-            lr = sweep.chosen_lr(r)
-            longs = sweep.long(r)
-        except LookupError:
-            lr, longs = None, []
+        grid, lr, check, longs = _row_runs(sweep, r)
         chosen = next((run for run in grid if run.lr == lr), None)
         short = sweep.done.get(chosen) if chosen else None
         long_ppl = [_ppl(_loss(sweep.done[run])) for run in longs if run in sweep.done]
         complete = bool(longs) and len(long_ppl) == len(longs)
         mine = {run: why for run, why in sweep.stale.items() if run.recipe.name in (name, r.lr_from)}
         stale = sorted({why.removeprefix("stale: ") for why in mine.values() if why != "missing"})
-        pending = sum(why == "missing" for why in mine.values())
+        # the grid's and the long runs' (the lr check's own runs count in its column)
+        pending = sum(why == "missing" and (run in longs or run not in check) for run, why in mine.items())
         waiting = [f"{pending} runs pending"] if pending else []
         ref = sweep.done.get(longs[0]) if complete else short
         # the long runs' health once they exist, else the chosen grid point's
         rms_runs = [run for run in longs if run in sweep.done] or ([chosen] if short else [])
         rms = max((_max_rms_ratio(run, sweep.results) for run in rms_runs), default=math.nan)
-        commits = sorted({sweep.done[run]["git_commit"][:8] for run in [*grid, *longs] if run in sweep.done})
+        ran = [run for run in [*grid, *([] if r.lr_from else check), *longs] if run in sweep.done]
+        commits = sorted({sweep.done[run]["git_commit"][:8] for run in ran})
+        shown = [run for run in (longs if complete else [chosen]) if run in sweep.done]
+        eval_tokens = sorted({n for n in (_pair_key(run, sweep.done[run])[1] for run in shown) if n})
+        is_base = name == sweep.protocol.baseline
+        pair = stats.paired(_final_losses(sweep, longs), base_losses) if complete and base and not is_base else None
+        goal = sweep.protocol.goals.get(name)
+        check_txt, check_rec = lr_check_summary(sweep, r)
+        long_lr = longs[0].lr if longs else None
+        rec: dict[str, Any] = {"description": r.description, "grid": [run.lr for run in grid if run.lr]}
         rec.update(
             chosen_lr=lr,
+            long_lr=long_lr,
+            lr_check=check_rec,
             short_ppl=_ppl(_loss(short)) if short else None,
             long_ppl=long_ppl,
+            paired=pair.to_dict() if pair else None,
+            goal=goal,
+            goal_verdict=stats.verdict(pair, goal) if goal else None,
+            eval_tokens=eval_tokens,
+            outdated_runs=sum(run.recipe.name in (name, r.lr_from) for run in sweep.outdated),
             trainable_params=ref["trainable_params"] if ref else None,
             optimizer_state_bytes=ref["optimizer_state_bytes"] if ref else None,
             max_block_rms_ratio=rms,
@@ -488,34 +683,133 @@ def table(sweep: Sweep, names: list[str]) -> tuple[str, dict[str, Any]]:
         mean = statistics.mean(long_ppl) if complete else None
         std = statistics.stdev(long_ppl) if complete and len(long_ppl) > 1 else 0.0
         grid_txt = f"from {r.lr_from}" if r.lr_from else ", ".join(f"{x:g}" for x in rec["grid"]) or "-"
+        lr_txt = "-" if not lr else f"{lr:g}" if long_lr in (None, lr) else f"{lr:g} → {long_lr:g}"
         rows.append(
             [
                 name,
                 grid_txt,
-                f"{lr:g}" if lr else "-",
+                lr_txt,
                 f"{rec['short_ppl']:.2f}" if short else "-",
+                check_txt,
                 f"{mean:.2f} ± {std:.2f}" if mean else "-",
                 f"{rec['trainable_params'] / 1e6:.2f}M" if ref else "-",
                 f"{rec['optimizer_state_bytes'] / 2**20:.2f} MiB" if ref else "-",
                 f"{mean / base:.3f}" if mean and base else "-",
+                *paired_cells(pair, len(sweep.protocol.seeds), goal),
+                ", ".join(f"{n:,}" for n in eval_tokens) or "-",
                 f"{rms:.1f}" if math.isfinite(rms) else "-",
                 f"STALE: {'; '.join(stale)}" if stale else ", ".join(commits + waiting),
             ]
         )
-    header = "recipe | lr grid | chosen lr | short ppl | long ppl (mean ± std) | trainable | opt state"
-    header += f" | ÷ {sweep.protocol.baseline} | max block RMS ÷ embed RMS | commit"
-    return markdown_table(header, rows), recs
+    return markdown_table(_header(sweep.protocol), rows), recs
+
+
+def _header(p: Protocol) -> str:
+    k, b = _sqrt2(p.lr_check or 0.0), p.baseline
+    check = f"lr check: loss at ÷{k} / chosen / ×{k}" if p.lr_check else "lr check"
+    header = f"recipe | lr grid | chosen lr | short ppl | {check} | long ppl (mean ± std) | trainable | opt state"
+    header += f" | ÷ {b} | Δ loss vs {b} (95% CI) | ÷ {b}, 95% CI | p | goal | eval tokens"
+    return header + " | max block RMS ÷ embed RMS | commit"
+
+
+def _shown(path: Path) -> Path:
+    """``path`` relative to the repository when inside it (the records name no machine's folders)."""
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
 
 
 def protocol_text(p: Protocol) -> str:
     shared = ", ".join(f"`{k}={v}`" for k, v in p.overrides.items())
-    where = p.path.relative_to(ROOT) if p.path.is_relative_to(ROOT) else p.path
+    where = _shown(p.path)
     return (
         f"Protocol ({where}): preset `{p.preset}`, {shared}. Each method: a grid of "
         f"{p.grid_size} log-spaced learning rates at {p.short_steps} steps (seed {p.grid_seed}); the best on "
         f"validation loss re-run at {p.long_steps} steps with seeds {', '.join(map(str, p.seeds))}. "
-        f"Ratios divide by `{p.baseline}`'s long-budget mean ppl."
+        f"Ratios divide by `{p.baseline}`'s long-budget mean ppl." + lr_check_text(p) + paired_text(p) + eval_text(p)
     )
+
+
+def eval_text(p: Protocol) -> str:
+    n = p.overrides.get("eval_tokens")
+    if not n:
+        return ""
+    return (
+        f" Every evaluation reads {n:,} validation tokens; a run on record evaluated on fewer is shown with its "
+        "count (eval tokens) until a sweep that trains re-runs it."
+    )
+
+
+def lr_check_text(p: Protocol) -> str:
+    if not p.lr_check:
+        return ""
+    k = _sqrt2(p.lr_check)
+    return (
+        f" The lr check runs the grid's choice ÷{k}, ×1 and ×{k} at {p.long_steps} steps (seed {p.grid_seed}); "
+        "the long runs take the best of the three (chosen lr `a → b` where it moved)."
+    )
+
+
+def paired_text(p: Protocol) -> str:
+    b = p.baseline
+    return (
+        f" Paired with `{b}`'s long runs of the same seed (same initialisation and data order) and validation "
+        "tokens: Δ loss is the mean difference in final validation loss ± the half-width of its 95% Student-t "
+        f"interval, its exp the ÷ {b} 95% CI (the geometric mean of the seeds' perplexity ratios), p the "
+        "two-sided paired t test. A goal (a perplexity ratio) is met only when that CI's upper end is under it, "
+        "missed when its lower end is above it, undecided otherwise."
+    )
+
+
+def _recorded_seconds(sweep: Sweep, run: Run) -> float | None:
+    """The mean wall time of the recipe's runs on record at the run's stage (None: none on record)."""
+    pack = records.read_pack(records.pack_path(sweep.results, run.recipe.name))
+    times = [rec["results"].get("wall_time_s") for key, rec in pack.items() if key.startswith(f"{run.stage}/")]
+    times = [t for t in times if isinstance(t, int | float)]
+    return statistics.mean(times) if times else None
+
+
+def print_plan(sweep: Sweep) -> None:
+    """``--dry-run``: what a sweep with the same arguments would train next, and about how long it takes."""
+    runs = sweep.planned
+    if not runs:
+        print("plan: nothing to train", flush=True)
+        return
+    seconds = [_recorded_seconds(sweep, run) for run in runs]
+    known = [s for s in seconds if s is not None]
+    stages = ", ".join(f"{sum(run.stage == s for run in runs)} {s}" for s in ("short", "long"))
+    cost = f", about {sum(known) / 3600:.1f} h at the wall time of the recipes' runs on record" if known else ""
+    unknown = f" ({len(runs) - len(known)} without a run on record to go by)" if len(known) < len(runs) else ""
+    print(f"plan: {len(runs)} runs to train ({stages}){cost}{unknown}.", flush=True)
+    print("Runs that wait on these (a grid's edge extension, the long runs after an lr check) are planned once")
+    print("these have run; --eval-cost times the evaluation at the protocol's eval_tokens.", flush=True)
+
+
+def eval_cost(sweep: Sweep, r: Recipe) -> int:
+    """``--eval-cost``: one evaluation of ``r``'s model (fresh from its seed: the cost does not depend on the
+    weights) on the preset's and on the protocol's validation tokens, timed after a warm-up, holding the lock;
+    prints what the evaluations add to a short and a long run."""
+    p = sweep.protocol
+    run = Run(r, "long", r.lrs[0] if r.lrs else None, p.grid_seed)
+    cfg = load_config(p.preset, [*run_overrides(run, p, sweep.extra), "progress=false"])
+    data = load_shards(cfg.data, lambda message: None)
+    if cfg.model.vocab_size == 0:
+        cfg = replace_config(cfg, model__vocab_size=data.vocab_size)
+    trainer = make_trainer(cfg)
+    params = trainer.init_state().params
+    print(f"evaluation cost of {r.name} at {p.preset} on {canary_lib.describe(canary_lib.fingerprint())}")
+    for tokens in sorted({load_config(p.preset, []).eval_tokens, cfg.eval_tokens}):
+        batches = eval_batches(data.val_prefix(tokens + 1), cfg.seq_len, tokens, cfg.eval_batch_size)
+        with held(sweep.lock):
+            evaluate(trainer, params, batches[:1])  # compiles the evaluation step
+            t0 = time.perf_counter()
+            evaluate(trainer, params, batches)
+            seconds = time.perf_counter() - t0
+        every = cfg.eval_every or p.long_steps  # evaluations at each multiple of eval_every and at the end
+        per = [(steps, (steps - 1) // every + 1) for steps in (p.short_steps, p.long_steps)]
+        runs = "; ".join(f"{n} evaluations in a {steps}-step run: {n * seconds:.0f}s" for steps, n in per)
+        print(
+            f"{tokens:,} validation tokens ({len(batches)} batches): {seconds:.2f}s per evaluation; {runs}", flush=True
+        )
+    return 0
 
 
 def read_canaries(results: Path) -> dict[str, Any]:
@@ -630,10 +924,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="extra", action="append", default=[], metavar="K=V", help="override for every run")
     ap.add_argument("--lock", type=Path, default=None, help="hold an exclusive flock on this file while a run trains")
     ap.add_argument("--allow-dirty", action="store_true", help="run from uncommitted code (recorded as dirty)")
+    ap.add_argument("--dry-run", action="store_true", help="list the runs that would train; train and write nothing")
+    ap.add_argument("--eval-cost", action="store_true", help="time one evaluation at the protocol's eval_tokens")
     a = ap.parse_args(argv)
-    if not a.recipes and not a.check:
+    if not a.recipes and not (a.check or a.eval_cost):
         ap.error("name the recipes (or 'all')")
     canary_mode = a.check or a.record_canaries
+    if a.dry_run and (canary_mode or a.table_only):
+        ap.error("--dry-run plans training runs: not with --check, --record-canaries or --table-only")
     try:
         folder = a.recipes_dir.resolve()
         protocol = load_protocol(folder / "protocol.yaml")
@@ -643,11 +941,15 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise ConfigError(f"unknown recipes {unknown} (known: {', '.join(known)})")
         recipes = {n: load_recipe(folder / f"{n}.yaml", protocol) for n in known}
+        if set(protocol.goals) - set(known):
+            raise ConfigError(f"{protocol.path}: goals name unknown recipes {sorted(set(protocol.goals) - set(known))}")
         for n in names:
             if recipes[n].lr_from and recipes[n].lr_from not in recipes:
                 raise ConfigError(f"{n}: lr_from names unknown recipe {recipes[n].lr_from!r}")
-        make = lambda: Sweep(protocol, recipes, a.extra, a.results.resolve(), a.runs.resolve(), a.lock)
+        make = lambda: Sweep(protocol, recipes, a.extra, a.results.resolve(), a.runs.resolve(), a.lock, a.dry_run)
         sweep = make()
+        if a.eval_cost:
+            return eval_cost(sweep, sweep.recipes[protocol.baseline])
         stages = STAGES if a.stage == "all" else (a.stage,)
         bad = 0
         if canary_mode:  # the canaries, then the whole table judged by their verdicts
@@ -659,10 +961,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if a.dry_run:
+        print_plan(sweep)
+        return 0
     md, recs = table(sweep, names)
     text = protocol_text(protocol) + "\n\n" + md
     write_table(sweep.results, text)
-    write_record(sweep.results / "results.json", {"protocol": str(protocol.path), "recipes": recs, "extra": a.extra})
+    write_record(
+        sweep.results / "results.json", {"protocol": str(_shown(protocol.path)), "recipes": recs, "extra": a.extra}
+    )
     print(text)
     if sweep.results == RESULTS:  # the README's copy (not for a harness test's own results folder)
         make_tables()

@@ -170,7 +170,7 @@ def test_best_of_grid_then_seeds_resume_and_staleness(sweep, tmp_path, monkeypat
     table = (tmp_path / "res" / "table.md").read_text()
     assert "| base | 0.001, 0.002, 0.004 | 0.002 |" in table and "| other | from base | 0.002 |" in table
     mean = lambda losses: sum(map(math.exp, losses)) / len(losses)
-    assert f"| {mean([5.4, 5.41]) / mean([4.9, 4.91]):.3f} | 3.0 |" in table  # other's long ppl over base's
+    assert f"| {mean([5.4, 5.41]) / mean([4.9, 4.91]):.3f} | +0.5000 ± 0.0000 |" in table  # other's over base's
 
     fake.calls.clear()
     assert sweep.main(argv) == 0  # everything on record: nothing trains
@@ -279,7 +279,7 @@ def test_the_table_from_packed_records(sweep, tmp_path, monkeypatch):
     # the grid's best is its lower edge: the edge rule asks for 5e-4, and the long runs wait for it
     assert sweep.main(["base", *argv[1:], "--table-only"]) == 0
     table = (results / "table.md").read_text()
-    assert "| base | 0.0005, 0.001, 0.002 | - | - | - | - | - | - | - | ffffffff, 1 runs pending |" in table
+    assert "| base | 0.0005, 0.001, 0.002 |" + " - |" * 13 + " ffffffff, 1 runs pending |" in table
     run = sweep.Run(base, "short", 5e-4, 0)
     meta = {"config": sweep._requested(run, protocol, []), "commit": "e" * 40}
     res = {"final_val_loss": 3.8, "git_commit": "e" * 40, "trainable_params": 2e6, "optimizer_state_bytes": 2**21}
@@ -287,8 +287,9 @@ def test_the_table_from_packed_records(sweep, tmp_path, monkeypatch):
     assert sweep.main(["base", *argv[1:], "--table-only", "--stage", "short"]) == 0
     row = next(line for line in (results / "table.md").read_text().splitlines() if line.startswith("| base |"))
     assert row == (
-        f"| base | 0.0005, 0.001, 0.002 | 0.001 | {math.exp(3.5):.2f} | - | 2.00M | 2.00 MiB | - | 2.5 | "
-        "eeeeeeee, ffffffff |"
+        f"| base | 0.0005, 0.001, 0.002 | 0.001 | {math.exp(3.5):.2f} | - | - | 2.00M | 2.00 MiB |"
+        + " - |" * 6
+        + " 2.5 | eeeeeeee, ffffffff |"
     )
 
 
@@ -409,3 +410,159 @@ def test_lock_is_held_while_each_run_trains(sweep, tmp_path, monkeypatch):
     assert held and all(held)
     with open(lock) as f:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released after the sweep
+
+
+def _t975_df2() -> float:
+    """Student's t 0.975 quantile for 2 degrees of freedom, in closed form: F(t) = 1/2 + t / (2 sqrt(t^2 + 2))."""
+    return 0.95 * math.sqrt(2.0 / (1.0 - 0.95**2))
+
+
+def test_paired_statistics_and_goals_from_packed_records(sweep, tmp_path, monkeypatch):
+    """The paired columns of a known small record, against the hand computation: the method's final losses
+    (3.05, 3.03, 3.10) against the baseline's (3.00, 3.01, 3.02) over seeds 0-2 give d = (0.05, 0.02, 0.08),
+    mean 0.05, sd 0.03, 95% CI 0.05 -+ t(0.975, 2) 0.03 / sqrt(3) and p = 1 - t / sqrt(t^2 + 2) at t = 2.887."""
+    records = sweep.records
+    _, _, argv = _fake_sweep(sweep, tmp_path, monkeypatch)
+    monkeypatch.setattr(sweep, "train", lambda cfg: pytest.fail("nothing trains"))
+    folder = tmp_path / "recipes"
+    protocol_text = PROTOCOL.replace("seeds: [0, 1]", "seeds: [0, 1, 2]") + "goals: {other: 1.1, base: 1.01}\n"
+    protocol = sweep.load_protocol(_write(folder, "protocol", protocol_text))
+    base, other = (sweep.load_recipe(folder / f"{n}.yaml", protocol) for n in ("base", "other"))
+    results = tmp_path / "res"
+    runs = [(base, "short", 1e-3, 0, 3.5), (base, "short", 2e-3, 0, 4.0), (base, "short", 5e-4, 0, 3.9)]
+    runs += [(base, "long", 1e-3, s, v) for s, v in enumerate([3.00, 3.01, 3.02])]
+    runs += [(other, "long", 1e-3, s, v) for s, v in enumerate([3.05, 3.03, 3.10])]
+    for recipe, stage, lr, seed, loss in runs:
+        run = sweep.Run(recipe, stage, lr, seed)
+        meta = {"config": sweep._requested(run, protocol, []), "commit": "f" * 40}
+        res = {"final_val_loss": loss, "git_commit": "f" * 40, "trainable_params": 2e6, "optimizer_state_bytes": 2**21}
+        res |= {"config": {"seed": seed, "eval_tokens": 32768}, "data_digest": "abc"}
+        records.put_run(results, recipe.name, run.key, {"results": res, "metrics": [], "meta": meta})
+    assert sweep.main([*argv, "--table-only"]) == 0
+    recs = json.loads((results / "results.json").read_text())["recipes"]
+    se = 0.03 / math.sqrt(3.0)
+    half = _t975_df2() * se
+    p_value = 1.0 - (0.05 / se) / math.sqrt((0.05 / se) ** 2 + 2.0)
+    paired = recs["other"]["paired"]
+    assert paired["n"] == 3 and paired["pairs"] == [[s, 32768, "abc"] for s in range(3)]
+    assert paired["mean_diff"] == pytest.approx(0.05) and paired["sd_diff"] == pytest.approx(0.03)
+    assert paired["ci"] == pytest.approx([0.05 - half, 0.05 + half]) and paired["p"] == pytest.approx(p_value)
+    assert paired["ratio_ci"] == pytest.approx([math.exp(0.05 - half), math.exp(0.05 + half)])
+    assert (round(half, 4), round(p_value, 3)) == (0.0745, 0.102)
+    assert recs["other"]["goal"] == 1.1 and recs["other"]["goal_verdict"] == "undecided"  # CI 0.976-1.133
+    assert recs["base"]["paired"] is None and recs["base"]["goal_verdict"] == "undecided"
+    assert recs["other"]["eval_tokens"] == [32768]
+    row = next(line for line in (results / "table.md").read_text().splitlines() if line.startswith("| other |"))
+    assert "| +0.0500 ± 0.0745 | 0.976–1.133 | 0.102 | ≤ 1.10: undecided | 32,768 |" in row
+    # a goal is met only when the CI's upper end is under it, missed when its lower end is above it
+    _write(folder, "protocol", protocol_text.replace("other: 1.1", "other: 1.14"))
+    assert sweep.main([*argv, "--table-only"]) == 0
+    assert json.loads((results / "results.json").read_text())["recipes"]["other"]["goal_verdict"] == "met"
+    _write(folder, "protocol", protocol_text.replace("other: 1.1", "other: 0.97"))
+    assert sweep.main([*argv, "--table-only"]) == 0
+    assert "| ≤ 0.97: missed |" in (results / "table.md").read_text()
+
+
+LR_CHECK = "lr_check: 1.4142135623730951\n"
+
+
+def test_the_lr_check_moves_the_long_runs_and_is_planned_by_a_dry_run(sweep, tmp_path, monkeypatch, capsys):
+    fake, _, argv = _fake_sweep(sweep, tmp_path, monkeypatch)
+    _write(tmp_path / "recipes", "protocol", PROTOCOL + LR_CHECK)
+    monkeypatch.setattr(fake, "loss_at", lambda lr: abs(math.log(lr / 2.6e-3)), raising=False)  # best at 2.6e-3
+    assert sweep.main([*argv, "--dry-run"]) == 0  # nothing on record: the grid first
+    out = capsys.readouterr().out
+    assert "base short lr0.001_seed0: missing, would train" in out and "plan: 2 runs to train (2 short, 0 long)" in out
+    assert fake.calls == [] and not (tmp_path / "res").exists()
+    assert sweep.main(argv) == 0
+    # the grid chooses 2e-3 (4e-3 from the edge rule is worse); at 4 steps 2e-3 x sqrt(2) beats 2e-3 and 2e-3 / sqrt(2):
+    # the long runs move there, their seed 0 being the check's run; `other` (lr_from base) follows
+    grid = [(1e-3, 0, 2), (2e-3, 0, 2), (4e-3, 0, 2)]
+    check = [(2e-3, 0, 4), (0.00141421, 0, 4), (0.00282843, 0, 4)]
+    assert fake.calls == [*grid, *check, (0.00282843, 1, 4), (0.00282843, 0, 4), (0.00282843, 1, 4)]
+    recs = json.loads((tmp_path / "res" / "results.json").read_text())["recipes"]
+    assert recs["base"]["chosen_lr"] == 2e-3 and recs["base"]["long_lr"] == recs["other"]["long_lr"] == 0.00282843
+    assert recs["base"]["lr_check"]["moved"] and recs["base"]["lr_check"]["lrs"] == [2e-3, 0.00141421, 0.00282843]
+    table = (tmp_path / "res" / "table.md").read_text()
+    losses = [5.0 + abs(math.log(lr / 2.6e-3)) - 0.1 for lr in (0.00141421, 2e-3, 0.00282843)]
+    assert f"| 0.002 → 0.00282843 | {math.exp(5.0 + abs(math.log(2 / 2.6))):.2f} |" in table
+    assert "| " + " / ".join(f"{v:.4f}" for v in losses) + ": moved to 0.00282843 |" in table
+    assert "| other | from base | 0.002 → 0.00282843 | - | - |" in table
+    fake.calls.clear()
+    assert sweep.main([*argv, "--stage", "lrcheck", "--dry-run"]) == 0 and fake.calls == []
+    assert "plan: nothing to train" in capsys.readouterr().out
+    pack = sweep.records.pack_path(tmp_path / "res", "base")
+    kept = sweep.records.read_pack(pack)
+    kept["long/lr0.002_seed0"]["results"]["config"]["eval_tokens"] = 64  # not comparable with its neighbours
+    sweep.records.write_pack(pack, kept)
+    assert sweep.main([*argv, "--table-only"]) == 0
+    short = math.exp(5.0 + abs(math.log(2 / 2.6)))
+    assert f"| 0.002 | {short:.2f} | evaluated on different tokens |" in (tmp_path / "res" / "table.md").read_text()
+
+
+def test_runs_evaluated_on_fewer_tokens_are_shown_and_re_run(sweep, tmp_path, monkeypatch, capsys):
+    fake, _, argv = _fake_sweep(sweep, tmp_path, monkeypatch)
+    assert sweep.main(argv) == 0
+    more = ["--set", "eval_tokens=65536"]  # the fake runs were evaluated on the preset's 32,768 tokens
+    assert sweep.main([*argv, *more, "--table-only"]) == 0
+    out = capsys.readouterr().out
+    assert "outdated: evaluated on 32,768 validation tokens, the protocol's 65,536" in out and "STALE" not in out
+    row = next(line for line in out.splitlines() if line.startswith("| base |"))
+    assert "| 1.000 | - | - | - | - | 32,768 |" in row  # shown, with the tokens it was evaluated on
+    fake.calls.clear()
+    assert sweep.main([*argv, *more, "--dry-run"]) == 0 and fake.calls == []
+    assert "plan: 2 runs to train (2 short, 0 long)" in capsys.readouterr().out  # the edge point waits on them
+    assert sweep.main([*argv, *more]) == 0
+    assert len(fake.calls) == 7  # the grid, then the long runs of both recipes, evaluated on 65,536 tokens
+    assert sweep.main([*argv, *more, "--dry-run"]) == 0 and "plan: nothing to train" in capsys.readouterr().out
+
+
+def test_a_setting_the_record_lacks_matches_only_at_the_presets_value(sweep, tmp_path, monkeypatch, capsys):
+    records = sweep.records
+    _, _, argv = _fake_sweep(sweep, tmp_path, monkeypatch)
+    assert sweep.main(argv) == 0
+    for name in ("base", "other"):
+        pack = records.pack_path(tmp_path / "res", name)
+        kept = records.read_pack(pack)
+        for rec in kept.values():
+            del rec["meta"]["config"]["keep_checkpoints"]  # a record from a library without the setting
+        records.write_pack(pack, kept)
+    assert sweep.main([*argv, "--table-only"]) == 0
+    assert "STALE" not in capsys.readouterr().out
+    _write(
+        tmp_path / "recipes",
+        "base",
+        "description: b\noverrides: {optim.name: adamw, keep_checkpoints: 7}\nlrs: [1.0e-3, 2.0e-3]\n",
+    )
+    assert sweep.main([*argv, "--table-only"]) == 0
+    assert "stale: its config differs from the recipe's" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        ("lr_check: 1.0\n", "lr_check must be a factor > 1"),
+        ("lr_check: fast\n", "lr_check must be a factor > 1"),
+        ("goals: {base: -1}\n", "goals must map recipes to positive perplexity ratios"),
+        ("goals: {nope: 1.1}\n", "goals name unknown recipes \\['nope'\\]"),
+        ("lr_checks: 1.5\n", "unknown keys \\['lr_checks'\\]"),
+    ],
+)
+def test_a_bad_protocol_is_one_line(sweep, tmp_path, monkeypatch, capsys, extra, message):
+    _, _, argv = _fake_sweep(sweep, tmp_path, monkeypatch)
+    _write(tmp_path / "recipes", "protocol", PROTOCOL + extra)
+    assert sweep.main([*argv, "--table-only"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and __import__("re").search(message, err)
+    assert not (tmp_path / "res").exists()
+
+
+def test_eval_cost_times_one_evaluation(sweep, tmp_path, monkeypatch, data_cache, capsys):
+    folder = tmp_path / "recipes"
+    _write(folder, "protocol", PROTOCOL.replace("grid_size: 2", "grid_size: 1"))
+    _write(folder, "base", "description: base\noverrides: {optim.name: adamw}\nlrs: [3.0e-3]\n")
+    sets = [f"--set={o}" for o in [*TOY, f"data.cache_dir={data_cache}", "eval_tokens=512"]]
+    assert sweep.main(["--eval-cost", "--recipes-dir", str(folder), *sets, "--lock", str(tmp_path / "lock")]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "validation tokens" in line]
+    assert len(lines) == 2 and lines[0].startswith("512 validation tokens (2 batches): ")  # 32 windows of 16 tokens
+    assert "1 evaluations in a 2-step run" in lines[0] and "per evaluation" in lines[1]
