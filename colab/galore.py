@@ -134,7 +134,6 @@ from lowrank_jax.config import load_config, replace
 from lowrank_jax.data import BatchIterator, eval_batches, prepare_data
 from lowrank_jax.models import abstract_params, build_model, count_bytes, count_params, split_model
 from lowrank_jax.optim import GaLoreState
-from lowrank_jax.optim.registry import method_mask
 
 cfg = load_config(
     "tiny",
@@ -190,13 +189,12 @@ kept = energy[RANK - 1]
 print(f"gradient {G.shape}: rank {RANK} keeps {100 * kept:.1f}% of ||G||^2 ({min(G.shape)} singular values)")
 
 # GaLore computes the same subspace: run one update and compare its projector with the SVD.
-tx_probe = lrj.galore(rank=RANK, mask=method_mask)
+tx_probe = lrj.scale_by_galore(rank=RANK, mask=lrj.default_mask)  # attention + MLP kernels, by name
 _, probe_state = jax.jit(tx_probe.update)(g, tx_probe.init(params0))
 P = np.asarray(probe_state.proj_in["blocks"]["mlp"]["up"]["kernel"][0], np.float64)
 cos = np.abs(np.sum(P * u[:, :RANK], axis=0))  # |cosine| between matching singular vectors
 print(f"GaLore projector {P.shape} vs top-{RANK} singular vectors: min |cos| = {cos.min():.6f}")
-inner = probe_state.inner_state
-up_moment = inner.mu["blocks"]["mlp"]["up"]["kernel"]
+up_moment = probe_state.inner_state.mu["blocks"]["mlp"]["up"]["kernel"]
 print(f"kernel {g['blocks']['mlp']['up']['kernel'].shape} -> Adam moment {up_moment.shape}")
 
 # %%
@@ -220,9 +218,9 @@ plt.show()
 # ## 2. Optimizer-state memory, from `jax.eval_shape`
 #
 # `jax.eval_shape(tx.init, params)` gives the state's shapes and dtypes without allocating it, so we can
-# size the optimizer state of LLaMA-7B on a laptop. Four optimizers, composed as the README shows (the
-# moments live *inside* `galore`, as its `inner`; `optax.chain(galore(r), optax.adamw(lr))` would allocate
-# full-size moments):
+# size the optimizer state of LLaMA-7B on a laptop. Four complete optimizers, as optax names them (the
+# moments live *inside* `lrj.galore`; `optax.chain(lrj.galore(rank=r), optax.adamw(lr))` stops with a message,
+# since its AdamW would allocate full-size moments):
 #
 # * AdamW: two float moments per parameter;
 # * 8-bit Adam (Dettmers et al., [arXiv 2110.02861](https://arxiv.org/abs/2110.02861)): block-wise quantized
@@ -239,18 +237,9 @@ def optimizers(rank, gap, lr=LR):
     """name -> optax transform (lr may be a schedule); GaLore wraps only the blocks' kernels."""
     return {
         "AdamW": optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-6),
-        "8-bit Adam": optax.chain(lrj.scale_by_adam_8bit(eps=1e-6), optax.scale_by_learning_rate(lr)),
-        "GaLore": lrj.galore_adamw(lr, rank=rank, update_proj_gap=gap, scale=0.25, mask=method_mask),
-        "8-bit GaLore": optax.chain(
-            lrj.galore(
-                rank=rank,
-                update_proj_gap=gap,
-                scale=0.25,
-                mask=method_mask,
-                inner=lrj.scale_by_adam_8bit(eps=1e-6, eps_placement="hf"),
-            ),
-            optax.scale_by_learning_rate(lr),
-        ),
+        "8-bit Adam": lrj.adamw_8bit(lr, eps=1e-6, weight_decay=0.0),
+        "GaLore": lrj.galore(lr, rank=rank, update_proj_gap=gap, scale=0.25),
+        "8-bit GaLore": lrj.galore(lr, rank=rank, update_proj_gap=gap, scale=0.25, eight_bit=True),
     }
 
 
@@ -326,7 +315,7 @@ def schedule(peak):
 
 
 def galore_variant(**kw):
-    return lrj.galore_adamw(schedule(LR), rank=RANK, update_proj_gap=GAP, scale=0.25, mask=method_mask, **kw)
+    return lrj.galore(schedule(LR), rank=RANK, update_proj_gap=GAP, scale=0.25, **kw)
 
 
 runs_tx = {

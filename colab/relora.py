@@ -141,8 +141,6 @@ BASE = [
     f"model.heads={C['heads']}",
     f"model.layers={C['layers']}",
     f"model.max_seq_len={C['seq_len']}",
-    f"model.lora_rank={C['rank']}",
-    f"model.lora_alpha={S * C['rank']}",
     f"data.source={C['source']}",
     f"data.vocab_size={C['vocab']}",
     f"data.tokenizer_train_chars={C['tokenizer_chars']}",
@@ -163,7 +161,11 @@ BASE.append(f"model.vocab_size={data.vocab_size}")
 
 
 def config(*overrides):
-    return load_config("tiny", [*BASE, *overrides])
+    """The notebook's config; with ``model.dense=lora`` its LoRA rank and alpha (read only by LoRA layers)."""
+    lora = (
+        [f"model.lora_rank={C['rank']}", f"model.lora_alpha={S * C['rank']}"] if "model.dense=lora" in overrides else []
+    )
+    return load_config("tiny", [*BASE, *lora, *overrides])
 
 
 lora_cfg = config("model.dense=lora")

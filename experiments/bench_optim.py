@@ -30,8 +30,8 @@ from optax import contrib
 
 from lowrank_jax.config import load_config, replace
 from lowrank_jax.models import abstract_params, count_bytes, count_params
-from lowrank_jax.optim import galore_adamw
-from lowrank_jax.optim.registry import method_mask
+from lowrank_jax.optim import galore
+from lowrank_jax.optim.complete import matrices
 from lowrank_jax.train.step import compile_train_step, make_trainer
 
 HERE = Path(__file__).resolve().parent
@@ -54,16 +54,16 @@ def _optimizers(rank: int, gap: int, lr: float = 1e-3) -> dict[str, optax.Gradie
     return {
         "optax.adamw": optax.adamw(lr),
         # optax.contrib.galore projects every 2-D leaf (its `mask` is a weight-decay mask), so ours runs
-        # with mask=None (every leaf with ndim >= 2) for a like-for-like comparison ...
+        # with mask=matrices (every leaf with ndim >= 2) for a like-for-like comparison ...
         "optax.contrib.galore": contrib.galore(lr, rank=rank, update_proj_gap=gap, scale=0.25),
-        "ours (default)": galore_adamw(lr, rank, update_proj_gap=gap, scale=0.25),
-        "ours (staggered+randomized)": galore_adamw(
-            lr, rank, update_proj_gap=gap, scale=0.25, refresh="staggered", svd="randomized"
+        "ours (default)": galore(lr, rank=rank, update_proj_gap=gap, scale=0.25, mask=matrices),
+        "ours (staggered+randomized)": galore(
+            lr, rank=rank, update_proj_gap=gap, scale=0.25, mask=matrices, refresh="staggered", svd="randomized"
         ),
-        # ... and with the papers' selection (attention + MLP kernels only), as the training loop uses it.
-        "ours (attn+MLP only)": galore_adamw(lr, rank, update_proj_gap=gap, scale=0.25, mask=method_mask),
-        "ours (attn+MLP only, staggered+randomized)": galore_adamw(
-            lr, rank, update_proj_gap=gap, scale=0.25, mask=method_mask, refresh="staggered", svd="randomized"
+        # ... and with the papers' selection (attention + MLP kernels only), the complete optimizer's default.
+        "ours (attn+MLP only)": galore(lr, rank=rank, update_proj_gap=gap, scale=0.25),
+        "ours (attn+MLP only, staggered+randomized)": galore(
+            lr, rank=rank, update_proj_gap=gap, scale=0.25, refresh="staggered", svd="randomized"
         ),
     }
 

@@ -4,7 +4,8 @@
 
 Parameters in BF16 (as in the GaLore paper's memory estimate); optimizers built exactly as the
 training loop builds them (`optim.name` = adamw, adamw8bit, galore_adamw, galore_adamw8bit,
-fira_adamw, apollo_adamw, apollo_mini_adamw) with the ranks of each method's official recipe
+golore_adamw, fira_adamw, apollo_adamw, apollo_mini_adamw, swan, ldadamw, q_galore_adamw8bit) with the
+ranks of each method's official recipe
 (:data:`RANKS`), applied to the attention/MLP kernels only. Printed next to the papers' figures where they
 give one (GaLore Table 2: params + optimizer state, and optimizer state alone; the APOLLO paper: 7B state),
 in GB = 1e9 bytes. APOLLO stores no projection (it is regenerated from its seed), GaLore and Fira store
@@ -34,9 +35,13 @@ OPTIMIZERS = (
     "adamw8bit",
     "galore_adamw",
     "galore_adamw8bit",
+    "golore_adamw",
     "fira_adamw",
     "apollo_adamw",
     "apollo_mini_adamw",
+    "swan",
+    "ldadamw",
+    "q_galore_adamw8bit",
 )
 _GALORE_RANKS = (128, 256, 256, 512, 1024)  # GaLore paper Table 2 / 7B recipe
 # optimizer -> (the config section holding its rank, rank per config in CONFIGS order), from the official recipes:
@@ -44,9 +49,12 @@ _GALORE_RANKS = (128, 256, 256, 512, 1024)  # GaLore paper Table 2 / 7B recipe
 RANKS = {
     "galore_adamw": ("galore", _GALORE_RANKS),
     "galore_adamw8bit": ("galore", _GALORE_RANKS),
-    "fira_adamw": ("galore", (128, 256, 256, 512, 512)),
+    "golore_adamw": ("golore", _GALORE_RANKS),
+    "fira_adamw": ("fira", (128, 256, 256, 512, 512)),
     "apollo_adamw": ("apollo", (128, 192, 256, 256, 256)),
     "apollo_mini_adamw": ("apollo_mini", (1, 1, 1, 1, 1)),
+    "ldadamw": ("ldadam", _GALORE_RANKS),
+    "q_galore_adamw8bit": ("q_galore", _GALORE_RANKS),
 }
 # GaLore paper, Table 2 (BF16 estimate): params + optimizer state, and optimizer state alone (GB).
 PAPER_TOTAL = {
@@ -117,10 +125,40 @@ def table(rows: list[dict]) -> str:
     return markdown_table(header, cells)
 
 
+# The methods' four names (docs/methods.md): optim.name -> (method, complete optimizer, scale-by transform)
+API = {
+    "adamw": ("AdamW", "optax.adamw", "optax.scale_by_adam"),
+    "adamw8bit": ("8-bit AdamW", "lrj.adamw_8bit", "lrj.scale_by_adam_8bit"),
+    "galore_adamw": ("GaLore", "lrj.galore", "lrj.scale_by_galore"),
+    "galore_adamw8bit": ("8-bit GaLore", "lrj.galore(eight_bit=True)", "lrj.scale_by_galore(base_optimizer=…)"),
+    "golore_adamw": ("GoLore", "lrj.golore", "lrj.scale_by_golore"),
+    "fira_adamw": ("Fira", "lrj.fira", "lrj.scale_by_fira"),
+    "apollo_adamw": ("APOLLO", "lrj.apollo", "lrj.scale_by_apollo"),
+    "apollo_mini_adamw": ("APOLLO-Mini", "lrj.apollo_mini", "lrj.scale_by_apollo_mini"),
+    "swan": ("SWAN", "lrj.swan", "lrj.scale_by_swan"),
+    "ldadamw": ("LDAdam", "lrj.ldadam", "lrj.scale_by_ldadam"),
+    "q_galore_adamw8bit": ("Q-GaLore", "lrj.q_galore", "lrj.scale_by_q_galore"),
+}
+
+
+def api_table(rows: list[dict]) -> str:
+    """Per method: its complete optimizer, scale-by transform, CLI name and state bytes per parameter at 7B."""
+    at_7b = {r["optimizer"]: r for r in rows if r["config"] == "llama_7b"}
+    cells = []
+    for name, (method, complete, scale_by) in API.items():
+        r = at_7b.get(name)
+        per_param = f"{r['state_bytes'] / r['params']:.2f}" if r else "-"
+        rank = f" (r={r['rank']})" if r and r["rank"] else ""
+        cells.append([method, f"`{complete}`", f"`{scale_by}`", f"`optim.name={name}`", f"{per_param}{rank}"])
+    header = "method | complete optimizer | scale-by transform | CLI / YAML | state bytes per parameter at 7B"
+    return markdown_table(header, cells)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
     p.add_argument("--out", default=str(HERE / "results" / "optim_memory"))
+    p.add_argument("--api-out", default=str(HERE / "results" / "method_api"), help="the methods' names and 7B state")
     args = p.parse_args(argv)
     rows = [measure(c, o) for c in args.configs for o in OPTIMIZERS]
     md = table(rows)
@@ -128,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     write_table(out, md)
     write_results(out, {"rows": rows})
+    if "llama_7b" in args.configs:
+        api = api_table(rows)
+        print(api)
+        write_table(Path(args.api_out), api)
     return 0
 
 

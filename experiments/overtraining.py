@@ -18,6 +18,14 @@ Parts (each can be run on its own; every part reads what the earlier ones wrote)
     python experiments/overtraining.py --part groups --methods full galore # noise on one tensor group
     python experiments/overtraining.py --part toy                          # the linear toy
     python experiments/overtraining.py --part report                       # table.md + results.json + plots
+    python experiments/overtraining.py --part checkpoints --checkpoints A B C --tokens 1e9 2e9 4e9 \
+        --data pretrain.txt --ft-data finetune.jsonl --out DIR             # any list of checkpoints
+
+``--part checkpoints`` runs the study on checkpoints made elsewhere (Hugging Face LLaMA directories, e.g.
+a public family's intermediate checkpoints saved locally, model directories of ``lowrank-jax import-hf``
+or runs of this project), each labelled with its pretraining tokens, on local text files
+(:func:`lowrank_jax.analysis.study_checkpoints`); it writes table.md, results.json and checkpoints.png
+into ``--out``.
 
 ``--part methods`` runs ``sensitivity`` for every pretrained method (full-rank at every checkpoint, the
 others at 25/50/100/200 steps) and then the report; ``--relative rms`` adds RMS-relative noise.
@@ -51,6 +59,7 @@ import records
 import sweep
 from _report import markdown_table, save_figure, subplots, write_results, write_table
 
+from lowrank_jax.analysis.checkpoints import study_checkpoints
 from lowrank_jax.analysis.finetune import finetune_degradation, finetune_token_data, load_params, run_config
 from lowrank_jax.analysis.linear_toy import linear_toy
 from lowrank_jax.analysis.sensitivity import densify, init_std_tree, parameter_sensitivity
@@ -606,9 +615,69 @@ def part_report(args) -> None:
     print((RESULTS / "table.md").read_text())
 
 
+def part_checkpoints(args) -> None:
+    """The study on ``--checkpoints`` labelled ``--tokens``: sensitivity, fine-tuning, the report in ``--out``."""
+    if not args.checkpoints or not args.data or not args.ft_data:
+        raise SystemExit(
+            "--part checkpoints needs --checkpoints DIR ..., --tokens N ..., --data FILE and --ft-data FILE"
+        )
+    t0 = time.time()
+    recs = study_checkpoints(
+        args.checkpoints,
+        args.tokens or [],
+        args.data,
+        args.ft_data,
+        lambdas=tuple(args.lambdas),
+        n_seeds=args.seeds,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        eval_tokens=args.eval_tokens,
+        ft_steps=args.ft_steps,
+        ft_lr=args.ft_lr,
+    )
+    out = Path(args.out)
+    lams = sorted({r["lambda"] for rec in recs for r in rec["sensitivity"]["rows"]})
+    header = ["checkpoint", "tokens seen", "clean loss"] + [f"Δloss λ={lam:g}" for lam in lams]
+    header += ["ft loss before → after", "pt loss before → after (forgetting)"]
+    rows = []
+    for rec in recs:
+        sens, ft = rec["sensitivity"], rec["finetune"]
+        by_lam = {r["lambda"]: r for r in sens["rows"]}
+        rows.append(
+            [Path(rec["checkpoint"]).name, f"{rec['tokens']:.4g}", f"{sens['clean_loss']:.4f}"]
+            + [_fmt_band(by_lam[lam]) for lam in lams]
+            + [
+                f"{ft['ft_loss_before']:.4f} → {ft['ft_loss_after']:.4f}",
+                f"{ft['pt_loss_before']:.4f} → {ft['pt_loss_after']:.4f} ({ft['forgetting']:+.4f})",
+            ]
+        )
+    md = (
+        f"# Overtraining study on {len(recs)} checkpoints\n\nSensitivity: mean loss increase on `{args.data}` "
+        f"under init-std noise × λ ({args.seeds} seeds, 95% band); fine-tuning: {args.ft_steps} AdamW steps at "
+        f"lr {args.ft_lr:g} on `{args.ft_data}`.\n\n" + markdown_table(header, rows)
+    )
+    write_table(out, md)
+    tokens = [rec["tokens"] for rec in recs]
+    fig, axes = subplots(1, 2, figsize=(10, 3.6))
+    for lam in lams:
+        means = [next(r for r in rec["sensitivity"]["rows"] if r["lambda"] == lam)["mean_increase"] for rec in recs]
+        axes[0].plot(tokens, means, marker="o", label=f"λ={lam:g}")
+    axes[0].set(xlabel="pretraining tokens seen", ylabel="loss increase under noise", title="sensitivity")
+    axes[1].plot(tokens, [rec["finetune"]["ft_loss_after"] for rec in recs], marker="o", label="fine-tune domain")
+    axes[1].plot(tokens, [rec["finetune"]["pt_loss_after"] for rec in recs], marker="s", label="pretraining domain")
+    axes[1].set(xlabel="pretraining tokens seen", ylabel="loss after fine-tuning", title="fine-tune degradation")
+    for ax in axes:
+        ax.set_xscale("log" if min(tokens) > 0 else "linear")
+    save_figure(fig, out / "checkpoints.png", axes, grid=True, legend=True)
+    settings = {k: getattr(args, k) for k in ("data", "ft_data", "lambdas", "seeds", "seq_len", "batch_size")}
+    settings.update(eval_tokens=args.eval_tokens, ft_steps=args.ft_steps, ft_lr=args.ft_lr)
+    write_results(out, {"settings": settings, "checkpoints": recs, "wall_s": time.time() - t0})
+    print(md)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parts = ["pretrain", "sensitivity", "methods", "finetune", "toy", "groups", "report"]
+    parts = ["pretrain", "sensitivity", "methods", "finetune", "toy", "groups", "report", "checkpoints"]
     p.add_argument("--part", required=True, choices=parts)
     p.add_argument("--methods", nargs="+", default=["full"], choices=sorted(RECIPE_OF))
     p.add_argument("--force", action="store_true", help="redo work whose results exist")
@@ -616,6 +685,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--relative", nargs="+", default=["init"], choices=["init", "rms"])
     p.add_argument("--ft-lr", type=float, default=FT_LR, help="fine-tuning peak learning rate")
     p.add_argument("overrides", nargs="*", help="extra key=value config overrides for --part pretrain")
+    c = p.add_argument_group("--part checkpoints")
+    c.add_argument("--checkpoints", nargs="+", help="HF / model / run directories")
+    c.add_argument("--tokens", nargs="+", type=float, help="pretraining tokens seen by each checkpoint")
+    c.add_argument("--data", help="pretraining-domain text (.txt or .jsonl) for the sensitivity and forgetting")
+    c.add_argument("--ft-data", help="fine-tuning text (.txt or .jsonl): 90%% train, 10%% validation")
+    c.add_argument("--out", default=str(RESULTS / "checkpoints"), help="where table.md, results.json, the plot go")
+    c.add_argument("--lambdas", nargs="+", type=float, default=[0.5, 1.0, 2.0])
+    c.add_argument("--seeds", type=int, default=2)
+    c.add_argument("--seq-len", type=int, default=128)
+    c.add_argument("--batch-size", type=int, default=8)
+    c.add_argument("--eval-tokens", type=int, default=8192)
+    c.add_argument("--ft-steps", type=int, default=20)
     args = p.parse_args(argv)
     parts = {
         "pretrain": part_pretrain,
@@ -625,6 +706,7 @@ def main(argv: list[str] | None = None) -> int:
         "report": part_report,
         "groups": part_groups,
         "methods": part_methods,
+        "checkpoints": part_checkpoints,
     }
     parts[args.part](args)
     return 0

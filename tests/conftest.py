@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from gcs_emulator import gcs, gcs_emulator  # noqa: F401  (fixtures: a GCS emulator server and a fresh bucket)
 
 CWD_FIXTURE = "hermetic_cwd"
 

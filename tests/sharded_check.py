@@ -34,7 +34,7 @@ METHODS = {
     "bitlinear": ["model.dense=bitlinear"],
     "apollo": ["optim.name=apollo_adamw", "apollo.rank=8", "apollo.update_proj_gap=2"],
     "apollo_mini": ["optim.name=apollo_mini_adamw", "apollo_mini.update_proj_gap=2"],
-    "fira": ["optim.name=fira_adamw", "galore.rank=8", "galore.update_proj_gap=2"],
+    "fira": ["optim.name=fira_adamw", "fira.rank=8", "fira.update_proj_gap=2"],
     "golore": [*GALORE, "galore.projector=random", "galore.random_from=4", "galore.moments=reproject_first"],
 }
 MESHES = ["1,1,1", "8,1,1", "1,8,1", "2,2,2"]

@@ -39,8 +39,11 @@ METHODS = {
     "sl_pallas": ["model.dense=sl", "model.sl_rank=8", "model.sl_implementation=pallas"],
     "bitlinear": ["model.dense=bitlinear"],
     "apollo": ["optim.name=apollo_adamw", "apollo.rank=8"],
-    "fira_layerwise": ["optim.name=fira_adamw", "galore.rank=8", "layerwise_update=true"],
-    "golore": ["optim.name=galore_adamw", "galore.rank=8", "galore.projector=random", "galore.random_from=10"],
+    "fira_layerwise": ["optim.name=fira_adamw", "fira.rank=8", "layerwise_update=true"],
+    "golore": ["optim.name=golore_adamw", "golore.rank=8", "golore.random_from=10"],
+    "swan": ["optim.name=swan"],
+    "ldadam": ["optim.name=ldadamw", "ldadam.rank=8"],
+    "q_galore": ["optim.name=q_galore_adamw8bit", "q_galore.rank=8"],
 }
 SL_KERNELS = {"sl_matmul_fwd", "sl_matmul_dx", "sl_matmul_dvalues"}
 

@@ -232,18 +232,21 @@ def finetune_degradation(
     weight_decay: float = 0.0,
     seed: int = 0,
     parameterisation: str = "effective",
+    loaded: tuple[Any, Config, int] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``checkpoint`` on ``finetune_data`` and measure both domains (see the module docstring).
 
     ``finetune_data``: an object with ``train`` and ``val`` token streams (a ``TokenData``) or a
     ``(train, val)`` pair; ``pretrain_eval_data``: the pretraining domain's validation token stream.
+    ``loaded``: ``(params, config, step)`` of a checkpoint already in memory (e.g. a Hugging Face one,
+    :func:`lowrank_jax.analysis.checkpoints.study_checkpoints`); ``checkpoint`` then only names it.
     ``batch_size``/``seq_len``/``eval_tokens`` default to the pretraining run's. Returns a dict with
     ``ft_loss_before/after``, ``pt_loss_before/after``, ``forgetting`` (pt after − before),
     ``ft_gain`` (ft before − after), the ``curve`` and the settings.
     """
     _check_settings(steps, lr, eval_every, parameterisation)
     streams = _streams(finetune_data, pretrain_eval_data)
-    params, pre_cfg, step = load_params(checkpoint)
+    params, pre_cfg, step = loaded if loaded is not None else load_params(checkpoint)
     if parameterisation == "effective":
         params, model_cfg = densify(params, pre_cfg.model)
     else:

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from lowrank_jax.config.errors import ConfigError
-from lowrank_jax.config.schema import SECTIONS, Config, check_paths
+from lowrank_jax.config.schema import SECTIONS, Config, check_paths, check_unread_settings
 
 CONFIG_DIR = Path(__file__).parent / "presets"
 
@@ -134,6 +134,7 @@ def load_config(name_or_path: str, overrides: list[str] | dict[str, Any] | None 
         cli = parse_overrides(list(overrides))
         flat.update(cli)
     cfg = _build(flat, set(cli))
+    check_unread_settings(cfg)
     check_paths(cfg)
     return cfg
 

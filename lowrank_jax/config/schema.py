@@ -31,8 +31,11 @@ from lowrank_jax.layers import dense_kinds
 from lowrank_jax.layers.dense import DTYPES
 from lowrank_jax.optim.apollo import APOLLO_PROJ_TYPES, SCALE_TYPES
 from lowrank_jax.optim.galore import MOMENT_MODES, PROJ_TYPES, PROJECTORS, REFRESH_MODES, SVD_MODES
-from lowrank_jax.optim.registry import optimizer_names
+from lowrank_jax.optim.ldadam import LDADAM_PROJ_TYPES
+from lowrank_jax.optim.q_galore import Q_GALORE_PROJ_TYPES
+from lowrank_jax.optim.registry import optimizer_names, optimizer_sections
 from lowrank_jax.optim.relora import RESET_MODES
+from lowrank_jax.optim.swan import WHITEN_MODES
 from pallas_kernels.sl_matmul.api import IMPLEMENTATIONS
 
 SCHEMA = ConfigDict(extra="forbid", strict=True)
@@ -88,8 +91,16 @@ class ModelConfig:
     layers: Annotated[Int, Positive] = 4
     max_seq_len: Annotated[Int, Positive] = 256
     rope_theta: Annotated[Float, Positive] = 10000.0
-    norm_eps: Annotated[Float, Positive] = 1e-6
+    norm_eps: Annotated[Float, Field(gt=0, lt=1)] = 1e-6
     init_std: Annotated[Float, Positive] = 0.02
+    num_kv_heads: Annotated[Int, Field(ge=0, description="0: heads")] = 0  # grouped-query attention (GQA)
+    head_dim: Annotated[Int, Field(ge=0, description="0: hidden // heads")] = 0
+    rope_scaling: Literal["none", "llama3"] = "none"  # llama3: Llama-3.1's frequency-dependent rope scaling
+    rope_factor: Annotated[Float, Field(ge=1)] = 8.0  # llama3 scaling: wavelengths past low_freq_wavelen / factor
+    rope_low_freq_factor: Annotated[Float, Positive] = 1.0
+    rope_high_freq_factor: Annotated[Float, Positive] = 4.0
+    rope_original_max_seq_len: Annotated[Int, Positive] = 8192
+    tie_embeddings: bool = False  # lm_head reuses the input embedding (logits = h · embedᵀ)
     dense: str = "dense"  # dense-factory kind for attention + MLP linears: dense | lora | lowrank | sl | bitlinear
     lora_rank: Annotated[Int, Positive] = 128  # rank of the lora / lowrank kinds
     lora_alpha: Annotated[Float, Positive] = 32.0  # LoRA scale s = lora_alpha / lora_rank
@@ -102,6 +113,34 @@ class ModelConfig:
     remat: bool = False
     dtype: Literal[DTYPES] = "float32"  # compute dtype
     param_dtype: Literal[DTYPES] = "float32"
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: ``num_kv_heads``, or ``heads`` (multi-head attention) when 0."""
+        return self.num_kv_heads or self.heads
+
+    @property
+    def head_size(self) -> int:
+        """Per-head dimension: ``head_dim``, or ``hidden // heads`` when 0."""
+        return self.head_dim or self.hidden // self.heads
+
+
+def _model_shape_rules(m: ModelConfig) -> None:
+    """Attention shapes (heads, GQA groups, even rotary head dim) and the llama3 rope-scaling band."""
+    if m.head_dim == 0:
+        _check(m.hidden % m.heads == 0, "model.heads", f"{m.heads} heads do not divide hidden={m.hidden}")
+        even = (m.hidden // m.heads) % 2 == 0
+        _check(even, "model.heads", "head dim hidden/heads must be even for rotary embeddings")
+    else:
+        _check(m.head_dim % 2 == 0, "model.head_dim", f"must be even for rotary embeddings, got {m.head_dim}")
+    kv = m.num_kv_heads or m.heads
+    _check(kv <= m.heads and m.heads % kv == 0, "model.num_kv_heads", f"{kv} does not divide heads={m.heads}")
+    if m.rope_scaling == "llama3":
+        _check(
+            m.rope_high_freq_factor > m.rope_low_freq_factor,
+            "model.rope_high_freq_factor",
+            f"must exceed rope_low_freq_factor={m.rope_low_freq_factor}, got {m.rope_high_freq_factor}",
+        )
 
 
 @one_line_errors("data")
@@ -168,17 +207,10 @@ class OptimConfig:
     lr_norms: GroupLr = None  # RMSNorm scales and other vectors
 
 
-@one_line_errors("galore")
 @dataclass(frozen=True, config=SCHEMA)
-class GaloreConfig:
-    """GaLore settings for ``optim.name=galore_adamw`` / ``galore_adamw8bit`` (see lowrank_jax.optim.galore).
-
-    The field names are exactly keyword arguments of :func:`lowrank_jax.optim.galore.galore`: the
-    optimizer builders (:mod:`lowrank_jax.optim.registry`) pass each field as that keyword, so a new
-    GaLore option is one field here, one keyword in the builders and its keyword in the transform.
-
-    Applied to the attention and MLP kernels only; embeddings, norms and lm_head use the same Adam
-    at full size. Paper recipe: rank 128 (60M) … 1024 (7B), update_proj_gap 200, scale 0.25, lr 0.01.
+class _ProjectorFields:
+    """The GaLore projector settings that the ``galore``, ``golore`` and ``fira`` sections each hold (keywords of
+    :func:`lowrank_jax.optim.galore.galore`, :func:`~lowrank_jax.optim.galore.golore`, :func:`~lowrank_jax.optim.fira`).
     """
 
     rank: Annotated[Int, Positive] = 32
@@ -190,8 +222,35 @@ class GaloreConfig:
     moments: Literal[MOMENT_MODES] = "keep"
     canonical_signs: bool = False
     oversample: Annotated[Int, NonNegative] = 8  # svd=randomized: sketch columns beyond the rank
-    projector: Literal[PROJECTORS] = "svd"  # random: GoLore (random orthonormal projectors from random_from on)
-    random_from: Annotated[Int, NonNegative] = 0  # GoLore's switch step (official: 0.8 * steps); projector=random
+
+
+@one_line_errors("galore")
+@dataclass(frozen=True, config=SCHEMA)
+class GaloreConfig(_ProjectorFields):
+    """GaLore for ``optim.name=galore_adamw`` / ``galore_adamw8bit`` (:func:`lowrank_jax.optim.galore.galore`).
+
+    The field names are exactly keyword arguments of :func:`~lowrank_jax.optim.galore.galore`: the optimizer
+    builders (:mod:`lowrank_jax.optim.registry`) pass each field as that keyword, so a new GaLore option is one
+    field here, one keyword in the builders and its keyword in the transform.
+
+    Applied to the attention and MLP kernels only; embeddings, norms and lm_head use the same Adam at full size.
+    Paper recipe: rank 128 (60M) … 1024 (7B), update_proj_gap 200, scale 0.25, lr 0.01.
+    """
+
+    projector: Literal[PROJECTORS] = "svd"  # random: GoLore's projectors from random_from on (see golore_adamw)
+    random_from: Annotated[Int, NonNegative] = 0  # the switch step; only with projector=random
+
+
+@one_line_errors("golore")
+@dataclass(frozen=True, config=SCHEMA)
+class GoloreConfig(_ProjectorFields):
+    """GoLore for ``optim.name=golore_adamw`` (:func:`lowrank_jax.optim.galore.golore`): GaLore whose refreshes draw
+    random orthonormal projectors from step ``random_from`` on. Official recipe: ``random_from = 0.8 · steps``,
+    scale 1, the first moment re-projected at each refresh (``moments=reproject_first``)."""
+
+    scale: Annotated[Float, Positive] = 1.0
+    moments: Literal[MOMENT_MODES] = "reproject_first"
+    random_from: Annotated[Int, NonNegative] = 0  # 0: random projectors from the start
 
 
 NormGrowthLimit = Annotated[Float, Field(ge=0, description="0: off, else >= 1")]
@@ -238,15 +297,64 @@ class ApolloMiniConfig(_ApolloShared):
 
 @one_line_errors("fira")
 @dataclass(frozen=True, config=SCHEMA)
-class FiraConfig:
-    """Fira's own settings for ``optim.name=fira_adamw``; its projector is GaLore's, set in the ``galore`` section.
+class FiraConfig(_ProjectorFields):
+    """Fira for ``optim.name=fira_adamw`` (:func:`lowrank_jax.optim.fira`): GaLore's projector settings and its own.
 
-    Fira = GaLore + the norm-scaled residual of the gradient outside the subspace (lowrank_jax.optim.fira).
-    Official recipe: the GaLore settings rank 128 (60M) … 512 (1B, 7B), update_proj_gap 200, scale (alpha) 0.25.
+    Fira = GaLore + the norm-scaled residual of the gradient outside the subspace. Official recipe: rank 128 (60M)
+    … 512 (1B, 7B), update_proj_gap 200, scale (alpha) 0.25, lr 0.01.
     """
 
     norm_growth_limit: NormGrowthLimit = 1.01
     eight_bit: bool = False  # 8-bit block-wise quantized low-rank moments
+
+
+@one_line_errors("swan")
+@dataclass(frozen=True, config=SCHEMA)
+class SwanConfig:
+    """SWAN for ``optim.name=swan`` (:func:`lowrank_jax.optim.swan.swan`); fields are its keywords.
+
+    Applied to the attention and MLP kernels (no state); the rest use Adam at full size, as in the paper
+    (Ma et al., ICML 2025, arXiv 2412.13148).
+    """
+
+    normalize: bool = True  # GradNorm (row-wise standardisation) before whitening
+    whiten: Literal[WHITEN_MODES] = "newton_schulz"  # exact: the SVD polar factor; none: GradNorm only
+    ns_steps: Annotated[Int, Positive] = 10
+    norm_eps: Annotated[Float, NonNegative] = 1e-8
+    scale: Annotated[Float, Positive] = 1.0
+
+
+@one_line_errors("ldadam")
+@dataclass(frozen=True, config=SCHEMA)
+class LdadamConfig:
+    """LDAdam for ``optim.name=ldadamw`` (:func:`lowrank_jax.optim.ldadam.ldadam`); fields are its keywords.
+
+    Official recipe (IST-DASLab/LDAdam): rank 8 (350M pretraining), b1 0.908, b2 0.99, eps 1e-8, rho 0.908, lr 1e-3.
+    """
+
+    rank: Annotated[Int, Positive] = 16
+    rho: Annotated[Float, Field(ge=0, lt=1)] = 0.908
+    proj_type: Literal[LDADAM_PROJ_TYPES] = "std"
+    error_feedback: bool = True
+
+
+@one_line_errors("q_galore")
+@dataclass(frozen=True, config=SCHEMA)
+class QGaloreConfig:
+    """Q-GaLore for ``optim.name=q_galore_adamw8bit`` (:func:`lowrank_jax.optim.q_galore.q_galore`); fields are its
+    keywords. Official recipe: rank 128 (60M) … 1024 (7B), update_proj_gap 200 (7B 500), scale 0.25, INT4
+    projectors in groups of 256, cos_threshold 0.4, gamma_proj 2, queue_size 5, 8-bit AdamW with b2 0.95."""
+
+    rank: Annotated[Int, Positive] = 32
+    update_proj_gap: Annotated[Int, Positive] = 200
+    scale: Annotated[Float, Positive] = 0.25
+    proj_type: Literal[Q_GALORE_PROJ_TYPES] = "std"
+    proj_quant: bool = True
+    proj_bits: Annotated[Int, Field(ge=1, le=8)] = 4
+    proj_group_size: Annotated[Int, Field(ge=2)] = 256
+    cos_threshold: Annotated[Float, Field(ge=-1, le=1)] = 0.4
+    gamma_proj: Annotated[Float, Field(ge=1)] = 2.0
+    queue_size: Annotated[Int, Positive] = 5
 
 
 @one_line_errors("relora")
@@ -285,10 +393,14 @@ SECTIONS = {
     "data": DataConfig,
     "optim": OptimConfig,
     "galore": GaloreConfig,
+    "golore": GoloreConfig,
     "relora": ReloraConfig,
     "apollo": ApolloConfig,
     "apollo_mini": ApolloMiniConfig,
     "fira": FiraConfig,
+    "swan": SwanConfig,
+    "ldadam": LdadamConfig,
+    "q_galore": QGaloreConfig,
     "logging": LoggingConfig,
 }
 
@@ -296,6 +408,47 @@ SECTIONS = {
 def _check(cond: bool, key: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"{key}: {msg}")
+
+
+# Method sections (read only by the optimizers that name them in the registry) and the model fields that only some
+# layer kinds (model.dense) read.
+METHOD_SECTIONS = ("galore", "golore", "apollo", "apollo_mini", "fira", "swan", "ldadam", "q_galore")
+LAYER_FIELDS = {
+    "lora_rank": ("lora", "lowrank"),
+    "lora_alpha": ("lora",),
+    "lora_trainable_scale": ("lora",),
+    "sl_rank": ("sl",),
+    "sl_alpha": ("sl",),
+    "sl_density": ("sl",),
+    "sl_implementation": ("sl",),
+}
+
+
+def _changed_fields(section: Any) -> list[str]:
+    """The fields of a section that differ from the section's defaults."""
+    default = type(section)()
+    return [f.name for f in dataclasses.fields(section) if getattr(section, f.name) != getattr(default, f.name)]
+
+
+def check_unread_settings(cfg: "Config") -> None:
+    """A setting the chosen optimizer or layer kind does not read is an error, not a silent no-op.
+
+    Run on every config read from YAML and ``key=value`` overrides (:func:`~lowrank_jax.config.load_config`):
+    a method section or layer field that differs from its defaults must be read by ``optim.name`` /
+    ``model.dense``. :func:`~lowrank_jax.config.replace` (Python) leaves such composition to the caller.
+    """
+    name = cfg.optim.name
+    reads = optimizer_sections(name)
+    for section in METHOD_SECTIONS:
+        changed = _changed_fields(getattr(cfg, section))
+        if changed and section not in reads:
+            where = f"its settings are in {', '.join(s + '.*' for s in reads)}" if reads else "it has no method section"
+            raise ConfigError(f"{section}.{changed[0]}: not read by optim.name={name} ({where})")
+    m = cfg.model
+    for field in _changed_fields(m):
+        kinds = LAYER_FIELDS.get(field)
+        if kinds and m.dense not in kinds:
+            raise ConfigError(f"model.{field}: not read by model.dense={m.dense} (only by {', '.join(kinds)})")
 
 
 @one_line_errors("")
@@ -307,10 +460,14 @@ class Config:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     galore: GaloreConfig = dataclasses.field(default_factory=GaloreConfig)
+    golore: GoloreConfig = dataclasses.field(default_factory=GoloreConfig)
     relora: ReloraConfig = dataclasses.field(default_factory=ReloraConfig)
     apollo: ApolloConfig = dataclasses.field(default_factory=ApolloConfig)
     apollo_mini: ApolloMiniConfig = dataclasses.field(default_factory=ApolloMiniConfig)
     fira: FiraConfig = dataclasses.field(default_factory=FiraConfig)
+    swan: SwanConfig = dataclasses.field(default_factory=SwanConfig)
+    ldadam: LdadamConfig = dataclasses.field(default_factory=LdadamConfig)
+    q_galore: QGaloreConfig = dataclasses.field(default_factory=QGaloreConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     steps: Annotated[Int, Positive] = 300
     batch_size: Annotated[Int, Positive] = 16
@@ -327,6 +484,9 @@ class Config:
     layerwise_update: bool = False  # update each block inside the backward pass (no full gradient)
     out_dir: Annotated[str, Field(min_length=1)] = "runs/default"
     resume: bool = False
+    # "": weights from cfg.seed; else a model directory (`lowrank-jax import-hf`) or a Hugging Face checkpoint
+    # directory whose weights start the run (its architecture replaces model.*'s, see lowrank_jax.hf.finetune)
+    init_from: str = ""
     progress: bool = True
 
     @property
@@ -337,12 +497,15 @@ class Config:
     def _cross_field_rules(self) -> "Config":
         """The rules that involve several fields or a registry (no data is read, nothing is written)."""
         m, d, o, r = self.model, self.data, self.optim, self.relora
-        _check(m.hidden % m.heads == 0, "model.heads", f"{m.heads} heads do not divide hidden={m.hidden}")
-        _check(
-            (m.hidden // m.heads) % 2 == 0, "model.heads", "head dim hidden/heads must be even for rotary embeddings"
-        )
+        _model_shape_rules(m)
         kinds = dense_kinds()
         _check(m.dense in kinds, "model.dense", f"unknown dense kind {m.dense!r} (known: {', '.join(kinds)})")
+        _check(
+            m.dense != "int8",
+            "model.dense",
+            "int8 weights need a step that requantizes them after each update (lowrank_jax.layers.int8.requantize, "
+            "as experiments/memory_7b.py's Q-GaLore step does); the training loop does not",
+        )
 
         if d.source == "files":
             _check(bool(d.paths), "data.paths", "source=files needs at least one glob")
@@ -387,7 +550,7 @@ class Config:
             )
         if m.dense in ("lora", "lowrank"):
             _check(
-                not o.name.startswith(("galore", "apollo", "fira")),
+                not o.name.startswith(("galore", "golore", "apollo", "fira")),
                 "optim.name",
                 f"{o.name} projects the kernels; it does not combine with model.dense={m.dense}",
             )
@@ -414,19 +577,52 @@ class Config:
 
 
 def check_paths(cfg: Config) -> None:
-    """The filesystem checks of a valid config: corpus globs match files, named files and directories exist."""
+    """The filesystem checks of a valid config: corpus globs match files, named files and directories exist.
+
+    A remote path (``gs://...``) is checked by :func:`lowrank_jax.storage.check_remote` (scheme,
+    credentials, endpoint, bucket) and then like a local one; nothing is written.
+    """
+    from lowrank_jax import storage  # lazy: remote paths only (fsspec/gcsfs)
+
     d = cfg.data
+    remote = storage.is_remote
+    fields = {"out_dir": cfg.out_dir, "data.shards": d.shards, "data.tokenizer": d.tokenizer}
+    fields.update({"init_from": cfg.init_from, "data.tfds_data_dir": d.tfds_data_dir if d.source == "tfds" else ""})
+    fields.update({f"data.paths[{i}]": p for i, p in enumerate(d.paths if d.source == "files" else ())})
+    for field, value in fields.items():
+        if value and remote(value):
+            try:
+                storage.check_remote(field.split("[")[0], value)
+            except storage.StorageError as e:
+                raise ConfigError(str(e)) from None
+
+    def exists(p: str) -> bool:
+        return storage.as_path(p).exists()
+
     if d.source == "files":
         for pattern in d.paths:
-            hits = [p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)]
+            if remote(pattern):
+                from lowrank_jax.data.corpus import remote_glob  # lazy: remote paths only (fsspec/gcsfs)
+
+                hits = remote_glob(pattern)
+            else:
+                hits = [p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)]
             _check(bool(hits), "data.paths", f"glob {pattern!r} matches no files")
     if d.source == "tfds":
-        _check(
-            os.path.isdir(os.path.expanduser(d.tfds_data_dir)),
-            "data.tfds_data_dir",
-            f"no such directory {d.tfds_data_dir!r}",
-        )
+        if remote(d.tfds_data_dir):
+            _check(exists(d.tfds_data_dir), "data.tfds_data_dir", f"no such directory {d.tfds_data_dir!r}")
+        else:
+            _check(
+                os.path.isdir(os.path.expanduser(d.tfds_data_dir)),
+                "data.tfds_data_dir",
+                f"no such directory {d.tfds_data_dir!r}",
+            )
     if d.tokenizer:
-        _check(os.path.isfile(os.path.expanduser(d.tokenizer)), "data.tokenizer", f"no such file {d.tokenizer!r}")
-    out = Path(cfg.out_dir).expanduser()
-    _check(not out.exists() or out.is_dir(), "out_dir", f"{cfg.out_dir!r} exists and is not a directory")
+        ok = exists(d.tokenizer) if remote(d.tokenizer) else os.path.isfile(os.path.expanduser(d.tokenizer))
+        _check(ok, "data.tokenizer", f"no such file {d.tokenizer!r}")
+    if not remote(cfg.out_dir):
+        out = Path(cfg.out_dir).expanduser()
+        _check(not out.exists() or out.is_dir(), "out_dir", f"{cfg.out_dir!r} exists and is not a directory")
+    if cfg.init_from:
+        ok = exists(cfg.init_from) if remote(cfg.init_from) else os.path.isdir(os.path.expanduser(cfg.init_from))
+        _check(ok, "init_from", f"no such directory {cfg.init_from!r}")

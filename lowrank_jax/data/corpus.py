@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from lowrank_jax import storage
+
 if TYPE_CHECKING:  # annotations only: config imports this package's choice lists
     from lowrank_jax.config import DataConfig
 
@@ -68,6 +70,8 @@ def corpus_digest(train: Iterable[tuple[str, str]], val: Iterable[tuple[str, str
 
 
 def _read_text(path: str) -> str:
+    if storage.is_remote(path):
+        return storage.as_path(path).read_bytes().decode("utf-8", errors="replace")
     with open(path, encoding="utf-8", errors="replace") as f:
         return f.read()
 
@@ -168,10 +172,24 @@ def glob_files(patterns: Iterable[str]) -> list[str]:
     """Absolute paths of the regular files matched by ``patterns`` (``**`` and ``~`` allowed), de-duplicated, sorted."""
     found = set()
     for pattern in patterns:
+        if storage.is_remote(pattern):
+            found.update(remote_glob(pattern))
+            continue
         for p in glob.glob(os.path.expanduser(pattern), recursive=True):
             if os.path.isfile(p):
                 found.add(os.path.abspath(p))
     return sorted(found)
+
+
+def remote_glob(pattern: str) -> list[str]:
+    """The objects matched by a ``gs://bucket/dir/*.txt``-style glob (wildcards after the last fixed folder)."""
+    parts = pattern.split("/")
+    fixed = next(i for i, part in enumerate(parts + ["*"]) if any(c in part for c in "*?["))
+    base = storage.as_path("/".join(parts[:fixed]))
+    rest = "/".join(parts[fixed:])
+    if not rest:
+        return [str(base)] if base.is_file() else []
+    return sorted(str(p) for p in base.glob(rest) if p.is_file())
 
 
 def _stream_files(cfg: DataConfig) -> CorpusStream:
@@ -180,8 +198,12 @@ def _stream_files(cfg: DataConfig) -> CorpusStream:
         raise ValueError(f"data.paths: no files match {list(cfg.paths)!r}")
     # Names are relative to the deepest common directory, so the digest and the split do not
     # depend on where the data set lives on disk.
-    root = os.path.commonpath([os.path.dirname(p) for p in paths])
-    files = {os.path.relpath(p, root).replace(os.sep, "/"): p for p in paths}
+    if any(storage.is_remote(p) for p in paths):  # names relative to the common prefix of the URLs
+        root = os.path.commonpath([p.split("://", 1)[1].rsplit("/", 1)[0] for p in paths])
+        files = {p.split("://", 1)[1][len(root) :].lstrip("/"): p for p in paths}
+    else:
+        root = os.path.commonpath([os.path.dirname(p) for p in paths])
+        files = {os.path.relpath(p, root).replace(os.sep, "/"): p for p in paths}
     return _hash_split(cfg, "files", sorted(files), lambda k: _read_text(files[k]))
 
 
@@ -221,7 +243,9 @@ def _stream_tfds(cfg: DataConfig) -> CorpusStream:
         import tensorflow_datasets as tfds
     except ImportError as e:
         raise ImportError("data.source=tfds needs tensorflow-datasets: pip install lowrank-jax[tfds]") from e
-    data_dir = os.path.expanduser(cfg.tfds_data_dir) if cfg.tfds_data_dir else None
+    data_dir = cfg.tfds_data_dir or None  # a gs:// directory is read by tfds itself (etils.epath)
+    if data_dir and not storage.is_remote(data_dir):
+        data_dir = os.path.expanduser(data_dir)
     splits = {"train": cfg.tfds_split, "val": cfg.tfds_val_split}
 
     def docs(split: str) -> Iterator[tuple[str, str]]:

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lowrank_jax import storage
 from lowrank_jax.data.corpus import SPLITS, stream_corpus
 from lowrank_jax.data.packing import encoded_chunks, num_windows
 from lowrank_jax.data.tokenizer import Tokenizer, atomic_write_bytes, get_tokenizer, load_tokenizer
@@ -144,7 +145,7 @@ def prepare_shards(
     log: Callable[[str], None] = print,
     block_tokens: int = BLOCK_TOKENS,
     blocks_per_file: int = BLOCKS_PER_FILE,
-) -> Path:
+) -> Path | str:
     """Tokenize ``cfg``'s corpus into shards under ``out`` (default: ``data.shards``, else the cache); returns the dir.
 
     A directory that already holds a complete manifest for the same corpus digest and tokenizer is
@@ -155,7 +156,10 @@ def prepare_shards(
     t0 = time.time()
     digest = stream.digest()
     tok = get_tokenizer(cfg, stream, digest)
-    target = Path(out or cfg.shards or auto_dir(cfg, digest, tok.fingerprint)).expanduser()
+    where = str(out or cfg.shards or auto_dir(cfg, digest, tok.fingerprint))
+    if storage.is_remote(where):
+        return _prepare_remote(cfg, where, stream, digest, tok, log, block_tokens, blocks_per_file)
+    target = Path(where).expanduser()
     if (target / MANIFEST).is_file():
         manifest = read_manifest(target)
         if manifest["corpus_digest"] == digest and manifest["tokenizer"]["fingerprint"] == tok.fingerprint:
@@ -167,6 +171,41 @@ def prepare_shards(
         )
     if target.exists() and any(target.iterdir()):
         raise _error(f"{str(target)!r} exists, is not empty and has no {MANIFEST}; remove it or choose another")
+    _write_shards(cfg, target, stream, digest, tok, log, block_tokens, blocks_per_file, t0)
+    log(f"shards: wrote {target} in {time.time() - t0:.0f}s")
+    return target
+
+
+def _prepare_remote(cfg, url, stream, digest, tok, log, block_tokens, blocks_per_file) -> str:
+    """Prepare into a local folder, then upload it to ``url`` (the manifest last: a remote directory with a
+    manifest is complete, as a local one is)."""
+    t0 = time.time()
+    remote = storage.as_path(url)
+    if (remote / MANIFEST).exists():
+        manifest = json.loads((remote / MANIFEST).read_text())
+        if (
+            manifest.get("corpus_digest") == digest
+            and manifest.get("tokenizer", {}).get("fingerprint") == tok.fingerprint
+        ):
+            log(f"shards: {url} already holds corpus {digest} with tokenizer {tok.fingerprint}")
+            return url
+        raise _error(f"{url!r} already holds other shards; remove them or choose another directory")
+    if remote.exists() and any(remote.iterdir()):
+        raise _error(f"{url!r} exists, is not empty and has no {MANIFEST}; remove it or choose another")
+    staging = storage.mirror_dir(cfg.cache_dir, url) / "prepare"
+    shutil.rmtree(staging, ignore_errors=True)
+    _write_shards(cfg, staging, stream, digest, tok, log, block_tokens, blocks_per_file, t0)
+    manifest_bytes = (staging / MANIFEST).read_bytes()
+    (staging / MANIFEST).unlink()
+    storage.upload_tree(staging, url)
+    (remote / MANIFEST).write_bytes(manifest_bytes)
+    shutil.rmtree(staging, ignore_errors=True)
+    log(f"shards: wrote {url} in {time.time() - t0:.0f}s")
+    return url
+
+
+def _write_shards(cfg, target: Path, stream, digest, tok, log, block_tokens, blocks_per_file, t0) -> None:
+    """Write the shards into a temporary sibling of ``target`` and rename it to ``target`` when complete."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
@@ -212,8 +251,6 @@ def prepare_shards(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log(f"shards: wrote {target} in {time.time() - t0:.0f}s")
-    return target
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:
@@ -339,8 +376,14 @@ def open_shards(directory: str | Path, tokenizer_path: str = "") -> TokenShards:
 
 def load_shards(cfg: DataConfig, log: Callable[[str], None] = print) -> TokenShards:
     """The shards training reads: ``data.shards`` if set, else the cache's (prepared now if absent)."""
+    tokenizer = cfg.tokenizer
+    if tokenizer and storage.is_remote(tokenizer):
+        tokenizer = storage.local_file(tokenizer, cfg.cache_dir)
     if cfg.shards:
-        return open_shards(cfg.shards, cfg.tokenizer)
+        directory = cfg.shards
+        if storage.is_remote(directory):  # array_record reads local files only: a checked copy per host
+            directory = storage.local_copy(directory, cfg.cache_dir, "data.shards")
+        return open_shards(directory, tokenizer)
     return open_shards(prepare_shards(cfg, log=log))
 
 

@@ -20,6 +20,7 @@ import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
+from lowrank_jax import storage
 from lowrank_jax.data.corpus import Corpus, CorpusStream
 
 if TYPE_CHECKING:  # annotations only: config imports this package's choice lists
@@ -192,6 +193,8 @@ def get_tokenizer(cfg: DataConfig, corpus: Corpus | CorpusStream | None, digest:
     saves the stream a digest pass.
     """
     if cfg.tokenizer:
+        if storage.is_remote(cfg.tokenizer):
+            return load_tokenizer(storage.local_file(cfg.tokenizer, cfg.cache_dir))
         return load_tokenizer(cfg.tokenizer)
     if cfg.vocab_size < 256 + 1:
         raise ValueError(f"data.vocab_size: a byte-level BPE needs at least 257 entries, got {cfg.vocab_size}")

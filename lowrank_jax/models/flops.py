@@ -4,12 +4,14 @@ Counting rules (the "model FLOPs" convention of Kaplan et al., arXiv 2001.08361,
 paper's MFU, Chowdhery et al., arXiv 2204.02311, appendix B):
 
 - A matmul ``(M×K) @ (K×N)`` costs ``2·M·K·N`` FLOPs (one multiply and one add per MAC).
-- Per token and per layer the seven linears cost ``2·(4·d² + 3·d·f)``: q, k, v, o are ``d×d``;
-  gate and up are ``d×f``; down is ``f×d``. ``lm_head`` adds ``2·d·V`` once. The embedding is a
-  gather and costs nothing.
-- Attention adds, per token and per layer, ``2·T·d`` for the scores ``q·kᵀ`` and ``2·T·d`` for
-  ``probs·v`` (summed over heads, ``heads·head_dim = d``). The model computes the full ``T×T``
-  score matrix and masks it afterwards (``jnp.where`` on a ``tril`` mask), so XLA does all
+- Per token and per layer the seven linears cost ``2·(2·d·H·hd + 2·d·K·hd + 3·d·f)``: q and o are
+  ``d×(H·hd)``, k and v ``d×(K·hd)`` (``H`` query heads, ``K`` key/value heads of size ``hd``; ``4·d²``
+  for multi-head attention with ``H·hd = d``); gate and up are ``d×f``; down is ``f×d``.
+  ``lm_head`` adds ``2·d·V`` once, tied to the embedding or not. The embedding is a gather and costs
+  nothing.
+- Attention adds, per token and per layer, ``2·T·H·hd`` for the scores ``q·kᵀ`` and ``2·T·H·hd``
+  for ``probs·v`` (summed over the query heads; ``H·hd = d`` for the classic shapes). The model
+  computes the full ``T×T`` score matrix and masks it afterwards (``jnp.where`` on a ``tril`` mask), so XLA does all
   ``T²`` products, not the ``T(T+1)/2`` a causal kernel would; we count what is computed. A
   flash-style kernel that skips masked blocks would do about half of this attention work.
 - Norms, rotary embeddings, softmax, SiLU, residual adds and the loss are elementwise and left
@@ -53,17 +55,18 @@ def _check_positive(name: str, value: int) -> None:
 
 
 def linear_flops_per_token(cfg: ModelConfig) -> int:
-    """Forward FLOPs per token of every linear: ``2·(L·(4d² + 3df) + d·V)``."""
+    """Forward FLOPs per token of every linear: ``2·(L·(2d·H·hd + 2d·K·hd + 3df) + d·V)``."""
     if cfg.vocab_size <= 0:
         raise ValueError("model.vocab_size: must be set (> 0) to count lm_head FLOPs")
     d, f, L, V = cfg.hidden, cfg.ffn, cfg.layers, cfg.vocab_size
-    return 2 * (L * (4 * d * d + 3 * d * f) + d * V)
+    q_dim, kv_dim = cfg.heads * cfg.head_size, cfg.kv_heads * cfg.head_size
+    return 2 * (L * (2 * d * q_dim + 2 * d * kv_dim + 3 * d * f) + d * V)
 
 
 def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
-    """Forward FLOPs per token of the score and value matmuls: ``L · 2 · 2·T·d`` (full ``T×T``, see module doc)."""
+    """Forward FLOPs per token of the score and value matmuls: ``L · 2 · 2·T·H·hd`` (full ``T×T``, see module doc)."""
     _check_positive("seq_len", seq_len)
-    return cfg.layers * 2 * (2 * seq_len * cfg.hidden)
+    return cfg.layers * 2 * (2 * seq_len * cfg.heads * cfg.head_size)
 
 
 def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> int:

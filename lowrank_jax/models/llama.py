@@ -1,9 +1,12 @@
 """LLaMA decoder in Flax NNX, as used by the GaLore / ReLoRA / SLTrain pretraining recipes.
 
 Pre-norm blocks: ``x + Attn(RMSNorm(x))`` then ``x + SwiGLU(RMSNorm(x))``; rotary position
-embeddings (half-split rotation, as in the HF LLaMA port the papers train); causal multi-head
-attention; untied ``lm_head``. Reference: Touvron et al., "LLaMA: Open and Efficient Foundation
-Language Models", arXiv 2302.13971.
+embeddings (half-split rotation, as in the HF LLaMA port the papers train); causal attention with
+``num_kv_heads`` key/value heads shared by groups of query heads (grouped-query attention, Ainslie et
+al., arXiv 2305.13245; ``num_kv_heads = heads`` is multi-head attention); an ``lm_head`` of its own
+or tied to the input embedding. Reference: Touvron et al., "LLaMA: Open and Efficient Foundation
+Language Models", arXiv 2302.13971; rope scaling ``llama3`` as in Llama 3.1 (Grattafiori et al.,
+"The Llama 3 Herd of Models", arXiv 2407.21783).
 
 The seven linears of every block (q, k, v, o, gate, up, down) come from the dense factory
 (:func:`lowrank_jax.layers.make_dense`), so training methods swap them without touching this file.
@@ -37,10 +40,35 @@ class RMSNorm(nnx.Module):
         return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype)
 
 
-def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """cos/sin tables ``(seq_len, head_dim // 2)`` for frequencies ``theta^(-2i/head_dim)``."""
+def rope_frequencies(head_dim: int, theta: float, cfg: ModelConfig | None = None) -> jax.Array:
+    """Inverse frequencies ``theta^(-2i/head_dim)`` ``(head_dim // 2,)``, rescaled when ``cfg.rope_scaling='llama3'``.
+
+    Llama-3 scaling keeps wavelengths shorter than ``L / high_freq_factor`` (``L`` the original context
+    ``rope_original_max_seq_len``), divides those longer than ``L / low_freq_factor`` by ``rope_factor``
+    and interpolates smoothly in between.
+    """
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    angles = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+    if cfg is None or cfg.rope_scaling == "none":
+        return inv_freq
+    factor, low, high = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    context = cfg.rope_original_max_seq_len
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > context / low, inv_freq / factor, inv_freq)
+    smooth = (context / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= context / high) & (wavelen <= context / low)
+    return jnp.where(medium, blended, scaled)
+
+
+def rope_tables(
+    seq_len: int, head_dim: int, theta: float, cfg: ModelConfig | None = None, offset: jax.Array | int = 0
+) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables ``(seq_len, head_dim // 2)`` for positions ``offset … offset + seq_len − 1``."""
+    inv_freq = rope_frequencies(head_dim, theta, cfg)
+    positions = jnp.arange(seq_len, dtype=jnp.float32)
+    if not (isinstance(offset, int) and offset == 0):
+        positions = positions + jnp.asarray(offset, jnp.float32)
+    angles = positions[:, None] * inv_freq[None, :]
     return jnp.cos(angles), jnp.sin(angles)
 
 
@@ -84,19 +112,31 @@ def causal_attention(q_BTHD: jax.Array, k_BTHD: jax.Array, v_BTHD: jax.Array, *,
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d = cfg.hidden
-        self.heads, self.head_dim = cfg.heads, d // cfg.heads
-        self.q = make_dense(cfg.dense, d, d, axes=("embed", "heads"), rngs=rngs, config=cfg)
-        self.k = make_dense(cfg.dense, d, d, axes=("embed", "heads"), rngs=rngs, config=cfg)
-        self.v = make_dense(cfg.dense, d, d, axes=("embed", "heads"), rngs=rngs, config=cfg)
-        self.o = make_dense(cfg.dense, d, d, axes=("heads", "embed"), rngs=rngs, config=cfg)
+        self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.kv_heads, cfg.head_size
+        q_dim, kv_dim = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        self.q = make_dense(cfg.dense, d, q_dim, axes=("embed", "heads"), rngs=rngs, config=cfg)
+        self.k = make_dense(cfg.dense, d, kv_dim, axes=("embed", "heads"), rngs=rngs, config=cfg)
+        self.v = make_dense(cfg.dense, d, kv_dim, axes=("embed", "heads"), rngs=rngs, config=cfg)
+        self.o = make_dense(cfg.dense, q_dim, d, axes=("heads", "embed"), rngs=rngs, config=cfg)
+
+    def qkv(self, x_ND: jax.Array, cos: jax.Array, sin: jax.Array, batch: int) -> tuple[jax.Array, ...]:
+        """Rotated queries ``(B, T, heads, hd)``, rotated keys and values ``(B, T, kv_heads, hd)``."""
+        T = x_ND.shape[0] // batch
+        q = apply_rope(self.q(x_ND).reshape(batch, T, self.heads, self.head_dim), cos, sin)
+        k = apply_rope(self.k(x_ND).reshape(batch, T, self.kv_heads, self.head_dim), cos, sin)
+        v = self.v(x_ND).reshape(batch, T, self.kv_heads, self.head_dim)
+        return q, k, v
+
+    def repeat_kv(self, x_BTKD: jax.Array) -> jax.Array:
+        """Key/value heads repeated to one per query head (query head ``h`` reads group ``h // (heads/kv)``)."""
+        groups = self.heads // self.kv_heads
+        return x_BTKD if groups == 1 else jnp.repeat(x_BTKD, groups, axis=2)
 
     def __call__(self, x_ND: jax.Array, cos: jax.Array, sin: jax.Array, batch: int) -> jax.Array:
         """``x_ND``: the ``batch * T`` tokens of the block, batch-major (see :class:`Block`)."""
         T = x_ND.shape[0] // batch
-        shape = (batch, T, self.heads, self.head_dim)
-        q = apply_rope(self.q(x_ND).reshape(shape), cos, sin)
-        k = apply_rope(self.k(x_ND).reshape(shape), cos, sin)
-        v = self.v(x_ND).reshape(shape)
+        q, k, v = self.qkv(x_ND, cos, sin, batch)
+        k, v = self.repeat_kv(k), self.repeat_kv(v)
         out = causal_attention(q, k, v, block=CPU_QUERY_BLOCK if jax.default_backend() == "cpu" else None)
         return self.o(out.reshape(batch * T, self.heads * self.head_dim))
 
@@ -161,6 +201,8 @@ class Llama(nnx.Module):
         else:
             self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.layers)])
         self.final_norm = RMSNorm(cfg.hidden, eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype)
+        if cfg.tie_embeddings:
+            return
         self.lm_head = Dense(
             cfg.hidden,
             cfg.vocab_size,
@@ -179,12 +221,17 @@ class Llama(nnx.Module):
         cfg = self.cfg
         if seq_len > cfg.max_seq_len:
             raise ValueError(f"seq_len: {seq_len} exceeds model.max_seq_len={cfg.max_seq_len}")
-        return rope_tables(seq_len, cfg.hidden // cfg.heads, cfg.rope_theta)
+        return rope_tables(seq_len, cfg.head_size, cfg.rope_theta, cfg)
 
     def head(self, x_BTD: jax.Array) -> jax.Array:
         """Final norm and ``lm_head``: logits ``(B, T, vocab)`` in float32 (one 2-D matmul, as in :class:`Block`)."""
         B, T, D = x_BTD.shape
-        logits = self.lm_head(self.final_norm(x_BTD.reshape(B * T, D)))
+        h = self.final_norm(x_BTD.reshape(B * T, D))
+        if self.cfg.tie_embeddings:
+            dtype = dtype_of(self.cfg.dtype)
+            logits = h.astype(dtype) @ self.embed[...].astype(dtype).T
+        else:
+            logits = self.lm_head(h)
         return logits.reshape(B, T, -1).astype(jnp.float32)
 
     def __call__(self, tokens_BT: jax.Array) -> jax.Array:

@@ -85,9 +85,15 @@ def count_bytes(tree: Any) -> int:
 
 
 def formula_param_count(cfg: ModelConfig) -> int:
-    """Closed-form dense LLaMA count: 2·V·d (embed + untied head) + L·(4d² + 3df + 2d) + d."""
+    """Closed-form dense LLaMA count: ``(1 or 2)·V·d + L·(2·d·H·hd + 2·d·K·hd + 3df + 2d) + d``.
+
+    ``H`` query heads and ``K`` key/value heads of size ``hd``; the embedding is counted once when the
+    head is tied to it. With ``H·hd = K·hd = d`` and an untied head this is ``2Vd + L(4d² + 3df + 2d) + d``.
+    """
     V, d, f, L = cfg.vocab_size, cfg.hidden, cfg.ffn, cfg.layers
-    return 2 * V * d + L * (4 * d * d + 3 * d * f + 2 * d) + d
+    q_dim, kv_dim = cfg.heads * cfg.head_size, cfg.kv_heads * cfg.head_size
+    embeddings = (1 if cfg.tie_embeddings else 2) * V * d
+    return embeddings + L * (2 * d * q_dim + 2 * d * kv_dim + 3 * d * f + 2 * d) + d
 
 
 def param_report(cfg: ModelConfig) -> dict[str, int]:

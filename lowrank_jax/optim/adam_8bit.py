@@ -91,6 +91,7 @@ import numpy as np
 import optax
 
 from lowrank_jax.optim.checks import check_choice, check_int, check_real, is_traced, static_int
+from lowrank_jax.optim.complete import check_learning_rate, complete_optimizer, guard_composition
 
 __all__ = [
     "EPS_PLACEMENTS",
@@ -187,6 +188,26 @@ class QuantizedArray:
 
 def _is_quantized(x: Any) -> bool:
     return isinstance(x, QuantizedArray)
+
+
+def _is_codes_mapping(x: Any) -> bool:
+    """A quantized moment whose node type a container rebuilt as a mapping (``nnx.Optimizer`` stores its state as
+    ``nnx.State``, which keeps the children ``codes`` and ``scales`` but not the static fields)."""
+    keys = getattr(x, "keys", None)
+    return callable(keys) and set(keys()) == {"codes", "scales"}
+
+
+def _is_moment(x: Any) -> bool:
+    return _is_quantized(x) or _is_codes_mapping(x)
+
+
+def _as_quantized(x: Any, g: jax.Array, *, signed: bool) -> Any:
+    """``x`` as a :class:`QuantizedArray` again if a container rebuilt it as a mapping: the moments of ``g`` are
+    float32 arrays of ``g``'s shape, the first moment signed, the second not."""
+    if not _is_codes_mapping(x):
+        return x
+    codes, scales = jnp.asarray(x["codes"]), jnp.asarray(x["scales"])
+    return QuantizedArray(codes, scales, tuple(g.shape), np.dtype(np.float32), signed)
 
 
 def _check_block_size(block_size: Any) -> int:
@@ -372,10 +393,35 @@ def scale_by_adam_8bit(
         _check_block_size(block_size)
     check_int(min_size, "min_size", lo=0)
 
-    return optax.GradientTransformation(
+    tx = optax.GradientTransformation(
         functools.partial(_init_8bit, block_size=block_size, min_size=min_size),
         functools.partial(_update_8bit, b1=b1, b2=b2, eps=eps, eps_placement=eps_placement),
     )
+    return guard_composition(tx, "adamw_8bit", complete=False)
+
+
+def adamw_8bit(
+    learning_rate: optax.ScalarOrSchedule = None,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-4,
+    mask: Any = None,
+    block_size: int = 256,
+    eps_placement: str = "optax",
+    min_size: int = 4096,
+) -> optax.GradientTransformationExtraArgs:
+    """AdamW with 8-bit block-wise quantized moments, complete like ``optax.adamw`` (same defaults, same ``mask``:
+    the leaves weight decay applies to, default every leaf with ndim >= 2).
+
+    ``chain(scale_by_adam_8bit(b1, b2, eps, …), add_decayed_weights(weight_decay, mask), lr)``; 8-bit optimizers
+    after Dettmers, Lewis, Shleifer, Zettlemoyer, "8-bit Optimizers via Block-wise Quantization", ICLR 2022,
+    arXiv:2110.02861 (bitsandbytes: blocks of 256 with dynamic-tree codes; leaves under 4096 elements stay float32).
+    """
+    check_learning_rate(learning_rate, "adamw_8bit")
+    scaling = scale_by_adam_8bit(b1, b2, eps, block_size=block_size, eps_placement=eps_placement, min_size=min_size)
+    return complete_optimizer("adamw_8bit", scaling, learning_rate, weight_decay, mask)
 
 
 def _init_8bit(params: optax.Params, *, block_size: Any, min_size: Any) -> ScaleByAdam8bitState:
@@ -459,10 +505,12 @@ def _update_8bit(
     adam = functools.partial(_adam, b1=b1, b2=b2, eps=eps, bc1=bc1, bc2=bc2, eps_placement=eps_placement)
 
     g_leaves, treedef = jax.tree.flatten(updates)
-    mu_leaves = treedef.flatten_up_to(state.mu)
-    nu_leaves = treedef.flatten_up_to(state.nu)
+    # the moments keep their own structure (it may wrap leaves, as nnx.Variable does); leaf order matches the updates
+    mu_leaves, mu_def = jax.tree.flatten(state.mu, is_leaf=_is_moment)
+    nu_leaves, nu_def = jax.tree.flatten(state.nu, is_leaf=_is_moment)
     u_leaves, new_mu, new_nu = [], [], []
     for g, mu_s, nu_s in zip(g_leaves, mu_leaves, nu_leaves, strict=True):
+        mu_s, nu_s = _as_quantized(mu_s, g, signed=True), _as_quantized(nu_s, g, signed=False)
         if _is_quantized(mu_s) and _is_quantized(nu_s) and mu_s.signed and not nu_s.signed:
             u, mu_q, nu_q = _quantized_leaf(g, mu_s, nu_s, adam)
             u_leaves.append(u)
@@ -473,5 +521,5 @@ def _update_8bit(
         u_leaves.append(u.astype(g.dtype))
         new_mu.append(_store(m, mu_s))
         new_nu.append(_store(v, nu_s))
-    new_state = ScaleByAdam8bitState(count=count_inc, mu=treedef.unflatten(new_mu), nu=treedef.unflatten(new_nu))
+    new_state = ScaleByAdam8bitState(count=count_inc, mu=mu_def.unflatten(new_mu), nu=nu_def.unflatten(new_nu))
     return treedef.unflatten(u_leaves), new_state

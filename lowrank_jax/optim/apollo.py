@@ -68,7 +68,10 @@ from lowrank_jax.optim._norm_scaling import (
     hf_step_size,
     scaling_factor,
 )
-from lowrank_jax.optim.checks import check_bool, check_choice, check_int, check_real, static_int
+from lowrank_jax.optim.adam_8bit import ScaleByAdam8bitState, get_moments
+from lowrank_jax.optim.checks import check_bool, check_choice, check_int, check_real, is_traced, static_int
+from lowrank_jax.optim.complete import check_learning_rate, complete_optimizer, guard_composition
+from lowrank_jax.optim.masks import resolve_mask
 from lowrank_jax.optim.projection import (
     MaskOrFn,
     Plan,
@@ -85,7 +88,15 @@ from lowrank_jax.optim.projection import (
 )
 
 APOLLO_PROJ_TYPES = ONE_SIDED_PROJ_TYPES
-__all__ = ["APOLLO_PROJ_TYPES", "SCALE_TYPES", "ApolloState", "apollo", "apollo_mini"]
+__all__ = [
+    "APOLLO_PROJ_TYPES",
+    "SCALE_TYPES",
+    "ApolloState",
+    "apollo",
+    "apollo_mini",
+    "scale_by_apollo",
+    "scale_by_apollo_mini",
+]
 
 
 class ApolloState(NamedTuple):
@@ -97,14 +108,30 @@ class ApolloState(NamedTuple):
     numbering: jax.Array  # int32 (2,): (offset, stride) of the matrix indices (projection.matrix_indices)
 
 
-def _read_plans(updates: optax.Updates, state: ApolloState, rank: int, proj_type: str, dimension_numbers: Any):
-    """``(leaves, treedef, plans, norms)``: the projected leaves are those with an ``update_norm``."""
+def _read_plans(updates: optax.Updates, state: ApolloState, rank: Any, proj_type: str, dimension_numbers: Any):
+    """``(leaves, treedef, plans, norms)``: the projected leaves are those with an ``update_norm``.
+
+    A traced ``rank`` (``optax.inject_hyperparams`` inside ``jit``) is read back from the low-rank moments' shapes.
+    """
     leaves, treedef = jax.tree.flatten(updates)
     norms = treedef.flatten_up_to(state.update_norm)
     selected = [not isinstance(x, optax.MaskedNode) for x in norms]
     dims = resolve_dims(dimension_numbers, updates, leaves)
-    plans = make_plans(leaves, selected, dims, lambda _, m, n: sides(proj_type, m, n), lambda *_: rank)
+    if is_traced(rank):
+        low = [tuple(x.shape) for x in treedef.flatten_up_to(_first_moment(state.inner_state))]
+        rank_of = lambda i, m, n: low[i][-2] if sides(proj_type, m, n)[0] else low[i][-1]
+    else:
+        rank_ = static_int(rank, "rank", "it sets the projection shapes")
+        rank_of = lambda *_: rank_
+    plans = make_plans(leaves, selected, dims, lambda _, m, n: sides(proj_type, m, n), rank_of)
     return leaves, treedef, plans, norms
+
+
+def _first_moment(inner_state: Any) -> Any:
+    """The low-rank Adam's first moment tree (float arrays or :class:`QuantizedArray`, both with the proxy shapes)."""
+    if isinstance(inner_state, ScaleByAdam8bitState):
+        return get_moments(inner_state)[0]
+    return inner_state.mu
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,8 +171,7 @@ def _update(
 ) -> tuple[optax.Updates, ApolloState]:
     """Project with this period's Gaussians, step the low-rank Adam, scale the full gradient by its ratio."""
     del params
-    rank_ = static_int(s.rank, "rank", "it sets the projection shapes")
-    leaves, treedef, plans, norms = _read_plans(updates, state, rank_, s.proj_type, s.dimension_numbers)
+    leaves, treedef, plans, norms = _read_plans(updates, state, s.rank, s.proj_type, s.dimension_numbers)
     count = state.count
     # random_projector.py: a new matrix when `iter % update_proj_gap == 0`, kept in between
     base_key = refresh_key(s.seed, period_start(count, s.update_proj_gap))
@@ -199,8 +225,8 @@ def _scaled_gradient(
     return g_b * coef.astype(g_b.dtype), norm_b
 
 
-def apollo(
-    rank: int,
+def scale_by_apollo(
+    rank: int = 256,
     *,
     update_proj_gap: int = 200,
     scale: float = 1.0,
@@ -215,11 +241,15 @@ def apollo(
     mask: MaskOrFn = None,
     dimension_numbers: Any = None,
     seed: int = 0,
-) -> optax.GradientTransformation:
-    """APOLLO: the full gradient rescaled by low-rank Adam's per-channel (or per-tensor) ratio (module doc).
+) -> optax.GradientTransformationExtraArgs:
+    """APOLLO's scaling: the full gradient rescaled by low-rank Adam's per-channel (or per-tensor) ratio (module doc).
+
+    Composable like ``optax.scale_by_adam`` (no learning rate, no weight decay; :func:`apollo` is the complete
+    optimizer). The low-rank optimizer is fixed to the official HF-style Adam (float or ``eight_bit``): APOLLO's
+    scaling factor reads its moments and bias correction, so another base optimizer would not be APOLLO.
 
     Args:
-      rank: ``r``, columns of the random projection (not clamped; official APOLLO ≈ hidden/4).
+      rank: ``r``, columns of the random projection (not clamped; official APOLLO ≈ hidden/4, 256 from 350M on).
       update_proj_gap: ``T``, steps between new random projections (official scripts: 200).
       scale: ``α``; the update is multiplied by ``√α`` (official ``np.sqrt(group["scale"])``; 1 for APOLLO).
       scale_type: ``'channel'`` (APOLLO) or ``'tensor'`` (APOLLO-Mini).
@@ -230,7 +260,8 @@ def apollo(
       eight_bit: keep the Adam moments 8-bit quantized (block-wise, :func:`scale_by_adam_8bit`).
       mask: pytree (prefix) of bools or ``params -> pytree`` selecting the scaled leaves (default: ``ndim >= 2``);
         the others get HF-style Adam at full size.
-      dimension_numbers: as for :func:`~lowrank_jax.optim.galore.galore` (stacked layers: one projection each).
+      dimension_numbers: as for :func:`~lowrank_jax.optim.galore.scale_by_galore` (stacked layers: one projection
+        each).
       seed: seeds the random projections.
 
     Returns:
@@ -260,22 +291,137 @@ def apollo(
         dimension_numbers=dimension_numbers,
         seed=seed,
     )
-    return optax.GradientTransformation(functools.partial(_init, s=settings), functools.partial(_update, s=settings))
+    tx = optax.GradientTransformation(functools.partial(_init, s=settings), functools.partial(_update, s=settings))
+    return guard_composition(tx, "apollo", complete=False)
+
+
+def scale_by_apollo_mini(
+    rank: int = 1,
+    *,
+    update_proj_gap: int = 200,
+    scale: float = 128.0,
+    scale_front: bool = True,
+    proj_type: str = "std",
+    norm_growth_limit: float = 1.01,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    eight_bit: bool = False,
+    mask: MaskOrFn = None,
+    dimension_numbers: Any = None,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+    """APOLLO-Mini's scaling: :func:`scale_by_apollo` with tensor-wise scaling from a rank-1 projection.
+
+    Defaults from the official scripts/pretrain_c4/llama_*_apollo_mini.sh (``num_rank=1``, ``scale_type=tensor``,
+    ``apollo_scale=128``, ``--scale_front``); the other keywords are :func:`scale_by_apollo`'s.
+    """
+    tx = scale_by_apollo(
+        rank,
+        update_proj_gap=update_proj_gap,
+        scale=scale,
+        scale_type="tensor",
+        proj_type=proj_type,
+        norm_growth_limit=norm_growth_limit,
+        scale_front=scale_front,
+        b1=b1,
+        b2=b2,
+        eps=eps,
+        eight_bit=eight_bit,
+        mask=mask,
+        dimension_numbers=dimension_numbers,
+        seed=seed,
+    )
+    return guard_composition(tx, "apollo_mini", complete=False)
+
+
+def apollo(
+    learning_rate: optax.ScalarOrSchedule = None,
+    *,
+    rank: int = 256,
+    update_proj_gap: int = 200,
+    scale: float = 1.0,
+    scale_type: str = "channel",
+    proj_type: str = "std",
+    norm_growth_limit: float = 1.01,
+    scale_front: bool = False,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    eight_bit: bool = False,
+    mask: MaskOrFn = None,
+    weight_decay_mask: MaskOrFn = None,
+    dimension_numbers: Any = None,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+    """APOLLO-AdamW, complete like ``optax.adamw``: ``chain(scale_by_apollo(…), add_decayed_weights, lr)``.
+
+    Defaults are the official apollo_torch code's and scripts' (Zhu et al., MLSys 2025, arXiv:2412.05270): rank 256
+    (the 350M–7B scripts), ``update_proj_gap`` 200, ``scale`` 1, channel-wise, γ 1.01, eps 1e-6; the scripts use lr
+    0.01. ``mask`` None selects the attention and MLP matrices by name (the official param group with ``rank``);
+    the rest gets the same Adam at full size. Weight decay ``weight_decay`` applies to ``weight_decay_mask``
+    (default: leaves with ndim >= 2). The other keywords are :func:`scale_by_apollo`'s.
+    """
+    check_learning_rate(learning_rate, "apollo")
+    scaling = scale_by_apollo(
+        rank,
+        update_proj_gap=update_proj_gap,
+        scale=scale,
+        scale_type=scale_type,
+        proj_type=proj_type,
+        norm_growth_limit=norm_growth_limit,
+        scale_front=scale_front,
+        b1=b1,
+        b2=b2,
+        eps=eps,
+        eight_bit=eight_bit,
+        mask=resolve_mask(mask),
+        dimension_numbers=dimension_numbers,
+        seed=seed,
+    )
+    return complete_optimizer("apollo", scaling, learning_rate, weight_decay, weight_decay_mask)
 
 
 def apollo_mini(
-    rank: int = 1,
+    learning_rate: optax.ScalarOrSchedule = None,
     *,
+    rank: int = 1,
+    update_proj_gap: int = 200,
     scale: float = 128.0,
     scale_front: bool = True,
-    **apollo_options: Any,
-) -> optax.GradientTransformation:
-    """APOLLO-Mini: :func:`apollo` with tensor-wise scaling from a rank-1 projection (SGD-like memory).
+    proj_type: str = "std",
+    norm_growth_limit: float = 1.01,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    eight_bit: bool = False,
+    mask: MaskOrFn = None,
+    weight_decay_mask: MaskOrFn = None,
+    dimension_numbers: Any = None,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+    """APOLLO-Mini-AdamW, complete like ``optax.adamw``: ``chain(scale_by_apollo_mini(…), add_decayed_weights, lr)``.
 
-    Defaults from the official scripts/pretrain_c4/llama_*_apollo_mini.sh (``num_rank=1``,
-    ``scale_type=tensor``, ``apollo_scale=128``, ``--scale_front``); ``apollo_options`` are the other keywords
-    of :func:`apollo` (``update_proj_gap``, ``norm_growth_limit``, ``mask``, …).
+    Defaults from the official scripts (rank 1, tensor-wise, scale 128 applied as √128 in front of the limiter);
+    ``mask`` None selects the attention and MLP matrices by name. The other keywords are
+    :func:`scale_by_apollo_mini`'s.
     """
-    if "scale_type" in apollo_options:
-        raise ValueError("scale_type: apollo_mini is tensor-wise; use apollo(scale_type=...) for channel-wise")
-    return apollo(rank, scale=scale, scale_type="tensor", scale_front=scale_front, **apollo_options)
+    check_learning_rate(learning_rate, "apollo_mini")
+    scaling = scale_by_apollo_mini(
+        rank,
+        update_proj_gap=update_proj_gap,
+        scale=scale,
+        scale_front=scale_front,
+        proj_type=proj_type,
+        norm_growth_limit=norm_growth_limit,
+        b1=b1,
+        b2=b2,
+        eps=eps,
+        eight_bit=eight_bit,
+        mask=resolve_mask(mask),
+        dimension_numbers=dimension_numbers,
+        seed=seed,
+    )
+    return complete_optimizer("apollo_mini", scaling, learning_rate, weight_decay, weight_decay_mask)

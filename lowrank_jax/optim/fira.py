@@ -24,10 +24,10 @@ HF-style AdamW at full size.
 Defaults (pre_training_c4/scripts/llama_*.sh and fira_adamw.py): ``scale=0.25`` (``--alpha 0.25``; the 1B and
 7B scripts use 0.0625), ``update_proj_gap=200`` (7B: 500), rank 128 / 256 / 256 / 512 / 512 for 60M / 130M /
 350M / 1B / 7B, ``proj_type='std'``, γ = 1.01, ``b1, b2 = 0.9, 0.999``, ``eps = 1e-6``, lr 0.01. The projector
-machinery is GaLore's, so every :func:`~lowrank_jax.optim.galore.galore` option applies (``refresh``, ``svd``,
-``moments``, ``projector='random'`` for a GoLore subspace, ``mask``, ``dimension_numbers``, …) except ``inner``
-(the Adam is fixed: the factor needs its bias correction) and two-sided ``proj_type='both'`` (its ``r × r``
-ratio has no channels of the gradient's shape; the official code cannot broadcast it either).
+machinery is GaLore's, so every :func:`~lowrank_jax.optim.galore.scale_by_galore` option applies (``refresh``,
+``svd``, ``moments``, ``projector='random'`` for a GoLore subspace, ``mask``, ``dimension_numbers``, …) except
+``base_optimizer`` (the Adam is fixed: the factor needs its bias correction) and two-sided ``proj_type='both'``
+(its ``r × r`` ratio has no channels of the gradient's shape; the official code cannot broadcast it either).
 
 Differences from the official code: the factor, the norms and the limiter are float32 (the full-size
 arithmetic is in the gradient dtype, as there); ``eight_bit=True`` keeps the low-rank moments 8-bit.
@@ -54,15 +54,16 @@ from lowrank_jax.optim._norm_scaling import (
     hf_step_size,
     scaling_factor,
 )
+from lowrank_jax.optim.complete import check_learning_rate, complete_optimizer, guard_composition
 from lowrank_jax.optim.galore.transform import (
-    GALORE_OPTIONS,
     GaLoreState,
     LowRankStep,
     galore_settings,
     init_galore_state,
     low_rank_step,
 )
-from lowrank_jax.optim.projection import Plan, back_project_mats
+from lowrank_jax.optim.masks import resolve_mask
+from lowrank_jax.optim.projection import MaskOrFn, Plan, back_project_mats
 
 
 class FiraState(NamedTuple):
@@ -73,38 +74,68 @@ class FiraState(NamedTuple):
     residual_norm: optax.Updates  # per leaf float32 (*batch,) or MaskedNode: ‖S_t‖ after the limiter
 
 
-def fira(
-    rank: int,
+def scale_by_fira(
+    rank: int = 128,
     *,
+    update_proj_gap: int = 200,
+    scale: float = 0.25,
+    proj_type: str = "std",
     norm_growth_limit: float = 1.01,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-6,
     eight_bit: bool = False,
-    **galore_options: Any,
-) -> optax.GradientTransformation:
-    """Fira: GaLore's low-rank Adam update plus the norm-scaled, growth-limited residual (module doc).
+    mask: MaskOrFn = None,
+    dimension_numbers: Any = None,
+    refresh: str = "all",
+    svd: str = "exact",
+    moments: str = "keep",
+    canonical_signs: bool = False,
+    power_iters: int = 2,
+    oversample: int = 8,
+    seed: int = 0,
+    projector: str = "svd",
+    random_from: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+    """Fira's scaling: GaLore's low-rank Adam update plus the norm-scaled, growth-limited residual (module doc).
+
+    Composable like ``optax.scale_by_adam`` (no learning rate, no weight decay; :func:`fira` is the complete
+    optimizer). The low-rank optimizer is fixed to the official HF-style Adam (float or ``eight_bit``): Fira's
+    scaling factor reads its moments and bias correction.
 
     Args:
       rank: GaLore's projection rank ``r``.
+      update_proj_gap, scale, proj_type: GaLore's ``T``, ``α`` (Fira's ``alpha``, official 0.25) and side.
       norm_growth_limit: ``γ`` of the limiter (official 1.01); 0 switches it off.
       b1, b2, eps: the low-rank Adam's (official 0.9, 0.999, 1e-6; eps before the bias correction).
       eight_bit: keep the Adam moments 8-bit quantized (block-wise, :func:`scale_by_adam_8bit`).
-      **galore_options: keywords of :func:`~lowrank_jax.optim.galore.galore` with their defaults there
-        (``update_proj_gap=200``, ``scale=0.25`` = Fira's ``alpha``, ``proj_type='std'``, ``mask``, …).
+      mask: selects the projected leaves (default: ``ndim >= 2``); the others get HF-style Adam at full size.
+      dimension_numbers, refresh, svd, moments, canonical_signs, power_iters, oversample, seed, projector,
+        random_from: as for :func:`~lowrank_jax.optim.galore.scale_by_galore`.
 
     Returns:
       A params-free optax transformation (chain weight decay and the learning rate after it) whose state is
       a :class:`FiraState`.
     """
-    if "inner" in galore_options:
-        raise ValueError("inner: fira fixes the inner transform (HF-style Adam, whose bias correction it reads)")
     check_norm_growth_limit(norm_growth_limit)
-    inner = hf_adam(b1, b2, eps, eight_bit)
-    unknown = sorted(set(galore_options) - set(GALORE_OPTIONS))
-    if unknown:
-        raise ValueError(f"{unknown[0]}: not an option of galore (options: {', '.join(GALORE_OPTIONS)})")
-    s = galore_settings(rank, inner=inner, **galore_options)
+    s = galore_settings(
+        rank,
+        update_proj_gap=update_proj_gap,
+        scale=scale,
+        proj_type=proj_type,
+        inner=hf_adam(b1, b2, eps, eight_bit),
+        mask=mask,
+        dimension_numbers=dimension_numbers,
+        refresh=refresh,
+        svd=svd,
+        moments=moments,
+        canonical_signs=canonical_signs,
+        power_iters=power_iters,
+        oversample=oversample,
+        seed=seed,
+        projector=projector,
+        random_from=random_from,
+    )
     if s.proj_type not in ONE_SIDED_PROJ_TYPES:
         raise ValueError(
             f"proj_type: fira needs a one-sided projection ({', '.join(ONE_SIDED_PROJ_TYPES)}), "
@@ -136,7 +167,68 @@ def fira(
         new_state = FiraState(optax.safe_int32_increment(count), st.state, st.treedef.unflatten(new_norms))
         return st.treedef.unflatten(out), new_state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    tx = optax.GradientTransformation(init_fn, update_fn)
+    return guard_composition(tx, "fira", complete=False)
+
+
+def fira(
+    learning_rate: optax.ScalarOrSchedule = None,
+    *,
+    rank: int = 128,
+    update_proj_gap: int = 200,
+    scale: float = 0.25,
+    proj_type: str = "std",
+    norm_growth_limit: float = 1.01,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    eight_bit: bool = False,
+    weight_decay: float = 0.0,
+    mask: MaskOrFn = None,
+    weight_decay_mask: MaskOrFn = None,
+    dimension_numbers: Any = None,
+    refresh: str = "all",
+    svd: str = "exact",
+    moments: str = "keep",
+    canonical_signs: bool = False,
+    power_iters: int = 2,
+    oversample: int = 8,
+    seed: int = 0,
+    projector: str = "svd",
+    random_from: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+    """Fira-AdamW, complete like ``optax.adamw``: ``chain(scale_by_fira(…), add_decayed_weights, lr)``.
+
+    Defaults are the official code's and scripts' (Chen et al., arXiv:2410.01623): rank 128 (60M; 256–512 for the
+    larger models), ``update_proj_gap`` 200, ``scale`` (alpha) 0.25, γ 1.01, eps 1e-6; the scripts use lr 0.01.
+    ``mask`` None selects the attention and MLP matrices by name; the rest gets the same Adam at full size.
+    Weight decay applies to ``weight_decay_mask`` (default: leaves with ndim >= 2). The other keywords are
+    :func:`scale_by_fira`'s.
+    """
+    check_learning_rate(learning_rate, "fira")
+    scaling = scale_by_fira(
+        rank,
+        update_proj_gap=update_proj_gap,
+        scale=scale,
+        proj_type=proj_type,
+        norm_growth_limit=norm_growth_limit,
+        b1=b1,
+        b2=b2,
+        eps=eps,
+        eight_bit=eight_bit,
+        mask=resolve_mask(mask),
+        dimension_numbers=dimension_numbers,
+        refresh=refresh,
+        svd=svd,
+        moments=moments,
+        canonical_signs=canonical_signs,
+        power_iters=power_iters,
+        oversample=oversample,
+        seed=seed,
+        projector=projector,
+        random_from=random_from,
+    )
+    return complete_optimizer("fira", scaling, learning_rate, weight_decay, weight_decay_mask)
 
 
 def _leaf_update(

@@ -7,14 +7,13 @@ with :func:`register_optimizer`; the config schema checks ``optim.name`` against
 :func:`optimizer_names`. This module reads the config only through its attributes, so the config
 package can import the names from here without an import cycle.
 
-Each builder passes its config section field by field as keyword arguments (``rank=g.rank``, …), so a setting
-can be followed from the YAML field to the transform's argument: the ``galore`` section goes to
-:func:`~lowrank_jax.optim.galore.galore` / :func:`~lowrank_jax.optim.galore.galore_adamw` (GoLore is
-``galore.projector=random galore.random_from=N galore.moments=reproject_first``), the ``apollo`` and ``apollo_mini``
-sections to :func:`~lowrank_jax.optim.apollo` / :func:`~lowrank_jax.optim.apollo_mini`; Fira is GaLore plus a
-residual, so ``fira_adamw`` takes its projector settings from the ``galore`` section and only its own from ``fira``.
-A new option is one schema field, one keyword here and the transform's keyword (tests/optim/test_registry.py checks
-that every field arrives).
+Each builder passes its config section field by field as keyword arguments (``rank=g.rank``, …) to the method's
+complete optimizer, so a setting can be followed from the YAML field to the transform's argument: ``galore`` →
+:func:`~lowrank_jax.optim.galore.galore`, ``golore`` → :func:`~lowrank_jax.optim.galore.golore`, ``apollo`` /
+``apollo_mini`` → :func:`~lowrank_jax.optim.apollo.apollo` / :func:`~lowrank_jax.optim.apollo.apollo_mini`,
+``fira`` → :func:`~lowrank_jax.optim.fira.fira`; Adam's settings and weight decay come from ``optim``. A new option
+is one schema field, one keyword here and the transform's keyword (tests/optim/test_registry.py checks that every
+field arrives).
 """
 
 from __future__ import annotations
@@ -26,23 +25,32 @@ from typing import TYPE_CHECKING, Any
 import jax
 import optax
 
-from lowrank_jax.optim.adam_8bit import scale_by_adam_8bit
+from lowrank_jax.optim.adam_8bit import adamw_8bit
 from lowrank_jax.optim.apollo import apollo, apollo_mini
 from lowrank_jax.optim.fira import fira
-from lowrank_jax.optim.galore import galore, galore_adamw
+from lowrank_jax.optim.galore import galore, golore
+from lowrank_jax.optim.ldadam import ldadam
+from lowrank_jax.optim.q_galore import q_galore
+from lowrank_jax.optim.swan import swan
 
 if TYPE_CHECKING:  # annotations only: the config package imports optimizer_names from here
     from lowrank_jax.config import Config
 
 OptimizerBuilder = Callable[["Config", optax.Schedule, Any], optax.GradientTransformation]
 _OPTIMIZERS: dict[str, OptimizerBuilder] = {}
+_SECTIONS: dict[str, tuple[str, ...]] = {}
 
 
-def register_optimizer(name: str) -> Callable[[OptimizerBuilder], OptimizerBuilder]:
-    """Register ``builder(cfg, schedule, abstract_params) -> GradientTransformation`` as ``name``."""
+def register_optimizer(name: str, sections: tuple[str, ...] = ()) -> Callable[[OptimizerBuilder], OptimizerBuilder]:
+    """Register ``builder(cfg, schedule, abstract_params) -> GradientTransformation`` as ``name``.
+
+    ``sections``: the method sections of the config the builder reads (besides ``optim``); the config schema
+    refuses a run that changes a method section its optimizer does not read.
+    """
 
     def wrap(builder: OptimizerBuilder) -> OptimizerBuilder:
         _OPTIMIZERS[name] = builder
+        _SECTIONS[name] = tuple(sections)
         return builder
 
     return wrap
@@ -50,6 +58,11 @@ def register_optimizer(name: str) -> Callable[[OptimizerBuilder], OptimizerBuild
 
 def optimizer_names() -> list[str]:
     return sorted(_OPTIMIZERS)
+
+
+def optimizer_sections(name: str) -> tuple[str, ...]:
+    """The method sections of the config that optimizer ``name`` reads (empty for AdamW)."""
+    return _SECTIONS.get(name, ())
 
 
 def build_optimizer(cfg: Config, schedule: optax.Schedule, params: Any) -> optax.GradientTransformation:
@@ -81,22 +94,8 @@ def decay_mask(cfg: Config) -> Callable[[Any], Any]:
     return functools.partial(matrix_mask, stacked_blocks=cfg.model.scan_layers)
 
 
-def method_mask(params: Any) -> Any:
-    """True for the attention and MLP kernels (``blocks/.../kernel``), the leaves the papers' methods wrap.
-
-    Embeddings, norms and ``lm_head`` stay dense with plain Adam (GaLore / SLTrain / ReLoRA recipe).
-    """
-
-    def is_method_leaf(path, _):
-        keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
-        return bool(keys) and keys[0] == "blocks" and keys[-1] == "kernel"
-
-    return jax.tree_util.tree_map_with_path(is_method_leaf, params)
-
-
-def _galore_kwargs(cfg: Config) -> dict[str, Any]:
-    """The ``galore`` section as :func:`~lowrank_jax.optim.galore.galore` keywords, on the method's kernels."""
-    g = cfg.galore
+def _projector_kwargs(g: Any) -> dict[str, Any]:
+    """The GaLore projector settings a ``galore``, ``golore`` or ``fira`` section holds, as keywords."""
     return {
         "rank": g.rank,
         "update_proj_gap": g.update_proj_gap,
@@ -107,19 +106,13 @@ def _galore_kwargs(cfg: Config) -> dict[str, Any]:
         "moments": g.moments,
         "canonical_signs": g.canonical_signs,
         "oversample": g.oversample,
-        "projector": g.projector,
-        "random_from": g.random_from,
-        "mask": method_mask,
     }
 
 
-def _decayed(cfg: Config, schedule: optax.Schedule, scaling: optax.GradientTransformation):
-    """``scaling``, then decoupled weight decay on matrices, then the learning rate."""
-    return optax.chain(
-        scaling,
-        optax.add_decayed_weights(cfg.optim.weight_decay, mask=decay_mask(cfg)),
-        optax.scale_by_learning_rate(schedule),
-    )
+def _adam_kwargs(cfg: Config) -> dict[str, Any]:
+    """Adam's and weight decay's settings from the ``optim`` section, decay on the matrices (:func:`decay_mask`)."""
+    o = cfg.optim
+    return dict(b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, weight_decay_mask=decay_mask(cfg))
 
 
 @register_optimizer("adamw")
@@ -131,74 +124,115 @@ def _adamw(cfg: Config, schedule: optax.Schedule, params: Any) -> optax.Gradient
 @register_optimizer("adamw8bit")
 def _adamw8bit(cfg: Config, schedule: optax.Schedule, params: Any) -> optax.GradientTransformation:
     o = cfg.optim
-    return _decayed(cfg, schedule, scale_by_adam_8bit(o.b1, o.b2, o.eps))
+    return adamw_8bit(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask(cfg))
 
 
-@register_optimizer("galore_adamw")
-def _galore_adamw(cfg: Config, schedule: optax.Schedule, params: Any) -> optax.GradientTransformation:
-    o = cfg.optim
-    return galore_adamw(
+def _galore_builder(cfg: Config, schedule: optax.Schedule, *, eight_bit: bool) -> optax.GradientTransformation:
+    g = cfg.galore
+    return galore(
         schedule,
-        weight_decay=o.weight_decay,
-        b1=o.b1,
-        b2=o.b2,
-        eps=o.eps,
-        weight_decay_mask=decay_mask(cfg),
-        **_galore_kwargs(cfg),
+        eight_bit=eight_bit,
+        projector=g.projector,
+        random_from=g.random_from,
+        **_projector_kwargs(g),
+        **_adam_kwargs(cfg),
     )
 
 
-@register_optimizer("galore_adamw8bit")
+@register_optimizer("galore_adamw", ("galore",))
+def _galore_adamw(cfg: Config, schedule: optax.Schedule, params: Any) -> optax.GradientTransformation:
+    return _galore_builder(cfg, schedule, eight_bit=False)
+
+
+@register_optimizer("galore_adamw8bit", ("galore",))
 def _galore_adamw8bit(cfg: Config, schedule: optax.Schedule, params: Any) -> optax.GradientTransformation:
-    o = cfg.optim
-    inner = scale_by_adam_8bit(o.b1, o.b2, o.eps, eps_placement="hf")
-    return _decayed(cfg, schedule, galore(inner=inner, **_galore_kwargs(cfg)))
+    return _galore_builder(cfg, schedule, eight_bit=True)
 
 
-def _apollo_shared_kwargs(a: Any, o: Any) -> dict[str, Any]:
+@register_optimizer("golore_adamw", ("golore",))
+def _golore_adamw(cfg: Config, schedule: optax.Schedule, params: Any) -> optax.GradientTransformation:
+    g = cfg.golore
+    return golore(schedule, random_from=g.random_from, **_projector_kwargs(g), **_adam_kwargs(cfg))
+
+
+def _apollo_shared_kwargs(a: Any, cfg: Config) -> dict[str, Any]:
     """The keywords APOLLO and APOLLO-Mini take alike: the shared fields of their config sections and Adam's."""
     return dict(
+        rank=a.rank,
+        scale=a.scale,
+        scale_front=a.scale_front,
         update_proj_gap=a.update_proj_gap,
         proj_type=a.proj_type,
         norm_growth_limit=a.norm_growth_limit,
         eight_bit=a.eight_bit,
         seed=a.seed,
-        b1=o.b1,
-        b2=o.b2,
-        eps=o.eps,
-        mask=method_mask,
+        **_adam_kwargs(cfg),
     )
 
 
-@register_optimizer("apollo_adamw")
+@register_optimizer("apollo_adamw", ("apollo",))
 def _apollo_adamw(cfg: Config, schedule: optax.Schedule, params: Any) -> optax.GradientTransformation:
-    a = cfg.apollo
-    scaling = apollo(
-        a.rank,
-        scale=a.scale,
-        scale_type=a.scale_type,
-        scale_front=a.scale_front,
-        **_apollo_shared_kwargs(a, cfg.optim),
-    )
-    return _decayed(cfg, schedule, scaling)
+    return apollo(schedule, scale_type=cfg.apollo.scale_type, **_apollo_shared_kwargs(cfg.apollo, cfg))
 
 
-@register_optimizer("apollo_mini_adamw")
+@register_optimizer("apollo_mini_adamw", ("apollo_mini",))
 def _apollo_mini_adamw(cfg: Config, schedule: optax.Schedule, params: Any) -> optax.GradientTransformation:
-    a = cfg.apollo_mini
-    scaling = apollo_mini(a.rank, scale=a.scale, scale_front=a.scale_front, **_apollo_shared_kwargs(a, cfg.optim))
-    return _decayed(cfg, schedule, scaling)
+    return apollo_mini(schedule, **_apollo_shared_kwargs(cfg.apollo_mini, cfg))
 
 
-@register_optimizer("fira_adamw")
+@register_optimizer("fira_adamw", ("fira",))
 def _fira_adamw(cfg: Config, schedule: optax.Schedule, params: Any) -> optax.GradientTransformation:
-    f, o = cfg.fira, cfg.optim
-    scaling = fira(
+    f = cfg.fira
+    return fira(
+        schedule,
         norm_growth_limit=f.norm_growth_limit,
-        b1=o.b1,
-        b2=o.b2,
-        eps=o.eps,
         eight_bit=f.eight_bit,
-        **_galore_kwargs(cfg),
+        **_projector_kwargs(f),
+        **_adam_kwargs(cfg),
     )
-    return _decayed(cfg, schedule, scaling)
+
+
+@register_optimizer("swan", ("swan",))
+def _swan(cfg: Config, schedule: optax.Schedule, params: Any) -> optax.GradientTransformation:
+    w = cfg.swan
+    return swan(
+        schedule,
+        normalize=w.normalize,
+        whiten=w.whiten,
+        ns_steps=w.ns_steps,
+        norm_eps=w.norm_eps,
+        scale=w.scale,
+        **_adam_kwargs(cfg),
+    )
+
+
+@register_optimizer("ldadamw", ("ldadam",))
+def _ldadamw(cfg: Config, schedule: optax.Schedule, params: Any) -> optax.GradientTransformation:
+    d = cfg.ldadam
+    return ldadam(
+        schedule,
+        rank=d.rank,
+        rho=d.rho,
+        proj_type=d.proj_type,
+        error_feedback=d.error_feedback,
+        **_adam_kwargs(cfg),
+    )
+
+
+@register_optimizer("q_galore_adamw8bit", ("q_galore",))
+def _q_galore_adamw8bit(cfg: Config, schedule: optax.Schedule, params: Any) -> optax.GradientTransformation:
+    q = cfg.q_galore
+    return q_galore(
+        schedule,
+        rank=q.rank,
+        update_proj_gap=q.update_proj_gap,
+        scale=q.scale,
+        proj_type=q.proj_type,
+        proj_quant=q.proj_quant,
+        proj_bits=q.proj_bits,
+        proj_group_size=q.proj_group_size,
+        cos_threshold=q.cos_threshold,
+        gamma_proj=q.gamma_proj,
+        queue_size=q.queue_size,
+        **_adam_kwargs(cfg),
+    )

@@ -20,6 +20,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from lowrank_jax import storage
+
+COMMIT_SUCCESS = "commit_success.txt"  # orbax's mark of a finished step on object storage
+
 
 class CheckpointError(RuntimeError):
     """No readable checkpoint where one was required."""
@@ -41,18 +45,22 @@ def _on_every_process(ok: bool) -> bool:
 
 
 def checkpoint_steps(directory: str | Path) -> list[int]:
-    """Steps of finalised checkpoints under ``directory`` (empty if none or unreadable)."""
-    d = Path(directory)
+    """Steps of finalised checkpoints under ``directory``, local or remote (empty if none or unreadable)."""
+    d = storage.as_path(directory)
     if not d.is_dir():
         return []
-    return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit())
+    steps = [p for p in d.iterdir() if p.name.isdigit() and p.is_dir()]
+    if storage.is_remote(directory):  # orbax writes a bucket's step in place and marks it complete last
+        steps = [p for p in steps if (p / COMMIT_SUCCESS).exists()]
+    return sorted(int(p.name) for p in steps)
 
 
 class Checkpointer:
     """Save/restore ``TrainState`` + JSON metadata under ``directory``."""
 
     def __init__(self, directory: str | Path, keep: int, async_save: bool = True):
-        self.directory = Path(directory).expanduser().resolve()
+        d = storage.as_path(directory)
+        self.directory = d if storage.is_remote(directory) else d.resolve()  # orbax writes gs:// itself
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -96,8 +104,13 @@ class Checkpointer:
                 # moves them (every process sees the same directory), the others wait for it
                 for bad in errors if primary else ():
                     target = self.directory / f"damaged_{bad}"
-                    shutil.rmtree(target, ignore_errors=True)
-                    os.replace(self.directory / str(bad), target)
+                    if storage.is_remote(str(self.directory)):
+                        if target.exists():
+                            target.rmtree()
+                        (self.directory / str(bad)).rename(target)
+                    else:
+                        shutil.rmtree(target, ignore_errors=True)
+                        os.replace(self.directory / str(bad), target)
                     print(f"moved unreadable checkpoint {bad} to {target}", file=sys.stderr)
                 if jax.process_count() > 1:
                     multihost_utils.sync_global_devices("lowrank_jax: damaged checkpoints moved")

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 from lowrank_jax.config import ConfigError, load_config, named_configs, to_dict
 from lowrank_jax.data.shards import prepare_shards
+from lowrank_jax.hf import cli as hf_cli
 from lowrank_jax.models import formula_param_count, param_report
 from lowrank_jax.sharding import maybe_initialize_distributed
 from lowrank_jax.train.checkpoint import CheckpointError
@@ -23,6 +24,7 @@ from lowrank_jax.train.launch import launch
 from lowrank_jax.train.loop import train
 from lowrank_jax.train.memory import memory_command
 from lowrank_jax.train.metrics import fmt_bytes
+from lowrank_jax.train.preemption import PREEMPTED_EXIT, Preempted
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,6 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("config")
     c.add_argument("overrides", nargs="*")
     sub.add_parser("configs", help="list the named configs")
+    e = sub.add_parser("env", help="versions, backend, devices, the run's mesh, each kernel's implementation")
+    e.add_argument("config", nargs="?", default=None, help="named config or YAML file whose mesh to resolve")
+    e.add_argument("overrides", nargs="*")
+    e.add_argument("--json", action="store_true", help="print the report as JSON")
+    hf_cli.add_parsers(sub)  # import-hf, export-hf, generate, eval
     m = sub.add_parser(
         "memory", help="per-device memory of the compiled train step (XLA memory analysis; nothing allocated)"
     )
@@ -108,13 +115,30 @@ def _exit_at_once_on_failure(distributed: bool) -> Iterator[None]:
     os._exit(status)
 
 
+def _env(args: argparse.Namespace) -> int:
+    from lowrank_jax.train.env_report import env_report, format_report  # lazy: the env verb only
+
+    try:
+        mesh = load_config(args.config, args.overrides).mesh if args.config else None
+    except ConfigError as e:
+        print(f"lowrank-jax: error: {e}", file=sys.stderr)
+        return 2
+    report = env_report(mesh)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "launch":
         return _launch(args)
+    if args.command in hf_cli.COMMANDS:
+        return hf_cli.run(args)
     if args.command == "configs":
         print("\n".join(named_configs()))
         return 0
+    if args.command == "env":
+        return _env(args)
     try:
         if args.command == "memory":
             report = memory_command(args.config, args.overrides, args.devices, args.no_licm)
@@ -151,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
                     train(cfg)
                 except CheckpointError as e:
                     raise ConfigError(str(e)) from None
+                except Preempted as e:  # checkpointed; `resume=true` continues exactly
+                    print(f"lowrank-jax: {e}", file=sys.stderr, flush=True)
+                    return PREEMPTED_EXIT
     except ConfigError as e:
         print(f"lowrank-jax: error: {e}", file=sys.stderr)
         return 2

@@ -20,7 +20,9 @@ the failed process's status (``128 + signal`` for a signal). The cause is the pr
 first (one waiter thread per process records the order); a process killed by a signal is taken as
 the cause over one seen failing at the same time with a non-zero status, because a survivor's
 collective fails within milliseconds of its peer's death and it then exits 1. Ctrl-C / SIGTERM are forwarded as
-SIGINT / SIGTERM; processes still running ``--grace`` seconds later are killed. The children get
+SIGINT / SIGTERM; processes still running ``--grace`` seconds later are killed. A forwarded SIGTERM is a preemption
+notice (:mod:`lowrank_jax.train.preemption`): every process stops after the same step, checkpoints and exits 143,
+which the launcher returns; ``--grace`` must cover one step and one checkpoint write. The children get
 SIGKILL if the launcher itself dies (Linux).
 """
 
@@ -38,6 +40,7 @@ from collections.abc import Callable, Sequence
 from typing import IO
 
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+PREEMPTED_EXIT = 128 + signal.SIGTERM  # lowrank_jax.train.preemption.PREEMPTED_EXIT (that module imports jax)
 # set by the launcher; a value inherited from the caller's environment would mix two jobs
 _CLEARED_ENV = ("LOWRANK_JAX_DISTRIBUTED", "JAX_LOCAL_DEVICE_IDS", "JAX_COORDINATOR_BIND_ADDRESS")
 
@@ -207,11 +210,18 @@ def launch(
             t.join(timeout=5)
     if received:
         return 128 + received[0]
+    if failed is None and any(p.returncode == PREEMPTED_EXIT for p in procs):
+        log(f"preempted: every process saved the checkpoint and exited with status {PREEMPTED_EXIT}")
+        return PREEMPTED_EXIT
     return 0 if failed is None else exit_status(procs[failed].returncode)
 
 
 def _cause(exited: Sequence[tuple[int, int]]) -> int | None:
-    """The failed process to blame among ``(index, returncode)`` in exit order: a signal first."""
-    failures = [(i, rc) for i, rc in exited if rc != 0]
+    """The failed process to blame among ``(index, returncode)`` in exit order: a signal first.
+
+    A process that exits with :data:`~lowrank_jax.train.preemption.PREEMPTED_EXIT` saved its part of the
+    preemption checkpoint and is not a failure: the others stop at the same step on their own.
+    """
+    failures = [(i, rc) for i, rc in exited if rc not in (0, PREEMPTED_EXIT)]
     signalled = [i for i, rc in failures if rc < 0]
     return signalled[0] if signalled else failures[0][0] if failures else None

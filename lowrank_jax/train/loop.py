@@ -20,6 +20,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +39,15 @@ from lowrank_jax.data import (
     load_shards,
     unigram_cross_entropy_from_counts,
 )
+from lowrank_jax.hf import finetune as init_from
 from lowrank_jax.models import count_bytes, count_params, param_labels
+from lowrank_jax.storage import OutDir
 from lowrank_jax.train import metrics as metrics_lib
 from lowrank_jax.train.checkpoint import Checkpointer, checkpoint_steps
 from lowrank_jax.train.metrics import device_memory_gib, model_flops_utilization
 from lowrank_jax.train.optimizer import lr_group_report, trainable_params
+from lowrank_jax.train.preemption import PreemptionWatch, stop_preempted
+from lowrank_jax.train.resume import check_resume_config
 from lowrank_jax.train.step import Phases, Trainer, compiled_memory, evaluate, health
 from lowrank_jax.train.tracking import Trackers, check_logging
 from pallas_kernels.selection import implementation_record
@@ -66,6 +71,7 @@ def train(cfg: Config, log=print) -> dict[str, Any]:
     t_start = time.time()
     primary = is_primary()
     log = log if primary else _silent
+    cfg = init_from.apply_init_from(cfg)  # a pretrained checkpoint's architecture and tokenizer
     run = setup(cfg, log, primary)
     state, start, checkpointer = restore_or_init(run, log)
     outputs = Outputs.open(run, start, checkpointer, primary)
@@ -81,7 +87,7 @@ def train(cfg: Config, log=print) -> dict[str, Any]:
         f"done: {run.cfg.steps} steps, {results['tokens']:,} tokens, val_loss {loop.val_loss:.4f}, "
         f"val_ppl {math.exp(loop.val_loss):.2f} (unigram baseline {math.exp(run.unigram_ce):.1f}), "
         f"{results['tokens_per_s']:,.0f} tokens/s, skipped {results['skipped_steps']}, "
-        f"wall {results['wall_time_s']:.0f}s -> {run.out}"
+        f"wall {results['wall_time_s']:.0f}s -> {run.outdir}"
     )
     return results
 
@@ -107,13 +113,18 @@ class Run:
     opt_bytes: int
     groups: dict[str, dict[str, Any]]  # each parameter group's peak learning rate and size
 
-    @property
-    def out(self) -> Path:
-        return Path(self.cfg.out_dir).expanduser()
+    @cached_property
+    def outdir(self) -> OutDir:
+        """Where the run writes: records in ``out`` (a local mirror of a gs:// out_dir), checkpoints in ``ckpt_dir``."""
+        return OutDir(self.cfg.out_dir, self.cfg.data.cache_dir)
 
     @property
-    def ckpt_dir(self) -> Path:
-        return self.out / "checkpoints"
+    def out(self) -> Path:
+        return self.outdir.local
+
+    @property
+    def ckpt_dir(self) -> str:
+        return self.outdir.checkpoints
 
     @property
     def trainer(self) -> Trainer:
@@ -158,8 +169,7 @@ def setup(cfg: Config, log, primary: bool) -> Run:
 
 def _check_run(cfg: Config) -> None:
     """The checks that need no data: out_dir against ``resume``, trackers, mesh, batch over processes."""
-    out = Path(cfg.out_dir).expanduser()
-    ckpt_dir = out / "checkpoints"
+    out, ckpt_dir = cfg.out_dir, OutDir(cfg.out_dir, cfg.data.cache_dir).checkpoints
     if cfg.resume and not checkpoint_steps(ckpt_dir):
         raise ConfigError(f"resume: no checkpoint in {str(ckpt_dir)!r}")
     if not cfg.resume and checkpoint_steps(ckpt_dir):
@@ -247,6 +257,9 @@ def restore_or_init(run: Run, log) -> tuple[Any, int, Checkpointer | None]:
     (and no checkpointer yet: nothing is created in ``out_dir`` before every check has passed)."""
     cfg = run.cfg
     if not cfg.resume:
+        if cfg.init_from:
+            log(init_from.describe(cfg))
+            return init_from.init_state_from(run.phases, cfg), 0, None
         return run.phases.init_state(), 0, None
     checkpointer = Checkpointer(run.ckpt_dir, cfg.keep_checkpoints)
     # a checkpoint at step s holds the state before step s runs: full-rank while s <= switch
@@ -254,6 +267,7 @@ def restore_or_init(run: Run, log) -> tuple[Any, int, Checkpointer | None]:
     if meta.get("data_digest") != run.data.digest:
         raise ConfigError(f"resume: checkpoint was trained on data {meta.get('data_digest')}, not {run.data.digest}")
     start = int(state.step)
+    check_resume_config(meta.get("config"), cfg, start, log)  # refuses changed settings; announces new steps
     try:
         run.batches.check_state(meta.get("data_state", {}), start)
     except ValueError as e:
@@ -274,12 +288,15 @@ class Outputs:
     checkpointer: Checkpointer
     meta: dict[str, Any]  # stored with every checkpoint
     pending: list[tuple[int, dict[str, jax.Array]]]  # step metrics not yet read back from the devices
+    outdir: OutDir | None = None  # on the primary: uploads the records of a gs:// out_dir
 
     @classmethod
     def open(cls, run: Run, start: int, checkpointer: Checkpointer | None, primary: bool) -> Outputs:
         """Create ``out_dir`` and its records (a resumed run keeps those up to ``start``)."""
         cfg, out = run.cfg, run.out
         resume_step = start if cfg.resume else None
+        if primary:  # a gs:// out_dir: its records in a local mirror, the bucket's first on resume
+            run.outdir.pull() if cfg.resume else run.outdir.clear_mirror()
         out.mkdir(parents=True, exist_ok=True)
         if checkpointer is None:
             checkpointer = Checkpointer(run.ckpt_dir, cfg.keep_checkpoints)
@@ -289,8 +306,12 @@ class Outputs:
         trackers = Trackers(cfg, out, enabled=primary, resume_step=resume_step)
         if start == 0:
             trackers.scalars(0, {"xla_peak_estimate_gib": run.memory.get("peak_estimate_bytes", 0) / 2**30}, "memory")
-        meta = {"data_digest": run.data.digest, "tokens_per_step": cfg.tokens_per_step}
-        return cls(mlog, trackers, checkpointer, meta, [])
+        meta = {
+            "data_digest": run.data.digest,
+            "tokens_per_step": cfg.tokens_per_step,
+            "config": config_lib.to_dict(cfg),
+        }
+        return cls(mlog, trackers, checkpointer, meta, [], run.outdir if primary else None)
 
     def flush_metrics(self, tokens_per_step: int) -> None:
         """Read back the pending step metrics and write them to metrics.jsonl and the trackers."""
@@ -300,6 +321,8 @@ class Outputs:
         self.pending.clear()
         self.mlog.flush()
         self.trackers.flush()
+        if self.outdir is not None:
+            self.outdir.push(force=False)
 
     def record_eval(self, step: int, tokens_per_step: int, record: dict[str, Any]) -> None:
         self.mlog.write({"step": step, "tokens": step * tokens_per_step, **record})
@@ -309,6 +332,8 @@ class Outputs:
 
     def save(self, run: Run, step: int, state: Any) -> None:
         self.checkpointer.save(step, state, {**self.meta, "step": step, "data_state": run.batches.state_dict(step)})
+        if self.outdir is not None:
+            self.outdir.push()
 
 
 class Loop:
@@ -326,6 +351,7 @@ class Loop:
         self.first_step_s: float | None = None  # wall time from train() start to the first step's loss
         self.train_time = 0.0
         self.t_loop = 0.0
+        self.preemption = PreemptionWatch()  # SIGTERM: every process stops after the same step, checkpointed
 
     def run_steps(self) -> None:
         run, cfg = self.run, self.run.cfg
@@ -346,6 +372,9 @@ class Loop:
                 say(f"step {step}: warm start done, switched to LoRA (model.dense={cfg.model.dense})")
             self.state, m = run.phases.run_step(self.state, step, next(loader), cfg.batch_size)
             self._after_step(step + 1, m, bar, say)
+            if self.preemption.reached(step + 1) and step + 1 < cfg.steps:
+                stop_preempted(self, step + 1)
+        self.preemption.close()
         jax.block_until_ready(self.state)
         self.train_time = time.time() - self.t_loop - self.excluded
         bar.close()
@@ -447,4 +476,5 @@ def results_record(run: Run, outputs: Outputs, loop: Loop, t_start: float, prima
     }
     if primary:
         metrics_lib.write_json(out / "results.json", results)
+        run.outdir.push()
     return results

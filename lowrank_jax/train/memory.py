@@ -35,7 +35,7 @@ METHODS: dict[str, list[str]] = {
     "adamw8bit": ["optim.name=adamw8bit"],
     "galore": ["optim.name=galore_adamw", "galore.rank=1024"],
     "galore8bit": ["optim.name=galore_adamw8bit", "galore.rank=1024"],
-    "fira": ["optim.name=fira_adamw", "galore.rank=512"],
+    "fira": ["optim.name=fira_adamw", "fira.rank=512"],
     "apollo": ["optim.name=apollo_adamw", "apollo.rank=256"],
     "apollo_mini": ["optim.name=apollo_mini_adamw", "apollo_mini.rank=1"],
     "sl": ["model.dense=sl", "model.sl_rank=1024", "model.sl_alpha=8", "model.sl_density=0.05"],

@@ -116,7 +116,8 @@ def test_bounds(override):
 
 
 def test_bounds_are_inclusive_where_written():
-    cfg = load_config("tiny", ["optim.min_lr_ratio=1", "model.sl_density=1", "optim.warmup_ratio=0", "eval_every=0"])
+    overrides = ["optim.min_lr_ratio=1", "model.dense=sl", "model.sl_density=1", "optim.warmup_ratio=0", "eval_every=0"]
+    cfg = load_config("tiny", overrides)
     assert (cfg.optim.min_lr_ratio, cfg.model.sl_density, cfg.optim.warmup_ratio, cfg.eval_every) == (1.0, 1.0, 0.0, 0)
 
 
@@ -163,7 +164,7 @@ def test_galore_fields_are_galore_keywords():
     assert set(names) <= set(params), set(names) - set(params)
     assert all(params[n].kind in (params[n].KEYWORD_ONLY, params[n].POSITIONAL_OR_KEYWORD) for n in names)
     cfg = GaloreConfig(rank=3, update_proj_gap=7, refresh="staggered", moments="reproject")
-    galore(**dataclasses.asdict(cfg))  # the builders' call: every field is accepted as a keyword
+    galore(0.01, **dataclasses.asdict(cfg))  # the builders' call: every field is accepted as a keyword
 
 
 @pytest.mark.parametrize(
@@ -218,7 +219,7 @@ def test_cli_strings_keep_str_fields_and_split_lists():
 
 def test_dataclass_api_still_works():
     cfg = load_config("tiny")
-    assert [f.name for f in dataclasses.fields(cfg)][:5] == ["model", "data", "optim", "galore", "relora"]
+    assert [f.name for f in dataclasses.fields(cfg)][:5] == ["model", "data", "optim", "galore", "golore"]
     assert dataclasses.asdict(cfg) == to_dict(cfg) and to_dict(cfg)["model"]["hidden"] == 128
     small = dataclasses.replace(cfg.model, hidden=64, ffn=160)
     assert (small.hidden, small.ffn, cfg.model.hidden) == (64, 160, 128)
@@ -270,5 +271,6 @@ def test_section_and_unknown_key_messages():
     with pytest.raises(ConfigError) as e:
         load_config("tiny", ["step=3"])
     assert "steps" in str(e.value) and str(e.value).endswith(
-        "model.*, data.*, optim.*, galore.*, relora.*, apollo.*, apollo_mini.*, fira.*, logging.*)"
+        "model.*, data.*, optim.*, galore.*, golore.*, relora.*, apollo.*, apollo_mini.*, fira.*, swan.*, ldadam.*, "
+        "q_galore.*, logging.*)"
     )

@@ -33,7 +33,7 @@ from method_helpers import (
     trajectory,
 )
 
-from lowrank_jax.optim import ApolloState, apollo, apollo_mini
+from lowrank_jax.optim import ApolloState, scale_by_apollo, scale_by_apollo_mini
 from lowrank_jax.optim.adam_8bit import QuantizedArray
 
 # SHAPES (method_helpers): APOLLO does not clamp the rank of "small" (rank > in).
@@ -96,15 +96,15 @@ def _max_rel_error(traj: list, ref: RefApollo, grads: list) -> float:
 VARIANTS = {
     "apollo": (
         dict(scale=4.0, scale_type="channel", scale_front=False),
-        lambda: apollo(RANK, scale=4.0, update_proj_gap=T, seed=SEED),
+        lambda: scale_by_apollo(RANK, scale=4.0, update_proj_gap=T, seed=SEED),
     ),
     "apollo_mini": (
         dict(scale=128.0, scale_type="tensor", scale_front=True, rank=1),
-        lambda: apollo_mini(update_proj_gap=T, seed=SEED),
+        lambda: scale_by_apollo_mini(update_proj_gap=T, seed=SEED),
     ),
     "tensor_scale_after": (
         dict(scale=2.0, scale_type="tensor", scale_front=False),
-        lambda: apollo(RANK, scale=2.0, scale_type="tensor", update_proj_gap=T, seed=SEED),
+        lambda: scale_by_apollo(RANK, scale=2.0, scale_type="tensor", update_proj_gap=T, seed=SEED),
     ),
 }
 
@@ -136,7 +136,7 @@ def _nbytes(tree: Any) -> int:
 def test_apollo_mini_state_is_rank_one_and_sgd_like() -> None:
     f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
     params = {"up": f32((512, 1376)), "down": f32((1376, 512))}
-    st = jax.eval_shape(apollo_mini().init, params)
+    st = jax.eval_shape(scale_by_apollo_mini().init, params)
     assert isinstance(st, ApolloState) and st._fields[0] == "count"
     assert st.inner_state.mu["up"].shape == (1, 1376) and st.inner_state.nu["down"].shape == (1376, 1)
     assert st.update_norm["up"].shape == ()
@@ -144,24 +144,24 @@ def test_apollo_mini_state_is_rank_one_and_sgd_like() -> None:
     # no projection is stored
     assert _nbytes(st) == 4 * (2 * 1376 * 2) + 4 * 2 + 4 * 2 + 4 * 2
     assert _nbytes(st) < 0.002 * 2 * _nbytes(params)  # vs AdamW's two full moments
-    st256 = jax.eval_shape(apollo(256).init, params)
+    st256 = jax.eval_shape(scale_by_apollo(256).init, params)
     assert st256.inner_state.mu["up"].shape == (256, 1376) and st256.inner_state.mu["down"].shape == (1376, 256)
 
 
 def test_stacked_layers_get_one_projection_and_norm_each() -> None:
     params = random_tree(np.random.default_rng(2), {"stack": (3, 6, 10)})
-    st = apollo(2, update_proj_gap=2).init(params)
+    st = scale_by_apollo(2, update_proj_gap=2).init(params)
     assert st.inner_state.mu["stack"].shape == (3, 2, 10) and st.update_norm["stack"].shape == (3,)
-    u, st = jax.jit(apollo(2, update_proj_gap=2).update)(params, st)
+    u, st = jax.jit(scale_by_apollo(2, update_proj_gap=2).update)(params, st)
     assert u["stack"].shape == (3, 6, 10) and bool(jnp.all(st.update_norm["stack"] > 0))
 
 
 def test_norm_growth_limiter_caps_growth_at_gamma() -> None:
     g = random_tree(np.random.default_rng(3), {"w": (8, 12)})
     norm_of = lambda st: st.update_norm["w"]
-    norms = growing_gradient_norms(apollo(3, update_proj_gap=100), g, norm_of, 6)
+    norms = growing_gradient_norms(scale_by_apollo(3, update_proj_gap=100), g, norm_of, 6)
     np.testing.assert_allclose(np.array(norms[1:]) / np.array(norms[:-1]), 1.01, rtol=1e-5)
-    off = growing_gradient_norms(apollo(3, update_proj_gap=100, norm_growth_limit=0), g, norm_of, 2)
+    off = growing_gradient_norms(scale_by_apollo(3, update_proj_gap=100, norm_growth_limit=0), g, norm_of, 2)
     assert off[1] > 1.05 * norms[0]  # the limiter off: the norm grows faster
 
 
@@ -169,7 +169,7 @@ def test_seed_and_refresh_determinism(runs) -> None:
     params, grads, traj = runs["apollo"]
     again = _trajectory(VARIANTS["apollo"][1](), params, grads[:2])
     jax.tree.map(np.testing.assert_array_equal, again[1], traj[1])
-    other = _trajectory(apollo(RANK, scale=4.0, update_proj_gap=T, seed=SEED + 1), params, grads[:1])
+    other = _trajectory(scale_by_apollo(RANK, scale=4.0, update_proj_gap=T, seed=SEED + 1), params, grads[:1])
     assert not np.allclose(other[0]["a"], traj[0]["a"], atol=1e-7)
 
 
@@ -177,8 +177,8 @@ def test_mask_leaves_other_leaves_plain_adam_and_eight_bit() -> None:
     rng = np.random.default_rng(4)
     grads = [random_tree(rng, {"w": (64, 96), "v": (8, 5), "b": (10,)}) for _ in range(3)]
     mask = {"w": True, "v": False, "b": False}
-    us, st = run_beside_plain_adam(apollo(48, mask=mask), grads, ("v", "b"))
-    us8, st8 = run_beside_plain_adam(apollo(48, mask=mask, eight_bit=True), grads, ())  # its own float32 Adam
+    us, st = run_beside_plain_adam(scale_by_apollo(48, mask=mask), grads, ("v", "b"))
+    us8, st8 = run_beside_plain_adam(scale_by_apollo(48, mask=mask, eight_bit=True), grads, ())  # its own float32 Adam
     assert isinstance(st.update_norm["v"], optax.MaskedNode) and st.inner_state.mu["v"].shape == (8, 5)
     assert isinstance(st8.inner_state.mu["w"], QuantizedArray)  # (48, 96): 4608 values >= min_size 4096
     np.testing.assert_allclose(us8[0]["w"], us[0]["w"], rtol=1e-5, atol=1e-8)  # step 1: unquantized moments
@@ -207,9 +207,9 @@ def test_mask_leaves_other_leaves_plain_adam_and_eight_bit() -> None:
 def test_bad_arguments_raise_naming_the_argument(kwargs: dict, name: str) -> None:
     kwargs = {"rank": 2, **kwargs}
     with pytest.raises(ValueError, match=f"^{name}: "):
-        apollo(kwargs.pop("rank"), **kwargs)
-    with pytest.raises(ValueError, match="^scale_type: apollo_mini is tensor-wise"):
-        apollo_mini(scale_type="channel")
+        scale_by_apollo(kwargs.pop("rank"), **kwargs)
+    with pytest.raises(TypeError, match="scale_type"):  # APOLLO-Mini is tensor-wise by definition
+        scale_by_apollo_mini(scale_type="channel")
 
 
 @pytest.mark.parametrize(("name", "moment"), [("apollo_adamw", (1, 8, 128)), ("apollo_mini_adamw", (1, 1, 128))])
@@ -223,5 +223,5 @@ def test_trains_through_the_trainer(tmp_path, name: str, moment: tuple) -> None:
 
 
 def test_update_keeps_state_structure_shapes_and_dtypes_in_bf16() -> None:
-    st = assert_state_stable(apollo(3, update_proj_gap=2), BF16_SHAPES)
+    st = assert_state_stable(scale_by_apollo(3, update_proj_gap=2), BF16_SHAPES)
     assert st.inner_state.mu["w"].dtype == jnp.bfloat16 and st.update_norm["w"].dtype == jnp.float32

@@ -18,8 +18,9 @@ import numpy as np
 import optax
 import pytest
 
-from lowrank_jax.optim import GaLoreDims, GaLoreState, ScaleByAdamHFState, galore, galore_adamw, scale_by_adam_hf
-from lowrank_jax.optim.galore.transform import GALORE_OPTIONS, galore_settings
+from lowrank_jax.optim import GaLoreDims, GaLoreState, ScaleByAdamHFState, galore, scale_by_adam_hf, scale_by_galore
+from lowrank_jax.optim.complete import matrices
+from lowrank_jax.optim.galore.transform import galore_settings
 
 SHAPES = {"w": (6, 10), "v": (9, 5), "stack": (3, 4, 7), "b": (10,)}
 SMALL = {"w": (6, 10), "b": (10,)}  # for tests that compile: every extra leaf costs compile time
@@ -59,18 +60,18 @@ def _sig(tree: Any) -> Any:
         (dict(power_iters=-1), "power_iters"),
         (dict(oversample=-2), "oversample"),
         (dict(canonical_signs="yes"), "canonical_signs"),
-        (dict(inner="adam"), "inner"),
+        (dict(base_optimizer="adam"), "base_optimizer"),
     ],
 )
 def test_bad_arguments_raise_naming_the_argument(kwargs: dict, name: str) -> None:
     kwargs = {"rank": 2, **kwargs}
     with pytest.raises(ValueError, match=f"^{name}"):
-        galore(kwargs.pop("rank"), **kwargs)
+        scale_by_galore(kwargs.pop("rank"), **kwargs)
 
 
 def test_pytorch_projection_names_get_a_hint() -> None:
     with pytest.raises(ValueError, match="'left' is PyTorch orientation: use 'output'"):
-        galore(2, proj_type="left")
+        scale_by_galore(2, proj_type="left")
 
 
 @pytest.mark.parametrize(
@@ -82,44 +83,47 @@ def test_pytorch_projection_names_get_a_hint() -> None:
     ],
 )
 def test_inner_that_needs_params_is_rejected_at_init(inner: optax.GradientTransformation) -> None:
-    tx = galore(2, inner=inner)
-    with pytest.raises(ValueError, match="^inner: must be a gradient transformation that needs no params"):
+    tx = scale_by_galore(2, base_optimizer=inner)
+    with pytest.raises(ValueError, match="^base_optimizer: must be a gradient transformation that needs no params"):
         jax.eval_shape(tx.init, _tree(np.random.default_rng(0)))
 
 
 def test_inner_with_unknown_moments_is_rejected_for_reproject_and_reset() -> None:
     params = _tree(np.random.default_rng(0))
     for inner in (optax.scale_by_amsgrad(), optax.sgd(1.0)):
-        jax.eval_shape(galore(2, inner=inner).init, params)  # fine with moments='keep'
+        jax.eval_shape(scale_by_galore(2, base_optimizer=inner).init, params)  # fine with moments='keep'
         for mode in ("reproject", "reset"):
             with pytest.raises(ValueError, match=f"^moments={mode!r}"):
-                jax.eval_shape(galore(2, inner=inner, moments=mode).init, params)
+                jax.eval_shape(scale_by_galore(2, base_optimizer=inner, moments=mode).init, params)
     # moments are found inside chains and inject_hyperparams; RMSprop's nu is a second moment
     inner = optax.chain(optax.clip(1.0), optax.inject_hyperparams(optax.scale_by_adam)(b1=0.8))
-    jax.eval_shape(galore(2, inner=inner, moments="reproject").init, params)
-    jax.eval_shape(galore(2, inner=optax.scale_by_rms(), moments="reset").init, params)
+    jax.eval_shape(scale_by_galore(2, base_optimizer=inner, moments="reproject").init, params)
+    jax.eval_shape(scale_by_galore(2, base_optimizer=optax.scale_by_rms(), moments="reset").init, params)
 
 
 def test_bad_mask_and_dimension_numbers() -> None:
     params = _tree(np.random.default_rng(0))
     with pytest.raises(ValueError, match="^mask: selects a leaf of shape \\(10,\\)"):
-        jax.eval_shape(galore(2, mask=lambda p: jax.tree.map(lambda _: True, p)).init, params)
+        jax.eval_shape(scale_by_galore(2, mask=lambda p: jax.tree.map(lambda _: True, p)).init, params)
     with pytest.raises(ValueError, match="^mask: must be a pytree prefix"):
-        jax.eval_shape(galore(2, mask={"w": True}).init, params)
+        jax.eval_shape(scale_by_galore(2, mask={"w": True}).init, params)
     with pytest.raises(ValueError, match="^dimension_numbers"):
-        jax.eval_shape(galore(2, dimension_numbers=GaLoreDims(rows=(0,), cols=(1,))).init, params)  # 'stack' has 3 axes
+        jax.eval_shape(
+            scale_by_galore(2, dimension_numbers=GaLoreDims(rows=(0,), cols=(1,))).init, params
+        )  # 'stack' has 3 axes
     bad = {"w": GaLoreDims(rows=(0,), cols=(0,)), "v": None, "stack": None, "b": None}
     with pytest.raises(ValueError, match="^dimension_numbers"):
-        jax.eval_shape(galore(2, dimension_numbers=bad).init, params)
-    with pytest.raises(ValueError, match="^inner: galore_adamw fixes"):
-        galore_adamw(1e-3, 2, inner=optax.scale_by_adam())
+        jax.eval_shape(scale_by_galore(2, dimension_numbers=bad).init, params)
+    with pytest.raises(TypeError, match="base_optimizer"):  # the complete optimizer fixes its HF-style Adam
+        galore(1e-3, rank=2, base_optimizer=optax.scale_by_adam())
 
 
 def test_rank_must_be_static_at_init() -> None:
-    tx = optax.inject_hyperparams(galore)(rank=2)
+    tx = optax.inject_hyperparams(scale_by_galore)(rank=2)
     with pytest.raises(ValueError, match="^rank: must be static"):
         jax.jit(tx.init)(_tree(np.random.default_rng(0)))
-    jax.jit(optax.inject_hyperparams(galore, static_args=("rank",))(rank=2).init)(_tree(np.random.default_rng(0)))
+    static = optax.inject_hyperparams(scale_by_galore, static_args=("rank",))(rank=2)
+    jax.jit(static.init)(_tree(np.random.default_rng(0)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,7 +167,7 @@ def test_bad_adam_hf_arguments() -> None:
 
 
 def test_state_layout_and_default_selection() -> None:
-    st = jax.eval_shape(galore(3).init, _tree(np.random.default_rng(0)))
+    st = jax.eval_shape(scale_by_galore(3).init, _tree(np.random.default_rng(0)))
     assert isinstance(st, GaLoreState) and st._fields[0] == "count"
     mu = st.inner_state.mu
     assert mu["w"].shape == (3, 10)  # std: in=6 < out=10 -> input side
@@ -175,13 +179,13 @@ def test_state_layout_and_default_selection() -> None:
     assert isinstance(st.last_refresh["b"], optax.MaskedNode)
     # a mask restricts projection; the unselected matrix gets the inner at full size
     mask = {"w": True, "v": False, "stack": False, "b": False}
-    st = jax.eval_shape(galore(3, mask=mask).init, _tree(np.random.default_rng(0)))
+    st = jax.eval_shape(scale_by_galore(3, mask=mask).init, _tree(np.random.default_rng(0)))
     assert st.inner_state.mu["v"].shape == (9, 5) and isinstance(st.proj_out["v"], optax.MaskedNode)
 
 
 def test_state_memory_of_a_60m_mlp_kernel() -> None:
     params = {"up": jax.ShapeDtypeStruct((512, 1376), jnp.float32)}
-    st = jax.eval_shape(galore(128).init, params)
+    st = jax.eval_shape(scale_by_galore(128).init, params)
     assert st.inner_state.mu["up"].shape == (128, 1376)
     assert st.inner_state.nu["up"].shape == (128, 1376)
     assert st.proj_in["up"].shape == (512, 128)
@@ -196,12 +200,12 @@ def test_state_memory_of_a_60m_mlp_kernel() -> None:
     [
         dict(),
         dict(proj_type="both", refresh="staggered", moments="reproject", canonical_signs=True),
-        dict(svd="randomized", moments="reset", inner=optax.scale_by_adam()),
+        dict(svd="randomized", moments="reset", base_optimizer=optax.scale_by_adam()),
     ],
 )
 def test_update_keeps_state_structure_shapes_and_dtypes(kwargs: dict) -> None:
     params = _tree(np.random.default_rng(0), dtype=jnp.bfloat16)
-    tx = galore(3, update_proj_gap=2, **kwargs)
+    tx = scale_by_galore(3, update_proj_gap=2, **kwargs)
     st = tx.init(params)
     new_updates, new_st = jax.eval_shape(tx.update, params, st)
     assert _sig(new_st) == _sig(st)
@@ -211,7 +215,7 @@ def test_update_keeps_state_structure_shapes_and_dtypes(kwargs: dict) -> None:
 def test_bf16_params_keep_bf16_updates_projectors_and_moments() -> None:
     rng = np.random.default_rng(2)
     params = _tree(rng, SMALL, dtype=jnp.bfloat16)
-    tx = galore(3, update_proj_gap=2)
+    tx = scale_by_galore(3, update_proj_gap=2)
     st = tx.init(params)
     update = jax.jit(tx.update)
     for _ in range(3):
@@ -243,7 +247,7 @@ def _run(tx: optax.GradientTransformation, grads: list, params: Any = None, jit_
 def test_jitted_init_and_update_match_eager_init() -> None:
     rng = np.random.default_rng(3)
     grads = [_tree(rng, SMALL) for _ in range(4)]
-    tx = galore(3, update_proj_gap=2)
+    tx = scale_by_galore(3, update_proj_gap=2)
     st_eager, st_jit = tx.init(grads[0]), jax.jit(tx.init)(grads[0])
     assert _sig(st_eager) == _sig(st_jit)
     u1, _ = jax.jit(tx.update)(grads[0], st_eager)
@@ -254,8 +258,8 @@ def test_jitted_init_and_update_match_eager_init() -> None:
 def test_inject_hyperparams_scale_change_takes_effect() -> None:
     rng = np.random.default_rng(4)
     grads = [_tree(rng, SMALL) for _ in range(5)]
-    plain, _ = _run(galore(3, update_proj_gap=2, scale=0.25), grads)
-    tx = optax.inject_hyperparams(galore)(rank=3, update_proj_gap=2, scale=0.25)
+    plain, _ = _run(scale_by_galore(3, update_proj_gap=2, scale=0.25), grads)
+    tx = optax.inject_hyperparams(scale_by_galore)(rank=3, update_proj_gap=2, scale=0.25)
     st = tx.init(grads[0])  # rank is concrete outside jit; traced rank in update is read from the state
     update = jax.jit(tx.update)
     for t, g in enumerate(grads):
@@ -270,8 +274,8 @@ def test_inject_hyperparams_scale_change_takes_effect() -> None:
 def test_inject_hyperparams_update_proj_gap_traced() -> None:
     rng = np.random.default_rng(5)
     grads = [_tree(rng, SMALL) for _ in range(5)]
-    plain, st_plain = _run(galore(3, update_proj_gap=2, refresh="staggered"), grads)
-    tx = optax.inject_hyperparams(galore)(rank=3, update_proj_gap=2, refresh="staggered")
+    plain, st_plain = _run(scale_by_galore(3, update_proj_gap=2, refresh="staggered"), grads)
+    tx = optax.inject_hyperparams(scale_by_galore)(rank=3, update_proj_gap=2, refresh="staggered")
     injected, st = _run(tx, grads, jit_init=False)  # under inject_hyperparams rank is only static outside jit
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), injected, plain)
     jax.tree.map(np.testing.assert_array_equal, st.inner_state.last_refresh, st_plain.last_refresh)
@@ -280,7 +284,7 @@ def test_inject_hyperparams_update_proj_gap_traced() -> None:
 def test_multisteps_accumulates_before_galore() -> None:
     rng = np.random.default_rng(6)
     grads = [_tree(rng, SMALL) for _ in range(4)]
-    tx = galore(3, update_proj_gap=1)
+    tx = scale_by_galore(3, update_proj_gap=1)
     means = [jax.tree.map(lambda a, b: (a + b) / 2, grads[i], grads[i + 1]) for i in (0, 2)]
     want, _ = _run(tx, means)
     got, st = _run(optax.MultiSteps(tx, every_k_schedule=2), grads)
@@ -294,10 +298,10 @@ def test_apply_if_finite_skips_a_nan_step_without_touching_the_state() -> None:
     rng = np.random.default_rng(7)
     grads = [_tree(rng, SMALL) for _ in range(4)]
     bad = dict(grads[2], w=grads[2]["w"].at[0, 0].set(jnp.nan))
-    tx = optax.apply_if_finite(galore(3, update_proj_gap=2), max_consecutive_errors=3)
+    tx = optax.apply_if_finite(scale_by_galore(3, update_proj_gap=2), max_consecutive_errors=3)
     got, st = _run(tx, [grads[0], grads[1], bad, grads[3]])
     jax.tree.map(lambda a: np.testing.assert_array_equal(a, 0), got[2])
-    want, st_want = _run(galore(3, update_proj_gap=2), [grads[0], grads[1], grads[3]])
+    want, st_want = _run(scale_by_galore(3, update_proj_gap=2), [grads[0], grads[1], grads[3]])
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got[3], want[2])
     assert int(st.inner_state.count) == 3 and int(st.total_notfinite) == 1
 
@@ -306,9 +310,9 @@ def test_galore_adamw_chain_and_extra_args() -> None:
     rng = np.random.default_rng(8)
     params = _tree(rng, SMALL)
     lr, wd = optax.linear_schedule(0.1, 0.0, 10), 0.1
-    tx = galore_adamw(lr, 3, weight_decay=wd, update_proj_gap=2)
+    tx = galore(lr, rank=3, weight_decay=wd, update_proj_gap=2, mask=matrices)
     ref = optax.chain(
-        galore(3, update_proj_gap=2, inner=scale_by_adam_hf()),
+        scale_by_galore(3, update_proj_gap=2, base_optimizer=scale_by_adam_hf()),
         optax.add_decayed_weights(wd, mask={"w": True, "b": False}),  # default weight_decay_mask: ndim >= 2
         optax.scale_by_learning_rate(lr),
     )
@@ -317,7 +321,7 @@ def test_galore_adamw_chain_and_extra_args() -> None:
     want, _ = _run(ref, grads, params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8), got, want)
     # extra args are forwarded to an inner that takes them
-    tx2 = galore(3, inner=optax.chain(optax.scale_by_adam()))
+    tx2 = scale_by_galore(3, base_optimizer=optax.chain(optax.scale_by_adam()))
     u2, _ = jax.eval_shape(lambda g, s: tx2.update(g, s, None, value=jnp.asarray(1.0)), params, tx2.init(params))
     assert _sig(u2) == _sig(params)
 
@@ -357,7 +361,7 @@ def _count_linalg(jaxpr: Any, inside_cond: bool = False) -> tuple[int, int]:
 )
 def test_decompositions_only_inside_cond(kwargs: dict) -> None:
     params = _tree(np.random.default_rng(0))
-    tx = galore(3, **kwargs)
+    tx = scale_by_galore(3, **kwargs)
     st = tx.init(params)
     jaxpr = jax.make_jaxpr(tx.update)(params, st).jaxpr
     outside, inside = _count_linalg(jaxpr)
@@ -378,14 +382,14 @@ _SHARDED = textwrap.dedent(
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from lowrank_jax.optim import galore
+    from lowrank_jax.optim import scale_by_galore
     assert jax.device_count() == 8
     mesh = Mesh(np.array(jax.devices()), ("x",))
     rng = np.random.default_rng(0)
     shapes = {"w": (16, 24), "stack": (8, 16, 12)}
     grads = [{k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in shapes.items()} for _ in range(3)]
     refresh = os.environ["REFRESH"]
-    tx = galore(4, update_proj_gap=2, refresh=refresh)
+    tx = scale_by_galore(4, update_proj_gap=2, refresh=refresh)
     def spec(x):
         return NamedSharding(mesh, P("x") if x.ndim >= 1 and x.shape[0] % 8 == 0 else P())
     st = tx.init(grads[0])
@@ -420,7 +424,7 @@ def test_vmapped_refresh_of_accelerators_equals_the_cpu_map(svd: str, monkeypatc
     """``refresh='all'`` maps one matrix at a time on CPU and vmaps elsewhere; both give the same state."""
     rng = np.random.default_rng(1)
     grads = {"stack": jnp.asarray(rng.standard_normal((5, 16, 12)), jnp.float32)}
-    tx = galore(4, update_proj_gap=2, svd=svd, moments="reproject")
+    tx = scale_by_galore(4, update_proj_gap=2, svd=svd, moments="reproject")
 
     def run() -> Any:
         st, outs = tx.init(grads), []
@@ -436,9 +440,11 @@ def test_vmapped_refresh_of_accelerators_equals_the_cpu_map(svd: str, monkeypatc
 
 
 def test_galore_settings_take_galore_keywords_and_defaults() -> None:
-    """fira() builds its settings with galore_settings(): the same keywords and defaults as galore()."""
-    public = {n: p.default for n, p in inspect.signature(galore).parameters.items()}
+    """galore_settings() validates scale_by_galore()'s keywords with the same defaults (``inner`` is
+    ``base_optimizer``, ``svd_fn`` is ``_svd_fn``), so scale_by_fira() and the rest build on it alike."""
+    public = {n: p.default for n, p in inspect.signature(scale_by_galore).parameters.items()}
     settings = {n: p.default for n, p in inspect.signature(galore_settings).parameters.items()}
     assert public.pop("_svd_fn") is settings.pop("svd_fn") is None
+    assert public.pop("base_optimizer") is settings.pop("inner") is None
+    assert public.pop("rank") == 128 and settings.pop("rank") is inspect.Parameter.empty  # galore-torch's default
     assert public == settings
-    assert set(GALORE_OPTIONS) == set(public) - {"rank"}

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from lowrank_jax.optim import GaLoreDims, galore, register_moments, scale_by_adam_hf
+from lowrank_jax.optim import GaLoreDims, register_moments, scale_by_adam_hf, scale_by_galore
 
 # 'a': in < out (std: input side); 'c': a batch of 3 matrices with in > out (std: output side).
 TREE = {"a": (6, 10), "c": (3, 7, 5), "bias": (5,)}
@@ -37,8 +37,8 @@ def _flipping_svd(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
 
 @functools.cache
 def _trajectory(**kwargs: Any) -> tuple[list, list]:
-    """Updates and states after each step of galore(RANK, update_proj_gap=T, **kwargs) on GRADS (cached)."""
-    tx = galore(RANK, update_proj_gap=T, **kwargs)
+    """Updates and states after each step of scale_by_galore(RANK, update_proj_gap=T, **kwargs) on GRADS (cached)."""
+    tx = scale_by_galore(RANK, update_proj_gap=T, **kwargs)
     st = jax.jit(tx.init)(GRADS[0])
     update = jax.jit(tx.update)
     updates, states = [], []
@@ -62,7 +62,7 @@ def test_staggered_refresh_spreads_svds_over_the_gap() -> None:
     shapes = {"a": (6, 10), "c": (5, 6, 4), "d": (7, 4)}  # N = 7 matrices
     n_mat, gap, steps = 7, 3, 10
     rng = np.random.default_rng(1)
-    tx = galore(2, update_proj_gap=gap, refresh="staggered")
+    tx = scale_by_galore(2, update_proj_gap=gap, refresh="staggered")
     st = tx.init(_tree(rng, shapes))
     update = jax.jit(tx.update)
     lasts, projs = [], []
@@ -107,7 +107,7 @@ def test_randomized_svd_finds_the_signal_subspace() -> None:
     g = signal + noise * np.linalg.norm(signal) / np.linalg.norm(noise) / 100.0  # SNR 100
     u_ex, _, vh_ex = np.linalg.svd(g)
     params = {"w": jnp.asarray(g, jnp.float32)}
-    tx = galore(r, proj_type="both", svd="randomized", power_iters=1, oversample=4)
+    tx = scale_by_galore(r, proj_type="both", svd="randomized", power_iters=1, oversample=4)
     _, st = jax.jit(tx.update)(params, tx.init(params))
     p_in, p_out = np.asarray(st.proj_in["w"], np.float64), np.asarray(st.proj_out["w"], np.float64)
     np.testing.assert_allclose(p_in.T @ p_in, np.eye(r), atol=1e-5)
@@ -202,11 +202,11 @@ def test_register_moments_hook_for_another_state_type() -> None:
 
     inner = optax.GradientTransformation(init, update)
     with pytest.raises(ValueError, match="^moments='reproject'"):
-        jax.eval_shape(galore(RANK, inner=inner, moments="reproject").init, GRADS[0])
+        jax.eval_shape(scale_by_galore(RANK, base_optimizer=inner, moments="reproject").init, GRADS[0])
     register_moments(
         _MyAdamState, lambda s: (s.exp_avg, s.exp_avg_sq), lambda s, m, v: s._replace(exp_avg=m, exp_avg_sq=v)
     )
-    mine, _ = _trajectory(moments="reproject", inner=inner)
+    mine, _ = _trajectory(moments="reproject", base_optimizer=inner)
     want, _ = _trajectory(moments="reproject")
     for t in range(STEPS):
         assert _allclose(mine[t], want[t]), f"step {t}"
@@ -231,7 +231,7 @@ def test_canonical_signs_remove_the_svd_sign_ambiguity() -> None:
 
 
 def test_nan_gradient_at_a_refresh_keeps_the_projector_and_counts_a_failure() -> None:
-    tx = galore(RANK, update_proj_gap=T)
+    tx = scale_by_galore(RANK, update_proj_gap=T)
     st = tx.init(GRADS[0])
     update = jax.jit(tx.update)
     for g in GRADS[:T]:
@@ -277,8 +277,8 @@ def test_dimension_numbers_reshape_and_batch_axes() -> None:
         "q2": g["q"][:, 2],
         "r": g["r"].reshape(6, 10),
     }
-    tx_dims = galore(RANK, update_proj_gap=T, dimension_numbers=dims)
-    tx_flat = galore(RANK, update_proj_gap=T)
+    tx_dims = scale_by_galore(RANK, update_proj_gap=T, dimension_numbers=dims)
+    tx_flat = scale_by_galore(RANK, update_proj_gap=T)
     s1, s2 = tx_dims.init(grads[0]), tx_flat.init(as_matrices(grads[0]))
     assert s1.inner_state.mu["q"].shape == (3, 6, RANK)  # batch axis first; std: 6 > 5 -> output side
     assert s1.proj_in["r"].shape == (6, RANK)
@@ -294,7 +294,7 @@ def test_stacked_layers_get_one_projector_each() -> None:
     # the default for ndim > 2 (a scanned LLaMA's (layers, in, out) kernels) equals separate leaves
     _, states = _trajectory()
     g = {f"c{j}": GRADS[0]["c"][j] for j in range(3)}
-    tx = galore(RANK, update_proj_gap=T)
+    tx = scale_by_galore(RANK, update_proj_gap=T)
     _, st = jax.jit(tx.update)(g, tx.init(g))
     for j in range(3):
         np.testing.assert_allclose(states[0].proj_out["c"][j], st.proj_out[f"c{j}"], atol=1e-6)

@@ -20,7 +20,8 @@ import optax
 import pytest
 from optax import contrib
 
-from lowrank_jax.optim.galore import GaLoreDims, galore, galore_adamw
+from lowrank_jax.optim.complete import matrices
+from lowrank_jax.optim.galore import GaLoreDims, galore, scale_by_galore
 
 TORCH_NAME = {"std": "std", "reverse_std": "reverse_std", "input": "right", "output": "left", "both": "full"}
 
@@ -189,7 +190,7 @@ def test_matches_official_galore_adamw(proj_type: str) -> None:
     # (1e-7 in float32, 1e-16 in float64) is blown up to ~1e-2 by a first Adam step with eps=1e-6,
     # in the official code as much as here, so that case runs with a larger eps.
     eps = 1e-3 if proj_type == "both" else 1e-6
-    tx = galore_adamw(LR, RANK, update_proj_gap=T, scale=SCALE, proj_type=proj_type, eps=eps)
+    tx = galore(LR, rank=RANK, update_proj_gap=T, scale=SCALE, proj_type=proj_type, eps=eps, mask=matrices)
     traj, states = _run_ours(tx, params, grads)
     # Every leaf refreshed at 0, T, 2T, ... and the state shapes follow the proj_type.
     st = states[-1]
@@ -211,7 +212,7 @@ def test_projector_sides_follow_the_mapping_table() -> None:
         "both": {"lt": (1, 1), "gt": (1, 1), "sq": (1, 1)},
     }
     for proj_type, table in expect.items():
-        st = galore(RANK, proj_type=proj_type).init(params)
+        st = scale_by_galore(RANK, proj_type=proj_type).init(params)
         for key, (use_in, use_out) in table.items():
             assert isinstance(st.proj_in[key], jax.Array) == bool(use_in), (proj_type, key)
             assert isinstance(st.proj_out[key], jax.Array) == bool(use_out), (proj_type, key)
@@ -225,7 +226,7 @@ def test_weight_decay_matches_decoupled_reference_and_official_to_lr2_wd() -> No
     params = _random_tree(rng, SHAPES)
     grads = [_random_tree(rng, SHAPES) for _ in range(STEPS)]
     lr, wd = 0.05, 0.5
-    tx = galore_adamw(lr, RANK, weight_decay=wd, update_proj_gap=T, scale=SCALE)
+    tx = galore(lr, rank=RANK, weight_decay=wd, update_proj_gap=T, scale=SCALE, mask=matrices)
     traj, states = _run_ours(tx, params, grads)
     kw = dict(rank=RANK, gap=T, scale=SCALE, proj_type="std", lr=lr, weight_decay=wd)
     _compare(traj, states, RefGaLoreAdamW(_to_torch(params), decay_after_update=False, **kw), grads)
@@ -246,8 +247,14 @@ def _optax_galore_pair(proj_type: str, shapes: dict, ours_dims: Any = None, opta
     rng = np.random.default_rng(11)
     params = _random_tree(rng, shapes)
     grads = [_random_tree(rng, shapes) for _ in range(7)]
-    ours = galore(RANK, update_proj_gap=T, scale=SCALE, proj_type=proj_type, inner=optax.scale_by_adam(),
-                  dimension_numbers=ours_dims)  # fmt: skip
+    ours = scale_by_galore(
+        RANK,
+        update_proj_gap=T,
+        scale=SCALE,
+        proj_type=proj_type,
+        base_optimizer=optax.scale_by_adam(),
+        dimension_numbers=ours_dims,
+    )
     theirs = contrib.scale_by_galore(
         rank=RANK, update_proj_gap=T, scale=SCALE, base_optimizer=optax.scale_by_adam(),
         weight_dimension_numbers=optax_dims,

@@ -1,4 +1,4 @@
-"""GoLore (galore(projector='random')) against an independent float64 NumPy port of the official rule.
+"""GoLore (scale_by_galore(projector='random')) against an independent float64 NumPy port of the official rule.
 
 The reference follows pkumelon/Golore in PyTorch orientation (weights ``(out, in)``): GaLore's ``std`` side rule
 and SVD projector while ``step < rand_epoch``, then a random projector ``Z (ZᵀZ)^(-1/2)`` with ``Z ~ N(0, 1)``
@@ -32,7 +32,7 @@ from method_helpers import (
     trajectory,
 )
 
-from lowrank_jax.optim import GaLoreState, galore
+from lowrank_jax.optim import GaLoreState, scale_by_galore
 from lowrank_jax.optim.projection import random_orthonormal
 
 # Flax (in, out): in < out, in > out, square, a stacked leaf (2 layers of 5 × 8); a bias stays plain Adam.
@@ -100,7 +100,7 @@ def projectors(st: GaLoreState) -> dict:
 
 def _golore(**kw: Any) -> optax.GradientTransformation:
     opts = dict(update_proj_gap=T, scale=SCALE, projector="random", random_from=SWITCH, seed=SEED)
-    return galore(RANK, moments="reproject_first", **{**opts, **kw})
+    return scale_by_galore(RANK, moments="reproject_first", **{**opts, **kw})
 
 
 def _run(tx: optax.GradientTransformation, params: dict, grads: list) -> tuple[list, list]:
@@ -169,7 +169,9 @@ def test_mask_leaves_other_leaves_plain_adam() -> None:
     rng = np.random.default_rng(1)
     grads = [random_tree(rng, {"w": (6, 10), "v": (8, 5), "b": (10,)}) for _ in range(4)]
     mask = {"w": True, "v": False, "b": False}
-    _, st = run_beside_plain_adam(galore(2, update_proj_gap=2, projector="random", mask=mask), grads, ("v", "b"))
+    _, st = run_beside_plain_adam(
+        scale_by_galore(2, update_proj_gap=2, projector="random", mask=mask), grads, ("v", "b")
+    )
     assert isinstance(st.proj_in["v"], optax.MaskedNode) and st.inner_state.mu["v"].shape == (8, 5)
     assert st.inner_state.mu["w"].shape == (2, 10) and int(st.svd_failures) == 0
 
@@ -186,7 +188,7 @@ def test_mask_leaves_other_leaves_plain_adam() -> None:
 )
 def test_bad_arguments_raise_naming_the_argument(kwargs: dict, name: str) -> None:
     with pytest.raises(ValueError, match=f"^{name}: "):
-        galore(2, **kwargs)
+        scale_by_galore(2, **kwargs)
 
 
 def test_golore_trains_through_the_trainer(tmp_path) -> None:
@@ -199,6 +201,6 @@ def test_golore_trains_through_the_trainer(tmp_path) -> None:
 
 
 def test_update_keeps_state_structure_shapes_and_dtypes_in_bf16() -> None:
-    tx = galore(3, update_proj_gap=2, projector="random", random_from=2, moments="reproject_first")
+    tx = scale_by_galore(3, update_proj_gap=2, projector="random", random_from=2, moments="reproject_first")
     st = assert_state_stable(tx, BF16_SHAPES)
     assert st.proj_in["w"].dtype == jnp.bfloat16

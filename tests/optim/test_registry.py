@@ -16,10 +16,10 @@ import optax
 import pytest
 
 from lowrank_jax.config import load_config
-from lowrank_jax.config.schema import ApolloConfig, ApolloMiniConfig, FiraConfig, GaloreConfig
+from lowrank_jax.config.schema import ApolloConfig, ApolloMiniConfig, FiraConfig, GaloreConfig, GoloreConfig
 from lowrank_jax.optim import registry
 
-ADAM_FIELDS = ("b1", "b2", "eps")
+ADAM_FIELDS = ("b1", "b2", "eps", "weight_decay")
 
 
 def _changed(value: Any) -> Any:
@@ -63,31 +63,39 @@ def cfg() -> types.SimpleNamespace:
     fields = {f.name: getattr(real, f.name) for f in dataclasses.fields(real)}
     adam = {k: 0.5 + i / 8 for i, k in enumerate(ADAM_FIELDS)}  # 0.5, 0.625, 0.75: none is a default
     optim = types.SimpleNamespace(**{**dataclasses.asdict(real.optim), **adam})
-    sections = {"galore": GaloreConfig, "apollo": ApolloConfig, "apollo_mini": ApolloMiniConfig, "fira": FiraConfig}
+    sections = {
+        "galore": GaloreConfig,
+        "golore": GoloreConfig,
+        "apollo": ApolloConfig,
+        "apollo_mini": ApolloMiniConfig,
+        "fira": FiraConfig,
+    }
     return types.SimpleNamespace(**{**fields, "optim": optim, **{k: _section(c) for k, c in sections.items()}})
 
 
 @pytest.mark.parametrize(
-    ("optimizer", "transform", "sections", "adam"),
+    ("optimizer", "transform", "section", "eight_bit"),
     [
-        ("galore_adamw", "galore_adamw", ("galore",), True),
-        ("galore_adamw8bit", "galore", ("galore",), False),  # Adam settings go to the 8-bit inner transform
-        ("apollo_adamw", "apollo", ("apollo",), True),
-        ("apollo_mini_adamw", "apollo_mini", ("apollo_mini",), True),
-        ("fira_adamw", "fira", ("galore", "fira"), True),
+        ("galore_adamw", "galore", "galore", False),
+        ("galore_adamw8bit", "galore", "galore", True),
+        ("golore_adamw", "golore", "golore", None),
+        ("apollo_adamw", "apollo", "apollo", None),
+        ("apollo_mini_adamw", "apollo_mini", "apollo_mini", None),
+        ("fira_adamw", "fira", "fira", None),
     ],
 )
-def test_every_section_field_reaches_the_transform(monkeypatch, cfg, optimizer, transform, sections, adam) -> None:
+def test_every_section_field_reaches_the_transform(monkeypatch, cfg, optimizer, transform, section, eight_bit) -> None:
     calls = _record(monkeypatch, transform)
     registry.build_optimizer(_with_name(cfg, optimizer), lambda step: 1.0, None)
     assert len(calls) == 1, calls
     (got,) = calls
-    expected = {name: value for section in sections for name, value in vars(getattr(cfg, section)).items()}
-    if adam:
-        expected |= {k: getattr(cfg.optim, k) for k in ADAM_FIELDS}
+    expected = dict(vars(getattr(cfg, section))) | {k: getattr(cfg.optim, k) for k in ADAM_FIELDS}
+    if eight_bit is not None:
+        expected["eight_bit"] = eight_bit
     missing = {k: (v, got.get(k, "<not passed>")) for k, v in expected.items() if got.get(k, object()) != v}
     assert not missing, f"{optimizer}: fields that do not reach {transform} (expected, got): {missing}"
-    assert got["mask"] is registry.method_mask
+    assert "mask" not in got  # the complete optimizer's default: attention and MLP matrices by name
+    assert registry.optimizer_sections(optimizer) == (section,)
 
 
 def _with_name(cfg: types.SimpleNamespace, name: str) -> types.SimpleNamespace:

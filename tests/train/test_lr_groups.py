@@ -20,12 +20,14 @@ from lowrank_jax.train.step import make_trainer
 
 SMALL = ["model.hidden=32", "model.ffn=64", "model.heads=2", "model.layers=2", "model.max_seq_len=32", "seq_len=16"]
 SMALL += ["batch_size=4", "optim.warmup_ratio=0", "optim.lr=1e-3", "optim.weight_decay=0.1", "model.vocab_size=64"]
-SMALL += ["galore.rank=4", "apollo.rank=4", "model.sl_density=0.1"]
 GROUP_LR = {"embed": 4e-3, "blocks": 2e-3, "factors": 3e-3, "norms": 5e-4}
 
 
 def _cfg(*overrides):
-    return load_config("tiny", [*SMALL, *overrides])
+    """A small config; the method settings every case shares are set in Python (``replace`` lets a config carry
+    settings its optimizer does not read, which ``key=value`` overrides refuse)."""
+    cfg = load_config("tiny", [*SMALL, *overrides])
+    return replace(cfg, galore__rank=4, apollo__rank=4, fira__rank=4, model__sl_density=0.1)
 
 
 def _groups_by_path(cfg):

@@ -21,6 +21,7 @@ has then done steps past that checkpoint that are lost).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -33,10 +34,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lowrank_jax import storage
 from lowrank_jax.train import cli
 from lowrank_jax.train.checkpoint import checkpoint_steps
 from lowrank_jax.train.launch import exit_status, launch, process_env
 from lowrank_jax.train.metrics import read_metrics
+from lowrank_jax.train.preemption import PREEMPTED_EXIT
 
 STEPS, EVERY, KILL_AT = 12, 4, 8
 RUN = [f"steps={STEPS}", f"checkpoint_every={EVERY}", "keep_checkpoints=5", "log_every=1", "mesh=-1,1,1"]
@@ -182,6 +185,120 @@ def test_sigkill_one_process_then_resume_all_is_exact(small_overrides, runs, tmp
 
     _ok(single(small_overrides, tmp_path / "other_count", 2, "resume=true"))
     assert_close(tmp_path / "other_count", runs["one_x2"])
+
+
+def test_gcs_prepare_two_processes_kill_resume_is_bitwise_local(small_overrides, runs, gcs, tmp_path):
+    """On a GCS emulator: prepare to gs://, 2 processes checkpoint to gs://, one is killed, all resume from gs://.
+
+    The per-step losses equal the same 2-process run on local disk bitwise; results.json, metrics.jsonl and
+    the TensorBoard events are read back from the bucket.
+    """
+    shards, out = gcs.url("shards"), gcs.url("run")
+    _ok(_run(["prepare", "tiny", *small_overrides, f"data.shards={shards}"], _env()))
+    res = launched(small_overrides, out, 2, f"data.shards={shards}", env={**_kill_env(tmp_path, 1), **gcs.env})
+    assert res.returncode == 128 + signal.SIGKILL, res.stderr[-3000:]
+    saved = checkpoint_steps(f"{out}/checkpoints")
+    assert saved and max(saved) < KILL_AT, saved
+    assert not storage.as_path(f"{out}/results.json").exists()
+    res = _ok(launched(small_overrides, out, 2, f"data.shards={shards}", "resume=true"))
+    assert 0 < int(res.stdout.split("resumed from step ")[1].split()[0]) < KILL_AT
+
+    back = tmp_path / "from_bucket"  # what a reader of the bucket sees
+    storage.download_tree(out, back, skip=("checkpoints",))
+    got, want = losses(back), losses(runs["two"])
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert all(got[s] == want[s] for s in want), "losses on gs:// differ from the local run's"
+    results = json.loads((back / "results.json").read_text())
+    assert results["final_val_loss"] == val_loss(runs["two"])
+    assert checkpoint_steps(f"{out}/checkpoints")[-1] == STEPS
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(back / "tensorboard"))
+    events.Reload()
+    tb = {e.step: e.value for e in events.Scalars("train/loss")}
+    assert sorted(tb) == list(range(1, STEPS + 1)) and all(np.float32(want[s]) == tb[s] for s in want)
+    assert not list(Path.cwd().iterdir())  # no local directory named "gs:"
+
+
+TERM_HOOK = """
+import os, signal, time
+_spec = os.environ.get("LRJ_TEST_TERM")
+if _spec:
+    _proc, _step, _stamp = _spec.split(":", 2)
+    from lowrank_jax.train import preemption as _preemption
+
+    _reached = _preemption.PreemptionWatch.reached
+
+    def reached(self, step):
+        import jax
+
+        if step == int(_step) and jax.process_index() == int(_proc):
+            with open(_stamp, "w") as f:
+                f.write(repr(time.time()))
+            os.kill(os.getpid(), signal.SIGTERM)
+        return _reached(self, step)
+
+    _preemption.PreemptionWatch.reached = reached
+"""
+
+
+def _term_env(tmp: Path, process: int, step: int) -> dict[str, str]:
+    """An environment in which process ``process`` gets SIGTERM once it has run ``step`` steps."""
+    d = tmp / "term_hook"
+    d.mkdir(exist_ok=True)
+    (d / "sitecustomize.py").write_text(textwrap.dedent(TERM_HOOK))
+    path = os.pathsep.join(p for p in (str(d), os.environ.get("PYTHONPATH")) if p)
+    return _env(PYTHONPATH=path, LRJ_TEST_TERM=f"{process}:{step}:{tmp / 'signal_time'}")
+
+
+@pytest.mark.parametrize("n", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_sigterm_checkpoints_one_agreed_step_and_resume_is_bitwise(small_overrides, runs, tmp_path, n):
+    """SIGTERM to the last process at a random step: every process stops after the same step, saves it,
+    exits 143 with "preempted at step N"; ``resume=true`` gives the uninterrupted run's losses bitwise."""
+    at = int(np.random.default_rng().integers(1, STEPS - 2))
+    out = tmp_path / "run"
+
+    def train(*extra: str, env=None):
+        if n == 1:
+            return single(small_overrides, out, 2, *extra, env=env)
+        return launched(small_overrides, out, 2, *extra, env=env)
+
+    res = train(env=_term_env(tmp_path, n - 1, at))
+    lag = time.time() - float((tmp_path / "signal_time").read_text())
+    assert res.returncode == PREEMPTED_EXIT, res.stderr[-3000:]
+    stopped = int(res.stderr.split("preempted at step ")[1].split()[0])
+    print(f"SIGTERM at step {at} in process {n - 1}: stopped at step {stopped}, {lag:.2f}s from signal to exit")
+    assert at <= stopped <= at + 2 and stopped in checkpoint_steps(out / "checkpoints")
+    assert not (out / "results.json").exists()
+    res = _ok(train("resume=true"))
+    assert f"resumed from step {stopped} " in res.stdout
+    want = runs["one_x2"] if n == 1 else runs["two"]
+    got, ref = losses(out), losses(want)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert all(got[s] == ref[s] for s in ref), "resumed losses differ from the uninterrupted run's"
+    assert val_loss(out) == val_loss(want)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_stops_every_process_at_one_step(small_overrides, runs, tmp_path):
+    out = tmp_path / "run"
+    args = ["launch", "--local-processes", "2", "--grace", "60", "train", "tiny", *small_overrides]
+    cmd = [sys.executable, "-m", "lowrank_jax.train.cli", *args, f"out_dir={out}", *RUN, "steps=400"]
+    proc = subprocess.Popen(
+        cmd, env=_env(), cwd=_WORK_DIR[0], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 240
+    while not (out / "metrics.jsonl").is_file() or len((out / "metrics.jsonl").read_text().splitlines()) < 3:
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.2)
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    print(f"launcher SIGTERM to exit: {time.time() - t0:.2f}s")
+    assert proc.returncode == PREEMPTED_EXIT, err[-3000:]
+    stopped = int(err.split("preempted at step ")[1].split()[0])
+    assert stopped in checkpoint_steps(out / "checkpoints")
+    assert err.count(f"preempted at step {stopped}") == 2  # process 0 and, prefixed, process 1
 
 
 @pytest.mark.slow

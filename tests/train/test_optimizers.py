@@ -8,8 +8,8 @@ import pytest
 
 from lowrank_jax.config import load_config, replace
 from lowrank_jax.models import count_bytes
-from lowrank_jax.optim import GaLoreState
-from lowrank_jax.optim.registry import method_mask, optimizer_names
+from lowrank_jax.optim import GaLoreState, default_mask
+from lowrank_jax.optim.registry import optimizer_names
 from lowrank_jax.train.step import make_trainer
 
 
@@ -28,9 +28,9 @@ def test_registry_lists_the_methods():
     assert {"adamw", "adamw8bit", "galore_adamw", "galore_adamw8bit"} <= set(optimizer_names())
 
 
-def test_method_mask_selects_attention_and_mlp_kernels_only(base):
+def test_default_mask_selects_attention_and_mlp_kernels_only(base):
     trainer = make_trainer(base)
-    mask = method_mask(trainer.abstract_state.params)
+    mask = default_mask(trainer.abstract_state.params)
     flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(mask)}
     selected = sorted(k for k, v in flat.items() if v)
     assert len(selected) == 7 and all("blocks" in k and "kernel" in k for k in selected)

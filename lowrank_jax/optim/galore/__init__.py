@@ -7,13 +7,17 @@ Algorithm, for every selected weight matrix with gradient ``G_t`` (rank ``r``, g
 
     if t % T == 0:   P ← top-r singular vectors of G_t       (SVD in float32, cast to G's dtype)
     R_t  = project(G_t, P)           low-rank gradient, e.g. Pᵀ G_t (r × n)
-    N_t  = inner(R_t)                any params-free optax transform (default: HF-style Adam),
+    N_t  = base(R_t)                 any params-free optax transform (default: HF-style Adam),
                                      so its state (Adam's m, v) is low-rank
     ΔW_t = α · project_back(N_t, P)  e.g. P N_t (m × n)
 
-Leaves that are not selected (by default: every leaf with ``ndim < 2``) get ``inner`` at full
-size. A single inner state serves both groups: ``inner`` is initialised once on a "proxy" tree
-that holds the low-rank shapes for projected leaves and the params themselves for the others.
+Leaves that are not selected get the base optimizer at full size. A single base state serves both groups:
+``base_optimizer`` is initialised once on a "proxy" tree that holds the low-rank shapes for projected
+leaves and the params themselves for the others.
+
+Two entry points, as in optax: :func:`scale_by_galore` (composable, no learning rate, any params-free
+``base_optimizer``; default mask: every matrix) and :func:`galore` (the complete GaLore-AdamW with
+``learning_rate``, ``weight_decay`` and a default mask of the attention and MLP matrices by name).
 
 Orientation. Flax kernels are ``(in, out)`` with ``y = x @ K``; PyTorch weights are ``(out, in)``
 ``= K.T``. A Flax gradient ``G`` is ``in × out``. The *input-side* projector ``P_in`` (in × r) holds
@@ -109,26 +113,30 @@ gradient is ``diag(σ)`` and a first Adam step with a tiny ``eps`` turns its off
 noise into O(1e-2) updates — in the official code as much as here.
 
 Differences from galore-torch (none changes the default trajectory for weight decay 0): the
-projected leaves are chosen by ``mask`` (default: all matrices; the official scripts list the
-attention/MLP modules, so pass such a mask); a failed SVD keeps the previous projector instead of
-propagating NaNs or raising; :func:`galore_adamw` decays the weight before rather than after the
-update (an O(lr²·wd) difference).
+projected leaves are chosen by ``mask`` (the official scripts list the attention/MLP modules, which is
+:func:`galore`'s default; :func:`scale_by_galore` takes every matrix unless told); a failed SVD keeps the
+previous projector instead of propagating NaNs or raising; :func:`galore` decays the weight before rather
+than after the update (an O(lr²·wd) difference).
 
-With :func:`optax.inject_hyperparams`, ``scale``, ``update_proj_gap``, ``seed``, ``random_from`` and
-``power_iters`` may be traced; ``rank`` is read from the state's projector shapes during updates
-but ``init`` needs it static (call ``init`` outside ``jit`` or pass ``static_args=('rank',)``);
-``oversample`` must be static for ``svd='randomized'``; callables (``mask``,
-``dimension_numbers``) must be listed in ``static_args``, as for any optax factory.
+``optax.inject_hyperparams(galore)(learning_rate=…, weight_decay=…, rank=…)`` works as for ``optax.adamw``:
+inject_hyperparams turns every numeric argument into an array, traced inside ``jit``; ``scale``,
+``update_proj_gap``, ``seed``, ``random_from`` and ``power_iters`` may be traced, ``rank`` is read from the
+state's projector shapes during updates (``init`` runs on concrete values), and ``oversample`` must be static
+for ``svd='randomized'`` (``static_args=('oversample',)``). A ``mask`` given there as regexes (a string or a
+tuple of strings, :func:`~lowrank_jax.optim.masks.resolve_mask`) needs nothing more; a callable mask or
+``dimension_numbers`` goes in ``static_args``, since inject_hyperparams takes callables for schedules.
 
 Code: the projection core shared with GoLore, APOLLO and Fira is :mod:`lowrank_jax.optim.projection` (plans,
 projectors, refresh schedule, projection); here ``moments.py`` (:func:`register_moments`, reproject / reset) and
-``transform.py`` (:class:`GaLoreState`, :func:`galore`, :func:`galore_adamw`); :func:`scale_by_adam_hf` lives in
+``transform.py`` (:class:`GaLoreState`, :func:`scale_by_galore`, :func:`galore`), ``golore.py``
+(:func:`scale_by_golore`, :func:`golore`); :func:`scale_by_adam_hf` lives in
 :mod:`lowrank_jax.optim.adam_hf`.
 """
 
 from lowrank_jax.optim.adam_hf import ScaleByAdamHFState, scale_by_adam_hf
+from lowrank_jax.optim.galore.golore import golore, scale_by_golore
 from lowrank_jax.optim.galore.moments import MOMENT_MODES, register_moments
-from lowrank_jax.optim.galore.transform import GaLoreState, galore, galore_adamw
+from lowrank_jax.optim.galore.transform import GaLoreState, galore, scale_by_galore
 from lowrank_jax.optim.projection import PROJ_TYPES, PROJECTORS, REFRESH_MODES, SVD_MODES, GaLoreDims
 
 __all__ = [
@@ -141,7 +149,9 @@ __all__ = [
     "GaLoreState",
     "ScaleByAdamHFState",
     "galore",
-    "galore_adamw",
+    "golore",
+    "scale_by_galore",
+    "scale_by_golore",
     "register_moments",
     "scale_by_adam_hf",
 ]

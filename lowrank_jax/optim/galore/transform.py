@@ -1,4 +1,4 @@
-"""The GaLore transformation: :func:`galore` (any params-free inner transform) and :func:`galore_adamw`.
+"""The GaLore transformations: :func:`scale_by_galore` (any params-free base optimizer) and :func:`galore`.
 
 One update (the algorithm box of :mod:`lowrank_jax.optim.galore`): read the plans back from the state, refresh the
 due projectors (:func:`~lowrank_jax.optim.projection.refresh_projectors`), optionally carry the inner moments into
@@ -13,16 +13,18 @@ Fira (:mod:`lowrank_jax.optim.fira`) is GaLore plus a residual: it builds on the
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from lowrank_jax.optim._norm_scaling import hf_adam
 from lowrank_jax.optim.adam_hf import scale_by_adam_hf
 from lowrank_jax.optim.checks import check_bool, check_choice, check_int, check_real, static_int
+from lowrank_jax.optim.complete import check_learning_rate, complete_optimizer, guard_composition
 from lowrank_jax.optim.galore.moments import MOMENT_MODES, check_moments, remix_moments
+from lowrank_jax.optim.masks import resolve_mask
 from lowrank_jax.optim.projection import (
     PROJ_TYPE_HINTS,
     PROJ_TYPES,
@@ -70,14 +72,14 @@ def _check_inner(inner: optax.GradientTransformation, proxy: Any) -> None:
         out = jax.eval_shape(run, abstract)
     except Exception as e:  # any failure means it cannot run on low-rank gradients without params
         raise ValueError(
-            "inner: must be a gradient transformation that needs no params (e.g. scale_by_adam_hf(), "
-            f"optax.scale_by_adam()); put weight decay / learning rate after galore ({type(e).__name__}: {e})"
+            "base_optimizer: must be a gradient transformation that needs no params (e.g. scale_by_adam_hf(), "
+            f"optax.scale_by_adam()); put weight decay / learning rate after scale_by_galore ({type(e).__name__}: {e})"
         ) from e
     same = jax.tree.structure(out) == jax.tree.structure(abstract) and all(
         a.shape == b.shape for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(abstract), strict=True)
     )
     if not same:
-        raise ValueError("inner: its updates must have the shapes of its input gradients")
+        raise ValueError("base_optimizer: its updates must have the shapes of its input gradients")
 
 
 # --------------------------------------------------------------------------------------------
@@ -87,7 +89,7 @@ def _check_inner(inner: optax.GradientTransformation, proxy: Any) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class GaLoreSettings:
-    """:func:`galore`'s keywords after validation (numbers may be traced under ``inject_hyperparams``)."""
+    """:func:`scale_by_galore`'s keywords after validation (numbers may be traced under ``inject_hyperparams``)."""
 
     rank: Any
     update_proj_gap: Any
@@ -128,7 +130,8 @@ def galore_settings(
     random_from: int = 0,
     svd_fn: SvdFn | None = None,
 ) -> GaLoreSettings:
-    """Validate :func:`galore`'s arguments (same keywords and defaults; ``svd_fn`` is its ``_svd_fn``)."""
+    """Validate :func:`scale_by_galore`'s arguments (its keywords and defaults; ``inner`` is its ``base_optimizer``,
+    ``svd_fn`` its ``_svd_fn``)."""
     check_int(rank, "rank", lo=1)
     check_int(update_proj_gap, "update_proj_gap", lo=1)
     check_real(scale, "scale", lo=0.0, lo_open=True)
@@ -146,7 +149,7 @@ def galore_settings(
     if inner is None:
         inner = scale_by_adam_hf()
     if not (hasattr(inner, "init") and hasattr(inner, "update")):
-        raise ValueError(f"inner: must be an optax GradientTransformation, got {type(inner).__name__}")
+        raise ValueError(f"base_optimizer: must be an optax GradientTransformation, got {type(inner).__name__}")
     return GaLoreSettings(
         rank=rank,
         update_proj_gap=update_proj_gap,
@@ -166,12 +169,6 @@ def galore_settings(
         random_from=random_from,
         svd_fn=svd_fn or dense_svd,
     )
-
-
-# galore()'s keyword options (also the options of the methods built on it, e.g. fira()).
-GALORE_OPTIONS: tuple[str, ...] = tuple(
-    n for n in inspect.signature(galore_settings).parameters if n not in ("rank", "svd_fn")
-)
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,13 +286,13 @@ def low_rank_step(updates: optax.Updates, state: GaLoreState, s: GaLoreSettings,
 # --------------------------------------------------------------------------------------------
 
 
-def galore(
-    rank: int,
+def scale_by_galore(
+    rank: int = 128,
     *,
     update_proj_gap: int = 200,
     scale: float = 0.25,
     proj_type: str = "std",
-    inner: optax.GradientTransformation | None = None,
+    base_optimizer: optax.GradientTransformation | None = None,
     mask: MaskOrFn = None,
     dimension_numbers: Any = None,
     refresh: str = "all",
@@ -309,17 +306,21 @@ def galore(
     random_from: int = 0,
     _svd_fn: SvdFn | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """GaLore gradient projection around an ``inner`` transform (see the package docstring).
+    """GaLore gradient projection around a params-free ``base_optimizer`` (see the package docstring).
+
+    Composable like ``optax.scale_by_adam``: no learning rate, no weight decay (chain them after it, or use the
+    complete optimizer :func:`galore`). Defaults are galore-torch's (rank 128, ``update_proj_gap`` 200, ``scale``
+    0.25, ``proj_type='std'``, HF-style Adam with eps 1e-6 as the base optimizer).
 
     Args:
       rank: projection rank ``r`` (per leaf clamped to ``min(in, out)``).
       update_proj_gap: ``T``, steps between projector refreshes.
       scale: ``α``, multiplies the back-projected update of projected leaves (paper: 0.25).
       proj_type: ``'std' | 'reverse_std' | 'input' | 'output' | 'both'`` (table in the package doc).
-      inner: params-free optax transform run on the low-rank gradients (and at full size on
+      base_optimizer: params-free optax transform run on the low-rank gradients (and at full size on
         unselected leaves); default :func:`scale_by_adam_hf` (the official AdamW without lr).
       mask: pytree (prefix) of bools or ``params -> pytree`` selecting the projected leaves;
-        default every leaf with ``ndim >= 2``.
+        default every leaf with ``ndim >= 2`` (:func:`~lowrank_jax.optim.masks.path_mask` selects by name).
       dimension_numbers: pytree prefix of :class:`GaLoreDims` / None, or ``params -> pytree``;
         default for ndim > 2: leading axes are batch axes, last two are (in, out).
       refresh: ``'all'`` (official: every matrix at ``count % T == 0``) or ``'staggered'``.
@@ -328,7 +329,7 @@ def galore(
       canonical_signs: make singular-vector signs deterministic across backends.
       power_iters, oversample, seed: randomized SVD settings (``seed`` also seeds GoLore's projectors).
       projector: ``'svd'`` (GaLore) or ``'random'`` (GoLore: the refreshes at steps ``>= random_from``
-        draw random orthonormal projectors instead of an SVD).
+        draw random orthonormal projectors instead of an SVD; see :func:`scale_by_golore`).
       random_from: GoLore's switch step (official: ``rand_ratio · steps``); only with ``projector='random'``.
       _svd_fn: testing hook replacing ``jnp.linalg.svd(x, full_matrices=False)`` (``x -> (u, s, vh)``).
 
@@ -340,7 +341,7 @@ def galore(
         update_proj_gap=update_proj_gap,
         scale=scale,
         proj_type=proj_type,
-        inner=inner,
+        inner=base_optimizer,
         mask=mask,
         dimension_numbers=dimension_numbers,
         refresh=refresh,
@@ -354,11 +355,11 @@ def galore(
         random_from=random_from,
         svd_fn=_svd_fn,
     )
-    return _galore_transform(settings)
+    return guard_composition(_galore_transform(settings), "galore", complete=False)
 
 
 def _galore_transform(s: GaLoreSettings) -> optax.GradientTransformationExtraArgs:
-    """:func:`galore`'s init and update for validated settings."""
+    """:func:`scale_by_galore`'s init and update for validated settings."""
 
     def init_fn(params: optax.Params) -> GaLoreState:
         return init_galore_state(params, s)
@@ -374,48 +375,62 @@ def _galore_transform(s: GaLoreSettings) -> optax.GradientTransformationExtraArg
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _matrix_mask(params: optax.Params) -> Any:
-    return jax.tree.map(lambda x: x.ndim >= 2, params)
-
-
-def galore_adamw(
-    learning_rate: optax.ScalarOrSchedule,
-    rank: int,
+def galore(
+    learning_rate: optax.ScalarOrSchedule = None,
     *,
-    weight_decay: float = 0.0,
+    rank: int = 128,
     update_proj_gap: int = 200,
     scale: float = 0.25,
     proj_type: str = "std",
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    eight_bit: bool = False,
     mask: MaskOrFn = None,
     weight_decay_mask: MaskOrFn = None,
-    **galore_kwargs: Any,
-) -> optax.GradientTransformation:
-    """The official GaLore-AdamW: ``chain(galore(inner=scale_by_adam_hf), add_decayed_weights, lr)``.
+    dimension_numbers: Any = None,
+    refresh: str = "all",
+    svd: str = "exact",
+    moments: str = "keep",
+    canonical_signs: bool = False,
+    power_iters: int = 2,
+    oversample: int = 8,
+    seed: int = 0,
+    projector: str = "svd",
+    random_from: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+    """GaLore-AdamW, the official optimizer, complete like ``optax.adamw``.
 
-    Projected leaves move by ``lr · scale · project_back(Adam_HF(R))``, the others by
-    ``lr · Adam_HF(g)``; decoupled weight decay ``lr · wd · W`` applies to ``weight_decay_mask``
-    (default: leaves with ndim >= 2). Difference to galore-torch: it decays the already-updated
-    weight, ``W ← (W − lr·u)(1 − lr·wd)``, whereas this decays the current one, ``W ← W − lr·(u +
-    wd·W)``; they differ by ``lr²·wd·u`` per step (zero for the papers' ``wd = 0``).
-    ``galore_kwargs`` go to :func:`galore` (``refresh``, ``svd``, ``moments``, …).
+    ``chain(scale_by_galore(base_optimizer=HF Adam(b1, b2, eps)), add_decayed_weights(weight_decay), lr)``:
+    projected leaves move by ``lr · scale · project_back(Adam_HF(R))``, the others by ``lr · Adam_HF(g)``;
+    decoupled weight decay ``lr · wd · W`` applies to ``weight_decay_mask`` (default: leaves with ndim >= 2).
+    Defaults are galore-torch's (Zhao et al., ICML 2024, arXiv:2403.03507): rank 128, ``update_proj_gap`` 200,
+    ``scale`` 0.25, eps 1e-6; the paper's runs use lr 0.01 and no weight decay. ``eight_bit=True`` keeps the
+    low-rank moments 8-bit (the paper's 8-bit GaLore). ``mask`` None selects the attention and MLP matrices by
+    name (:data:`~lowrank_jax.optim.masks.DEFAULT_TARGETS`), as the official scripts do; the embedding, norms and
+    output head get the same Adam at full size. The other keywords are :func:`scale_by_galore`'s.
+
+    Difference to galore-torch: it decays the already-updated weight, ``W ← (W − lr·u)(1 − lr·wd)``, whereas this
+    decays the current one, ``W ← W − lr·(u + wd·W)``; they differ by ``lr²·wd·u`` per step (zero for ``wd = 0``).
     """
-    if "inner" in galore_kwargs:
-        raise ValueError("inner: galore_adamw fixes the inner transform; use galore(..., inner=...) instead")
-    return optax.chain(
-        galore(
-            rank,
-            update_proj_gap=update_proj_gap,
-            scale=scale,
-            proj_type=proj_type,
-            inner=scale_by_adam_hf(b1, b2, eps),
-            mask=mask,
-            **galore_kwargs,
-        ),
-        optax.add_decayed_weights(
-            weight_decay, mask=weight_decay_mask if weight_decay_mask is not None else _matrix_mask
-        ),
-        optax.scale_by_learning_rate(learning_rate),
+    check_learning_rate(learning_rate, "galore")
+    scaling = scale_by_galore(
+        rank,
+        update_proj_gap=update_proj_gap,
+        scale=scale,
+        proj_type=proj_type,
+        base_optimizer=hf_adam(b1, b2, eps, eight_bit),
+        mask=resolve_mask(mask),
+        dimension_numbers=dimension_numbers,
+        refresh=refresh,
+        svd=svd,
+        moments=moments,
+        canonical_signs=canonical_signs,
+        power_iters=power_iters,
+        oversample=oversample,
+        seed=seed,
+        projector=projector,
+        random_from=random_from,
     )
+    return complete_optimizer("galore", scaling, learning_rate, weight_decay, weight_decay_mask)
