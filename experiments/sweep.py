@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import fcntl
 import functools
 import io
@@ -85,6 +86,7 @@ from make_tables import main as make_tables
 
 from lowrank_jax.config import ConfigError, load_config, to_dict
 from lowrank_jax.config import replace as replace_config
+from lowrank_jax.config.schema import FiraConfig, GaloreConfig
 from lowrank_jax.data import eval_batches, load_shards
 from lowrank_jax.train.loop import train
 from lowrank_jax.train.metrics import git_commit, read_metrics
@@ -277,7 +279,10 @@ def run_status(
     return status, res
 
 
-_PROJECTOR_FIELDS = ("rank", "update_proj_gap", "scale", "proj_type", "refresh", "svd", "moments", "canonical_signs")
+# the GaLore projector settings, which the galore, golore and fira sections each hold
+_PROJECTOR_FIELDS = tuple(
+    f.name for f in dataclasses.fields(FiraConfig) if f.name in {g.name for g in dataclasses.fields(GaloreConfig)}
+)
 
 
 def _method_sections(config: dict[str, Any], default: dict[str, Any]) -> dict[str, Any]:
@@ -288,7 +293,7 @@ def _method_sections(config: dict[str, Any], default: dict[str, Any]) -> dict[st
     ``golore_adamw`` with ``golore.*`` (the recipes' canaries are the evidence), so they compare as such.
     """
     optim, galore = config.get("optim") or {}, config.get("galore") or {}
-    moved = {k: galore[k] for k in (*_PROJECTOR_FIELDS, "oversample") if k in galore}
+    moved = {k: galore[k] for k in _PROJECTOR_FIELDS if k in galore}
     if optim.get("name") == "fira_adamw" and "rank" not in (config.get("fira") or {}):
         return {**config, "fira": {**(config.get("fira") or {}), **moved}, "galore": default.get("galore", {})}
     if optim.get("name") == "galore_adamw" and galore.get("projector") == "random" and "golore" not in config:

@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import optax
 
-from lowrank_jax.optim.checks import check_real, is_traced
+from lowrank_jax.optim.checks import check_real
 
 _FRAMES = 16  # how far up the stack init looks for the optax combinator that called it
 _SCALE_BY = {"adamw_8bit": "scale_by_adam_8bit"}  # scale-by names that are not scale_by_<method>
@@ -52,7 +52,7 @@ def check_learning_rate(learning_rate: Any, method: str) -> None:
             f"learning_rate: got the integer {learning_rate}; the first argument of {method}() is the learning "
             f"rate and the rank a keyword: {form}"
         )
-    if not callable(learning_rate) and not is_traced(learning_rate):
+    if not callable(learning_rate):  # a schedule is checked by optax; a traced value is skipped by check_real
         check_real(learning_rate, "learning_rate", lo=0.0)
 
 
@@ -65,8 +65,7 @@ def complete_optimizer(
 ) -> optax.GradientTransformationExtraArgs:
     """``chain(scaling, add_decayed_weights(weight_decay, weight_decay_mask or matrices), lr)``, guarded."""
     check_learning_rate(learning_rate, method)
-    if not is_traced(weight_decay):
-        check_real(weight_decay, "weight_decay", lo=0.0)
+    check_real(weight_decay, "weight_decay", lo=0.0)
     tx = optax.chain(
         scaling,
         optax.add_decayed_weights(weight_decay, mask=matrices if weight_decay_mask is None else weight_decay_mask),

@@ -61,13 +61,6 @@ def _run(tx: optax.GradientTransformation, grads: list, params: dict, jit: bool 
     return out, state
 
 
-def _scale_kwargs(name: str) -> dict:
-    kw = dict(METHODS[name][2])
-    if name == "adamw_8bit":  # scale_by_adam_8bit's Adam settings are positional-or-keyword; the rest keywords
-        kw.update(eps_placement="optax")
-    return kw
-
-
 @pytest.mark.parametrize("name", list(METHODS))
 def test_card_expression_without_learning_rate_stops_at_construction(name: str) -> None:
     complete, _, kw = METHODS[name]
@@ -85,7 +78,7 @@ def test_card_expression_stops_before_the_first_update(name: str, spelling: str)
     if spelling == "complete":
         tx = optax.chain(complete(1e-3, **kw), optax.adamw(1e-3))
     elif spelling == "scale_by":
-        tx = optax.chain(scale_by(**_scale_kwargs(name)), optax.adamw(1e-3))
+        tx = optax.chain(scale_by(**METHODS[name][2]), optax.adamw(1e-3))
     else:
         tx = optax.named_chain(("method", complete(1e-3, **kw)), ("adamw", optax.adamw(1e-3)))
     with pytest.raises(
@@ -99,7 +92,7 @@ def test_params_free_transforms_may_surround_the_method(name: str) -> None:
     complete, scale_by, kw = METHODS[name]
     params = _tree(np.random.default_rng(1))
     optax.chain(optax.clip_by_global_norm(1.0), complete(1e-3, **kw)).init(params)
-    composed = optax.chain(scale_by(**_scale_kwargs(name)), optax.add_decayed_weights(0.1), optax.scale(-1e-3))
+    composed = optax.chain(scale_by(**METHODS[name][2]), optax.add_decayed_weights(0.1), optax.scale(-1e-3))
     composed.init(params)
     # the same optimizers in a plain list (not a combinator) are not a composition
     for tx in [complete(1e-3, **kw), optax.adamw(1e-3)]:
