@@ -16,6 +16,8 @@
 #
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/lowrank-jax/lowrank-jax/blob/main/colab/quickstart.ipynb)
 #
+# **Runtime:** any: the CPU runtime is enough (a few minutes); a T4 GPU or a TPU is faster.
+#
 # **lowrank-jax** is a JAX/Flax NNX codebase for memory-efficient LLM pretraining (GaLore, ReLoRA,
 # SLTrain, ternary training) that runs the same code on a laptop CPU, one GPU and a TPU pod. Runs
 # are described by a named YAML config plus `key=value` overrides, and every run writes
@@ -36,6 +38,8 @@ import sys
 from pathlib import Path
 
 REPO_URL = "https://github.com/lowrank-jax/lowrank-jax"
+VERSION = "0.1.0"  # the release this notebook was written for: pip installs its tag
+REQUIREMENT = f"lowrank-jax @ git+{REPO_URL}@v{VERSION}"
 
 IN_COLAB = "google.colab" in sys.modules
 
@@ -50,12 +54,12 @@ def _repo_root() -> Path | None:
 
 
 if IN_COLAB:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"git+{REPO_URL}"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", REQUIREMENT], check=True)
     importlib.invalidate_caches()
 elif importlib.util.find_spec("lowrank_jax") is None:
     root = _repo_root()
     if root is None:
-        raise RuntimeError(f"lowrank_jax is not installed and no checkout was found; pip install git+{REPO_URL}")
+        raise RuntimeError(f"lowrank_jax is not installed and no checkout was found; pip install '{REQUIREMENT}'")
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", str(root)], check=True)
     # An editable install is picked up by new interpreters; make it importable in this kernel now.
     sys.path.insert(0, str(root))

@@ -16,6 +16,9 @@
 #
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/lowrank-jax/lowrank-jax/blob/main/colab/scale.ipynb)
 #
+# **Runtime:** a TPU (Runtime → Change runtime type → *v5e-1 TPU* or *v6e-1 TPU*); a T4/L4 GPU or the CPU runtime also
+# work, at the smaller sizes the *Runtime and size* cell picks.
+#
 # The same train step runs on one CPU and on a TPU pod: it is one `jax.jit` with explicit input/output shardings on
 # a `(data, fsdp, tensor)` device mesh, and every parameter names its dimensions logically (`embed`, `mlp`, `heads`,
 # `vocab`, `rank`, `layers`, …) so rules can map them to mesh axes. This notebook:
@@ -23,7 +26,8 @@
 # 1. builds meshes and shows how parameters *and optimizer state* (Adam moments, GaLore's projectors and low-rank
 #    moments) are sharded, and what each device holds;
 # 2. compiles the LLaMA-7B train step ahead of time on abstract inputs (nothing is allocated) and tabulates XLA's
-#    per-device memory analysis for the methods, on one device and with FSDP — the memory claims of GaLore
+#    per-device memory analysis for the methods, on one device and with FSDP (on one TPU chip or a T4/L4 GPU the
+#    table is LLaMA-1B's, whose every row fits 16 GiB per TPU chip and a 15 GiB T4) — the memory claims of GaLore
 #    ([arXiv 2403.03507](https://arxiv.org/abs/2403.03507): 7B in 22 GB with 8-bit states and per-layer updates),
 #    SLTrain ([arXiv 2406.02214](https://arxiv.org/abs/2406.02214)) and ReLoRA
 #    ([arXiv 2307.05695](https://arxiv.org/abs/2307.05695)) checked from the compiled program;
@@ -39,6 +43,8 @@ import sys
 from pathlib import Path
 
 REPO_URL = "https://github.com/lowrank-jax/lowrank-jax"
+VERSION = "0.1.0"  # the release this notebook was written for: pip installs its tag
+REQUIREMENT = f"lowrank-jax @ git+{REPO_URL}@v{VERSION}"
 
 IN_COLAB = "google.colab" in sys.modules
 
@@ -53,12 +59,12 @@ def _repo_root() -> Path | None:
 
 
 if IN_COLAB:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"git+{REPO_URL}"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", REQUIREMENT], check=True)
     importlib.invalidate_caches()
 elif importlib.util.find_spec("lowrank_jax") is None:
     root = _repo_root()
     if root is None:
-        raise RuntimeError(f"lowrank_jax is not installed and no checkout was found; pip install git+{REPO_URL}")
+        raise RuntimeError(f"lowrank_jax is not installed and no checkout was found; pip install '{REQUIREMENT}'")
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", str(root)], check=True)
     # An editable install is picked up by new interpreters; make it importable in this kernel now.
     sys.path.insert(0, str(root))
@@ -86,16 +92,18 @@ print("XLA_FLAGS =", os.environ["XLA_FLAGS"])
 # %% [markdown]
 # ## Runtime and size
 #
-# `detect_runtime()` reads `jax.default_backend()`: on a TPU the meshes span all its chips and the 7B table is
-# compiled for the TPU itself; on a GPU for the GPU; on a CPU for the 8 host devices. `LRJ_COLAB_SIZE` (`smoke`,
-# `cpu`, `gpu`, `tpu`) forces a size; the test suite uses `smoke`, which compiles fewer rows of the table.
+# `detect_runtime()` reads `jax.default_backend()`: on a TPU the meshes span all its chips and the memory table is
+# compiled for the TPU itself, at LLaMA-1B (the TPU compiler refuses a program larger than the chip, and the 7B
+# AdamW step needs about 75 GiB); on a GPU for the GPU, also at 1B; on a CPU, where compiling allocates nothing,
+# for the 8 host devices at 7B. `LRJ_COLAB_SIZE` (`smoke`, `cpu`, `gpu`, `tpu`) forces a size; the test suite uses
+# `smoke`, which compiles fewer rows of the table.
 
 # %% tags=["runtime"]
 import os
 
 import jax
 
-# the 7B table's rows: (label, `lowrank-jax memory` overrides); "fsdp" rows shard over every device of the mesh
+# the memory table's rows: (label, `lowrank-jax memory` overrides); "fsdp" rows shard over every device of the mesh
 ROWS_SMOKE = [
     ("AdamW", ["method=adamw"]),
     ("GaLore r=1024", ["method=galore"]),
@@ -110,15 +118,16 @@ ROWS_ALL = ROWS_SMOKE + [
     ("APOLLO-Mini r=1 + per-layer update", ["method=apollo_mini", "layerwise_update=true"]),
 ]
 SIZES = {
-    # demo model (trained a few steps on its mesh), the 7B rows on one device and with FSDP over all devices
+    # demo model (trained a few steps on its mesh); the memory table (`table`: its preset), its rows on one device
+    # and with FSDP over all devices
     "smoke": dict(hidden=64, ffn=160, heads=2, layers=2, vocab=512, tokenizer_chars=200_000, seq_len=32, batch=8,
-                  steps=4, mesh=(2, 2, 2), rows=ROWS_SMOKE, fsdp_rows=ROWS_SMOKE[:1]),
+                  steps=4, mesh=(2, 2, 2), table="llama_7b", rows=ROWS_SMOKE, fsdp_rows=ROWS_SMOKE[:1]),
     "cpu": dict(hidden=128, ffn=352, heads=4, layers=4, vocab=1024, tokenizer_chars=500_000, seq_len=128, batch=16,
-                steps=10, mesh=(2, 2, 2), rows=ROWS_ALL, fsdp_rows=ROWS_SMOKE),
+                steps=10, mesh=(2, 2, 2), table="llama_7b", rows=ROWS_ALL, fsdp_rows=ROWS_SMOKE),
     "gpu": dict(hidden=256, ffn=688, heads=4, layers=4, vocab=4096, tokenizer_chars=2_000_000, seq_len=256,
-                batch=32, steps=10, mesh=(1, -1, 1), rows=ROWS_ALL, fsdp_rows=ROWS_ALL),
+                batch=32, steps=10, mesh=(1, -1, 1), table="llama_1b", rows=ROWS_ALL, fsdp_rows=ROWS_ALL),
     "tpu": dict(hidden=512, ffn=1376, heads=8, layers=8, vocab=8192, tokenizer_chars=2_000_000, seq_len=256,
-                batch=64, steps=10, mesh=(1, -1, 1), rows=ROWS_ALL, fsdp_rows=ROWS_ALL),
+                batch=64, steps=10, mesh=(1, -1, 1), table="llama_1b", rows=ROWS_ALL, fsdp_rows=ROWS_ALL),
 }  # fmt: skip
 
 
@@ -225,7 +234,7 @@ for t in range(cfg.steps):
 print(f"{cfg.steps} GaLore steps on the {MESH} mesh: loss {mesh_losses[0]:.3f} -> {mesh_losses[-1]:.3f}")
 
 # %% [markdown]
-# ## 2. The LLaMA-7B memory table, from XLA
+# ## 2. The memory table, from XLA
 #
 # `lowrank_jax.train.memory.step_memory(cfg)` builds the run's trainer on abstract inputs, lowers and compiles the
 # train step ahead of time and returns `compiled.memory_analysis()`: argument bytes (params + optimizer state +
@@ -248,12 +257,12 @@ if n_dev > 1:
 t0 = time.time()
 for label, overrides, devices in plan:
     mesh_ov = [f"mesh=1,{devices},1", f"batch_size={devices}"]
-    report = step_memory(load_config("llama_7b", expand_method([*COMMON, *overrides, *mesh_ov])))
+    report = step_memory(load_config(C["table"], expand_method([*COMMON, *overrides, *mesh_ov])))
     mem = report["xla_memory"]
     table.append(dict(label=label, devices=devices, params=report["param_bytes"] / GIB,
                       state=report["optimizer_state_bytes"] / GIB, args=mem["argument_size_in_bytes"] / GIB,
                       temp=mem["temp_size_in_bytes"] / GIB, peak=mem["peak_estimate_bytes"] / GIB))  # fmt: skip
-print(f"compiled {len(plan)} train steps of llama_7b ({report['params'] / 1e9:.2f}B params) in "
+print(f"compiled {len(plan)} train steps of {C['table']} ({report['params'] / 1e9:.2f}B params) in "
       f"{time.time() - t0:.0f} s for {jax.devices()[0].device_kind}")  # fmt: skip
 header = f"{'method':42s} {'devices':>7s} {'params':>8s} {'opt state':>9s} | per device: "
 print(header + f"{'args':>7s} {'temp':>7s} {'peak':>7s} GiB")
@@ -278,7 +287,7 @@ ax.barh(y, temps, left=args, label="the rest of the peak: temporaries (+ outputs
 ax.axvline(24, color="k", ls=":", lw=1, label="24 GB consumer GPU")
 ax.set_yticks(y, labels)
 ax.set_xlabel("GiB per device (XLA memory analysis of the compiled step)")
-ax.set_title(f"llama_7b train step, bf16 parameters, compiled for {jax.devices()[0].device_kind}")
+ax.set_title(f"{C['table']} train step, bf16 parameters, compiled for {jax.devices()[0].device_kind}")
 ax.legend(loc="lower right", fontsize=8)
 ax.grid(alpha=0.3, axis="x")
 plt.tight_layout()
@@ -315,8 +324,9 @@ print(f"per-layer vs ordinary: max loss difference {diff:.1e} over {cfg.steps} s
 #
 # * Parameters and every piece of optimizer state are sharded by their logical axes: with FSDP each device holds a
 #   fraction of both, and the GaLore state follows its kernel.
-# * The 7B table is XLA's own accounting of the compiled program (on a CPU, of the CPU program: bf16 matmuls there
-#   may add float32 copies an accelerator does not need; on a Colab TPU or GPU the same cell measures that chip).
+# * The memory table is XLA's own accounting of the compiled program (on a CPU, of the CPU program: bf16 matmuls
+#   there may add float32 copies an accelerator does not need; on a Colab TPU or GPU the same cell measures that
+#   chip).
 #   GaLore's projected moments shrink the optimizer state; the per-layer update removes the gradient-sized
 #   temporaries; FSDP divides what is left by the number of devices.
 # * The per-layer update computes the same losses as the ordinary step with less temporary memory.

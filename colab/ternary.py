@@ -16,6 +16,9 @@
 #
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/lowrank-jax/lowrank-jax/blob/main/colab/ternary.ipynb)
 #
+# **Runtime:** a TPU (Runtime → Change runtime type → *v5e-1 TPU* or *v6e-1 TPU*); a T4/L4 GPU or the CPU runtime also
+# work, at the smaller sizes the *Runtime and size* cell picks.
+#
 # Two ways to get a network whose weights are in `{−1, 0, +1}` (1.58 bits each), on MNIST:
 #
 # * **BitLinear** (Ma et al., *The Era of 1-bit LLMs: All Large Language Models are in 1.58 Bits*,
@@ -42,6 +45,8 @@ import sys
 from pathlib import Path
 
 REPO_URL = "https://github.com/lowrank-jax/lowrank-jax"
+VERSION = "0.1.0"  # the release this notebook was written for: pip installs its tag
+REQUIREMENT = f"lowrank-jax @ git+{REPO_URL}@v{VERSION}"
 
 IN_COLAB = "google.colab" in sys.modules
 
@@ -56,12 +61,12 @@ def _repo_root() -> Path | None:
 
 
 if IN_COLAB:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"git+{REPO_URL}"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", REQUIREMENT], check=True)
     importlib.invalidate_caches()
 elif importlib.util.find_spec("lowrank_jax") is None:
     root = _repo_root()
     if root is None:
-        raise RuntimeError(f"lowrank_jax is not installed and no checkout was found; pip install git+{REPO_URL}")
+        raise RuntimeError(f"lowrank_jax is not installed and no checkout was found; pip install '{REQUIREMENT}'")
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", str(root)], check=True)
     # An editable install is picked up by new interpreters; make it importable in this kernel now.
     sys.path.insert(0, str(root))

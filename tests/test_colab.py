@@ -71,6 +71,29 @@ def test_py_and_ipynb_in_sync(name):
     assert f"]({BADGE.format(name)})" in stored.cells[0].source
 
 
+def _pyproject() -> dict:
+    import tomllib
+
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+@pytest.mark.parametrize("name", PAIRS)
+def test_install_cell_pins_the_one_url_and_the_package_version(name):
+    """The repository URL is defined once, in pyproject's [project.urls]; every install cell uses it, pinned to the
+    tag of the package version; the first cell names the runtime the notebook wants and how to switch."""
+    project = _pyproject()["project"]
+    url, version = project["urls"]["Repository"], project["version"]
+    src = (COLAB / f"{name}.py").read_text()
+    assert f'REPO_URL = "{url}"\n' in src and f'VERSION = "{version}"' in src
+    assert 'REQUIREMENT = f"lowrank-jax @ git+{REPO_URL}@v{VERSION}"' in src
+    assert '"pip", "install", "-q", REQUIREMENT]' in src
+    assert src.count("github.com/lowrank-jax/lowrank-jax") == 1  # REPO_URL: no second copy of the URL
+    first = nbformat.read(COLAB / f"{name}.ipynb", as_version=4).cells[0].source
+    assert "**Runtime:**" in first
+    if name != "quickstart":
+        assert "Change runtime type" in first and "TPU" in first
+
+
 # --------------------------------------------------------------------------------------------
 # Runtime detection (no notebook is run: the tagged cell is executed alone with a faked backend)
 # --------------------------------------------------------------------------------------------

@@ -238,13 +238,43 @@ def _tfds_split_texts(tfds, name: str, data_dir: str | None, split: str, max_doc
     return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=8, prefetch_buffer_size=256)))
 
 
+def _stage_tfds(url: str, name: str, cache_dir: str) -> str:
+    """A local data_dir holding the dataset ``name`` copied from the remote ``url``; its path.
+
+    ArrayRecord's reader opens local paths only (its C++ file layer reaches gs:// through TensorFlow's
+    file system, which this project does not install), so the dataset's folder (``name/config/version``,
+    or every version when ``name`` has none) is copied into ``cache_dir`` first. Files already there
+    with the bucket's size are kept, so a second run copies nothing.
+    """
+    base, _, version = name.partition(":")
+    rel = "/".join([*base.split("/"), *([version] if version else [])])
+    src = storage.join(url, rel)
+    local = storage.mirror_dir(cache_dir, url) / "tfds"
+    names = storage.walk_files(src)
+    if not names:
+        return str(local)  # tfds then reports the missing dataset with its own message
+    root = storage.as_path(src)
+    for name_ in names:
+        dest = local.joinpath(*rel.split("/"), *name_.split("/"))
+        remote = root.joinpath(name_)
+        if dest.is_file() and dest.stat().st_size == remote.stat().length:
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.part")
+        tmp.write_bytes(remote.read_bytes())
+        os.replace(tmp, dest)
+    return str(local)
+
+
 def _stream_tfds(cfg: DataConfig) -> CorpusStream:
     try:
         import tensorflow_datasets as tfds
     except ImportError as e:
         raise ImportError("data.source=tfds needs tensorflow-datasets: pip install lowrank-jax[tfds]") from e
-    data_dir = cfg.tfds_data_dir or None  # a gs:// directory is read by tfds itself (etils.epath)
-    if data_dir and not storage.is_remote(data_dir):
+    data_dir = cfg.tfds_data_dir or None
+    if data_dir and storage.is_remote(data_dir):
+        data_dir = _stage_tfds(data_dir, cfg.tfds_name, cfg.cache_dir)
+    elif data_dir:
         data_dir = os.path.expanduser(data_dir)
     splits = {"train": cfg.tfds_split, "val": cfg.tfds_val_split}
 

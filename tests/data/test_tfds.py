@@ -74,3 +74,24 @@ def test_missing_dataset_and_split_raise(data_dir):
         load_corpus(cfg(data_dir, tfds_name="lrj_toy_text/en:2.0.0"))
     with pytest.raises(ValueError, match=r"nosuchsplit"):
         load_corpus(cfg(data_dir, tfds_val_split="nosuchsplit"))
+
+
+def test_a_gcs_data_dir_reads_the_same_corpus(data_dir, gcs, tmp_path):
+    """data.tfds_data_dir=gs://...: the prepared dataset, copied to a bucket, reads back as the local one (staged
+    into data.cache_dir, since ArrayRecord opens local files only); a second read copies nothing."""
+    from pathlib import Path
+
+    from lowrank_jax import storage
+
+    storage.upload_tree(Path(data_dir), gcs.url("tfds"))
+    remote = load_corpus(cfg(gcs.url("tfds"), cache_dir=str(tmp_path)))
+    local = load_corpus(cfg(data_dir))
+    assert remote.train == local.train and remote.val == local.val and remote.digest == local.digest
+    staged = sorted(p for p in tmp_path.rglob("*") if p.is_file())
+    assert staged and all(p.name.endswith(".json") or ".array_record-" in p.name for p in staged), staged
+    mtimes = [p.stat().st_mtime_ns for p in staged]
+    assert load_corpus(cfg(gcs.url("tfds"), cache_dir=str(tmp_path))).digest == local.digest
+    assert [p.stat().st_mtime_ns for p in staged] == mtimes
+    with pytest.raises(ValueError, match=r"data\.tfds_name: no prepared dataset 'lrj_missing:1\.0\.0'"):
+        load_corpus(DataConfig(source="tfds", tfds_name="lrj_missing:1.0.0", tfds_data_dir=gcs.url("tfds"),
+                               cache_dir=str(tmp_path)))  # fmt: skip
