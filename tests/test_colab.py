@@ -285,6 +285,7 @@ def test_galore_notebook(tmp_path, monkeypatch, data_cache):
     assert run.images >= 3
 
 
+@pytest.mark.slow  # 70 s; the default suite runs the other notebooks and tests ReLoRA in tests/train
 def test_relora_notebook(tmp_path, monkeypatch, data_cache):
     run = run_notebook("relora", tmp_path, monkeypatch, smoke_env(data_cache))
     t = run.text

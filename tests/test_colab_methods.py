@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
 from test_colab import NUM, grab, grab_all, run_notebook, smoke_env
 
 
@@ -44,6 +45,7 @@ def test_sltrain_notebook(tmp_path, monkeypatch, data_cache):
     assert run.images >= 2
 
 
+@pytest.mark.slow  # 56 s; the default suite runs the other notebooks and tests noise_step in tests/noise_step
 def test_ternary_notebook(tmp_path, monkeypatch):
     run = run_notebook("ternary", tmp_path, monkeypatch, {"LRJ_COLAB_SIZE": "smoke"})
     t = run.text

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 
@@ -21,6 +23,7 @@ def run_suite(out: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
 
 
+@pytest.mark.slow  # 65 s; the budget, error and timeout rows are tested below
 def test_gpu_suite_smoke_writes_every_section(tmp_path, hermetic_cwd):
     out = tmp_path / "gpu"
     proc = run_suite(out, hermetic_cwd)

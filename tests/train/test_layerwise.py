@@ -36,14 +36,21 @@ SLOW = pytest.mark.slow  # covered in the default suite by a case of the same ki
         ),
         # every matrix >= 4096 values per layer: quantized alike
         pytest.param(["optim.name=adamw8bit", "model.hidden=64"], None, id="adamw8bit", marks=SLOW),
-        pytest.param(["optim.name=adamw", "optim.grad_clip=0"], None, id="no_clip"),
+        pytest.param(["optim.name=adamw", "optim.grad_clip=0"], None, id="no_clip", marks=SLOW),
         # embed (64, 32) and lm_head (32, 64) updated in 4 row chunks each
         pytest.param(["optim.name=adamw", "optim.weight_decay=0.1"], 512, id="adamw_chunked", marks=SLOW),
         pytest.param(["optim.name=adamw", "optim.grad_clip=0"], 512, id="no_clip_chunked", marks=SLOW),
         # embed (128, 64) and lm_head (64, 128) in 2 chunks of 4096 values: the same 8-bit blocks
-        pytest.param(["optim.name=adamw8bit", "model.hidden=64", "model.vocab_size=128"], 4096, id="adamw8bit_chunked"),
+        pytest.param(
+            ["optim.name=adamw8bit", "model.hidden=64", "model.vocab_size=128"],
+            4096,
+            id="adamw8bit_chunked",
+            marks=SLOW,
+        ),
         # random projections and staggered offsets: each layer numbers its matrices as the stacked model does
-        pytest.param(["optim.name=apollo_adamw", "apollo.rank=4", "apollo.update_proj_gap=2"], None, id="apollo"),
+        pytest.param(
+            ["optim.name=apollo_adamw", "apollo.rank=4", "apollo.update_proj_gap=2"], None, id="apollo", marks=SLOW
+        ),
         pytest.param(
             ["optim.name=galore_adamw", "galore.rank=4", "galore.update_proj_gap=4", "galore.refresh=staggered"],
             None,

@@ -161,6 +161,7 @@ def _kill_env(tmp: Path, process: int, how: str = "sigkill") -> dict[str, str]:
     return _env(PYTHONPATH=path, LRJ_TEST_KILL=f"{process}:{KILL_AT}:{how}")
 
 
+@pytest.mark.slow  # 46 s; the gs:// kill-and-resume test below covers two processes
 def test_sigkill_one_process_then_resume_all_is_exact(small_overrides, runs, tmp_path):
     out = tmp_path / "killed"
     env = _kill_env(tmp_path, 1)

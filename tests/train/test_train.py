@@ -101,6 +101,7 @@ def _cli_cmd(small_overrides, out_dir, *extra):
     ]
 
 
+@pytest.mark.slow  # 40 s; the SIGTERM and gs:// kill-and-resume tests resume bitwise too
 def test_exact_resume_after_sigkill(small_overrides, tmp_path):
     """Kill a run with SIGKILL after a checkpoint, resume it: losses after the resume point are bitwise equal."""
     args = ["steps=300", "checkpoint_every=40", "keep_checkpoints=3", "log_every=1"]
