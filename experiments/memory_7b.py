@@ -53,11 +53,11 @@ ROWS = [
     ("ReLoRA / LoRA r=128", ["method=relora"]),
     ("SWAN", ["optim.name=swan"]),
     ("SWAN + per-layer update", ["optim.name=swan", "layerwise_update=true"]),
-    ("LDAdam r=1024", ["optim.name=ldadam", "ldadam.rank=1024"]),
-    ("LDAdam r=1024 + per-layer update", ["optim.name=ldadam", "ldadam.rank=1024", "layerwise_update=true"]),
-    ("Q-GaLore r=1024 (bf16 weights)", ["optim.name=q_galore", "q_galore.rank=1024"]),
+    ("LDAdam r=1024", ["optim.name=ldadamw", "ldadam.rank=1024"]),
+    ("LDAdam r=1024 + per-layer update", ["optim.name=ldadamw", "ldadam.rank=1024", "layerwise_update=true"]),
+    ("Q-GaLore r=1024 (bf16 weights)", ["optim.name=q_galore_adamw8bit", "q_galore.rank=1024"]),
     ("Q-GaLore r=1024 (bf16 weights) + per-layer update",
-     ["optim.name=q_galore", "q_galore.rank=1024", "layerwise_update=true"]),
+     ["optim.name=q_galore_adamw8bit", "q_galore.rank=1024", "layerwise_update=true"]),
 ]  # fmt: skip
 # Q-GaLore with INT8 weights, measured on this script's own steps (the INT8 deltas built inside the step)
 INT8_ROWS = {

@@ -127,3 +127,17 @@ def test_make_tables_fills_the_readme_and_every_docs_page_with_markers(tmp_path,
     assert (docs / "other.md").read_text() == "no tables here\n"
     written = tmp_path / "experiments" / "results"
     assert (written / "sweep_headline.md").is_file() and (written / "relora_ablation.md").is_file()
+
+
+def test_every_memory_7b_row_is_a_valid_config():
+    """Each row of experiments/memory_7b.py loads as the config its child process compiles (a bad optimizer name
+    would otherwise surface as an error row after a long run)."""
+    import memory_7b
+
+    from lowrank_jax.config import load_config
+    from lowrank_jax.train.memory import expand_method
+
+    for label, overrides in memory_7b.ROWS:
+        for mesh in memory_7b.MESHES.values():
+            cfg = load_config("llama_7b", expand_method([*memory_7b.COMMON, *overrides, *mesh]))
+            assert cfg.model.param_dtype == "bfloat16", label
