@@ -382,7 +382,8 @@ for impl in ("auto", "pallas"):
 # * BitLinear with a straight-through estimator trains like a float network; only inference is ternary, and packing
 #   makes its weights 16× smaller than the float32 latent weights.
 # * noise_step reaches a good accuracy with no gradient and no optimizer state (the paper: ≈88–90% on MNIST in
-#   ~1,550 steps; `experiments/results/noise_step_mnist/table.md` has this codebase's full runs: 0.907 here). Its
-#   checkpoint is `n·log2(3)` bits per step, independent of the model size: for this network even the 1,550-step run
-#   (40.5 kB) stays below the weights packed at 2 bits (83.6 kB), and the replay reproduces them bit for bit.
+#   ~1,550 steps; `experiments/results/noise_step_mnist/table.md` has this codebase's full runs: 0.901 ± 0.005 over
+#   3 seeds). Its checkpoint is `n·log2(3)` bits per step, independent of the model size: for this network even the
+#   1,550-step run (40.5 kB) stays below the weights packed at 2 bits (83.6 kB), and the replay reproduces them bit
+#   for bit.
 # * The packed kernel gives the same logits as the plain matmul on the ternary weights.
