@@ -273,6 +273,14 @@ class OutDir:
         self._last_push = time.monotonic()
 
 
+def write_local(dest: Path, data: bytes) -> None:
+    """Write ``data`` to the local file ``dest`` atomically (a hidden ``.part`` file, then a rename)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.part")
+    tmp.write_bytes(data)
+    os.replace(tmp, dest)
+
+
 def local_copy(url: str, cache_dir: str, field: str) -> Path:
     """A local copy of the remote shard directory ``url``, downloaded once and checked against its manifest.
 
@@ -296,12 +304,8 @@ def local_copy(url: str, cache_dir: str, field: str) -> Path:
         dest = local / name
         if dest.is_file() and (name not in sizes or dest.stat().st_size == sizes[name]):
             continue
-        tmp = dest.with_name(f".{name}.part")
-        tmp.write_bytes((src / name).read_bytes())
-        os.replace(tmp, dest)
-    tmp = local / ".manifest.part"
-    tmp.write_text(text)  # last: a copy with a manifest is complete
-    os.replace(tmp, local / "manifest.json")
+        write_local(dest, (src / name).read_bytes())
+    write_local(local / "manifest.json", text.encode())  # last: a copy with a manifest is complete
     return local
 
 
@@ -310,8 +314,5 @@ def local_file(url: str, cache_dir: str) -> str:
     data = as_path(url).read_bytes()
     dest = mirror_dir(cache_dir, url) / Path(split_gcs(url)[1]).name
     if not dest.is_file() or dest.read_bytes() != data:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.part")
-        tmp.write_bytes(data)
-        os.replace(tmp, dest)
+        write_local(dest, data)
     return str(dest)

@@ -259,10 +259,7 @@ def _stage_tfds(url: str, name: str, cache_dir: str) -> str:
         remote = root.joinpath(name_)
         if dest.is_file() and dest.stat().st_size == remote.stat().length:
             continue
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.part")
-        tmp.write_bytes(remote.read_bytes())
-        os.replace(tmp, dest)
+        storage.write_local(dest, remote.read_bytes())
     return str(local)
 
 
