@@ -40,12 +40,10 @@ LLAMA_NOTEBOOKS = {  # the method steps each notebook trains, besides full-rank 
 
 def _sizes(name: str) -> dict:
     """The notebook's SIZES, read by running its cell tagged ``runtime`` (on the CPU backend)."""
-    import jupytext
-    from helpers import REPO
+    from test_colab import _runtime_cell
 
-    (cell,) = [c for c in jupytext.read(REPO / "colab" / f"{name}.py").cells if "runtime" in c.metadata.get("tags", [])]
     ns: dict = {}
-    exec(compile(cell.source, f"{name}:runtime", "exec"), ns)
+    exec(compile(_runtime_cell(name), f"{name}:runtime", "exec"), ns)
     return ns["SIZES"]
 
 
