@@ -45,7 +45,9 @@ machine it was recorded on the losses must be equal bit for bit, on another mach
 when its recipe's canary failed its last check, or when its recorded config differs from the one the
 harness builds now (a setting the record lacks counts as the same when the harness asks for the preset's
 value); a stale or missing run is (re-)run. A run evaluated on fewer validation tokens than the protocol's
-``eval_tokens`` but otherwise the same is outdated: the table shows it, a sweep that trains re-runs it.
+``eval_tokens`` but otherwise the same is outdated: the table shows it, a sweep that trains re-runs it and
+keeps the old record beside the new one (``STAGE/RUN@TOKENS``), so that a row's statistics, which never mix
+evaluations, stay on the old count until every seed of the row has been re-run.
 
 The table (``experiments/results/sweep/table.md``, README ``<!-- table:sweep -->``) has one row per recipe:
 grid, chosen lr, short-budget ppl, the lr check's three losses, long-budget ppl mean ± std over the seeds,
@@ -358,9 +360,20 @@ def held(lock: Path | None) -> Iterator[None]:
 
 
 def execute(
-    run: Run, protocol: Protocol, extra: list[str], results: Path, runs: Path, allow_dirty: bool, lock: Path | None
+    run: Run,
+    protocol: Protocol,
+    extra: list[str],
+    results: Path,
+    runs: Path,
+    allow_dirty: bool,
+    lock: Path | None,
+    keep_previous: bool = False,
 ) -> dict:
-    """Train ``run`` (holding ``lock``, if given) and file its record into its recipe's pack; returns its results."""
+    """Train ``run`` (holding ``lock``, if given) and file its record into its recipe's pack; returns its results.
+
+    ``keep_previous`` (the run on record is outdated: the same training evaluated on fewer validation tokens)
+    files the previous record under :func:`superseded_key`, so that a row keeps its statistics on the old
+    evaluation until every one of its seeds has been re-run on the new one."""
     watched = sources(run.recipe, protocol)
     dirty = _dirty(watched)
     if dirty and not allow_dirty:
@@ -379,6 +392,10 @@ def execute(
     # JSON's view of the results (as a record reads back), filed only once the run has finished
     res = json.loads(json.dumps(res))
     record = {"results": res, "metrics": read_metrics(out / "metrics.jsonl"), "meta": meta}
+    previous = records.run_record(results, run.recipe.name, run.key) if keep_previous else None
+    if previous is not None:
+        key = superseded_key(run.key, _eval_tokens(previous["results"]))
+        records.put_run(results, run.recipe.name, key, previous)
     records.put_run(results, run.recipe.name, run.key, record)
     return res
 
@@ -522,7 +539,8 @@ class Sweep:
             return
         t0 = time.time()
         print(f"{head}: {status}, training ...", flush=True)
-        res = execute(run, self.protocol, self.extra, self.results, self.runs, allow_dirty, self.lock)
+        keep = status.startswith("outdated")
+        res = execute(run, self.protocol, self.extra, self.results, self.runs, allow_dirty, self.lock, keep)
         self.done[run] = res
         self.trained.add(run)
         print(f"{head}: val_loss {res['final_val_loss']:.4f} in {time.time() - t0:.0f}s", flush=True)
@@ -566,15 +584,47 @@ def _ppl(loss: float) -> float:
     return math.exp(min(loss, 50.0))
 
 
+def _eval_tokens(res: dict[str, Any]) -> int:
+    return int((res.get("config") or {}).get("eval_tokens") or 0)
+
+
+def superseded_key(key: str, eval_tokens: int) -> str:
+    """Where a run's record evaluated on ``eval_tokens`` validation tokens is kept once it has been re-run on
+    more (``long/lr0.001_seed0@32768``)."""
+    return f"{key}@{eval_tokens}"
+
+
 def _pair_key(run: Run, res: dict[str, Any]) -> tuple[int, int, str]:
     """What two long runs must share to be a pair: the seed (the same initialisation and data order) and the
     validation tokens they were evaluated on (their number and the data's digest)."""
-    cfg = res.get("config") or {}
-    return (run.seed, int(cfg.get("eval_tokens") or 0), str(res.get("data_digest") or ""))
+    return (run.seed, _eval_tokens(res), str(res.get("data_digest") or ""))
 
 
-def _final_losses(sweep: Sweep, runs: list[Run]) -> dict[tuple[int, int, str], float]:
-    return {_pair_key(run, sweep.done[run]): _loss(sweep.done[run]) for run in runs if run in sweep.done}
+def _by_eval_size(sweep: Sweep, run: Run) -> dict[int, dict[str, Any]]:
+    """A valid run's results by the number of validation tokens they were evaluated on: the run on record and
+    the records it superseded (none for a run that is missing or stale)."""
+    if run not in sweep.done:
+        return {}
+    pack = records.read_pack(records.pack_path(sweep.results, run.recipe.name))
+    prefix = superseded_key(run.key, 0)[:-1]
+    out = {_eval_tokens(rec["results"]): rec["results"] for key, rec in pack.items() if key.startswith(prefix)}
+    return out | {_eval_tokens(sweep.done[run]): sweep.done[run]}
+
+
+def long_results(sweep: Sweep, runs: list[Run]) -> tuple[int | None, dict[Run, dict[str, Any]]]:
+    """A row's long runs on one evaluation: the largest number of validation tokens at which every run has a
+    record, and those records (``None, {}`` while no number is shared by all). A row's statistics never mix
+    evaluations: while its seeds are being re-run on more tokens, it keeps the ones all of them have."""
+    sizes = [_by_eval_size(sweep, run) for run in runs]
+    shared = set.intersection(*(set(s) for s in sizes)) if sizes else set()
+    if not shared:
+        return None, {}
+    n = max(shared)
+    return n, {run: s[n] for run, s in zip(runs, sizes, strict=True)}
+
+
+def _final_losses(found: dict[Run, dict[str, Any]]) -> dict[tuple[int, int, str], float]:
+    return {_pair_key(run, res): _loss(res) for run, res in found.items()}
 
 
 def _sqrt2(step: float) -> str:
@@ -613,16 +663,20 @@ def paired_cells(p: stats.Paired | None, n_seeds: int, goal: float | None) -> li
     return [f"{p.mean:+.4f} ± {p.hi - p.mean:.4f}{seeds}", f"{p.ratio_lo:.3f}–{p.ratio_hi:.3f}", pval, verdict]
 
 
-def _baseline(sweep: Sweep) -> tuple[float | None, dict[tuple[int, int, str], float]]:
-    """The baseline's long-budget mean ppl (None until all its seeds ran) and its final losses by pair key."""
+def _baseline(sweep: Sweep) -> dict[int, tuple[float, dict[tuple[int, int, str], float]]]:
+    """The baseline's long-budget mean ppl and its final losses by pair key, for each number of validation
+    tokens at which all its seeds have a record."""
     baseline = sweep.recipes.get(sweep.protocol.baseline)
     try:
         runs = sweep.long(baseline) if baseline is not None else []
     except LookupError:
         runs = []
-    ppl = [_ppl(_loss(sweep.done[run])) for run in runs if run in sweep.done]
-    mean = statistics.mean(ppl) if len(ppl) == len(sweep.protocol.seeds) else None
-    return mean, _final_losses(sweep, runs) if mean else {}
+    sizes = [_by_eval_size(sweep, run) for run in runs]
+    out = {}
+    for n in set.intersection(*(set(s) for s in sizes)) if sizes else set():
+        found = {run: s[n] for run, s in zip(runs, sizes, strict=True)}
+        out[n] = (statistics.mean(_ppl(_loss(res)) for res in found.values()), _final_losses(found))
+    return out
 
 
 def _row_runs(sweep: Sweep, r: Recipe) -> tuple[list[Run], float | None, list[Run], list[Run]]:
@@ -639,14 +693,16 @@ def _row_runs(sweep: Sweep, r: Recipe) -> tuple[list[Run], float | None, list[Ru
 def table(sweep: Sweep, names: list[str]) -> tuple[str, dict[str, Any]]:
     """The markdown table and its records (one per recipe)."""
     rows, recs = [], {}
-    base, base_losses = _baseline(sweep)
+    bases = _baseline(sweep)
     for name in names:
         r = sweep.recipes[name]
         grid, lr, check, longs = _row_runs(sweep, r)
         chosen = next((run for run in grid if run.lr == lr), None)
         short = sweep.done.get(chosen) if chosen else None
-        long_ppl = [_ppl(_loss(sweep.done[run])) for run in longs if run in sweep.done]
-        complete = bool(longs) and len(long_ppl) == len(longs)
+        long_n, found = long_results(sweep, longs)
+        long_ppl = [_ppl(_loss(res)) for res in found.values()]
+        complete = bool(found)
+        base, base_losses = bases.get(long_n, (None, {}))
         mine = {run: why for run, why in sweep.stale.items() if run.recipe.name in (name, r.lr_from)}
         stale = sorted({why.removeprefix("stale: ") for why in mine.values() if why != "missing"})
         # the grid's and the long runs' (the lr check's own runs count in its column)
@@ -658,10 +714,10 @@ def table(sweep: Sweep, names: list[str]) -> tuple[str, dict[str, Any]]:
         rms = max((_max_rms_ratio(run, sweep.results) for run in rms_runs), default=math.nan)
         ran = [run for run in [*grid, *([] if r.lr_from else check), *longs] if run in sweep.done]
         commits = sorted({sweep.done[run]["git_commit"][:8] for run in ran})
-        shown = [run for run in (longs if complete else [chosen]) if run in sweep.done]
-        eval_tokens = sorted({n for n in (_pair_key(run, sweep.done[run])[1] for run in shown) if n})
+        shown_n = long_n if complete else _eval_tokens(short) if short else 0
+        eval_tokens = [shown_n] if shown_n else []
         is_base = name == sweep.protocol.baseline
-        pair = stats.paired(_final_losses(sweep, longs), base_losses) if complete and base and not is_base else None
+        pair = stats.paired(_final_losses(found), base_losses) if complete and base and not is_base else None
         goal = sweep.protocol.goals.get(name)
         check_txt, check_rec = lr_check_summary(sweep, r)
         long_lr = longs[0].lr if longs else None
@@ -739,7 +795,9 @@ def eval_text(p: Protocol) -> str:
         return ""
     return (
         f" Every evaluation reads {n:,} validation tokens; a run on record evaluated on fewer is shown with its "
-        "count (eval tokens) until a sweep that trains re-runs it."
+        "count (eval tokens) until a sweep that trains re-runs it. A row's long-budget statistics never mix "
+        "evaluations: they come from the largest count all its seeds (and the baseline's) were evaluated on, "
+        "a re-run keeping the record it replaces until every seed has been re-run."
     )
 
 

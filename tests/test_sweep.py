@@ -517,6 +517,47 @@ def test_runs_evaluated_on_fewer_tokens_are_shown_and_re_run(sweep, tmp_path, mo
     assert sweep.main([*argv, *more, "--dry-run"]) == 0 and "plan: nothing to train" in capsys.readouterr().out
 
 
+def test_a_row_never_mixes_evaluations_while_its_seeds_are_re_run(sweep, tmp_path, monkeypatch, capsys):
+    """A sweep re-running a row on more validation tokens is interrupted after one seed: the row's statistics
+    stay on the evaluation every seed (and the baseline) shares, the replaced record is kept beside the new one,
+    and once every seed has been re-run the row moves to the new count as a whole."""
+    fake, _, argv = _fake_sweep(sweep, tmp_path, monkeypatch)
+    assert sweep.main(argv) == 0
+    before = json.loads((tmp_path / "res" / "results.json").read_text())["recipes"]
+    assert before["base"]["eval_tokens"] == [32768]
+    more = ["--set", "eval_tokens=65536", "--stage", "long"]
+    harder = lambda cfg: {**fake(cfg), **({"final_val_loss": 9.0} if cfg.eval_tokens > 32768 else {})}
+    trained = []
+
+    def interrupted(cfg):
+        if trained:
+            raise KeyboardInterrupt
+        trained.append(cfg.seed)
+        return harder(cfg)
+
+    monkeypatch.setattr(sweep, "train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.main([*argv, *more])
+    pack = sweep.records.read_pack(sweep.records.pack_path(tmp_path / "res", "base"))
+    assert pack["long/lr0.002_seed0"]["results"]["final_val_loss"] == 9.0
+    assert pack["long/lr0.002_seed0@32768"]["results"]["final_val_loss"] == pytest.approx(4.9)
+    assert sweep.main([*argv, *more, "--table-only"]) == 0
+    capsys.readouterr()
+    mid = json.loads((tmp_path / "res" / "results.json").read_text())["recipes"]
+    for name in ("base", "other"):  # the same statistics as before, on the evaluation all seeds share
+        assert mid[name]["long_ppl"] == before[name]["long_ppl"] and mid[name]["eval_tokens"] == [32768]
+    same = ("n", "pairs", "mean_diff", "ci", "ratio_ci")
+    assert [mid["other"]["paired"][k] for k in same] == [before["other"]["paired"][k] for k in same]
+    assert mid["base"]["outdated_runs"] == 3 + 1  # the grid and seed 1, still on 32,768 tokens
+
+    monkeypatch.setattr(sweep, "train", harder)
+    assert sweep.main([*argv, *more]) == 0
+    after = json.loads((tmp_path / "res" / "results.json").read_text())["recipes"]
+    assert after["base"]["long_ppl"] == pytest.approx([math.exp(9.0)] * 2) and after["base"]["eval_tokens"] == [65536]
+    assert after["other"]["paired"]["pairs"] == [[s, 65536, ""] for s in (0, 1)]
+    assert after["other"]["paired"]["mean_diff"] == 0.0  # both at 9.0 on the new evaluation, none mixed in
+
+
 def test_a_setting_the_record_lacks_matches_only_at_the_presets_value(sweep, tmp_path, monkeypatch, capsys):
     records = sweep.records
     _, _, argv = _fake_sweep(sweep, tmp_path, monkeypatch)
