@@ -11,7 +11,8 @@ the computation is lowered (:mod:`pallas_kernels.platforms`) — and the XLA pat
 (:mod:`pallas_kernels.ternary_matmul.xla`), where Pallas only interprets
 (``implementation='pallas'`` there runs the interpreter, for tests). Each decision is recorded
 (:mod:`pallas_kernels.selection`). The VJP with respect to floating ``x`` is
-``dx = (dy ⊙ rowscale) @ Wᵀ`` (XLA, from the unpacked weights, for both implementations); ``packed``,
+``dx = rowscale ⊙ (dy @ Wᵀ)`` (XLA bfloat16 GEMMs against the exactly unpacked weights, float32
+accumulation: :func:`~pallas_kernels.ternary_matmul.xla.x_grad`, for both implementations); ``packed``,
 ``scale`` and ``x_scale`` are treated as constants (inference weights).
 """
 

@@ -156,6 +156,30 @@ def test_api_batch_dims_and_vjp(impl):
     np.testing.assert_allclose(np.asarray(dx), dy @ w.T * scale, rtol=1e-5, atol=1e-5, err_msg=f"seed={seed}")
 
 
+@pytest.mark.parametrize("dy_dtype,gemms", [(jnp.bfloat16, 1), (jnp.float32, 3)])
+def test_the_backward_is_bf16_gemms_exact_to_float32(dy_dtype, gemms):
+    """``dx = rowscale ⊙ (dy @ Wᵀ)``: bfloat16 GEMMs (one for a bfloat16 dy, three for float32) whose only error
+    is float32 summation: within ``n · 2⁻²⁴ · (|dy| @ |W|ᵀ)`` of float64 per entry, where rounding a float32 dy
+    to bfloat16 once would be off by up to 2⁻⁹ of it."""
+    from pallas_kernels.ternary_matmul.xla import x_grad
+
+    seed = int(RNG.integers(1 << 31))
+    rng = np.random.default_rng(seed)
+    m, k, n = int(rng.integers(1, 9)), int(rng.integers(200, 700)), int(rng.integers(300, 1100))
+    w = _ternary(rng, k, n)
+    rowscale = rng.uniform(0.1, 2.0, m).astype(np.float32)
+    dy = jnp.asarray(rng.standard_normal((m, n)) * 10.0 ** rng.uniform(-3, 3, (m, 1)), dy_dtype)
+    packed = pack_ternary(jnp.asarray(w))
+    f = lambda dy: x_grad(dy, packed, jnp.asarray(rowscale), k, jnp.float32)
+    dots = [e for e in jax.make_jaxpr(f)(dy).jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert len(dots) == gemms and all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars)
+    dy64 = np.asarray(dy.astype(jnp.float32), np.float64)
+    expected = rowscale[:, None] * (dy64 @ w.T)
+    bound = n * 2.0**-24 * rowscale[:, None] * (np.abs(dy64) @ np.abs(w).T)
+    err = np.abs(np.asarray(f(dy), np.float64) - expected)
+    assert np.all(err <= bound), f"seed={seed}: max error / bound {np.max(err / np.maximum(bound, 1e-300)):.3g}"
+
+
 def test_int8_activations_and_auto_implementation():
     rng = np.random.default_rng(RNG.integers(1 << 31))
     k, n, m = 77, 45, 4
