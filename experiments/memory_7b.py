@@ -181,6 +181,8 @@ def int8_layerwise_memory(
             u, new_opt = tx_block.update(trainable(g_layer, g_d), layer_at(opt_block, i), trainable(layer, zeros_d))
             new_layer = {**layer, **optax.apply_updates(_float_part(layer), {k: v for k, v in u.items() if k != "__d"})}
             new_layer = _fold(new_layer, u["__d"], jax.random.fold_in(key, i))
+            new_layer = _after(new_layer, dh_in, i, cfg.model.layers)
+            new_opt = _after(new_opt, u, i, cfg.model.layers)
             put = lambda full, part: jax.tree.map(lambda a, b: a.at[i].set(b), full, part)  # noqa: E731
             return put(blocks, new_layer), put(opt_block, new_opt), dh_in
 
@@ -214,6 +216,21 @@ def int8_layerwise_memory(
         "optimizer_state_bytes": size(opt_rest) + size(opt_block),
         "seconds": time.time() - t0,
     }
+
+
+def _after(tree: Any, deps: Any, i: jax.Array, n: int) -> Any:
+    """``tree`` unchanged, but computed from every array in ``deps`` too (one element of each, under a select on
+    ``i >= n``: never true for a layer index, but not known to the compiler).
+
+    The loop body reads a layer's slice of the stacked INT8 codes for its backward and of the stacked optimizer
+    state for the projection back, and writes both slices in place. Writing the new codes after the layer's
+    input gradient, and the new state after the layer's update, orders every read before the write, so XLA
+    keeps no copy of the stacked arrays; without it XLA:CPU kept two copies each of two stacked MLP code
+    arrays and of every stacked projector (an optimization barrier is expanded into control edges, which its
+    copy insertion does not take as an order)."""
+    probe = sum(jnp.ravel(d)[0].astype(jnp.float32) for d in jax.tree.leaves(deps))
+    never = (i >= n) & (probe == 0)
+    return jax.tree.map(lambda x: jnp.where(never, jnp.zeros_like(x), x), tree)
 
 
 def _is_int8(t: Any) -> bool:
