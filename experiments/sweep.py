@@ -19,7 +19,9 @@ GaLore at GaLore's) or ``lrs: []`` (a control without a learning rate to tune). 
 at ``short_steps``; the lr check (``lr_check`` in the protocol) runs the grid point with the lowest final
 validation loss, and that lr ÷ and × ``lr_check``, at ``long_steps`` (>= 4x the tokens) with the grid seed;
 the long stage runs the best of those three with each of ``seeds`` (``lr_from`` recipes follow their source).
-Step-valued settings listed in a recipe's ``scale_with_steps`` scale with the budget.
+Step-valued settings listed in a recipe's ``scale_with_steps`` scale with the budget. A protocol with
+``seeds: []`` is a *study* (e.g. ``experiments/galore_gap.py``): its recipes run their grid stage only, at the
+learning rates they list, with the same records, canaries and staleness as every run of the harness.
 
 Every run is one in-process ``lowrank_jax.train.loop.train`` (one at a time: two CPU cores). A finished run
 is filed into its recipe's pack of records, ``experiments/results/sweep/runs/NAME.json.xz``
@@ -183,8 +185,10 @@ def load_protocol(path: Path) -> Protocol:
     p = Protocol(
         **{**d, "seeds": tuple(d["seeds"]), "overrides": dict(d["overrides"] or {}), "path": path, "goals": goals}
     )
-    if p.grid_size < 1 or p.short_steps < 1 or p.long_steps < p.short_steps or not p.seeds:
-        raise ConfigError(f"{path}: needs grid_size >= 1, long_steps >= short_steps >= 1 and at least one seed")
+    if p.grid_size < 1 or p.short_steps < 1 or p.long_steps < p.short_steps:
+        raise ConfigError(f"{path}: needs grid_size >= 1 and long_steps >= short_steps >= 1")
+    if not p.seeds and (p.lr_check or p.goals):
+        raise ConfigError(f"{path}: seeds: [] (a study: the grid stage only) takes no lr_check and no goals")
     if not 1 <= p.canary_steps <= p.short_steps:
         raise ConfigError(f"{path}: needs 1 <= canary_steps <= short_steps")
     if p.lr_check is not None and not (isinstance(p.lr_check, int | float) and p.lr_check > 1):
@@ -782,10 +786,20 @@ def protocol_text(p: Protocol) -> str:
     shared = ", ".join(f"`{k}={v}`" for k, v in p.overrides.items())
     where = _shown(p.path)
     return (
-        f"Protocol ({where}): preset `{p.preset}`, {shared}. Each method: a grid of "
-        f"{p.grid_size} log-spaced learning rates at {p.short_steps} steps (seed {p.grid_seed}); the best on "
-        f"validation loss re-run at {p.long_steps} steps with seeds {', '.join(map(str, p.seeds))}. "
-        f"Ratios divide by `{p.baseline}`'s long-budget mean ppl." + lr_check_text(p) + paired_text(p) + eval_text(p)
+        (
+            f"Protocol ({where}): preset `{p.preset}`, {shared}. Each method: a grid of "
+            f"{p.grid_size} log-spaced learning rates at {p.short_steps} steps (seed {p.grid_seed}); the best on "
+            f"validation loss re-run at {p.long_steps} steps with seeds {', '.join(map(str, p.seeds))}. "
+            f"Ratios divide by `{p.baseline}`'s long-budget mean ppl."
+            + lr_check_text(p)
+            + paired_text(p)
+            + eval_text(p)
+        )
+        if p.seeds
+        else (
+            f"Study protocol ({where}): preset `{p.preset}`, {shared}. Each recipe: its {p.grid_size} learning "
+            f"rate(s) at {p.short_steps} steps (seed {p.grid_seed}); no long-budget stage." + eval_text(p)
+        )
     )
 
 
