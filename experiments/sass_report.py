@@ -88,10 +88,12 @@ def sl_case(k: int, n: int, m: int = 2048, rank: int = 512, density: float = 0.0
 
 
 def ternary_case(m: int, k: int = 4096, n: int = 11008) -> tuple[Callable, list, dict]:
-    from pallas_kernels.ternary_matmul import packed_rows, ternary_matmul  # lazy: when a kernel is compiled
+    from pallas_kernels.platforms import GPU  # lazy: when a kernel is compiled
+    from pallas_kernels.ternary_matmul import choose_blocks, packed_rows, ternary_matmul
 
     args = [jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((packed_rows(k), n), jnp.uint8)]
-    return lambda x, p: ternary_matmul(x, p, 0.02, k=k, implementation="pallas"), args, {}
+    blk = choose_blocks(GPU, m, packed_rows(k), n, 2)
+    return lambda x, p: ternary_matmul(x, p, 0.02, k=k, implementation="pallas"), args, {"blocks": blk._asdict()}
 
 
 CASES: dict[str, Callable[[], tuple[Callable, list, dict]]] = {
@@ -285,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
     result = {"label": args.label, "jax_version": jax.__version__, "triton_version": triton.__version__}
+    result |= {"git_commit": _commit(), "python": sys.version.split()[0]}
     result |= {"arch": f"sm_{ARCH}a", "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -292,6 +295,16 @@ def main(argv: list[str] | None = None) -> int:
     (out / f"{args.label}.md").write_text(table(result) + "\n")
     print(table(result))
     return 0
+
+
+def _commit() -> str:
+    """The repository's commit, ``-dirty`` when the kernels or this script have uncommitted changes."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=HERE.parent, capture_output=True, text=True).stdout.strip()
+
+    dirty = git("status", "--porcelain", "--", "pallas_kernels", "experiments/sass_report.py")
+    return git("rev-parse", "HEAD") + ("-dirty" if dirty else "")
 
 
 def table(result: dict) -> str:
@@ -311,6 +324,9 @@ def table(result: dict) -> str:
         )
     head = f"SASS of the Triton kernels ({result['label']}): jax {result['jax_version']}"
     head += f", triton {result['triton_version']}"
+    commit = result.get("git_commit")
+    if commit:
+        head += f", commit {commit[:8]}" + ("-dirty" if commit.endswith("-dirty") else "")
     return f"{head}, {result['arch']}.\n\n" + markdown_table(header, cells)
 
 
