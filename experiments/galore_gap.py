@@ -11,12 +11,13 @@ In the comparison (``experiments/sweep.py``) a step is 16 × 256 = 4,096 tokens,
 
 * ``batch4`` / ``batch16``: GaLore and AdamW with 4× and 16× the tokens per step and 1/4 and 1/16 of the steps
   (8 projectors each, as at 1×): if the gap is the noise of a small batch's gradient SVD, it shrinks.
-* ``refresh``: GaLore at the comparison's batch with T = 25, 50, 100, 200 (32, 16, 8, 4 projectors).
+* ``refresh``: GaLore at the comparison's batch with T = 25, 50 and 200 (32, 16 and 4 projectors); T = 100
+  (8) is the comparison's own run.
 
 Each study is a folder of recipes under ``experiments/recipes/galore_gap/`` with a study protocol (``seeds: []``:
 one run per recipe), run by the harness into ``experiments/results/galore_gap/STUDY/`` with its records,
-canaries and staleness rules. The 1× point is the comparison's own lr-check runs of ``adamw`` and ``galore``
-at seed 0 (``experiments/results/sweep/runs/``). Writes ``experiments/results/galore_gap/{results.json,
+canaries and staleness rules. The 1× point (and T = 100) is the comparison's own lr-check runs of ``adamw``
+and ``galore`` at seed 0 (``experiments/results/sweep/runs/``). Writes ``experiments/results/galore_gap/{results.json,
 table.md, galore_gap.png}``.
 """
 
@@ -94,7 +95,9 @@ def collect() -> dict[str, Any]:
     for study, mult in BATCH.items():
         get = (lambda r, s=study: _study_run(s, r)) if study else _comparison_run
         batch[str(mult)] = {m: _point(get(m)) for m in ("adamw", "galore")}
-    refresh = {str(t): _point(_study_run("refresh", f"galore_t{t}")) for t in (25, 50, 100, 200)}
+    refresh = {str(t): _point(_study_run("refresh", f"galore_t{t}")) for t in (25, 50, 200)}
+    refresh["100"] = batch["1"]["galore"]  # the comparison's own setting
+    refresh = {t: refresh[t] for t in sorted(refresh, key=int)}
     return {"batch": batch, "refresh": refresh, "adamw_800": batch["1"]["adamw"]}
 
 

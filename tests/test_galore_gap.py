@@ -44,7 +44,7 @@ def test_the_studies_keep_the_comparisons_protocol_and_tokens(gap):
                 if study != "refresh":
                     assert math.ceil(cfg.steps / cfg.galore.update_proj_gap) == 8
     refresh = sorted(t for (study, _), t in gaps.items() if study == "refresh")
-    assert refresh == [25, 50, 100, 200] and len(gaps) == 6
+    assert refresh == [25, 50, 200] and len(gaps) == 5  # T = 100 is the comparison's own run
 
 
 def test_a_study_protocol_runs_its_grid_only(gap, tmp_path, monkeypatch, capsys):
@@ -115,5 +115,6 @@ def test_the_table_and_figure_from_records(gap, tmp_path, monkeypatch):
     assert f"| batch ×4 | 16,384 | 200 | 25 | {math.exp(3.5):.2f} | {math.exp(3.6):.2f} | {math.exp(0.1):.3f} |" in md
     assert "| batch ×16 | - | - | - | - | - | - | - |" in md
     assert f"| T = 50 | 4,096 | 800 | 50 | {math.exp(3.55):.2f} | {math.exp(3.7):.2f} | {math.exp(0.15):.3f} |" in md
+    assert f"| T = 100 | 4,096 | 800 | 100 | {math.exp(3.55):.2f} | {math.exp(3.66):.2f} |" in md  # the comparison's
     png = gap.figure(res, tmp_path / "g.png")
     assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
