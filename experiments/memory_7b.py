@@ -225,7 +225,7 @@ def _after(tree: Any, deps: Any, i: jax.Array, n: int) -> Any:
     The loop body reads a layer's slice of the stacked INT8 codes for its backward and of the stacked optimizer
     state for the projection back, and writes both slices in place. Writing the new codes after the layer's
     input gradient, and the new state after the layer's update, orders every read before the write, so XLA
-    keeps no copy of the stacked arrays; without it XLA:CPU kept two copies each of two stacked MLP code
+    keeps no copy of the stacked arrays; without it XLA:CPU keeps two copies each of two stacked MLP code
     arrays and of every stacked projector (an optimization barrier is expanded into control edges, which its
     copy insertion does not take as an order)."""
     probe = sum(jnp.ravel(d)[0].astype(jnp.float32) for d in jax.tree.leaves(deps))

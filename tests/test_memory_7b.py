@@ -28,8 +28,8 @@ def memory_7b(monkeypatch):
 
 def test_the_per_layer_int8_step_copies_no_stacked_array(memory_7b, monkeypatch):
     """The loop over the layers reads each layer's slice of the stacked uint8 codes and INT4 projectors and writes
-    it back in place: the compiled step holds no copy of any stacked uint8 array (XLA copied four of them, twice
-    each, while the writes were not ordered after the reads)."""
+    it back in place: the compiled step holds no copy of any stacked uint8 array (XLA copies several of them,
+    twice each, when the writes are not ordered after the reads)."""
     compiled = []
     real = memory_7b.compiled_memory
     monkeypatch.setattr(memory_7b, "compiled_memory", lambda c: compiled.append(c) or real(c))
