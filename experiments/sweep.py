@@ -18,7 +18,8 @@ three times, the same rule for every method), or ``lr_from: OTHER`` (run at OTHE
 GaLore at GaLore's) or ``lrs: []`` (a control without a learning rate to tune). The short stage runs the grid
 at ``short_steps``; the lr check (``lr_check`` in the protocol) runs the grid point with the lowest final
 validation loss, and that lr ÷ and × ``lr_check``, at ``long_steps`` (>= 4x the tokens) with the grid seed;
-the long stage runs the best of those three with each of ``seeds`` (``lr_from`` recipes follow their source).
+the long stage runs the best of those three with each of ``seeds`` (``lr_from`` recipes follow their source);
+until all of those have run, a row whose lr moved keeps its statistics from the long runs at the grid's lr.
 Step-valued settings listed in a recipe's ``scale_with_steps`` scale with the budget. A protocol with
 ``seeds: []`` is a *study* (e.g. ``experiments/galore_gap.py``): its recipes run their grid stage only, at the
 learning rates they list, with the same records, canaries and staleness as every run of the harness.
@@ -488,6 +489,17 @@ class Sweep:
             return min(self.lr_check(r), key=lambda run: _loss(self.done[run])).lr
         return self.chosen_lr(r)
 
+    def on_record(self, run: Run) -> bool:
+        """Whether ``run`` is on record and valid (done, or outdated: shown), loading it into ``done`` if so."""
+        if run not in self.done:
+            status, res = run_status(run, self.protocol, self.extra, self.results, self.canaries)
+            if status != "done" and not status.startswith("outdated"):
+                return False
+            self.done[run] = res
+            if status != "done":
+                self.outdated[run] = status
+        return True
+
     def long(self, r: Recipe) -> list[Run]:
         lr = self.long_lr(r)
         return [Run(r, "long", lr, s) for s in self.protocol.seeds]
@@ -667,14 +679,27 @@ def paired_cells(p: stats.Paired | None, n_seeds: int, goal: float | None) -> li
     return [f"{p.mean:+.4f} ± {p.hi - p.mean:.4f}{seeds}", f"{p.ratio_lo:.3f}–{p.ratio_hi:.3f}", pval, verdict]
 
 
+def shown_long(sweep: Sweep, r: Recipe) -> tuple[list[Run], int | None, dict[Run, dict[str, Any]]]:
+    """The long runs a row's statistics come from, with :func:`long_results` of them: the long runs at the
+    row's lr, or, while the lr check has moved them and not all have run, those at the grid's lr (when all of
+    those are on record): a moved row keeps its statistics until its new runs replace them."""
+    try:
+        longs, lr = sweep.long(r), sweep.chosen_lr(r)
+    except LookupError:
+        return [], None, {}
+    n, found = long_results(sweep, longs)
+    if not found and longs and longs[0].lr != lr:
+        before = [dataclasses.replace(run, lr=lr) for run in longs]
+        if all(sweep.on_record(run) for run in before):
+            return (before, *long_results(sweep, before))
+    return longs, n, found
+
+
 def _baseline(sweep: Sweep) -> dict[int, tuple[float, dict[tuple[int, int, str], float]]]:
     """The baseline's long-budget mean ppl and its final losses by pair key, for each number of validation
-    tokens at which all its seeds have a record."""
+    tokens at which all its seeds have a record (its runs as :func:`shown_long` picks them)."""
     baseline = sweep.recipes.get(sweep.protocol.baseline)
-    try:
-        runs = sweep.long(baseline) if baseline is not None else []
-    except LookupError:
-        runs = []
+    runs = shown_long(sweep, baseline)[0] if baseline is not None else []
     sizes = [_by_eval_size(sweep, run) for run in runs]
     out = {}
     for n in set.intersection(*(set(s) for s in sizes)) if sizes else set():
@@ -703,7 +728,8 @@ def table(sweep: Sweep, names: list[str]) -> tuple[str, dict[str, Any]]:
         grid, lr, check, longs = _row_runs(sweep, r)
         chosen = next((run for run in grid if run.lr == lr), None)
         short = sweep.done.get(chosen) if chosen else None
-        long_n, found = long_results(sweep, longs)
+        long_lr = longs[0].lr if longs else None
+        shown, long_n, found = shown_long(sweep, r)
         long_ppl = [_ppl(_loss(res)) for res in found.values()]
         complete = bool(found)
         base, base_losses = bases.get(long_n, (None, {}))
@@ -712,11 +738,13 @@ def table(sweep: Sweep, names: list[str]) -> tuple[str, dict[str, Any]]:
         # the grid's and the long runs' (the lr check's own runs count in its column)
         pending = sum(why == "missing" and (run in longs or run not in check) for run, why in mine.items())
         waiting = [f"{pending} runs pending"] if pending else []
-        ref = sweep.done.get(longs[0]) if complete else short
+        if shown and shown[0].lr != long_lr:
+            waiting.append(f"long runs at {lr:g} until those at {long_lr:g} have run")
+        ref = sweep.done.get(shown[0]) if complete else short
         # the long runs' health once they exist, else the chosen grid point's
-        rms_runs = [run for run in longs if run in sweep.done] or ([chosen] if short else [])
+        rms_runs = [run for run in shown if run in sweep.done] or ([chosen] if short else [])
         rms = max((_max_rms_ratio(run, sweep.results) for run in rms_runs), default=math.nan)
-        ran = [run for run in [*grid, *([] if r.lr_from else check), *longs] if run in sweep.done]
+        ran = [run for run in [*grid, *([] if r.lr_from else check), *shown] if run in sweep.done]
         commits = sorted({sweep.done[run]["git_commit"][:8] for run in ran})
         shown_n = long_n if complete else _eval_tokens(short) if short else 0
         eval_tokens = [shown_n] if shown_n else []
@@ -724,7 +752,6 @@ def table(sweep: Sweep, names: list[str]) -> tuple[str, dict[str, Any]]:
         pair = stats.paired(_final_losses(found), base_losses) if complete and base and not is_base else None
         goal = sweep.protocol.goals.get(name)
         check_txt, check_rec = lr_check_summary(sweep, r)
-        long_lr = longs[0].lr if longs else None
         rec: dict[str, Any] = {"description": r.description, "grid": [run.lr for run in grid if run.lr]}
         rec.update(
             chosen_lr=lr,
@@ -732,6 +759,7 @@ def table(sweep: Sweep, names: list[str]) -> tuple[str, dict[str, Any]]:
             lr_check=check_rec,
             short_ppl=_ppl(_loss(short)) if short else None,
             long_ppl=long_ppl,
+            long_ppl_lr=shown[0].lr if complete else None,  # the grid's lr while the moved runs are pending
             paired=pair.to_dict() if pair else None,
             goal=goal,
             goal_verdict=stats.verdict(pair, goal) if goal else None,

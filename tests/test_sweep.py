@@ -500,6 +500,30 @@ def test_the_lr_check_moves_the_long_runs_and_is_planned_by_a_dry_run(sweep, tmp
     assert f"| 0.002 | {short:.2f} | evaluated on different tokens |" in (tmp_path / "res" / "table.md").read_text()
 
 
+def test_a_moved_row_keeps_its_long_runs_at_the_grids_lr_until_the_new_ones_ran(sweep, tmp_path, monkeypatch):
+    """Long runs at the grid's lr on record, then an lr check that moves the optimum: until every seed has run at
+    the new lr, the row's statistics are those of the grid's lr, and it says so."""
+    fake, _, argv = _fake_sweep(sweep, tmp_path, monkeypatch)
+    monkeypatch.setattr(fake, "loss_at", lambda lr: abs(math.log(lr / 2.6e-3)), raising=False)
+    assert sweep.main(argv) == 0  # no lr check in the protocol: the long runs at the grid's 2e-3
+    before = json.loads((tmp_path / "res" / "results.json").read_text())["recipes"]
+    _write(tmp_path / "recipes", "protocol", PROTOCOL + LR_CHECK)
+    fake.calls.clear()
+    assert sweep.main([*argv, "--stage", "lrcheck"]) == 0
+    assert fake.calls == [(0.00141421, 0, 4), (0.00282843, 0, 4)]  # the chosen lr's seed-0 run is on record
+    recs = json.loads((tmp_path / "res" / "results.json").read_text())["recipes"]
+    for name in ("base", "other"):
+        assert recs[name]["long_lr"] == 0.00282843 and recs[name]["long_ppl_lr"] == 2e-3
+        assert recs[name]["long_ppl"] == before[name]["long_ppl"]
+    assert recs["other"]["paired"]["mean_diff"] == before["other"]["paired"]["mean_diff"]
+    table = (tmp_path / "res" / "table.md").read_text()
+    assert "long runs at 0.002 until those at 0.00282843 have run" in table
+    assert sweep.main(argv) == 0  # the moved runs train; the row moves with them
+    recs = json.loads((tmp_path / "res" / "results.json").read_text())["recipes"]
+    assert recs["base"]["long_ppl_lr"] == 0.00282843 and recs["base"]["long_ppl"] != before["base"]["long_ppl"]
+    assert "until those at" not in (tmp_path / "res" / "table.md").read_text()
+
+
 def test_runs_evaluated_on_fewer_tokens_are_shown_and_re_run(sweep, tmp_path, monkeypatch, capsys):
     fake, _, argv = _fake_sweep(sweep, tmp_path, monkeypatch)
     assert sweep.main(argv) == 0
