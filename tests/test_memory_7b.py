@@ -39,6 +39,7 @@ def test_the_per_layer_int8_step_copies_no_stacked_array(memory_7b, monkeypatch)
     assert copies == []
 
 
+@pytest.mark.slow
 def test_the_per_layer_int8_step_trains_from_the_models_loss(memory_7b):
     cfg = derive(load_config("tiny", [*memory_7b.COMMON, "batch_size=1", *TINY]), model__dense="int8")
     model = build_model(cfg.model, 0)
