@@ -118,17 +118,21 @@ def sweep_headline_table() -> str:
     headline methods, from the comparison harness's records (experiments/results/sweep/results.json)."""
     recs = _sweep_records()
     base = recs.get("adamw", {})
-    base_ok = bool(base.get("long_ppl")) and not base.get("stale") and not base.get("pending_runs")
+    base_ok = bool(base.get("long_ppl")) and not base.get("stale")
     rows = []
     for name, label in HEADLINE:
         r = recs.get(name)
-        if not r or r["stale"] or r.get("pending_runs") or not r["long_ppl"]:
+        if not r or r["stale"] or not r["long_ppl"]:
             why = "not run" if not r else "STALE" if r["stale"] else "runs pending"
             rows.append([label, f"`{name}`", why, "-", "-"])
             continue
-        ratio = f"{statistics.mean(r['long_ppl']) / statistics.mean(base['long_ppl']):.3f}" if base_ok else "-"
+        same = base_ok and r.get("eval_tokens") == base.get("eval_tokens")  # never a ratio across evaluations
+        ratio = f"{statistics.mean(r['long_ppl']) / statistics.mean(base['long_ppl']):.3f}" if same else "-"
         state = f"{r['optimizer_state_bytes'] / 2**20:.2f} MiB" if r["optimizer_state_bytes"] is not None else "-"
-        rows.append([label, f"`{name}`", _mean_std(r["long_ppl"]), ratio, state])
+        ppl = _mean_std(r["long_ppl"])
+        if r.get("long_ppl_lr") not in (None, r.get("long_lr")):  # the lr check moved it; the new runs are pending
+            ppl += f" (lr {r['long_ppl_lr']:g}; at {r['long_lr']:g}: pending)"
+        rows.append([label, f"`{name}`", ppl, ratio, state])
     return markdown_table("method | recipe | long ppl (mean ± std) | ÷ adamw | optimizer state", rows)
 
 

@@ -735,8 +735,9 @@ def table(sweep: Sweep, names: list[str]) -> tuple[str, dict[str, Any]]:
         base, base_losses = bases.get(long_n, (None, {}))
         mine = {run: why for run, why in sweep.stale.items() if run.recipe.name in (name, r.lr_from)}
         stale = sorted({why.removeprefix("stale: ") for why in mine.values() if why != "missing"})
-        # the grid's and the long runs' (the lr check's own runs count in its column)
-        pending = sum(why == "missing" and (run in longs or run not in check) for run, why in mine.items())
+        # the grid's (a lr_from recipe's: its source's) and its own long runs (the lr check's count in its column)
+        counted = [run for run in mine if run.recipe.name == name or run.stage == "short"]
+        pending = sum(mine[run] == "missing" and (run in longs or run not in check) for run in counted)
         waiting = [f"{pending} runs pending"] if pending else []
         if shown and shown[0].lr != long_lr:
             waiting.append(f"long runs at {lr:g} until those at {long_lr:g} have run")

@@ -98,14 +98,18 @@ def test_sweep_headline_table_from_the_sweep_records(tmp_path, monkeypatch):
 
     recipes = {"adamw": rec([30.0, 32.0, 31.0]), "galore": rec([33.0, 33.0, 36.0], 2**20)}
     recipes["lora"] = rec([40.0], stale=["canary differs from step 3 at abc12345"])
-    recipes["relora"] = {**rec([20.0]), "pending_runs": 2}
+    recipes["relora"] = {**rec([20.0, 22.0]), "pending_runs": 2, "long_lr": 0.002, "long_ppl_lr": 0.001}
+    recipes["sl"] = {**rec([]), "pending_runs": 3}
+    recipes["fira"] = {**rec([31.0, 31.0]), "eval_tokens": [262144]}  # adamw's have none: no ratio across them
     (tmp_path / "results" / "sweep").mkdir(parents=True)
     (tmp_path / "results" / "sweep" / "results.json").write_text(json.dumps({"recipes": recipes}))
     monkeypatch.setattr(make_tables, "HERE", tmp_path)
     rows = {line.split(" | ")[1]: line for line in make_tables.sweep_headline_table().splitlines()[2:]}
     assert rows["`adamw`"] == "| AdamW (full rank) | `adamw` | 31.00 ± 1.00 | 1.000 | 2.00 MiB |"
     assert rows["`galore`"] == "| GaLore | `galore` | 34.00 ± 1.73 | 1.097 | 1.00 MiB |"
-    assert rows["`lora`"].endswith("| STALE | - | - |") and rows["`relora`"].endswith("| runs pending | - | - |")
+    assert rows["`lora`"].endswith("| STALE | - | - |") and rows["`sl`"].endswith("| runs pending | - | - |")
+    assert rows["`relora`"].endswith("| 21.00 ± 1.41 (lr 0.001; at 0.002: pending) | 0.677 | 2.00 MiB |")
+    assert rows["`fira`"].endswith("| 31.00 ± 0.00 | - | 2.00 MiB |")
     assert rows["`bitlinear`"].endswith("| not run | - | - |") and len(rows) == len(make_tables.HEADLINE)
 
 
