@@ -622,8 +622,7 @@ def _by_eval_size(sweep: Sweep, run: Run) -> dict[int, dict[str, Any]]:
     if run not in sweep.done:
         return {}
     pack = records.read_pack(records.pack_path(sweep.results, run.recipe.name))
-    prefix = superseded_key(run.key, 0)[:-1]
-    out = {_eval_tokens(rec["results"]): rec["results"] for key, rec in pack.items() if key.startswith(prefix)}
+    out = {_eval_tokens(rec["results"]): rec["results"] for key, rec in pack.items() if key.startswith(f"{run.key}@")}
     return out | {_eval_tokens(sweep.done[run]): sweep.done[run]}
 
 
