@@ -89,12 +89,34 @@ def _quiet():
     return contextlib.redirect_stdout(io.StringIO())
 
 
+def _curve(rec: dict[str, Any] | None) -> list[tuple[int, float]]:
+    return sorted((m["step"], m["val_loss"]) for m in (rec or {}).get("metrics", []) if "val_loss" in m)
+
+
+def matched_gap(adamw: list[tuple[int, float]], galore: list[tuple[int, float]], loss: float) -> dict | None:
+    """GaLore's minus AdamW's validation loss in the 1× runs where AdamW's curve first reaches ``loss``
+    (linear in the step between evaluations): the gap at the same progress, for a larger batch's final loss.
+    None when AdamW's curve never reaches it or the two were not evaluated at the same steps."""
+    g = dict(galore)
+    for (s0, a0), (s1, a1) in zip(adamw, adamw[1:], strict=False):
+        if a0 >= loss >= a1 and s0 in g and s1 in g:
+            w = (a0 - loss) / (a0 - a1) if a0 != a1 else 0.0
+            return {"step": s0 + w * (s1 - s0), "gap": (1 - w) * (g[s0] - a0) + w * (g[s1] - a1)}
+    return None
+
+
 def collect() -> dict[str, Any]:
-    """Every point of the two studies (None where a run is missing)."""
-    batch = {}
+    """Every point of the two studies (None where a run is missing), and for each larger batch the 1× runs'
+    gap where AdamW's curve reaches that batch's final AdamW loss."""
+    batch, one = {}, {}
     for study, mult in BATCH.items():
         get = (lambda r, s=study: _study_run(s, r)) if study else _comparison_run
-        batch[str(mult)] = {m: _point(get(m)) for m in ("adamw", "galore")}
+        recs = {m: get(m) for m in ("adamw", "galore")}
+        one = recs if not study else one
+        batch[str(mult)] = {m: _point(rec) for m, rec in recs.items()}
+        a = batch[str(mult)]["adamw"]
+        matched = matched_gap(_curve(one["adamw"]), _curve(one["galore"]), a["val_loss"]) if study and a else None
+        batch[str(mult)]["matched_1x"] = matched
     refresh = {str(t): _point(_study_run("refresh", f"galore_t{t}")) for t in (25, 50, 200)}
     refresh["100"] = batch["1"]["galore"]  # the comparison's own setting
     refresh = {t: refresh[t] for t in sorted(refresh, key=int)}
@@ -104,7 +126,7 @@ def collect() -> dict[str, Any]:
 def table(res: dict[str, Any]) -> str:
     rows = []
     for mult, pts in res["batch"].items():
-        a, g = pts["adamw"], pts["galore"]
+        a, g, m = pts["adamw"], pts["galore"], pts.get("matched_1x")
         ref = g or a
         rows.append(
             [
@@ -115,6 +137,8 @@ def table(res: dict[str, Any]) -> str:
                 f"{a['ppl']:.2f}" if a else "-",
                 f"{g['ppl']:.2f}" if g else "-",
                 f"{g['ppl'] / a['ppl']:.3f}" if a and g else "-",
+                f"{g['val_loss'] - a['val_loss']:+.4f}" if a and g else "-",
+                f"{m['gap']:+.4f} (step {m['step']:.0f})" if m else "-",
                 ", ".join(sorted({p["commit"] for p in (a, g) if p})) or "-",
             ]
         )
@@ -129,16 +153,21 @@ def table(res: dict[str, Any]) -> str:
                 f"{a['ppl']:.2f}" if a else "-",
                 f"{g['ppl']:.2f}" if g else "-",
                 f"{g['ppl'] / a['ppl']:.3f}" if a and g else "-",
+                f"{g['val_loss'] - a['val_loss']:+.4f}" if a and g else "-",
+                "-",
                 g["commit"] if g else "-",
             ]
         )
     header = "setting | tokens per step | steps | T (steps per projector) | AdamW ppl | GaLore ppl | GaLore ÷ AdamW"
+    header += " | Δ loss | Δ loss of the ×1 runs where AdamW's loss is the same"
     return markdown_table(header + " | commits", rows)
 
 
 def figure(res: dict[str, Any], path: Path) -> Path | None:
     """Left: GaLore ÷ AdamW against the batch multiple; right: against T. None while no point exists."""
-    batch = [(int(m), p["galore"]["ppl"] / p["adamw"]["ppl"]) for m, p in res["batch"].items() if all(p.values())]
+    batch = [
+        (int(m), p["galore"]["ppl"] / p["adamw"]["ppl"]) for m, p in res["batch"].items() if p["adamw"] and p["galore"]
+    ]
     a = res["adamw_800"]
     refresh = [(int(t), g["ppl"] / a["ppl"]) for t, g in res["refresh"].items() if g and a]
     if not batch and not refresh:

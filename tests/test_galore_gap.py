@@ -90,30 +90,38 @@ def test_a_study_protocol_runs_its_grid_only(gap, tmp_path, monkeypatch, capsys)
     assert "seeds: [] (a study: the grid stage only) takes no lr_check and no goals" in capsys.readouterr().err
 
 
-def _record(steps: int, batch: int, loss: float, name: str = "galore_adamw", gap: int | None = 25) -> dict:
+def _record(
+    steps: int, batch: int, loss: float, name: str = "galore_adamw", gap: int | None = 25, curve: dict | None = None
+) -> dict:
     config = {"steps": steps, "batch_size": batch, "seq_len": 256, "eval_tokens": 262144, "optim": {"name": name}}
     if gap is not None:
         config["galore"] = {"update_proj_gap": gap}
-    return {"results": {"final_val_loss": loss, "git_commit": "a" * 40}, "metrics": [], "meta": {"config": config}}
+    metrics = [{"step": step, "val_loss": v} for step, v in (curve or {}).items()]
+    return {"results": {"final_val_loss": loss, "git_commit": "a" * 40}, "metrics": metrics, "meta": {"config": config}}
 
 
 def test_the_table_and_figure_from_records(gap, tmp_path, monkeypatch):
     """Ratios of GaLore's to AdamW's ppl per batch multiple (the 1x point from the comparison) and per T."""
     monkeypatch.setattr(gap, "RESULTS", tmp_path)
     put = lambda study, recipe, rec: gap.records.put_run(tmp_path / study, recipe, "short/x", rec)  # noqa: E731
-    put("batch4", "adamw", _record(200, 64, 3.5, "adamw", None))
-    put("batch4", "galore", _record(200, 64, 3.6))
+    put("batch4", "adamw", _record(200, 64, 3.6, "adamw", None))
+    put("batch4", "galore", _record(200, 64, 3.65))
     put("refresh", "galore_t50", _record(800, 16, 3.7, gap=50))
-    comparison = {"adamw": _record(800, 16, 3.55, "adamw", None), "galore": _record(800, 16, 3.66, gap=100)}
+    adamw = _record(800, 16, 3.55, "adamw", None, curve={400: 3.7, 800: 3.55})
+    comparison = {"adamw": adamw, "galore": _record(800, 16, 3.66, gap=100, curve={400: 3.8, 800: 3.66})}
     monkeypatch.setattr(gap, "_comparison_run", lambda recipe: comparison[recipe])
     res = gap.collect()
     assert res["batch"]["4"]["galore"]["tokens_per_step"] == 64 * 256 and res["batch"]["16"]["adamw"] is None
     md = gap.table(res)
-    assert (
-        f"| batch ×1 | 4,096 | 800 | 100 | {math.exp(3.55):.2f} | {math.exp(3.66):.2f} | {math.exp(0.11):.3f} |" in md
-    )
-    assert f"| batch ×4 | 16,384 | 200 | 25 | {math.exp(3.5):.2f} | {math.exp(3.6):.2f} | {math.exp(0.1):.3f} |" in md
-    assert "| batch ×16 | - | - | - | - | - | - | - |" in md
+    ppl = lambda a, g: f"{math.exp(a):.2f} | {math.exp(g):.2f} | {math.exp(g - a):.3f} | {g - a:+.4f} |"  # noqa: E731
+    assert "| batch ×1 | 4,096 | 800 | 100 | " + ppl(3.55, 3.66) + " - |" in md
+    # AdamW's x1 curve reaches 3.6 two thirds of the way from step 400 (3.7) to 800 (3.55), where the x1 gap
+    # goes from 0.10 to 0.11: +0.1067 at step 667
+    assert "| batch ×4 | 16,384 | 200 | 25 | " + ppl(3.6, 3.65) + " +0.1067 (step 667) |" in md
+    assert res["batch"]["4"]["matched_1x"]["gap"] == pytest.approx(0.1 + 0.01 * 2 / 3)
+    assert gap.matched_gap([(1, 4.0), (2, 3.9)], [(1, 4.1), (2, 4.0)], 3.0) is None  # never reached
+    assert gap.matched_gap([(1, 4.0), (2, 3.9)], [(1, 4.1), (3, 4.0)], 3.95) is None  # not evaluated together
+    assert "| batch ×16 | - | - | - | - | - | - | - | - | - |" in md
     assert f"| T = 50 | 4,096 | 800 | 50 | {math.exp(3.55):.2f} | {math.exp(3.7):.2f} | {math.exp(0.15):.3f} |" in md
     assert f"| T = 100 | 4,096 | 800 | 100 | {math.exp(3.55):.2f} | {math.exp(3.66):.2f} |" in md  # the comparison's
     png = gap.figure(res, tmp_path / "g.png")
