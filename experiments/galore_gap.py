@@ -175,9 +175,10 @@ def figure(res: dict[str, Any], path: Path) -> Path | None:
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4), sharey=True)
     for ax, pts, label in ((left, batch, "tokens per step (× 4,096)"), (right, refresh, "T (steps per projector)")):
+        ax.set_xscale("log", base=2)
         if pts:
             ax.plot(*zip(*pts, strict=True), "o-")
-        ax.set_xscale("log", base=2)
+            ax.set_xticks([x for x, _ in pts], [str(x) for x, _ in pts])
         ax.set_xlabel(label)
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.grid(alpha=0.3)

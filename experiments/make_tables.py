@@ -157,6 +157,7 @@ TABLES = {
     "bench_frameworks": _copied("bench_frameworks"),
     "cpu_ablation": _copied("cpu_ablation"),
     "sweep": _copied("sweep"),
+    "galore_gap": _copied("galore_gap"),
     "sweep_headline": sweep_headline_table,
 }
 GENERATED = ("relora_ablation", "sweep_headline")  # made here: also written to experiments/results/NAME.md
