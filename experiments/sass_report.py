@@ -89,7 +89,7 @@ def sl_case(k: int, n: int, m: int = 2048, rank: int = 512, density: float = 0.0
 
 def ternary_case(m: int, k: int = 4096, n: int = 11008) -> tuple[Callable, list, dict]:
     from pallas_kernels.platforms import GPU  # lazy: when a kernel is compiled
-    from pallas_kernels.ternary_matmul import choose_blocks, packed_rows, ternary_matmul
+    from pallas_kernels.ternary_matmul import choose_blocks, packed_rows, ternary_matmul  # lazy: likewise
 
     args = [jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((packed_rows(k), n), jnp.uint8)]
     blk = choose_blocks(GPU, m, packed_rows(k), n, 2)
