@@ -24,7 +24,8 @@ table.md, galore_gap.png}``.
 from __future__ import annotations
 
 import argparse
-import math
+import contextlib
+import io
 import sys
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ HERE = Path(__file__).resolve().parent
 RECIPES = HERE / "recipes" / "galore_gap"
 RESULTS = HERE / "results" / "galore_gap"
 STUDIES = ("batch4", "batch16", "refresh")
+METHODS = ("adamw", "galore")
 BATCH = {"": 1, "batch4": 4, "batch16": 16}  # tokens per step, as a multiple of the comparison's
 
 
@@ -52,7 +54,7 @@ def _point(rec: dict[str, Any] | None) -> dict[str, Any] | None:
     gap = (cfg.get("galore") or {}).get("update_proj_gap") if (cfg.get("optim") or {}).get("name") != "adamw" else None
     return {
         "val_loss": res["final_val_loss"],
-        "ppl": math.exp(min(res["final_val_loss"], 50.0)),
+        "ppl": sweep._ppl(res["final_val_loss"]),
         "steps": cfg["steps"],
         "tokens_per_step": cfg["batch_size"] * cfg["seq_len"],
         "update_proj_gap": gap,
@@ -67,26 +69,21 @@ def _study_run(study: str, recipe: str) -> dict[str, Any] | None:
     return records.run_record(RESULTS / study, recipe, names[0]) if len(names) == 1 else None
 
 
-def _comparison_run(recipe: str) -> dict[str, Any] | None:
-    """The comparison's seed-0 long run of ``recipe`` at the learning rate its lr check chose (the 1× point)."""
+def _comparison_runs() -> dict[str, dict[str, Any] | None]:
+    """The comparison's seed-0 long runs of ``adamw`` and ``galore`` at the learning rates their lr checks chose
+    (the 1× point), read from one table-only pass of the harness over the two recipes."""
     folder = sweep.RECIPES
     protocol = sweep.load_protocol(folder / "protocol.yaml")
     recipes = {n: sweep.load_recipe(folder / f"{n}.yaml", protocol) for n in sweep.recipe_names(folder)}
     s = sweep.Sweep(protocol, recipes, [], sweep.RESULTS, Path("/nonexistent"))
-    with _quiet():
-        s.run([recipe], sweep.STAGES, train_it=False, allow_dirty=False)
-    r = recipes[recipe]
-    if not s.check_done(r):
-        return None
-    run = sweep.Run(r, "long", s.long_lr(r), protocol.grid_seed)
-    return records.run_record(sweep.RESULTS, recipe, run.key) if run in s.done else None
-
-
-def _quiet():
-    import contextlib
-    import io
-
-    return contextlib.redirect_stdout(io.StringIO())
+    with contextlib.redirect_stdout(io.StringIO()):
+        s.run(list(METHODS), sweep.STAGES, train_it=False, allow_dirty=False)
+    out = {}
+    for name in METHODS:
+        r = recipes[name]
+        run = sweep.Run(r, "long", s.long_lr(r), protocol.grid_seed) if s.check_done(r) else None
+        out[name] = records.run_record(sweep.RESULTS, name, run.key) if run in s.done else None
+    return out
 
 
 def _curve(rec: dict[str, Any] | None) -> list[tuple[int, float]]:
@@ -110,8 +107,7 @@ def collect() -> dict[str, Any]:
     gap where AdamW's curve reaches that batch's final AdamW loss."""
     batch, one = {}, {}
     for study, mult in BATCH.items():
-        get = (lambda r, s=study: _study_run(s, r)) if study else _comparison_run
-        recs = {m: get(m) for m in ("adamw", "galore")}
+        recs = {m: _study_run(study, m) for m in METHODS} if study else _comparison_runs()
         one = recs if not study else one
         batch[str(mult)] = {m: _point(rec) for m, rec in recs.items()}
         a = batch[str(mult)]["adamw"]

@@ -109,7 +109,7 @@ def test_the_table_and_figure_from_records(gap, tmp_path, monkeypatch):
     put("refresh", "galore_t50", _record(800, 16, 3.7, gap=50))
     adamw = _record(800, 16, 3.55, "adamw", None, curve={400: 3.7, 800: 3.55})
     comparison = {"adamw": adamw, "galore": _record(800, 16, 3.66, gap=100, curve={400: 3.8, 800: 3.66})}
-    monkeypatch.setattr(gap, "_comparison_run", lambda recipe: comparison[recipe])
+    monkeypatch.setattr(gap, "_comparison_runs", lambda: comparison)
     res = gap.collect()
     assert res["batch"]["4"]["galore"]["tokens_per_step"] == 64 * 256 and res["batch"]["16"]["adamw"] is None
     md = gap.table(res)
