@@ -630,12 +630,18 @@ def long_results(sweep: Sweep, runs: list[Run]) -> tuple[int | None, dict[Run, d
     """A row's long runs on one evaluation: the largest number of validation tokens at which every run has a
     record, and those records (``None, {}`` while no number is shared by all). A row's statistics never mix
     evaluations: while its seeds are being re-run on more tokens, it keeps the ones all of them have."""
+    every = _by_shared_eval_size(sweep, runs)
+    if not every:
+        return None, {}
+    n = max(every)
+    return n, every[n]
+
+
+def _by_shared_eval_size(sweep: Sweep, runs: list[Run]) -> dict[int, dict[Run, dict[str, Any]]]:
+    """For each number of validation tokens at which every one of ``runs`` has a record, those records."""
     sizes = [_by_eval_size(sweep, run) for run in runs]
     shared = set.intersection(*(set(s) for s in sizes)) if sizes else set()
-    if not shared:
-        return None, {}
-    n = max(shared)
-    return n, {run: s[n] for run, s in zip(runs, sizes, strict=True)}
+    return {n: {run: s[n] for run, s in zip(runs, sizes, strict=True)} for n in shared}
 
 
 def _final_losses(found: dict[Run, dict[str, Any]]) -> dict[tuple[int, int, str], float]:
@@ -699,12 +705,10 @@ def _baseline(sweep: Sweep) -> dict[int, tuple[float, dict[tuple[int, int, str],
     tokens at which all its seeds have a record (its runs as :func:`shown_long` picks them)."""
     baseline = sweep.recipes.get(sweep.protocol.baseline)
     runs = shown_long(sweep, baseline)[0] if baseline is not None else []
-    sizes = [_by_eval_size(sweep, run) for run in runs]
-    out = {}
-    for n in set.intersection(*(set(s) for s in sizes)) if sizes else set():
-        found = {run: s[n] for run, s in zip(runs, sizes, strict=True)}
-        out[n] = (statistics.mean(_ppl(_loss(res)) for res in found.values()), _final_losses(found))
-    return out
+    return {
+        n: (statistics.mean(_ppl(_loss(res)) for res in found.values()), _final_losses(found))
+        for n, found in _by_shared_eval_size(sweep, runs).items()
+    }
 
 
 def _row_runs(sweep: Sweep, r: Recipe) -> tuple[list[Run], float | None, list[Run], list[Run]]:
