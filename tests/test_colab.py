@@ -250,6 +250,7 @@ def test_quickstart_runs(tmp_path, monkeypatch, small_overrides):
     assert f"final validation perplexity: {results['final_val_ppl']:.2f}" in text
 
 
+@pytest.mark.slow  # 40 s on 2 cores
 def test_galore_notebook(tmp_path, monkeypatch, data_cache):
     run = run_notebook("galore", tmp_path, monkeypatch, smoke_env(data_cache))
     t = run.text
@@ -315,6 +316,7 @@ def test_relora_notebook(tmp_path, monkeypatch, data_cache):
     assert run.images >= 3
 
 
+@pytest.mark.slow  # 71 s on 2 cores
 def test_scale_notebook(tmp_path, monkeypatch, data_cache):
     run = run_notebook("scale", tmp_path, monkeypatch, smoke_env(data_cache))
     t = run.text

@@ -12,6 +12,7 @@ import pytest
 from test_colab import NUM, grab, grab_all, run_notebook, smoke_env
 
 
+@pytest.mark.slow  # 34 s on 2 cores
 def test_sltrain_notebook(tmp_path, monkeypatch, data_cache):
     run = run_notebook("sltrain", tmp_path, monkeypatch, smoke_env(data_cache))
     t = run.text
@@ -75,6 +76,7 @@ def test_ternary_notebook(tmp_path, monkeypatch):
     assert run.images >= 1
 
 
+@pytest.mark.slow  # 34 s on 2 cores
 def test_overtraining_notebook(tmp_path, monkeypatch, data_cache):
     env = {**smoke_env(data_cache), "LRJ_COLAB_OUT": str(tmp_path / "runs")}
     run = run_notebook("overtraining", tmp_path, monkeypatch, env)

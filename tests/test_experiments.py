@@ -17,6 +17,7 @@ def _scripts_importable(monkeypatch):
     monkeypatch.syspath_prepend(str(EXPERIMENTS))
 
 
+@pytest.mark.slow  # 10 s on 2 cores
 def test_bench_frameworks_jax_side(tmp_path):
     import bench_frameworks
 
@@ -147,6 +148,7 @@ def test_every_memory_7b_row_is_a_valid_config():
             assert cfg.model.param_dtype == "bfloat16", label
 
 
+@pytest.mark.slow  # 29 s on 2 cores
 def test_noise_step_mnist_selects_on_validation_and_tests_once_per_seed(tmp_path):
     """Each seed's model is chosen on the validation split; the test set is scored once, for that model."""
     import noise_step_mnist

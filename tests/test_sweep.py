@@ -364,6 +364,7 @@ def test_runs_refuse_uncommitted_code(sweep, tmp_path, monkeypatch, capsys):
     assert "uncommitted changes" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # 26 s on 2 cores
 def test_one_real_run_is_filed_with_its_command_and_its_canary_repeats(sweep, tmp_path, monkeypatch, data_cache):
     records = sweep.records
     folder = tmp_path / "recipes"

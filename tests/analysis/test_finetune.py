@@ -35,6 +35,7 @@ def pretrained(small_overrides, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # 16 s on 2 cores
 def test_finetune_degradation_end_to_end(pretrained):
     pre_cfg = run_config(pretrained)
     assert pre_cfg.data.source == "pydoc" and pre_cfg.model.vocab_size == 512

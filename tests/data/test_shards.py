@@ -180,6 +180,7 @@ def test_token_stream_of_an_empty_split_reads_nothing(prepared):
         ShardBatches(empty, 2, 8, seed=0)
 
 
+@pytest.mark.slow  # 16 s on 2 cores
 def test_training_from_prepared_shards_reads_no_corpus(small_overrides, tmp_path, monkeypatch):
     """`prepare` then `train data.shards=DIR`: the same losses as the automatic path, without opening the corpus."""
     from lowrank_jax.data import corpus as corpus_mod

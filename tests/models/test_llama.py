@@ -90,7 +90,7 @@ def _unstack(params_scan, layers):
     return out
 
 
-@pytest.mark.parametrize("remat", [False, True])
+@pytest.mark.parametrize("remat", [pytest.param(False, marks=pytest.mark.slow), True])  # 14 s each
 def test_scan_and_loop_paths_agree(remat):
     cfg = dataclasses.replace(SMALL, remat=remat)
     g_scan, p_scan = split_model(build_model(cfg, 0))

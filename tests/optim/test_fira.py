@@ -170,6 +170,7 @@ def test_unknown_keywords_are_type_errors(kwargs: dict) -> None:
         scale_by_fira(2, **kwargs)
 
 
+@pytest.mark.slow  # 13 s on 2 cores
 def test_fira_trains_through_the_trainer_and_the_per_layer_update(tmp_path) -> None:
     overrides = ["optim.name=fira_adamw", "fira.rank=8", "fira.update_proj_gap=3"]  # refreshes at 0, 3, 6
     st, losses = train_tiny(tmp_path, overrides, FiraState)

@@ -30,7 +30,7 @@ SLOW = pytest.mark.slow  # covered in the default suite by a case of the same ki
 @pytest.mark.parametrize(
     "overrides,chunk_values",
     [
-        pytest.param(["optim.name=adamw", "optim.weight_decay=0.1"], None, id="adamw"),
+        pytest.param(["optim.name=adamw", "optim.weight_decay=0.1"], None, id="adamw", marks=SLOW),
         pytest.param(
             ["optim.name=galore_adamw", "galore.rank=4", "galore.update_proj_gap=2"], None, id="galore", marks=SLOW
         ),

@@ -49,6 +49,7 @@ def test_memory_bad_input_exits_2(capsys):
     assert "mesh" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # 19 s on 2 cores
 def test_llama_7b_8bit_galore_per_layer_step_memory_on_one_device():
     """The 7B per-layer 8-bit GaLore step compiles on CPU in seconds; XLA's per-device figure is pinned
     (20.02 GiB when written: arguments 17.86, temporaries 2.16) so a regression shows."""

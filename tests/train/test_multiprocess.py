@@ -145,6 +145,7 @@ def runs(small_overrides, tmp_path_factory) -> dict[str, Path]:
     return {"one_x2": root / "one_x2", "two": root / "two", "root": root}
 
 
+@pytest.mark.slow  # 47 s on 2 cores
 def test_two_processes_match_one_process(runs):
     assert_close(runs["two"], runs["one_x2"])
     assert checkpoint_steps(runs["two"] / "checkpoints") == list(range(EVERY, STEPS + 1, EVERY))
@@ -188,6 +189,7 @@ def test_sigkill_one_process_then_resume_all_is_exact(small_overrides, runs, tmp
     assert_close(tmp_path / "other_count", runs["one_x2"])
 
 
+@pytest.mark.slow  # 48 s on 2 cores
 def test_gcs_prepare_two_processes_kill_resume_is_bitwise_local(small_overrides, runs, gcs, tmp_path):
     """On a GCS emulator: prepare to gs://, 2 processes checkpoint to gs://, one is killed, all resume from gs://.
 

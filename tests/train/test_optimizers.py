@@ -38,7 +38,16 @@ def test_default_mask_selects_attention_and_mlp_kernels_only(base):
     assert not flat["['blocks']['attn_norm']['scale']"]
 
 
-@pytest.mark.parametrize("name", ["adamw", "adamw8bit", "galore_adamw", "galore_adamw8bit"])
+# the 8-bit pair (~9 s each) with -m slow
+@pytest.mark.parametrize(
+    "name",
+    [
+        "adamw",
+        pytest.param("adamw8bit", marks=pytest.mark.slow),
+        "galore_adamw",
+        pytest.param("galore_adamw8bit", marks=pytest.mark.slow),
+    ],
+)
 def test_each_optimizer_trains_in_the_loop(base, name):
     cfg = replace(base, optim__name=name, optim__lr=3e-3, optim__warmup_ratio=0.0)
     trainer = make_trainer(cfg)

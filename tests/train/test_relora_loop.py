@@ -48,6 +48,7 @@ def test_lora_state_excludes_frozen_weights_and_kernel_stays_frozen(lora_cfg):
     assert np.abs(np.asarray(_q(state.params)["lora_b"])).max() > 0
 
 
+@pytest.mark.slow  # 12 s on 2 cores
 def test_restarts_merge_at_the_jagged_schedule_zeros(lora_cfg):
     cfg = replace(lora_cfg, steps=12, relora__every=4, relora__restart_warmup=2, relora__reset="zero")
     trainer = make_trainer(cfg)
@@ -96,6 +97,7 @@ def _adam(opt_state):
     return found[0]
 
 
+@pytest.mark.slow  # 21 s on 2 cores
 def test_warm_start_switch_preserves_function_and_carries_state(lora_cfg):
     cfg = replace(lora_cfg, steps=20, relora__warm_start=5, relora__every=5, relora__restart_warmup=2)
     lora, warm = make_trainer(cfg), make_trainer(warm_start_config(cfg))

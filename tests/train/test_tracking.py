@@ -373,6 +373,7 @@ def test_flatten_scalars_types():
             tracking.flatten_scalars({"k": bad}, "p")
 
 
+@pytest.mark.slow  # 17 s on 2 cores
 def test_a_training_run_and_its_resume_log_the_same_scalars_as_metrics_jsonl(small_overrides, tmp_path):
     """The loop's wiring: every step's loss, the evals and tokens/s reach TensorBoard, once each, across a resume."""
     out = tmp_path / "run"

@@ -142,6 +142,7 @@ def test_exact_resume_after_sigkill(small_overrides, tmp_path):
     assert logged_before >= resume_step  # the killed run had logged past its checkpoint, and those lines were redone
 
 
+@pytest.mark.slow  # 14 s on 2 cores
 def test_damaged_latest_checkpoint_falls_back(small_overrides, tmp_path, capsys):
     out = tmp_path / "run"
     cfg = _cfg(small_overrides, out, "steps=20", "checkpoint_every=10")
@@ -181,6 +182,7 @@ def test_non_finite_step_is_skipped(small_overrides, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # 13 s on 2 cores
 def test_grad_accumulation_matches_full_batch(small_overrides, tmp_path):
     base = replace(_cfg(small_overrides, tmp_path), model__vocab_size=512)
     batch = np.random.default_rng(1).integers(0, 512, (8, 33))
