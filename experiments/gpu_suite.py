@@ -12,7 +12,7 @@ rewritten after every section, so a run cut short still leaves everything measur
 process never starts the accelerator's backend (each child owns the device alone and frees it).
 
 Sections, in this order (most important first), with the time each is planned to take on one H100
-(``FULL[...]["estimate_s"]``: the child's start included; they total 410 s):
+(``FULL[...]["estimate_s"]``: the child's start included; they total 415 s):
 
 1. ``ceilings`` (25 s) — what this device does at all: device copy bandwidth (read + write of 1 GiB)
    and bf16 GEMM TFLOP/s at the shapes the other sections use. Other sections report a % of these.
@@ -22,9 +22,9 @@ Sections, in this order (most important first), with the time each is planned to
    r = 512, δ = 0.03, bf16 x, 2048 tokens: the paper's path (W materialised in float32, ``xla``), W
    materialised in bf16 and multiplied by the default GEMM (``bf16w``, the official SLTrain code's
    path), the fused kernels (``pallas``); each variant's error against the reference at these shapes.
-4. ``ternary`` (30 s) — the packed ternary GEMV (1 token) and GEMM (256 tokens) vs a bf16 matmul at
-   4096×11008; bandwidth as % of the in-run copy bandwidth and of the datasheet HBM peak; error vs
-   float64.
+4. ``ternary`` (35 s) — the packed ternary GEMV (1 token) and GEMM (256 tokens) vs a bf16 matmul at
+   4096×11008, the Triton kernel and its Mosaic GPU port timed side by side; bandwidth as % of the in-run
+   copy bandwidth and of the datasheet HBM peak; error vs float64.
 5. ``train_llama_1b_adamw`` (75 s), ``train_llama_1b_sl`` (75 s) — tokens/s and MFU of llama_1b
    (32 × 256 tokens, bf16 compute, random tokens; :func:`bench_step.bench`), and the achieved TFLOP/s
    as % of the in-run GEMM ceiling.
@@ -84,7 +84,7 @@ FULL: dict[str, dict[str, Any]] = {
     "correctness": {"estimate_s": 40, "cases": 6, "hi": 700},
     "sl_matmul": {"estimate_s": 60, "shapes": [(2048, 5461), (5461, 2048)], "rank": 512, "density": 0.03}
     | {"tokens": 2048, "reps": 10, "variants": ["xla", "bf16w", "pallas"]},
-    "ternary": {"estimate_s": 30, "k": 4096, "n": 11008, "tokens": [1, 256], "reps": 50},
+    "ternary": {"estimate_s": 35, "k": 4096, "n": 11008, "tokens": [1, 256], "reps": 50},
     "train_llama_1b_adamw": {"estimate_s": 75, "config": "llama_1b", "method": "adamw", "overrides": _1B}
     | {"steps": 5, "warmup": 2},
     "train_llama_1b_sl": {"estimate_s": 75, "config": "llama_1b", "method": "sl", "overrides": _1B}
@@ -403,6 +403,8 @@ def ternary_rows(spec: dict, smoke: bool) -> list[dict]:
     ws = [rng.integers(-1, 2, (k, n)).astype(np.int8) for _ in range(2)]
     dense = jax.jit(lambda x, w: jnp.matmul(x, w, preferred_element_type=jnp.float32))
     kernel = jax.jit(lambda x, p: ternary_matmul(x, p, 0.02, k=k, implementation="pallas"))
+    mosaic = jax.jit(lambda x, p: ternary_matmul(x, p, 0.02, k=k, implementation="mosaic_gpu"))
+    on_tpu = jax.default_backend() == "tpu"
     for m in spec["tokens"]:
         x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
         moved = packed_rows(k) * n + x.nbytes + 4 * m * n  # packed weights + activations + f32 output
@@ -419,8 +421,17 @@ def ternary_rows(spec: dict, smoke: bool) -> list[dict]:
             err = _rel_err(got, want)
             return {"ternary": timed(kernel, sets, spec["reps"]), "max_rel_err_vs_f64": err, "ok": err < 1e-4}
 
+        def mosaic_gpu(x=x):  # the Mosaic GPU port, timed beside the Triton kernel that 'auto' runs
+            if on_tpu:
+                return {"mosaic_gpu_skipped": "GPU only"}
+            sets = rotated(lambda i: (x, pack_ternary(jnp.asarray(ws[i % 2]))), smoke)
+            got = np.asarray(mosaic(*sets[0]), np.float64)
+            err = _rel_err(got, np.asarray(x, np.float64) @ ws[0].astype(np.float64) * 0.02)
+            return {"mosaic_gpu": timed(mosaic, sets, spec["reps"]), "mosaic_gpu_max_rel_err_vs_f64": err}
+
         row = guarded(bf16, **row)
         row = guarded(ternary, **row)
+        row = guarded(mosaic_gpu, **row)
         rows.append(row)
     return rows
 
@@ -654,9 +665,10 @@ TABLES: dict[str, tuple[str, str, Callable[[dict], list]]] = {
     ),
     "ternary": (
         "Packed ternary matmul vs bf16 (weights rotated past L2)",
-        "shape | tokens | bf16 µs | ternary µs | speed-up | % copy BW | % HBM (datasheet) | max rel. err | error",
+        "shape | tokens | bf16 µs | ternary µs | Mosaic GPU µs | speed-up | % copy BW | % HBM (datasheet)"
+        " | max rel. err | error",
         lambda r: (
-            [f"{r['k']}x{r['n']}", r["tokens"], _us(r.get("bf16")), _us(r.get("ternary"))]
+            [f"{r['k']}x{r['n']}", r["tokens"], _us(r.get("bf16")), _us(r.get("ternary")), _us(r.get("mosaic_gpu"))]
             + [_fmt(r.get("speedup_vs_bf16"), ".2f"), _fmt(r.get("pct_of_copy_bandwidth"), ".0f")]
             + [_fmt(r.get("pct_of_datasheet_hbm"), ".0f"), _fmt(r.get("max_rel_err_vs_f64"), ".1e"), _err(r)]
         ),

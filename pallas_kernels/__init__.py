@@ -22,6 +22,11 @@ Every op package (``sl_matmul``, ``ternary_matmul``) holds exactly these modules
 ``layout.py``
     How the kernels see their operands: tile layout or packing of the weights, padding to blocks.
 
+Where an op has one, also:
+
+``mosaic_gpu.py`` (optional)
+    A Pallas Mosaic GPU port of the kernel for Hopper, run when named (``implementation='mosaic_gpu'``).
+
 Shared by every op: :mod:`pallas_kernels.platforms` (targets, compiler parameters, per-platform
 lowering, tiling arithmetic), :mod:`pallas_kernels.selection` (the recorded ``'auto'`` decision) and
 :mod:`pallas_kernels.lowering` (lowering for ``cuda`` and ``tpu`` without the device).

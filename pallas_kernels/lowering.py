@@ -16,6 +16,9 @@ things make that work here, kept in :func:`export_for` so every test lowers the 
 * **Triton custom calls.** ``jax.export`` refuses custom calls without a serialization-compatibility
   guarantee; the Triton kernel call (``__gpu$xla.gpu.triton``) is one, so its check is disabled. The
   exported artifact proves the lowering; it is not meant to be stored and run on a later JAX.
+* **Mosaic GPU.** Its kernels lower to a ``mosaic_gpu`` custom call whose serialized module names the
+  kernel (:func:`kernel_calls` reads it); the lowering verifies the warpgroup MMA shapes, the swizzled
+  shared-memory layouts and the shared-memory total for sm_90a.
 
 What a CPU lowering does not prove: Triton → PTX compilation (register and shared-memory allocation)
 and Mosaic's layout passes run inside XLA at compile time on the device. The block choosers keep
@@ -36,6 +39,7 @@ PLATFORMS = ("cuda", "tpu")
 TPU_DEVICE_KIND = "TPU v5 lite"  # TPU v5e
 GPU_DEVICE_KIND = "NVIDIA H100 80GB HBM3"
 TRITON_CALL = "__gpu$xla.gpu.triton"
+MOSAIC_GPU_DIALECT = "stable"  # "stable_mosaic_gpu": a dialect name, not a kernel's
 _DEVICES = {
     "tpu": AbstractDevice(device_kind=TPU_DEVICE_KIND, num_cores=1, platform="tpu"),
     "cuda": AbstractDevice(device_kind=GPU_DEVICE_KIND, num_cores=132, platform="gpu"),
@@ -74,10 +78,13 @@ def custom_call_targets(exported: export.Exported) -> list[str]:
 
 
 def kernel_calls(exported: export.Exported) -> list[str]:
-    """The Pallas kernels an exported module calls, by ``pallas_call`` name, in order (Triton and Mosaic TPU)."""
+    """The Pallas kernels an exported module calls, by name, in order (Triton, Mosaic TPU and Mosaic GPU)."""
     calls = []
     for line in exported.mlir_module().splitlines():
         if f"custom_call @{TRITON_CALL}" in line or "custom_call @tpu_custom_call" in line:
             found = re.search(r'(?:kernel_name|name) = "([^"]*)"', line)
             calls.append(found.group(1) if found else "?")
+        elif "custom_call @mosaic_gpu" in line:  # the kernel's name is a symbol in its serialized module
+            names = [n for n in re.findall(r"\\00(\w+)_mosaic_gpu\\00", line) if n != MOSAIC_GPU_DIALECT]
+            calls.append(names[0] if names else "?")
     return calls

@@ -10,7 +10,10 @@ Every kernel in this package is written once, for two *targets* that share its t
   BlockSpec block into shared memory by TMA (≤ 256 elements per dimension, 227 KiB in all on H100: these
   kernels' blocks there fail with "Async copies only support copying <=256 elements" and "kernel
   exceeds available shared memory"), lowers only for sm_90a (no A100, no ROCm) and supports fewer of the
-  integer/one-hot elementwise ops the kernels use. Triton runs on Ampere, Hopper and ROCm alike.
+  integer/one-hot elementwise ops the kernels use. Triton runs on Ampere, Hopper and ROCm alike. The
+  ternary matmul also has a Mosaic GPU port for Hopper, written as a ``plgpu.kernel`` whose
+  ``plgpu.emit_pipeline`` brings one reduction step's tiles into shared memory at a time
+  (:mod:`pallas_kernels.ternary_matmul.mosaic_gpu`); it runs when named (``implementation='mosaic_gpu'``).
 * ``tpu`` — Pallas → **Mosaic TPU** (``pltpu.CompilerParams(dimension_semantics=...)``). The reduction is
   the last grid axis (``"arbitrary"``) with a float32 VMEM scratch accumulator, so Pallas double-buffers
   each step's blocks HBM → VMEM and VMEM use does not grow with the problem; blocks obey the (8, 128)

@@ -44,12 +44,13 @@ _RECORD: dict[tuple[str, str, str, str], Choice] = {}
 _ANNOUNCED: dict[tuple[str, str], bool] = {}
 
 
-def check_implementation(implementation: str | None) -> str:
-    """``implementation`` as one of :data:`IMPLEMENTATIONS` (``None`` → ``'auto'``); ValueError naming it otherwise."""
+def check_implementation(implementation: str | None, extra: tuple[str, ...] = ()) -> str:
+    """``implementation`` as one of :data:`IMPLEMENTATIONS` or a kernel's ``extra`` ones (``None`` → ``'auto'``);
+    ValueError naming them otherwise."""
     if implementation is None:
         return "auto"
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation: must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    if implementation not in IMPLEMENTATIONS + extra:
+        raise ValueError(f"implementation: must be one of {IMPLEMENTATIONS + extra}, got {implementation!r}")
     return implementation
 
 
@@ -65,17 +66,25 @@ def choose(
     unsupported: str | None,
     backend: str | None = None,
     prefer_xla: dict[str, str] | None = None,
+    explicit: dict[str, str | None] | None = None,
 ) -> str:
-    """``'xla'`` or ``'pallas'`` for one call of ``kernel``, recorded (see the module docstring).
+    """``'xla'``, ``'pallas'`` or one of ``explicit`` for one call of ``kernel``, recorded (see the module docstring).
 
     ``unsupported``: why the kernel cannot take these operands, or None. ``backend``: default
     :func:`current_backend`. ``prefer_xla``: backends on which ``'auto'`` takes the XLA path although
     the kernel would run, each with the evidence why; announced once per kernel and backend.
+    ``explicit``: further implementations of this kernel that run only when asked for by name (never by
+    ``'auto'``), each with why it cannot take these operands, or None.
     """
-    requested = check_implementation(implementation)
+    explicit = explicit or {}
+    requested = check_implementation(implementation, tuple(explicit))
     backend = backend or current_backend()
     on_accelerator = backend in ACCELERATORS
-    if requested == "pallas":
+    if requested in explicit:
+        if explicit[requested]:
+            raise ValueError(f"implementation: {requested!r} cannot run {kernel} on {signature}: {explicit[requested]}")
+        impl, reason = requested, "requested"
+    elif requested == "pallas":
         if unsupported:
             raise ValueError(f"implementation: 'pallas' cannot run {kernel} on {signature}: {unsupported}")
         impl, reason = "pallas", "requested"

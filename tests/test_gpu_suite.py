@@ -45,6 +45,7 @@ def test_gpu_suite_smoke_writes_every_section(tmp_path, hermetic_cwd):
     (gemv,) = rows["ternary"]
     assert gemv["ok"] and gemv["max_rel_err_vs_f64"] < 1e-5 and gemv["speedup_vs_bf16"] > 0
     assert gemv["ternary"]["rotated_copies"] == 2 and gemv["pct_of_copy_bandwidth"] > 0
+    assert gemv["mosaic_gpu_max_rel_err_vs_f64"] < 1e-5 and gemv["mosaic_gpu"]["rotated_copies"] == 2
     train = [r for name in s if name.startswith("train_") for r in rows[name]]
     assert {(r["config"], r["method"]) for r in train} == {("tiny", "adamw"), ("tiny", "sl")}
     assert all(r["tokens_per_s"] > 0 and r["pct_of_gemm_ceiling"] > 0 for r in train)

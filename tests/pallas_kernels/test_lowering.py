@@ -1,4 +1,5 @@
-"""Every Pallas kernel lowers for ``cuda`` (Triton) and ``tpu`` (Mosaic, TPU v5e), forward and backward, on CPU.
+"""Every Pallas kernel lowers for ``cuda`` (Triton; the ternary matmul also Mosaic GPU) and ``tpu`` (Mosaic, TPU
+v5e), forward and backward, on CPU.
 
 ``jax.export`` runs the whole lowering — block-shape checks, the Triton and Mosaic TPU lowering rules,
 dtype rules — without an accelerator (:func:`pallas_kernels.lowering.export_for`). Shapes: the 1B
@@ -78,6 +79,28 @@ def test_ternary_matmul_forward_and_backward_lower(case, platform):
     else:
         exported = export_for(forward, platform, *args)
     assert kernel_calls(exported) == ["ternary_matmul"]
+
+
+@pytest.mark.parametrize("case", ["7b_gemv_bf16", "7b_gemv_int8", "7b_gemm_256_tokens", "awkward_int8"])
+def test_ternary_matmul_mosaic_gpu_lowers_for_cuda(case):
+    """The Mosaic GPU kernel (Hopper warpgroup MMAs), forward and backward: its lowering verifies the MMA shapes,
+    the swizzled shared-memory layouts and the shared-memory total (232,448 bytes on sm_90a)."""
+    shape, k, n, dtype, differentiate = TERNARY_CASES[case]
+
+    def forward(x, packed, x_scale):
+        return ternary_matmul(x, packed, 0.02, k=k, x_scale=x_scale, implementation="mosaic_gpu", interpret=False)
+
+    def fwd_bwd(x, packed, x_scale, dy):
+        y, vjp = jax.vjp(lambda x: forward(x, packed, x_scale), x)
+        return y, vjp(dy)
+
+    args = (S(shape, dtype), S((packed_rows(k), n), jnp.uint8), S(shape[:-1], jnp.float32))
+    if differentiate:
+        exported = export_for(fwd_bwd, "cuda", *args, S((*shape[:-1], n), jnp.float32))
+    else:
+        exported = export_for(forward, "cuda", *args)
+    assert kernel_calls(exported) == ["ternary_matmul"]
+    assert [t for t in custom_call_targets(exported) if t.startswith("mosaic_gpu")]
 
 
 def test_tpu_lowering_takes_a_chip_generation_from_the_abstract_mesh():

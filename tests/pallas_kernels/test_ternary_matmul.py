@@ -270,3 +270,67 @@ def test_api_errors():
             out_dtype=jnp.float32,
             target=Target("gpu", interpret=True),
         )
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_mosaic_gpu_kernel_matches_reference_on_random_shapes(case):
+    """The Mosaic GPU kernel, run by Mosaic GPU's interpreter (shared memory, TMA and warpgroup MMAs simulated):
+    bfloat16 or int8 activations, row counts either side of its 64-row tile, k and n that fill no tile."""
+    seed = int(RNG.integers(1 << 31))
+    rng = np.random.default_rng(seed)
+    m = int(rng.choice([1, 5, 64, 65, 130]))
+    k, n = int(rng.integers(3, 600)), int(rng.integers(2, 150))
+    w = _ternary(rng, k, n)
+    packed = pack_ternary(jnp.asarray(w))
+    scale = float(rng.uniform(0.1, 2.0))
+    if case % 2:
+        x = jnp.asarray(rng.integers(-128, 128, (m, k)), jnp.int8)
+        x_scale = jnp.asarray(rng.uniform(1e-3, 1e-1, m), jnp.float32)
+    else:
+        x, x_scale = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16), None
+    out = ternary_matmul(x, packed, scale, k=k, x_scale=x_scale, implementation="mosaic_gpu")
+    expected = _reference64(x.astype(jnp.float32), w, scale, x_scale)
+    tol = 1e-5 * (np.abs(np.asarray(x.astype(jnp.float32), np.float64)) @ np.abs(w) * scale + 1)
+    if x_scale is not None:
+        tol = tol * np.asarray(x_scale, np.float64)[:, None]
+    msg = f"seed={seed} m={m} k={k} n={n} dtype={x.dtype}"
+    assert out.shape == (m, n) and out.dtype == jnp.float32, msg
+    assert np.all(np.abs(np.asarray(out, np.float64) - expected) <= tol), msg
+
+
+def test_mosaic_gpu_through_the_api_batch_dims_vjp_and_record():
+    from pallas_kernels import selection
+
+    seed = int(RNG.integers(1 << 31))
+    rng = np.random.default_rng(seed)
+    k, n = int(rng.integers(5, 300)), int(rng.integers(3, 70))
+    w = _ternary(rng, k, n)
+    packed = pack_ternary(jnp.asarray(w))
+    x = jnp.asarray(rng.standard_normal((2, 3, k)), jnp.bfloat16)
+    dy = jnp.asarray(rng.standard_normal((2, 3, n)), jnp.float32)
+
+    def f(x):
+        y = ternary_matmul(x, packed, 0.5, k=k, implementation="mosaic_gpu", out_dtype=jnp.bfloat16)
+        return jnp.sum(y.astype(jnp.float32) * dy), y
+
+    (_, y), dx = jax.value_and_grad(f, has_aux=True)(x)
+    x64 = np.asarray(x.astype(jnp.float32), np.float64)
+    assert y.shape == (2, 3, n) and y.dtype == jnp.bfloat16 and dx.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(y, np.float64), x64 @ w * 0.5, rtol=1e-2, atol=1e-2, err_msg=f"{seed=}")
+    dy_bf16 = np.asarray(dy.astype(jnp.bfloat16).astype(jnp.float32), np.float64)  # y's cotangent is bfloat16
+    dx64 = dy_bf16 @ w.T * 0.5
+    np.testing.assert_allclose(np.asarray(dx, np.float64), dx64, rtol=1e-2, atol=1e-2, err_msg=f"{seed=}")
+    chosen = [c for c in selection.implementation_record() if c["kernel"] == "ternary_matmul"]
+    assert {(c["implementation"], c["reason"]) for c in chosen if c["requested"] == "mosaic_gpu"} == {
+        ("mosaic_gpu", "requested")
+    }
+
+
+def test_mosaic_gpu_errors():
+    packed = pack_ternary(jnp.ones((8, 4)))
+    with pytest.raises(ValueError, match="'mosaic_gpu' cannot run ternary_matmul .* tf32"):
+        ternary_matmul(jnp.ones((2, 8), jnp.float32), packed, 1.0, k=8, implementation="mosaic_gpu")
+    with pytest.raises(ValueError, match="blocks: the 'mosaic_gpu' kernel"):
+        ternary_matmul(jnp.ones((2, 8), jnp.bfloat16), packed, 1.0, k=8, implementation="mosaic_gpu", blocks=(16,) * 3)
+    with pytest.raises(ValueError, match="mosaic_gpu"):  # named among the choices
+        ternary_matmul(jnp.ones((2, 8), jnp.bfloat16), packed, 1.0, k=8, implementation="triton")
