@@ -581,6 +581,9 @@ class Sweep:
                         print(f"{name}: grid incomplete, no long-budget runs", flush=True)
                         continue
                     check = self.lr_check(source)  # a lr_from recipe's long lr waits for its source's check
+                    if stage == "long" and "lrcheck" not in stages:  # a check on record counts (--stage long)
+                        for run in check:
+                            self.on_record(run)
                     todo = check if stage == "lrcheck" else self.long(r)
                     if stage == "long" and train_it and check and not self.check_done(source):
                         print(f"{name}: lr check incomplete, no long-budget runs yet", flush=True)

@@ -519,7 +519,9 @@ def test_a_moved_row_keeps_its_long_runs_at_the_grids_lr_until_the_new_ones_ran(
     assert recs["other"]["paired"]["mean_diff"] == before["other"]["paired"]["mean_diff"]
     table = (tmp_path / "res" / "table.md").read_text()
     assert "long runs at 0.002 until those at 0.00282843 have run" in table
-    assert sweep.main(argv) == 0  # the moved runs train; the row moves with them
+    fake.calls.clear()
+    assert sweep.main([*argv, "--stage", "long"]) == 0  # the moved runs train (the check is on record); the row moves
+    assert fake.calls == [(0.00282843, 1, 4), (0.00282843, 0, 4), (0.00282843, 1, 4)]
     recs = json.loads((tmp_path / "res" / "results.json").read_text())["recipes"]
     assert recs["base"]["long_ppl_lr"] == 0.00282843 and recs["base"]["long_ppl"] != before["base"]["long_ppl"]
     assert "until those at" not in (tmp_path / "res" / "table.md").read_text()
