@@ -104,7 +104,7 @@ def ternary_matmul(
         raise ValueError(f"x_scale: expected shape {x.shape[:-1]}, got {x_scale.shape}")
     if blocks is not None and (len(blocks) not in (3, 4) or any(b < 1 for b in blocks)):
         raise ValueError(f"blocks: expected positive (bm, bn, bkq) tile sizes [+ GPU split-K], got {blocks!r}")
-    # every operand the checks above accept is supported by the kernel on every platform
+    # every operand the checks above accept is supported by the Pallas kernel on every platform (Mosaic GPU: not f32)
     explicit = {"mosaic_gpu": unsupported(x.dtype)}
     impl = choose("ternary_matmul", implementation, signature(x=x, packed=packed_KqxN), None, explicit=explicit)
     if impl == "mosaic_gpu" and blocks is not None:

@@ -5,20 +5,18 @@
 compares the two; this one exists because JAX's Pallas Triton backend is deprecated and Mosaic GPU is the backend
 JAX develops for Hopper.
 
-The kernel computes the transposed product, ``yᵀ = Wᵀ xᵀ``: a warpgroup MMA multiplies an ``(64·i, k)``
-left operand by a ``(k, n)`` right one, and the weights tile is the one decoded on chip, so it takes the left
-side, where a warpgroup MMA needs 64-row tiles (``bn`` = 64 output columns of ``y`` per program), while the
-activations give the right side, ``bm`` ∈ {64, 128} rows of ``x``. Per reduction step the pipeline
-(``plgpu.emit_pipeline``, two stages) copies by TMA one ``(bn, bkq)`` tile of the transposed packed bytes and the
-four activation tiles ``(bkq, bm)`` of ``xᵀ``, one per bit plane (the planar layout of
-:mod:`pallas_kernels.ternary_matmul.layout`: packed row ``r`` holds weight rows ``j·Kq + r``, ``j`` = 0…3). The
-warpgroup decodes the bytes into the four planes ``((p >> 2j) & 3) − 1`` as bfloat16 in shared memory, then
-issues four MMAs ``acc += plane_j · xᵀ_j`` with a float32 accumulator in registers.
-
-Around the kernel, XLA transposes the padded operands (``xᵀ``, ``packedᵀ``: the packed weights cost 2 bits
-per weight to transpose) and the float32 result back, applying ``rowscale`` in that same pass. Products are
-exact in bfloat16 for bfloat16 and int8 inputs (int8 → bfloat16 is exact) with float32 accumulation, as in the
-Triton kernel; float32 inputs are refused (a warpgroup MMA rounds float32 operands to tf32).
+Each program owns an output tile of ``bm`` ∈ {64, 128} rows of ``x`` (the MMA's M extent, a multiple of 64 for
+one warpgroup) by ``bn`` = 64 columns. Per reduction step the pipeline (``plgpu.emit_pipeline``, two stages)
+copies by TMA one ``(bkq, bn)`` tile of packed bytes and the four activation tiles ``(bm, bkq)``, one per bit
+plane (the planar layout of :mod:`pallas_kernels.ternary_matmul.layout`: packed row ``r`` holds weight rows
+``j·Kq + r``, ``j`` = 0…3, and :func:`~pallas_kernels.ternary_matmul.layout.pad_operands` moves activation
+plane ``j`` to columns ``j·Kqp …``). The warpgroup decodes the bytes into the four planes
+``((p >> 2j) & 3) − 1`` as bfloat16 in shared memory, then issues four MMAs ``acc += x_j · plane_j`` (both
+operands in swizzled shared memory) into a float32 accumulator in registers, and waits for them before the next
+step overwrites the planes. XLA pads the operands around the call and applies ``rowscale`` to the sliced float32
+result in one fused pass. Products are exact in bfloat16 for bfloat16 and int8 inputs (int8 → bfloat16 is exact)
+with float32 accumulation, as in the Triton kernel; float32 inputs are refused (a warpgroup MMA rounds float32
+operands to tf32).
 
 On CPU the kernel runs in Mosaic GPU's interpreter (``InterpretGPUParams``: shared memory, TMA and warpgroup
 MMAs simulated), which is how the tests check it against the reference; ``jax.export(..., platforms=['cuda'])``
@@ -39,13 +37,13 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.ternary_matmul.blocks import TernaryBlocks
 from pallas_kernels.ternary_matmul.layout import pad_operands
 
-BN = 64  # output columns per program: the M extent of one warpgroup MMA
+BN = 64  # output columns per program (the MMA's N extent)
 BKQ = 64  # packed rows per reduction step (256 input rows, 4 MMAs of k = 64)
 STAGES = 2  # TMA pipeline depth
 
 
 def mosaic_gpu_blocks(m: int) -> TernaryBlocks:
-    """Tiles for ``m`` activation rows: ``bm`` = 64 up to 64 rows, else 128 (the MMA's N extent)."""
+    """Tiles for ``m`` activation rows: ``bm`` = 64 up to 64 rows, else 128 (the MMA's M extent)."""
     return TernaryBlocks(bm=64 if m <= 64 else 128, bn=BN, bkq=BKQ)
 
 
