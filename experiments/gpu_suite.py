@@ -414,20 +414,20 @@ def ternary_rows(spec: dict, smoke: bool) -> list[dict]:
             sets = rotated(lambda i: (x, jnp.asarray(ws[i % 2] * 0.02, jnp.bfloat16)), smoke)
             return {"bf16": timed(dense, sets, spec["reps"])}
 
-        def ternary(x=x, m=m):
+        def packed_kernel(fn, x=x):  # timed over rotated packed weights; its error vs float64
             sets = rotated(lambda i: (x, pack_ternary(jnp.asarray(ws[i % 2]))), smoke)
-            got = np.asarray(kernel(*sets[0]), np.float64)
             want = np.asarray(x, np.float64) @ ws[0].astype(np.float64) * 0.02
-            err = _rel_err(got, want)
-            return {"ternary": timed(kernel, sets, spec["reps"]), "max_rel_err_vs_f64": err, "ok": err < 1e-4}
+            return timed(fn, sets, spec["reps"]), _rel_err(np.asarray(fn(*sets[0]), np.float64), want)
 
-        def mosaic_gpu(x=x):  # the Mosaic GPU port, timed beside the Triton kernel that 'auto' runs
+        def ternary():
+            t, err = packed_kernel(kernel)
+            return {"ternary": t, "max_rel_err_vs_f64": err, "ok": err < 1e-4}
+
+        def mosaic_gpu():  # the Mosaic GPU port, timed beside the Triton kernel that 'auto' runs
             if on_tpu:
                 return {"mosaic_gpu_skipped": "GPU only"}
-            sets = rotated(lambda i: (x, pack_ternary(jnp.asarray(ws[i % 2]))), smoke)
-            got = np.asarray(mosaic(*sets[0]), np.float64)
-            err = _rel_err(got, np.asarray(x, np.float64) @ ws[0].astype(np.float64) * 0.02)
-            return {"mosaic_gpu": timed(mosaic, sets, spec["reps"]), "mosaic_gpu_max_rel_err_vs_f64": err}
+            t, err = packed_kernel(mosaic)
+            return {"mosaic_gpu": t, "mosaic_gpu_max_rel_err_vs_f64": err}
 
         row = guarded(bf16, **row)
         row = guarded(ternary, **row)
