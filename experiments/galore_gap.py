@@ -105,13 +105,14 @@ def matched_gap(adamw: list[tuple[int, float]], galore: list[tuple[int, float]],
 def collect() -> dict[str, Any]:
     """Every point of the two studies (None where a run is missing), and for each larger batch the 1× runs'
     gap where AdamW's curve reaches that batch's final AdamW loss."""
-    batch, one = {}, {}
+    one = _comparison_runs()
+    curves = {m: _curve(rec) for m, rec in one.items()}  # the 1x runs' validation curves
+    batch = {}
     for study, mult in BATCH.items():
-        recs = {m: _study_run(study, m) for m in METHODS} if study else _comparison_runs()
-        one = recs if not study else one
+        recs = {m: _study_run(study, m) for m in METHODS} if study else one
         batch[str(mult)] = {m: _point(rec) for m, rec in recs.items()}
         a = batch[str(mult)]["adamw"]
-        matched = matched_gap(_curve(one["adamw"]), _curve(one["galore"]), a["val_loss"]) if study and a else None
+        matched = matched_gap(curves["adamw"], curves["galore"], a["val_loss"]) if study and a else None
         batch[str(mult)]["matched_1x"] = matched
     refresh = {str(t): _point(_study_run("refresh", f"galore_t{t}")) for t in (25, 50, 200)}
     refresh["100"] = batch["1"]["galore"]  # the comparison's own setting
