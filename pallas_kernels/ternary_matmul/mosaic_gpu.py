@@ -121,8 +121,9 @@ def ternary_matmul_mosaic_gpu(
     cannot sit in a ``platform_dependent`` branch), so a CPU machine runs it with ``interpret=True`` and
     lowers the kernel for ``cuda`` with ``interpret=False``.
     """
-    if unsupported(x_MxK.dtype):
-        raise ValueError(f"implementation 'mosaic_gpu': {unsupported(x_MxK.dtype)}")
+    why = unsupported(x_MxK.dtype)
+    if why:
+        raise ValueError(f"implementation 'mosaic_gpu': {why}")
     m, n = x_MxK.shape[0], packed.shape[1]
     blk = mosaic_gpu_blocks(m)
     xp, wp, _ = pad_operands(x_MxK.astype(jnp.bfloat16), packed, rowscale_M, k, blk)
