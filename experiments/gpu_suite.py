@@ -293,7 +293,7 @@ def _ternary_case(rng, i: int, hi: int, target) -> dict:
     m = int(rng.choice([1, 3, int(rng.integers(4, hi))]))
     k, n = (int(v) for v in rng.integers(1, hi, 2))
     dtype = ("bfloat16", "int8", "float32")[i % 3]
-    row = {"kernel": "ternary_matmul", "shape": [m, k, n], "dtype": dtype, "lowrank": None}
+    row = {"kernel": "ternary_matmul", "shape": [m, k, n], "dtype": dtype, "lowrank": None, "ptx_decode": target.ptx}
 
     def run():
         w = rng.integers(-1, 2, (k, n)).astype(np.int8)
@@ -319,10 +319,14 @@ def _ternary_case(rng, i: int, hi: int, target) -> dict:
 
 
 def device_target():
-    """The kernel target of this process's backend (CPU: the GPU structure, interpreted)."""
-    from pallas_kernels.platforms import GPU, TPU, Target  # lazy: section child
+    """The kernel target of this process's backend, as ``per_platform`` picks it (CUDA: Triton with the
+    inline-PTX decode; ROCm: plain Triton; CPU: the GPU structure, interpreted)."""
+    from pallas_kernels.platforms import CUDA, GPU, TPU, Target  # lazy: section child
 
-    return {"gpu": GPU, "tpu": TPU}.get(jax.default_backend(), Target("gpu", interpret=True))
+    backend = jax.default_backend()
+    if backend == "gpu":
+        return CUDA if "cuda" in jax.devices()[0].client.platform_version.lower() else GPU
+    return {"tpu": TPU}.get(backend, Target("gpu", interpret=True))
 
 
 def correctness(spec: dict, smoke: bool, seed: int = 0) -> list[dict]:

@@ -21,7 +21,8 @@ ptxas for ``sm_90a`` — and the cubin is read back:
 
 Writes ``<out>/<label>.json`` and ``<out>/<label>.md`` (one row per kernel call). Shapes: SL at the
 1B MLP (2048 tokens, 2048×5461 and 5461×2048, r = 512, δ = 0.03, bf16); ternary GEMV (1 token)
-and GEMM (256 tokens) at 4096×11008, bf16 activations.
+and GEMM (256 tokens) at 4096×11008, bf16 and int8 activations, and the GEMMs once more with the
+shift-and-mask decode that ROCm and the interpreter run instead of the inline PTX.
 """
 
 from __future__ import annotations
@@ -42,14 +43,15 @@ import jax
 import jax.numpy as jnp
 from _report import markdown_table
 
-from pallas_kernels.lowering import TRITON_CALL, export_for
+from pallas_kernels.lowering import export_for, triton_kernels
 
 HERE = Path(__file__).resolve().parent
 ARCH = 90  # Hopper: Triton compiles capability 9.0 for sm_90a
 OPS = {
-    "mma": re.compile(r"^(HGMMA|HMMA|IMMA|WGMMA)"),
+    "mma": re.compile(r"^(HGMMA|IGMMA|HMMA|IMMA|WGMMA)"),
     "cvt": re.compile(r"^(I2F|F2I|F2F|I2FP|F2FP|I2I)"),
     "lop3": re.compile(r"^LOP3"),
+    "prmt": re.compile(r"^PRMT"),
     "ldg": re.compile(r"^(LDG|LDGSTS|UTMALDG)"),
     "lds": re.compile(r"^(LDS|LDSM)"),
     "sts": re.compile(r"^STS"),
@@ -87,13 +89,27 @@ def sl_case(k: int, n: int, m: int = 2048, rank: int = 512, density: float = 0.0
     return fwd_bwd, args, {"inner_trips": blk.chunks, "blocks": blk._asdict()}
 
 
-def ternary_case(m: int, k: int = 4096, n: int = 11008) -> tuple[Callable, list, dict]:
+def ternary_case(
+    m: int, k: int = 4096, n: int = 11008, dtype=jnp.bfloat16, ptx: bool = True
+) -> tuple[Callable, list, dict]:
+    """The packed ternary matmul at ``m`` tokens: bf16 activations, or int8 ones with their per-row scale.
+
+    ``ptx``: the kernel as CUDA runs it (inline-PTX decode); ``False``: the same kernel with the
+    shift-and-mask decode every other backend runs, compiled for sm_90a for comparison.
+    """
     from pallas_kernels.platforms import GPU  # lazy: when a kernel is compiled
     from pallas_kernels.ternary_matmul import choose_blocks, packed_rows, ternary_matmul  # lazy: likewise
+    from pallas_kernels.ternary_matmul.kernel import _pallas_on  # lazy: likewise
 
-    args = [jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((packed_rows(k), n), jnp.uint8)]
-    blk = choose_blocks(GPU, m, packed_rows(k), n, 2)
-    return lambda x, p: ternary_matmul(x, p, 0.02, k=k, implementation="pallas"), args, {"blocks": blk._asdict()}
+    args = [jax.ShapeDtypeStruct((m, k), dtype), jax.ShapeDtypeStruct((packed_rows(k), n), jnp.uint8)]
+    blk = choose_blocks(GPU, m, packed_rows(k), n, jnp.dtype(dtype).itemsize)
+    x_scale = jnp.full((m,), 0.01, jnp.float32) if dtype == jnp.int8 else None
+    if ptx:
+        fn = lambda x, p: ternary_matmul(x, p, 0.02, k=k, x_scale=x_scale, implementation="pallas")
+    else:
+        rowscale = jnp.full((m,), 0.02, jnp.float32) * (1.0 if x_scale is None else x_scale)
+        fn = lambda x, p: _pallas_on(GPU, k, jnp.bfloat16, None, x, p, rowscale)
+    return fn, args, {"blocks": blk._asdict()}
 
 
 CASES: dict[str, Callable[[], tuple[Callable, list, dict]]] = {
@@ -101,46 +117,11 @@ CASES: dict[str, Callable[[], tuple[Callable, list, dict]]] = {
     "sl 5461x2048 M=2048": lambda: sl_case(5461, 2048),
     "ternary gemv 4096x11008 M=1": lambda: ternary_case(1),
     "ternary gemm 4096x11008 M=256": lambda: ternary_case(256),
+    "ternary gemv int8 4096x11008 M=1": lambda: ternary_case(1, dtype=jnp.int8),
+    "ternary gemm int8 4096x11008 M=256": lambda: ternary_case(256, dtype=jnp.int8),
+    "ternary gemm 4096x11008 M=256, shift-and-mask decode": lambda: ternary_case(256, ptx=False),
+    "ternary gemm int8 4096x11008 M=256, shift-and-mask decode": lambda: ternary_case(256, dtype=jnp.int8, ptx=False),
 }
-
-
-# --- lowering: the Triton calls of an exported module ------------------------------------------------
-
-
-def triton_calls(fn: Callable, args: list) -> list[dict]:
-    """Each Triton kernel call of ``fn`` lowered for cuda: name, grid, num_warps, num_stages, TTIR text."""
-    from jax._src.interpreters import mlir as jmlir
-    from jax._src.lib.mlir import ir
-    from jax._src.lib.triton import dialect as tt_dialect
-
-    exported = export_for(fn, "cuda", *args)
-    ctx = jmlir.make_ir_context()
-    tt_dialect.register_dialect(ctx)
-    calls = []
-    with ctx:
-        module = ir.Module.parse(exported.mlir_module())
-
-        def walk(op):
-            for region in op.regions:
-                for block in region.blocks:
-                    for inner in block.operations:
-                        target = inner.attributes["call_target_name"] if "call_target_name" in inner.attributes else ""
-                        if inner.operation.name == "stablehlo.custom_call" and TRITON_CALL in str(target):
-                            cfg = ir.DictAttr(inner.attributes["mhlo.backend_config"])
-                            kernel = ir.Module.parse(ir.StringAttr(cfg["ir"]).value_bytes)
-                            calls.append(
-                                {
-                                    "name": ir.StringAttr(cfg["name"]).value,
-                                    "grid": [ir.IntegerAttr(cfg[f"grid_{a}"]).value for a in "xyz"],
-                                    "num_warps": ir.IntegerAttr(cfg["num_warps"]).value,
-                                    "num_stages": ir.IntegerAttr(cfg["num_stages"]).value,
-                                    "ttir": kernel.operation.get_asm(enable_debug_info=False),
-                                }
-                            )
-                        walk(inner.operation)
-
-        walk(module.operation)
-    return calls
 
 
 # --- Triton: TTIR -> cubin for sm_90a ------------------------------------------------------------------
@@ -277,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TRITON_CACHE_DIR", str(Path(tmp) / "cache"))
         for case in args.cases or CASES:
             fn, fargs, meta = CASES[case]()
-            for call in triton_calls(fn, fargs):
+            for call in triton_kernels(export_for(fn, "cuda", *fargs)):
                 row = {"case": case, "blocks": meta.get("blocks")} | report_call(call, meta, Path(tmp))
                 rows.append(row)
                 step = row["per_step"] or {}
@@ -310,7 +291,7 @@ def _commit() -> str:
 def table(result: dict) -> str:
     header = (
         "case | kernel | grid | warps | stages | registers | spill ops | shared (B) | SASS instrs"
-        " | per step | mma / step | cvt / step | lop3 / step | inner loops × trips"
+        " | per step | mma / step | cvt / step | lop3 / step | prmt / step | inner loops × trips"
     )
     cells = []
     for r in result["rows"]:
@@ -320,7 +301,7 @@ def table(result: dict) -> str:
         cells.append(
             [r["case"], r["kernel"], "×".join(map(str, r["grid"])), r["num_warps"], r["num_stages"], r["registers"]]
             + [r["spill_ops"], r["triton_shared_bytes"], r["sass_instructions"], s.get("instructions", "-")]
-            + [ops.get("mma", "-"), ops.get("cvt", "-"), ops.get("lop3", "-"), inner]
+            + [ops.get("mma", "-"), ops.get("cvt", "-"), ops.get("lop3", "-"), ops.get("prmt", "-"), inner]
         )
     head = f"SASS of the Triton kernels ({result['label']}): jax {result['jax_version']}"
     head += f", triton {result['triton_version']}"

@@ -24,6 +24,8 @@ Every op package (``sl_matmul``, ``ternary_matmul``) holds exactly these modules
 
 Where an op has one, also:
 
+``decode.py`` (optional)
+    Unpacking compressed weights inside a tile, per backend (inline PTX where Triton compiles for CUDA).
 ``mosaic_gpu.py`` (optional)
     A Pallas Mosaic GPU port of the kernel for Hopper, run when named (``implementation='mosaic_gpu'``).
 

@@ -88,3 +88,40 @@ def kernel_calls(exported: export.Exported) -> list[str]:
             names = [n for n in re.findall(r"\\00(\w+)_mosaic_gpu\\00", line) if n != MOSAIC_GPU_DIALECT]
             calls.append(names[0] if names else "?")
     return calls
+
+
+def triton_kernels(exported: export.Exported) -> list[dict[str, Any]]:
+    """Each Triton kernel call of a module exported for ``cuda``, in order: ``name``, ``grid`` (x, y, z),
+    ``num_warps``, ``num_stages`` and ``ttir``, the kernel's Triton IR as text (the call carries it as
+    MLIR bytecode; jaxlib's Triton dialect reads it back)."""
+    from jax._src.interpreters import mlir as jmlir  # lazy: only what reads Triton IR needs these
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.triton import dialect as tt_dialect
+
+    ctx = jmlir.make_ir_context()
+    tt_dialect.register_dialect(ctx)
+    calls: list[dict[str, Any]] = []
+    with ctx:
+
+        def walk(op: Any) -> None:
+            for region in op.regions:
+                for block in region.blocks:
+                    for inner in block.operations:
+                        attrs = inner.attributes
+                        target = str(attrs["call_target_name"]) if "call_target_name" in attrs else ""
+                        if inner.operation.name == "stablehlo.custom_call" and TRITON_CALL in target:
+                            cfg = ir.DictAttr(attrs["mhlo.backend_config"])
+                            kernel = ir.Module.parse(ir.StringAttr(cfg["ir"]).value_bytes)
+                            calls.append(
+                                {
+                                    "name": ir.StringAttr(cfg["name"]).value,
+                                    "grid": [ir.IntegerAttr(cfg[f"grid_{a}"]).value for a in "xyz"],
+                                    "num_warps": ir.IntegerAttr(cfg["num_warps"]).value,
+                                    "num_stages": ir.IntegerAttr(cfg["num_stages"]).value,
+                                    "ttir": kernel.operation.get_asm(enable_debug_info=False),
+                                }
+                            )
+                        walk(inner.operation)
+
+        walk(ir.Module.parse(exported.mlir_module()).operation)
+    return calls

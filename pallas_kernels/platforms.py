@@ -47,21 +47,25 @@ TARGETS = ("gpu", "tpu")
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """Kernel structure and block rules (``name``: ``'gpu'`` or ``'tpu'``); ``interpret``: in the Pallas interpreter."""
+    """Kernel structure and block rules (``name``: ``'gpu'`` or ``'tpu'``); ``interpret``: in the Pallas interpreter;
+    ``ptx``: Triton lowered for CUDA, where a kernel may use inline PTX (not on ROCm, not interpreted)."""
 
     name: str
     interpret: bool = False
+    ptx: bool = False
 
     def __post_init__(self):
         if self.name not in TARGETS:
             raise ValueError(f"target: must be one of {TARGETS}, got {self.name!r}")
+        if self.ptx and (self.name != "gpu" or self.interpret):
+            raise ValueError("target: inline PTX needs the gpu structure, compiled (not interpreted)")
 
     @property
     def tpu(self) -> bool:
         return self.name == "tpu"
 
 
-GPU, TPU = Target("gpu"), Target("tpu")
+GPU, TPU, CUDA = Target("gpu"), Target("tpu"), Target("gpu", ptx=True)
 
 
 def per_platform(
@@ -69,14 +73,14 @@ def per_platform(
 ) -> Any:
     """``build(target)(*args)`` for the platform the surrounding computation is lowered for.
 
-    ``cuda``/``rocm``: the Triton kernel; ``tpu``: the Mosaic TPU kernel; ``cpu``: the ``interpret_as``
-    structure in interpret mode. ``interpret=True`` interprets on every platform (tests, debugging).
+    ``cuda``/``rocm``: the Triton kernel (:data:`CUDA` allows inline PTX); ``tpu``: the Mosaic TPU kernel;
+    ``cpu``: the ``interpret_as`` structure in interpret mode. ``interpret=True`` interprets on every
+    platform (tests, debugging).
     """
     interpreted = Target(interpret_as, interpret=True)
     if interpret:
         return build(interpreted)(*args)
-    gpu = build(GPU)
-    return jax.lax.platform_dependent(*args, cpu=build(interpreted), cuda=gpu, rocm=gpu, tpu=build(TPU))
+    return jax.lax.platform_dependent(*args, cpu=build(interpreted), cuda=build(CUDA), rocm=build(GPU), tpu=build(TPU))
 
 
 def compiler_params(target: Target, *, semantics: Sequence[str] = (), num_warps: int = 4, num_stages: int = 2) -> Any:

@@ -11,13 +11,15 @@ columns ``j·Kq + k0 … j·Kq + k0 + bkq`` (the planar layout of
 so each plane's tile is a plain 2-D block. Weights travel from memory at 2 bits each, 8× less traffic
 than bf16 — the point for memory-bound GEMV (one token) decoding.
 
-Products are exact in the compute dtype: bf16 for bf16 inputs and for int8 inputs (|x| ≤ 128 fits
-bf16's 8-bit significand exactly; bf16 rather than the int8 MXU because TPU v7 has no int8 matmul and
-Triton's int8 dot needs a different accumulator) with float32 accumulation, exact while
-``K·128 < 2²⁴``; float32 inputs multiply in float32 at HIGHEST precision. The per-row scale
-``rowscale = scale · x_scale`` is applied once to the accumulator. Unpacking widens the uint8 bytes
-to int32 first: Mosaic TPU lowers 32-bit integer shifts and masks, and casts integers to floats only
-from signed types, so every step is one it supports.
+Products are exact. bf16 inputs multiply bf16 weights with float32 accumulation, exact while
+``K·128 < 2²⁴``; float32 inputs multiply in float32 at HIGHEST precision. int8 inputs: on GPU an int8 ×
+int8 → int32 product of the activations and the *codes* ``c = w + 1`` ∈ {0, 1, 2}, minus each row's sum
+of activations (``x @ W = x @ C − rowsum(x)``: integers throughout, so the decode needs no subtraction);
+on TPU bf16 (|x| ≤ 128 fits bf16's 8-bit significand exactly; TPU v7 has no int8 matmul). The per-row
+scale ``rowscale = scale · x_scale`` is applied once to the accumulator. Decoding a plane
+(:mod:`pallas_kernels.ternary_matmul.decode`) widens the bytes to int32 for Mosaic TPU (32-bit shifts
+and masks, integer-to-float casts from signed types only) and is inline PTX, four weights per
+instance, in the Triton kernel for CUDA.
 
 Two structures (:mod:`pallas_kernels.platforms`): GPU (Triton, grid ``(M/bm, N/bn)``, a ``fori_loop``
 over the packed rows) and TPU (Mosaic, grid ``(M/bm, N/bn, Kq/bkq)`` with the reduction last and a
@@ -42,31 +44,39 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.platforms import Target, compiler_params
+from pallas_kernels.ternary_matmul.decode import plane
 
 
-def _kernel(
-    x0_ref, x1_ref, x2_ref, x3_ref, w_ref, s_ref, o_ref, *scratch, target: Target, n_red: int, bkq: int, splits: int = 1
-):
-    cd = jnp.float32 if x0_ref.dtype == jnp.float32 else jnp.bfloat16
-    precision = jax.lax.Precision.HIGHEST if cd == jnp.float32 else None
-    planes_x = (x0_ref, x1_ref, x2_ref, x3_ref)
+def _kernel(*refs, target: Target, n_red: int, bkq: int, splits: int, integer: bool, aliased: bool):
+    """One output tile. ``refs``: x planes ×4, packed, rowscale, [row sums of x (``integer``)],
+    [the aliased ``out_init`` (``aliased``), unread], the output, [the TPU accumulator]."""
+    x_refs, w_ref, s_ref = refs[:4], refs[4], refs[5]
+    xsum_ref = refs[6] if integer else None
+    o_ref, scratch = refs[6 + integer + aliased], refs[7 + integer + aliased :]
+    if integer:  # int8 × int8 codes → int32, exact; rowsum(x) subtracted at the end
+        cd, acc_dtype, precision = jnp.int8, jnp.int32, None
+    else:
+        cd = jnp.float32 if x_refs[0].dtype == jnp.float32 else jnp.bfloat16
+        acc_dtype, precision = jnp.float32, jax.lax.Precision.HIGHEST if cd == jnp.float32 else None
 
-    def step(kb):
+    def step(kb, acc):  # each plane's product accumulates into acc (one MMA chain, no separate adds)
         ks = slice(None) if target.tpu else pl.ds(pl.multiple_of(kb * bkq, bkq), bkq)
-        p = w_ref[ks, :].astype(jnp.int32)  # (bkq, bn)
-        acc = 0.0
-        for j, x_ref in enumerate(planes_x):
-            plane = (((p >> (2 * j)) & 3) - 1).astype(cd)
-            acc = acc + jnp.dot(x_ref[:, ks].astype(cd), plane, precision=precision, preferred_element_type=jnp.float32)
+        p = w_ref[ks, :]  # (bkq, bn) uint8
+        for j, x_ref in enumerate(x_refs):
+            w = plane(p, j, cd, codes=integer, ptx=target.ptx)
+            acc = acc + jnp.dot(x_ref[:, ks].astype(cd), w, precision=precision, preferred_element_type=acc_dtype)
         return acc
 
     def finish(acc):
+        if integer:  # split-K: the row sums are subtracted by the first split only
+            xsum = xsum_ref[...] if splits == 1 else jnp.where(pl.program_id(2) == 0, xsum_ref[...], 0)
+            acc = (acc - xsum).astype(jnp.float32)
         o_ref[...] = (acc * s_ref[...]).astype(o_ref.dtype)
 
     if not target.tpu:  # split-K: program (i, j, s) reduces packed-row steps s·n/splits … (s+1)·n/splits
         per = n_red // splits
         base = pl.program_id(2) * per if splits > 1 else 0
-        acc = jax.lax.fori_loop(0, per, lambda kb, acc: acc + step(base + kb), jnp.zeros(o_ref.shape, jnp.float32))
+        acc = jax.lax.fori_loop(0, per, lambda kb, acc: step(base + kb, acc), jnp.zeros(o_ref.shape, acc_dtype))
         finish(acc)
         return
     (acc_ref,) = scratch
@@ -76,16 +86,11 @@ def _kernel(
     def _():
         acc_ref[...] = jnp.zeros_like(acc_ref)
 
-    acc_ref[...] += step(kb)
+    acc_ref[...] = step(kb, acc_ref[...])
 
     @pl.when(kb == n_red - 1)
     def _():
         finish(acc_ref[...])
-
-
-def _aliased_kernel(kernel, *refs):
-    """``kernel`` with the aliased ``out_init`` input (refs[6]) skipped."""
-    kernel(*refs[:6], *refs[7:])
 
 
 def ternary_matmul_pallas_padded(
@@ -109,6 +114,10 @@ def ternary_matmul_pallas_padded(
     so a one-token GEMV has ``splits`` × as many programs to spread over the SMs.
     ``out_init``: a buffer of the output's shape aliased as the output (tests pass one filled with NaN to
     prove every tile is written).
+    int8 ``x`` on GPU: the kernel multiplies the activations by the int8 *codes* ``c = w + 1`` with int32
+    accumulation and subtracts each row's sum once (``x @ W = x @ C − rowsum(x)``, exact; the sums are
+    an extra ``(Mp, 1)`` int32 operand), so decoding needs no subtraction
+    (:mod:`pallas_kernels.ternary_matmul.decode`).
     """
     mp, k4 = x_MpxK4.shape
     kqp, np_ = packed_KqpxNp.shape
@@ -120,7 +129,10 @@ def ternary_matmul_pallas_padded(
     n_red, tpu = kqp // bkq, target.tpu
     if splits < 1 or n_red % splits or (tpu and splits > 1):
         raise ValueError(f"splits: {splits} must divide the {n_red} reduction steps (and be 1 on TPU)")
-    kernel = functools.partial(_kernel, target=target, n_red=n_red, bkq=bkq, splits=splits)
+    integer = x_MpxK4.dtype == jnp.int8 and not tpu
+    kernel = functools.partial(
+        _kernel, target=target, n_red=n_red, bkq=bkq, splits=splits, integer=integer, aliased=out_init is not None
+    )
     if tpu:
         grid = (mp // bm, np_ // bn, n_red)
         x_specs = [pl.BlockSpec((bm, bkq), lambda i, j, kb, p=p: (i, p * n_red + kb)) for p in range(4)]
@@ -142,14 +154,16 @@ def ternary_matmul_pallas_padded(
     out_shape = jax.ShapeDtypeStruct((mp, np_) if splits == 1 else (splits, mp, np_), out_dtype)
     args = [x_MpxK4] * 4 + [packed_KqpxNp, rowscale_Mpx1.astype(jnp.float32)]
     in_specs = [*x_specs, w_spec, s_spec]
+    if integer:
+        args.append(x_MpxK4.astype(jnp.int32).sum(axis=1, keepdims=True))
+        in_specs.append(s_spec)
     aliases = {}
     if out_init is not None:
         if out_init.shape != out_shape.shape or out_init.dtype != out_dtype:
             raise ValueError(f"out_init: expected {out_shape.shape} {out_dtype}, got {out_init.shape} {out_init.dtype}")
-        kernel = functools.partial(_aliased_kernel, kernel)
+        aliases = {len(args): 0}
         args.append(out_init)
         in_specs.append(o_spec)
-        aliases = {6: 0}
     return pl.pallas_call(
         kernel,
         grid=grid,
