@@ -68,9 +68,8 @@ def _kernel(*refs, target: Target, n_red: int, bkq: int, splits: int, integer: b
         return acc
 
     def finish(acc):
-        if integer:  # split-K: the row sums are subtracted by the first split only
-            xsum = xsum_ref[...] if splits == 1 else jnp.where(pl.program_id(2) == 0, xsum_ref[...], 0)
-            acc = (acc - xsum).astype(jnp.float32)
+        if integer:  # each split subtracts the row sums of its own packed rows: its partial is exact
+            acc = (acc - xsum_ref[...]).astype(jnp.float32)
         o_ref[...] = (acc * s_ref[...]).astype(o_ref.dtype)
 
     if not target.tpu:  # split-K: program (i, j, s) reduces packed-row steps s·n/splits … (s+1)·n/splits
@@ -115,9 +114,9 @@ def ternary_matmul_pallas_padded(
     ``out_init``: a buffer of the output's shape aliased as the output (tests pass one filled with NaN to
     prove every tile is written).
     int8 ``x`` on GPU: the kernel multiplies the activations by the int8 *codes* ``c = w + 1`` with int32
-    accumulation and subtracts each row's sum once (``x @ W = x @ C − rowsum(x)``, exact; the sums are
-    an extra ``(Mp, 1)`` int32 operand), so decoding needs no subtraction
-    (:mod:`pallas_kernels.ternary_matmul.decode`).
+    accumulation and subtracts each row's sum (``x @ W = x @ C − rowsum(x)``, exact), so decoding needs
+    no subtraction (:mod:`pallas_kernels.ternary_matmul.decode`). The sums are an extra ``(Mp, splits)``
+    int32 operand, one column per split over that split's packed rows, so every split's partial is exact.
     """
     mp, k4 = x_MpxK4.shape
     kqp, np_ = packed_KqpxNp.shape
@@ -154,9 +153,9 @@ def ternary_matmul_pallas_padded(
     out_shape = jax.ShapeDtypeStruct((mp, np_) if splits == 1 else (splits, mp, np_), out_dtype)
     args = [x_MpxK4] * 4 + [packed_KqpxNp, rowscale_Mpx1.astype(jnp.float32)]
     in_specs = [*x_specs, w_spec, s_spec]
-    if integer:
-        args.append(x_MpxK4.astype(jnp.int32).sum(axis=1, keepdims=True))
-        in_specs.append(s_spec)
+    if integer:  # row sums of x per split: columns j·Kqp + r of split s have r in its range of packed rows
+        args.append(x_MpxK4.astype(jnp.int32).reshape(mp, 4, splits, kqp // splits).sum(axis=(1, 3)))
+        in_specs.append(s_spec if splits == 1 else pl.BlockSpec((bm, 1), lambda i, j, s: (i, s)))
     aliases = {}
     if out_init is not None:
         if out_init.shape != out_shape.shape or out_init.dtype != out_dtype:
