@@ -50,7 +50,8 @@ def relora_ablation_table() -> str:
     """ReLoRA's ablation at tiny scale from the comparison harness's records (experiments/results/sweep).
 
     Every row is a sweep recipe under the same protocol, tuned the same way (its own lr grid, best on
-    validation loss); ratios divide by tuned full-rank AdamW at the same budget. A row the sweep marks
+    validation loss); ratios divide by tuned full-rank AdamW at the same budget, evaluated on the same
+    validation tokens (the sweep's paired ratio). A row the sweep marks
     stale or has not finished says so instead of showing a number.
     """
     recs = _sweep_records()
@@ -60,13 +61,13 @@ def relora_ablation_table() -> str:
         r = recs.get(name)
         if not r or r["stale"] or r["short_ppl"] is None:
             why = "not run" if not r else f"STALE: {'; '.join(r['stale'])}" if r["stale"] else "grid incomplete"
-            rows.append([name, label, restarts, reset, jagged, warm, "-", "-", "-", "-", "-", paper, why])
+            rows.append([name, label, restarts, reset, jagged, warm, "-", "-", "-", "-", "-", "-", paper, why])
             continue
         short_ratio = (
             f"{r['short_ppl'] / base['short_ppl']:.3f}" if base.get("short_ppl") and not base["stale"] else "-"
         )
         full = len(r["long_ppl"]) == len(base.get("long_ppl", [])) > 0 and not base["stale"]
-        long_ratio = f"{statistics.mean(r['long_ppl']) / statistics.mean(base['long_ppl']):.3f}" if full else "-"
+        long_ratio = f"{r['ratio']:.3f}" if full and r.get("ratio") else "-"  # the sweep's: same evaluation
         rows.append(
             [
                 name,
@@ -80,13 +81,14 @@ def relora_ablation_table() -> str:
                 short_ratio,
                 f"{r['pending_runs']} runs pending" if r.get("pending_runs") else _mean_std(r["long_ppl"]),
                 long_ratio,
+                ", ".join(f"{n:,}" for n in r.get("eval_tokens", [])) or "-",
                 paper,
                 ", ".join(r["commits"]),
             ]
         )
     header = (
         "recipe | variant | restarts | reset | jagged lr | warm start | chosen lr | short ppl | ÷ adamw (short)"
-        " | long ppl (mean ± std) | ÷ adamw (long) | paper 130M ppl | commits"
+        " | long ppl (mean ± std) | ÷ adamw (long, same eval) | eval tokens | paper 130M ppl | commits"
     )
     return markdown_table(header, rows)
 
@@ -117,23 +119,24 @@ def sweep_headline_table() -> str:
     """Long-budget perplexity (mean ± std over the seeds), its ratio to AdamW's and the optimizer state of the
     headline methods, from the comparison harness's records (experiments/results/sweep/results.json)."""
     recs = _sweep_records()
-    base = recs.get("adamw", {})
-    base_ok = bool(base.get("long_ppl")) and not base.get("stale")
+    base_ok = not recs.get("adamw", {}).get("stale", True)
     rows = []
     for name, label in HEADLINE:
         r = recs.get(name)
         if not r or r["stale"] or not r["long_ppl"]:
             why = "not run" if not r else "STALE" if r["stale"] else "runs pending"
-            rows.append([label, f"`{name}`", why, "-", "-"])
+            rows.append([label, f"`{name}`", why, "-", "-", "-"])
             continue
-        same = base_ok and r.get("eval_tokens") == base.get("eval_tokens")  # never a ratio across evaluations
-        ratio = f"{statistics.mean(r['long_ppl']) / statistics.mean(base['long_ppl']):.3f}" if same else "-"
+        # the sweep's ratio pairs each row with AdamW evaluated on the same tokens, never across evaluations
+        ratio = f"{r['ratio']:.3f}" if base_ok and r.get("ratio") else "-"
         state = f"{r['optimizer_state_bytes'] / 2**20:.2f} MiB" if r["optimizer_state_bytes"] is not None else "-"
         ppl = _mean_std(r["long_ppl"])
         if r.get("long_ppl_lr") not in (None, r.get("long_lr")):  # the lr check moved it; the new runs are pending
             ppl += f" (lr {r['long_ppl_lr']:g}; at {r['long_lr']:g}: pending)"
-        rows.append([label, f"`{name}`", ppl, ratio, state])
-    return markdown_table("method | recipe | long ppl (mean ± std) | ÷ adamw | optimizer state", rows)
+        evals = ", ".join(f"{n:,}" for n in r.get("eval_tokens", [])) or "-"
+        rows.append([label, f"`{name}`", ppl, ratio, evals, state])
+    header = "method | recipe | long ppl (mean ± std) | ÷ adamw (same eval) | eval tokens | optimizer state"
+    return markdown_table(header, rows)
 
 
 def _copied(name: str):

@@ -768,6 +768,7 @@ def table(sweep: Sweep, names: list[str]) -> tuple[str, dict[str, Any]]:
             long_ppl=long_ppl,
             long_ppl_lr=shown[0].lr if complete else None,  # the grid's lr while the moved runs are pending
             paired=pair.to_dict() if pair else None,
+            ratio=statistics.mean(long_ppl) / base if complete and base else None,  # ÷ baseline, same evaluation
             goal=goal,
             goal_verdict=stats.verdict(pair, goal) if goal else None,
             eval_tokens=eval_tokens,

@@ -77,41 +77,50 @@ def test_relora_ablation_table_comes_from_the_sweep_records(tmp_path, monkeypatc
     def rec(short, long, stale=()):
         return {"chosen_lr": 2e-3, "short_ppl": short, "long_ppl": long, "stale": list(stale), "commits": ["abc12345"]}
 
-    recipes = {"adamw": rec(40.0, [30.0, 32.0, 31.0]), "lora": rec(50.0, [45.0, 45.0, 48.0])}
+    recipes = {"adamw": {**rec(40.0, [30.0, 32.0, 31.0]), "ratio": 1.0, "eval_tokens": [262144]}}
+    recipes["lora"] = {**rec(50.0, [45.0, 45.0, 48.0]), "ratio": 1.484}  # the sweep's, paired on the same tokens
     recipes["relora"] = rec(44.0, [], stale=["code or recipe changed since abc12345"])
     recipes["relora_warm"] = {**rec(55.0, [22.0]), "pending_runs": 2}  # 1 of 3 seeds: no mean ± std yet
     (tmp_path / "results" / "sweep").mkdir(parents=True)
     (tmp_path / "results" / "sweep" / "results.json").write_text(json.dumps({"recipes": recipes}))
     monkeypatch.setattr(make_tables, "HERE", tmp_path)
     rows = {line.split(" | ")[0].lstrip("| "): line for line in make_tables.relora_ablation_table().splitlines()}
-    assert "| 0.002 | 50.00 | 1.250 | 46.00 ± 1.73 | 1.484 | 34.17 | abc12345 |" in rows["lora"]
+    assert "| 0.002 | 50.00 | 1.250 | 46.00 ± 1.73 | 1.484 | - | 34.17 | abc12345 |" in rows["lora"]
     assert rows["relora"].endswith("| 29.77 | STALE: code or recipe changed since abc12345 |")
-    assert "| 55.00 | 1.375 | 2 runs pending | - | 25.04 | abc12345 |" in rows["relora_warm"]
+    assert "| 55.00 | 1.375 | 2 runs pending | - | - | 25.04 | abc12345 |" in rows["relora_warm"]
     assert rows["lora_warm"].endswith("| 25.46 | not run |")
-    assert "| 31.00 ± 1.00 | 1.000 | 23.65 |" in rows["adamw"]
+    assert "| 31.00 ± 1.00 | 1.000 | 262,144 | 23.65 |" in rows["adamw"]
 
 
 def test_sweep_headline_table_from_the_sweep_records(tmp_path, monkeypatch):
     import make_tables
 
-    def rec(long, state=2**21, stale=()):
-        return {"long_ppl": long, "optimizer_state_bytes": state, "stale": list(stale), "pending_runs": 0}
+    def rec(long, state=2**21, stale=(), ratio=None, evals=(32768,)):
+        return {
+            "long_ppl": long,
+            "optimizer_state_bytes": state,
+            "stale": list(stale),
+            "pending_runs": 0,
+            "ratio": ratio,
+            "eval_tokens": list(evals),
+        }
 
-    recipes = {"adamw": rec([30.0, 32.0, 31.0]), "galore": rec([33.0, 33.0, 36.0], 2**20)}
+    recipes = {"adamw": rec([30.0, 32.0, 31.0], ratio=1.0, evals=(262144,))}
+    recipes["galore"] = rec([33.0, 33.0, 36.0], 2**20, ratio=1.097)  # ÷ adamw on the same 32,768 tokens
     recipes["lora"] = rec([40.0], stale=["canary differs from step 3 at abc12345"])
-    recipes["relora"] = {**rec([20.0, 22.0]), "pending_runs": 2, "long_lr": 0.002, "long_ppl_lr": 0.001}
+    recipes["relora"] = {**rec([20.0, 22.0], ratio=0.677), "pending_runs": 2, "long_lr": 0.002, "long_ppl_lr": 0.001}
     recipes["sl"] = {**rec([]), "pending_runs": 3}
-    recipes["fira"] = {**rec([31.0, 31.0]), "eval_tokens": [262144]}  # adamw's have none: no ratio across them
+    recipes["fira"] = rec([31.0, 31.0], evals=(262144,))  # no adamw runs shared with it: no ratio
     (tmp_path / "results" / "sweep").mkdir(parents=True)
     (tmp_path / "results" / "sweep" / "results.json").write_text(json.dumps({"recipes": recipes}))
     monkeypatch.setattr(make_tables, "HERE", tmp_path)
     rows = {line.split(" | ")[1]: line for line in make_tables.sweep_headline_table().splitlines()[2:]}
-    assert rows["`adamw`"] == "| AdamW (full rank) | `adamw` | 31.00 ± 1.00 | 1.000 | 2.00 MiB |"
-    assert rows["`galore`"] == "| GaLore | `galore` | 34.00 ± 1.73 | 1.097 | 1.00 MiB |"
-    assert rows["`lora`"].endswith("| STALE | - | - |") and rows["`sl`"].endswith("| runs pending | - | - |")
-    assert rows["`relora`"].endswith("| 21.00 ± 1.41 (lr 0.001; at 0.002: pending) | 0.677 | 2.00 MiB |")
-    assert rows["`fira`"].endswith("| 31.00 ± 0.00 | - | 2.00 MiB |")
-    assert rows["`bitlinear`"].endswith("| not run | - | - |") and len(rows) == len(make_tables.HEADLINE)
+    assert rows["`adamw`"] == "| AdamW (full rank) | `adamw` | 31.00 ± 1.00 | 1.000 | 262,144 | 2.00 MiB |"
+    assert rows["`galore`"] == "| GaLore | `galore` | 34.00 ± 1.73 | 1.097 | 32,768 | 1.00 MiB |"
+    assert rows["`lora`"].endswith("| STALE | - | - | - |") and rows["`sl`"].endswith("| runs pending | - | - | - |")
+    assert rows["`relora`"].endswith("| 21.00 ± 1.41 (lr 0.001; at 0.002: pending) | 0.677 | 32,768 | 2.00 MiB |")
+    assert rows["`fira`"].endswith("| 31.00 ± 0.00 | - | 262,144 | 2.00 MiB |")
+    assert rows["`bitlinear`"].endswith("| not run | - | - | - |") and len(rows) == len(make_tables.HEADLINE)
 
 
 def test_make_tables_fills_the_readme_and_every_docs_page_with_markers(tmp_path, monkeypatch):

@@ -585,6 +585,21 @@ def test_a_row_never_mixes_evaluations_while_its_seeds_are_re_run(sweep, tmp_pat
     assert after["other"]["paired"]["mean_diff"] == 0.0  # both at 9.0 on the new evaluation, none mixed in
 
 
+def test_a_row_keeps_its_ratio_on_the_evaluation_it_shares_with_a_re_run_baseline(sweep, tmp_path, monkeypatch):
+    """Only the baseline is re-run on more validation tokens: it moves to the new count, and every other row's
+    recorded ratio (the headline and ablation tables read it) still divides by the baseline on the old one."""
+    fake, _, argv = _fake_sweep(sweep, tmp_path, monkeypatch)
+    assert sweep.main(argv) == 0
+    monkeypatch.setattr(sweep, "train", lambda cfg: {**fake(cfg), "final_val_loss": 9.0})
+    base_only = ["base", *argv[1:], "--set", "eval_tokens=65536", "--stage", "long"]
+    assert sweep.main(base_only) == 0 and sweep.main([*argv, "--set", "eval_tokens=65536", "--table-only"]) == 0
+    res = json.loads((tmp_path / "res" / "results.json").read_text())["recipes"]
+    assert res["base"]["eval_tokens"] == [65536] and res["base"]["ratio"] == 1.0
+    mean = lambda losses: sum(map(math.exp, losses)) / len(losses)
+    assert res["other"]["eval_tokens"] == [32768]
+    assert res["other"]["ratio"] == pytest.approx(mean([5.4, 5.41]) / mean([4.9, 4.91]))
+
+
 def test_a_setting_the_record_lacks_matches_only_at_the_presets_value(sweep, tmp_path, monkeypatch, capsys):
     records = sweep.records
     _, _, argv = _fake_sweep(sweep, tmp_path, monkeypatch)
