@@ -9,6 +9,7 @@ them by hand.
 from __future__ import annotations
 
 import json
+import math
 import re
 import statistics
 from pathlib import Path
@@ -139,6 +140,25 @@ def sweep_headline_table() -> str:
     return markdown_table(header, rows)
 
 
+def sweep_comparisons_table() -> str:
+    """The protocol's pairings beyond the baseline (``comparisons`` in experiments/recipes/protocol.yaml), from
+    the comparison harness's records: each row's long runs against another recipe's of the same seeds, on the
+    same validation tokens."""
+    rows = []
+    for name, r in _sweep_records().items():
+        for other, p in (r.get("compared") or {}).items():
+            if p is None:
+                rows.append([f"`{name}`", f"`{other}`", "-", "-", "not both on record", "-", "-"])
+                continue
+            evals = ", ".join(f"{n:,}" for n in sorted({pair[1] for pair in p["pairs"]}))
+            diff = f"{p['mean_diff']:+.4f} ± {p['ci'][1] - p['mean_diff']:.4f}"
+            pval = "-" if p["p"] is None or math.isnan(p["p"]) else "< 0.001" if p["p"] < 0.001 else f"{p['p']:.3f}"
+            ratio = f"{p['ratio']:.3f} ({p['ratio_ci'][0]:.3f}–{p['ratio_ci'][1]:.3f})"
+            rows.append([f"`{name}`", f"`{other}`", str(p["n"]), evals, diff, ratio, pval])
+    header = "recipe | versus | seeds | eval tokens | Δ loss (95% CI) | ppl ratio (95% CI) | p"
+    return markdown_table(header, rows)
+
+
 def _copied(name: str):
     """A table another script wrote into experiments/results/NAME/table.md."""
 
@@ -162,8 +182,13 @@ TABLES = {
     "sweep": _copied("sweep"),
     "galore_gap": _copied("galore_gap"),
     "sweep_headline": sweep_headline_table,
+    "sweep_comparisons": sweep_comparisons_table,
 }
-GENERATED = ("relora_ablation", "sweep_headline")  # made here: also written to experiments/results/NAME.md
+GENERATED = (
+    "relora_ablation",
+    "sweep_headline",
+    "sweep_comparisons",
+)  # made here: also written to experiments/results/NAME.md
 
 
 def fill(text: str, tables: dict[str, str]) -> str:

@@ -122,6 +122,8 @@ class Protocol:
     path: Path
     lr_check: float | None = None  # the long-budget check's step: the chosen lr x 1/lr_check and x lr_check
     goals: dict[str, float] = field(default_factory=dict)  # recipe -> the ppl ratio to the baseline it is held to
+    # recipe -> the other recipes its long runs are also paired with (same seeds, same evaluation)
+    comparisons: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -178,18 +180,31 @@ def load_protocol(path: Path) -> Protocol:
     d = _read_yaml(path)
     required = {"preset", "grid_size", "short_steps", "long_steps", "grid_seed", "seeds", "baseline", "overrides"}
     required |= {"canary_steps"}
-    _expect(d, path, required | {"lr_check", "goals"}, required)
+    _expect(d, path, required | {"lr_check", "goals", "comparisons"}, required)
     goals = d.get("goals") or {}
     if not isinstance(goals, dict) or not all(isinstance(v, int | float) and v > 0 for v in goals.values()):
         raise ConfigError(f"{path}: goals must map recipes to positive perplexity ratios, got {goals!r}")
     goals = {str(k): float(v) for k, v in goals.items()}
+    comparisons = d.get("comparisons") or {}
+    if not isinstance(comparisons, dict) or not all(
+        isinstance(v, list) and v and all(isinstance(o, str) and o != k for o in v) for k, v in comparisons.items()
+    ):
+        raise ConfigError(f"{path}: comparisons must map recipes to lists of other recipes, got {comparisons!r}")
+    comparisons = {str(k): tuple(v) for k, v in comparisons.items()}
     p = Protocol(
-        **{**d, "seeds": tuple(d["seeds"]), "overrides": dict(d["overrides"] or {}), "path": path, "goals": goals}
+        **{
+            **d,
+            "seeds": tuple(d["seeds"]),
+            "overrides": dict(d["overrides"] or {}),
+            "path": path,
+            "goals": goals,
+            "comparisons": comparisons,
+        }
     )
     if p.grid_size < 1 or p.short_steps < 1 or p.long_steps < p.short_steps:
         raise ConfigError(f"{path}: needs grid_size >= 1 and long_steps >= short_steps >= 1")
-    if not p.seeds and (p.lr_check or p.goals):
-        raise ConfigError(f"{path}: seeds: [] (a study: the grid stage only) takes no lr_check and no goals")
+    if not p.seeds and (p.lr_check or p.goals or p.comparisons):
+        raise ConfigError(f"{path}: seeds: [] (a study: the grid stage only) takes no lr_check, goals or comparisons")
     if not 1 <= p.canary_steps <= p.short_steps:
         raise ConfigError(f"{path}: needs 1 <= canary_steps <= short_steps")
     if p.lr_check is not None and not (isinstance(p.lr_check, int | float) and p.lr_check > 1):
@@ -703,6 +718,13 @@ def shown_long(sweep: Sweep, r: Recipe) -> tuple[list[Run], int | None, dict[Run
     return longs, n, found
 
 
+def _long_losses(sweep: Sweep, name: str) -> dict[int, dict[tuple[int, int, str], float]]:
+    """A recipe's long runs (as :func:`shown_long` picks them) as final losses by pair key, for each number of
+    validation tokens at which all of them have a record."""
+    runs = shown_long(sweep, sweep.recipes[name])[0]
+    return {n: _final_losses(found) for n, found in _by_shared_eval_size(sweep, runs).items()}
+
+
 def _baseline(sweep: Sweep) -> dict[int, tuple[float, dict[tuple[int, int, str], float]]]:
     """The baseline's long-budget mean ppl and its final losses by pair key, for each number of validation
     tokens at which all its seeds have a record (its runs as :func:`shown_long` picks them)."""
@@ -712,6 +734,11 @@ def _baseline(sweep: Sweep) -> dict[int, tuple[float, dict[tuple[int, int, str],
         n: (statistics.mean(_ppl(_loss(res)) for res in found.values()), _final_losses(found))
         for n, found in _by_shared_eval_size(sweep, runs).items()
     }
+
+
+def _paired_dict(mine: dict[tuple[int, int, str], float], other: dict[tuple[int, int, str], float]) -> dict | None:
+    p = stats.paired(mine, other) if mine and other else None
+    return p.to_dict() if p else None
 
 
 def _row_runs(sweep: Sweep, r: Recipe) -> tuple[list[Run], float | None, list[Run], list[Run]]:
@@ -758,6 +785,10 @@ def table(sweep: Sweep, names: list[str]) -> tuple[str, dict[str, Any]]:
         is_base = name == sweep.protocol.baseline
         pair = stats.paired(_final_losses(found), base_losses) if complete and base and not is_base else None
         goal = sweep.protocol.goals.get(name)
+        compared = {  # the protocol's other pairings, on this row's evaluation
+            other: _paired_dict(_final_losses(found), _long_losses(sweep, other).get(long_n, {}))
+            for other in sweep.protocol.comparisons.get(name, ())
+        }
         check_txt, check_rec = lr_check_summary(sweep, r)
         rec: dict[str, Any] = {"description": r.description, "grid": [run.lr for run in grid if run.lr]}
         rec.update(
@@ -769,6 +800,7 @@ def table(sweep: Sweep, names: list[str]) -> tuple[str, dict[str, Any]]:
             long_ppl_lr=shown[0].lr if complete else None,  # the grid's lr while the moved runs are pending
             paired=pair.to_dict() if pair else None,
             ratio=statistics.mean(long_ppl) / base if complete and base else None,  # ÷ baseline, same evaluation
+            compared=compared,
             goal=goal,
             goal_verdict=stats.verdict(pair, goal) if goal else None,
             eval_tokens=eval_tokens,
@@ -869,6 +901,13 @@ def paired_text(p: Protocol) -> str:
         f"interval, its exp the ÷ {b} 95% CI (the geometric mean of the seeds' perplexity ratios), p the "
         "two-sided paired t test. A goal (a perplexity ratio) is met only when that CI's upper end is under it, "
         "missed when its lower end is above it, undecided otherwise."
+        + (
+            " The same pairing between the recipes listed under `comparisons` ("
+            + "; ".join(f"{k} with {', '.join(v)}" for k, v in p.comparisons.items())
+            + ") is recorded as each row's `compared`."
+            if p.comparisons
+            else ""
+        )
     )
 
 
@@ -1056,6 +1095,9 @@ def main(argv: list[str] | None = None) -> int:
         recipes = {n: load_recipe(folder / f"{n}.yaml", protocol) for n in known}
         if set(protocol.goals) - set(known):
             raise ConfigError(f"{protocol.path}: goals name unknown recipes {sorted(set(protocol.goals) - set(known))}")
+        named = set(protocol.comparisons).union(*protocol.comparisons.values())
+        if named - set(known):
+            raise ConfigError(f"{protocol.path}: comparisons name unknown recipes {sorted(named - set(known))}")
         for n in names:
             if recipes[n].lr_from and recipes[n].lr_from not in recipes:
                 raise ConfigError(f"{n}: lr_from names unknown recipe {recipes[n].lr_from!r}")

@@ -123,6 +123,20 @@ def test_sweep_headline_table_from_the_sweep_records(tmp_path, monkeypatch):
     assert rows["`bitlinear`"].endswith("| not run | - | - | - |") and len(rows) == len(make_tables.HEADLINE)
 
 
+def test_sweep_comparisons_table_from_the_sweep_records(tmp_path, monkeypatch):
+    import make_tables
+
+    paired = {"n": 3, "pairs": [[s, 262144, "d"] for s in range(3)], "mean_diff": -0.0138, "ci": [-0.05, 0.0224]}
+    paired |= {"ratio": 0.9863, "ratio_ci": [0.9512, 1.0227], "p": 0.2481}
+    recipes = {"q_galore": {"compared": {"galore": paired, "galore8bit": None}}, "adamw": {"compared": {}}}
+    (tmp_path / "results" / "sweep").mkdir(parents=True)
+    (tmp_path / "results" / "sweep" / "results.json").write_text(json.dumps({"recipes": recipes}))
+    monkeypatch.setattr(make_tables, "HERE", tmp_path)
+    lines = make_tables.sweep_comparisons_table().splitlines()
+    assert lines[2] == "| `q_galore` | `galore` | 3 | 262,144 | -0.0138 ± 0.0362 | 0.986 (0.951–1.023) | 0.248 |"
+    assert lines[3] == "| `q_galore` | `galore8bit` | - | - | not both on record | - | - |" and len(lines) == 4
+
+
 def test_make_tables_fills_the_readme_and_every_docs_page_with_markers(tmp_path, monkeypatch):
     import make_tables
 

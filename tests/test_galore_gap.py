@@ -87,7 +87,7 @@ def test_a_study_protocol_runs_its_grid_only(gap, tmp_path, monkeypatch, capsys)
     assert "Study protocol" in (tmp_path / "res" / "table.md").read_text()
     (folder / "protocol.yaml").write_text(protocol + "lr_check: 1.5\n")
     assert sweep.main(argv) == 2
-    assert "seeds: [] (a study: the grid stage only) takes no lr_check and no goals" in capsys.readouterr().err
+    assert "seeds: [] (a study: the grid stage only) takes no lr_check, goals or comparisons" in capsys.readouterr().err
 
 
 def _record(

@@ -600,6 +600,19 @@ def test_a_row_keeps_its_ratio_on_the_evaluation_it_shares_with_a_re_run_baselin
     assert res["other"]["ratio"] == pytest.approx(mean([5.4, 5.41]) / mean([4.9, 4.91]))
 
 
+def test_comparisons_pair_rows_beyond_the_baseline(sweep, tmp_path, monkeypatch, capsys):
+    """A recipe listed under the protocol's ``comparisons`` is paired with each named recipe's long runs exactly
+    as with the baseline's: pairing ``other`` with ``base`` (the baseline) repeats its paired statistics."""
+    _, _, argv = _fake_sweep(sweep, tmp_path, monkeypatch)
+    _write(tmp_path / "recipes", "protocol", PROTOCOL + "comparisons: {other: [base], base: [other]}\n")
+    assert sweep.main(argv) == 0
+    res = json.loads((tmp_path / "res" / "results.json").read_text())["recipes"]
+    assert res["other"]["compared"] == {"base": res["other"]["paired"]}
+    flipped = res["base"]["compared"]["other"]
+    assert flipped["mean_diff"] == pytest.approx(-res["other"]["paired"]["mean_diff"]) and flipped["n"] == 2
+    assert "(other with base; base with other) is recorded as each row's `compared`" in capsys.readouterr().out
+
+
 def test_a_setting_the_record_lacks_matches_only_at_the_presets_value(sweep, tmp_path, monkeypatch, capsys):
     records = sweep.records
     _, _, argv = _fake_sweep(sweep, tmp_path, monkeypatch)
@@ -628,6 +641,9 @@ def test_a_setting_the_record_lacks_matches_only_at_the_presets_value(sweep, tmp
         ("lr_check: fast\n", "lr_check must be a factor > 1"),
         ("goals: {base: -1}\n", "goals must map recipes to positive perplexity ratios"),
         ("goals: {nope: 1.1}\n", "goals name unknown recipes \\['nope'\\]"),
+        ("comparisons: {other: base}\n", "comparisons must map recipes to lists of other recipes"),
+        ("comparisons: {other: [other]}\n", "comparisons must map recipes to lists of other recipes"),
+        ("comparisons: {other: [nope]}\n", "comparisons name unknown recipes \\['nope'\\]"),
         ("lr_checks: 1.5\n", "unknown keys \\['lr_checks'\\]"),
     ],
 )
