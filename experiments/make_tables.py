@@ -52,8 +52,8 @@ def relora_ablation_table() -> str:
 
     Every row is a sweep recipe under the same protocol, tuned the same way (its own lr grid, best on
     validation loss); ratios divide by tuned full-rank AdamW at the same budget, evaluated on the same
-    validation tokens (the sweep's paired ratio). A row the sweep marks
-    stale or has not finished says so instead of showing a number.
+    validation tokens (the sweep's paired ratio). A row the sweep marks stale or has not finished says
+    so instead of showing a number.
     """
     recs = _sweep_records()
     base = recs.get("adamw", {})
@@ -187,11 +187,8 @@ TABLES = {
     "sweep_headline": sweep_headline_table,
     "sweep_comparisons": sweep_comparisons_table,
 }
-GENERATED = (
-    "relora_ablation",
-    "sweep_headline",
-    "sweep_comparisons",
-)  # made here: also written to experiments/results/NAME.md
+# made here: also written to experiments/results/NAME.md
+GENERATED = ("relora_ablation", "sweep_headline", "sweep_comparisons")
 
 
 def fill(text: str, tables: dict[str, str]) -> str:
