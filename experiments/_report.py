@@ -42,6 +42,11 @@ def markdown_table(header: str | Sequence[str], rows: Iterable[Sequence[Any]]) -
     return "\n".join([line(header), "|" + "---|" * len(header), *(line(r) for r in rows)])
 
 
+def counts_text(counts: Iterable[int]) -> str:
+    """Counts as a table cell: ``'32,768, 262,144'``; ``'-'`` for none."""
+    return ", ".join(f"{n:,}" for n in counts) or "-"
+
+
 def write_table(out_dir: str | Path, md: str, name: str = "table.md") -> Path:
     """Write ``md`` plus a final newline to ``out_dir/name`` (creating ``out_dir``); returns the path."""
     path = Path(out_dir) / name

@@ -9,12 +9,12 @@ them by hand.
 from __future__ import annotations
 
 import json
-import math
 import re
 import statistics
 from pathlib import Path
 
-from _report import markdown_table, write_table
+from _report import counts_text, markdown_table, write_table
+from stats import p_text
 
 HERE = Path(__file__).resolve().parent
 README = HERE.parent / "README.md"
@@ -67,8 +67,8 @@ def relora_ablation_table() -> str:
         short_ratio = (
             f"{r['short_ppl'] / base['short_ppl']:.3f}" if base.get("short_ppl") and not base["stale"] else "-"
         )
-        full = len(r["long_ppl"]) == len(base.get("long_ppl", [])) > 0 and not base["stale"]
-        long_ratio = f"{r['ratio']:.3f}" if full and r.get("ratio") else "-"  # the sweep's: same evaluation
+        # the sweep's ratio: set once the row and AdamW have every seed on the same evaluation
+        long_ratio = f"{r['ratio']:.3f}" if r.get("ratio") and not base.get("stale") else "-"
         rows.append(
             [
                 name,
@@ -82,7 +82,7 @@ def relora_ablation_table() -> str:
                 short_ratio,
                 f"{r['pending_runs']} runs pending" if r.get("pending_runs") else _mean_std(r["long_ppl"]),
                 long_ratio,
-                ", ".join(f"{n:,}" for n in r.get("eval_tokens", [])) or "-",
+                counts_text(r.get("eval_tokens", [])),
                 paper,
                 ", ".join(r["commits"]),
             ]
@@ -137,8 +137,7 @@ def sweep_headline_table() -> str:
         ppl = _mean_std(r["long_ppl"])
         if r.get("long_ppl_lr") not in (None, r.get("long_lr")):  # the lr check moved it; the new runs are pending
             ppl += f" (lr {r['long_ppl_lr']:g}; at {r['long_lr']:g}: pending)"
-        evals = ", ".join(f"{n:,}" for n in r.get("eval_tokens", [])) or "-"
-        rows.append([label, f"`{name}`", ppl, ratio, evals, state])
+        rows.append([label, f"`{name}`", ppl, ratio, counts_text(r.get("eval_tokens", [])), state])
     header = "method | recipe | long ppl (mean ± std) | ÷ adamw (same eval) | eval tokens | optimizer state"
     return markdown_table(header, rows)
 
@@ -153,11 +152,10 @@ def sweep_comparisons_table() -> str:
             if p is None:
                 rows.append([f"`{name}`", f"`{other}`", "-", "-", "not both on record", "-", "-"])
                 continue
-            evals = ", ".join(f"{n:,}" for n in sorted({pair[1] for pair in p["pairs"]}))
+            evals = counts_text(sorted({pair[1] for pair in p["pairs"]}))
             diff = f"{p['mean_diff']:+.4f} ± {p['ci'][1] - p['mean_diff']:.4f}"
-            pval = "-" if p["p"] is None or math.isnan(p["p"]) else "< 0.001" if p["p"] < 0.001 else f"{p['p']:.3f}"
             ratio = f"{p['ratio']:.3f} ({p['ratio_ci'][0]:.3f}–{p['ratio_ci'][1]:.3f})"
-            rows.append([f"`{name}`", f"`{other}`", str(p["n"]), evals, diff, ratio, pval])
+            rows.append([f"`{name}`", f"`{other}`", str(p["n"]), evals, diff, ratio, p_text(p["p"])])
     header = "recipe | versus | seeds | eval tokens | Δ loss (95% CI) | ppl ratio (95% CI) | p"
     return markdown_table(header, rows)
 

@@ -73,6 +73,13 @@ class Paired:
         }
 
 
+def p_text(p: float | None) -> str:
+    """A p value as the tables print it: ``'-'`` for none (or NaN), ``'< 0.001'``, else three decimals."""
+    if p is None or math.isnan(p):
+        return "-"
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
 def paired(method: Mapping[Hashable, float], baseline: Mapping[Hashable, float], level: float = LEVEL) -> Paired | None:
     """The paired difference ``method[k] - baseline[k]`` over the keys both have, or None for fewer than two
     pairs or a non-finite loss among them (a diverged run: no interval describes it).

@@ -86,7 +86,7 @@ import canary as canary_lib
 import records
 import stats
 import yaml
-from _report import markdown_table, write_record, write_table
+from _report import counts_text, markdown_table, write_record, write_table
 from make_tables import main as make_tables
 
 from lowrank_jax.config import ConfigError, load_config, to_dict
@@ -698,8 +698,12 @@ def paired_cells(p: stats.Paired | None, n_seeds: int, goal: float | None) -> li
     if p is None:
         return ["-", "-", "-", verdict]
     seeds = "" if p.n == n_seeds else f" ({p.n} seeds)"
-    pval = "-" if math.isnan(p.p) else "< 0.001" if p.p < 0.001 else f"{p.p:.3f}"
-    return [f"{p.mean:+.4f} ± {p.hi - p.mean:.4f}{seeds}", f"{p.ratio_lo:.3f}–{p.ratio_hi:.3f}", pval, verdict]
+    return [
+        f"{p.mean:+.4f} ± {p.hi - p.mean:.4f}{seeds}",
+        f"{p.ratio_lo:.3f}–{p.ratio_hi:.3f}",
+        stats.p_text(p.p),
+        verdict,
+    ]
 
 
 def shown_long(sweep: Sweep, r: Recipe) -> tuple[list[Run], int | None, dict[Run, dict[str, Any]]]:
@@ -728,11 +732,11 @@ def _long_losses(sweep: Sweep, name: str) -> dict[int, dict[tuple[int, int, str]
 def _baseline(sweep: Sweep) -> dict[int, tuple[float, dict[tuple[int, int, str], float]]]:
     """The baseline's long-budget mean ppl and its final losses by pair key, for each number of validation
     tokens at which all its seeds have a record (its runs as :func:`shown_long` picks them)."""
-    baseline = sweep.recipes.get(sweep.protocol.baseline)
-    runs = shown_long(sweep, baseline)[0] if baseline is not None else []
+    if sweep.protocol.baseline not in sweep.recipes:
+        return {}
     return {
-        n: (statistics.mean(_ppl(_loss(res)) for res in found.values()), _final_losses(found))
-        for n, found in _by_shared_eval_size(sweep, runs).items()
+        n: (statistics.mean(_ppl(loss) for loss in losses.values()), losses)
+        for n, losses in _long_losses(sweep, sweep.protocol.baseline).items()
     }
 
 
@@ -827,9 +831,9 @@ def table(sweep: Sweep, names: list[str]) -> tuple[str, dict[str, Any]]:
                 f"{mean:.2f} ± {std:.2f}" if mean else "-",
                 f"{rec['trainable_params'] / 1e6:.2f}M" if ref else "-",
                 f"{rec['optimizer_state_bytes'] / 2**20:.2f} MiB" if ref else "-",
-                f"{mean / base:.3f}" if mean and base else "-",
+                f"{rec['ratio']:.3f}" if rec["ratio"] else "-",
                 *paired_cells(pair, len(sweep.protocol.seeds), goal),
-                ", ".join(f"{n:,}" for n in eval_tokens) or "-",
+                counts_text(eval_tokens),
                 f"{rms:.1f}" if math.isfinite(rms) else "-",
                 f"STALE: {'; '.join(stale)}" if stale else ", ".join(commits + waiting),
             ]
