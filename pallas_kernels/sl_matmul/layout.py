@@ -2,12 +2,19 @@
 
 Support layout (:func:`tile_layout`). The support stays the paper's uniform random set of flat
 indices ``idx`` into the row-major ``(in, out)`` weight (SLTrain: Han et al., NeurIPS 2024, arXiv
-2406.02214); the kernels consume a *view* of it built per call (jittable, one argsort): entries are
-grouped by weight tile ``(k-tile, n-tile)`` of size ``(bk, bn)``, each tile padded to ``P`` slots
-stored as ``P / C`` rows of ``C`` (a *chunk*):
+2406.02214); the kernels consume a *view* of it built per call (jittable): entries are grouped by
+weight tile ``(k-tile, n-tile)`` of size ``(bk, bn)``, in row-major order within their tile, each
+tile padded to ``P`` slots stored as ``P / C`` rows of ``C`` (a *chunk*):
 
     local (Kt, Nt, P/C, C) int32   row_in_tile · bn + col_in_tile,  −1 in padding
     vals  (Kt, Nt, P/C, C)         the values at those slots (0 in padding)
+
+The support is stored ascending (:func:`lowrank_jax.layers.sl_dense.sl_support`), and an ascending
+support is its own layout: the entries of one row of one tile are consecutive, so an entry's slot is
+the count of its tile's entries in the rows above it (one histogram over ``(row, n-tile)`` and a
+prefix sum) plus its offset in its row's run. The view is built without a sort, in ``O(nnz +
+in·Nt)``; a support that is not ascending (the public API accepts any order) is sorted first, under
+``lax.cond``, so only such a call pays for the sort.
 
 The per-tile count is hypergeometric with mean ``μ = nnz·bk·bn/(in·out)``; ``P`` is
 ``min(bk·bn, nnz, μ + 7√μ + 16)`` rounded up to a multiple of ``C``
@@ -42,22 +49,31 @@ class TileLayout(NamedTuple):
 
 
 def tile_layout(idx: jax.Array, k: int, n: int, blk: Blocks) -> TileLayout:
-    """Group the flat support ``idx`` of a row-major ``(k, n)`` matrix by ``(bk, bn)`` tile (module doc)."""
+    """Group the flat support ``idx`` of a row-major ``(k, n)`` matrix by ``(bk, bn)`` tile (module doc).
+
+    No sort when ``idx`` is ascending (the stored support); any other order is sorted first.
+    """
     bk, bn, p = blk.bk, blk.bn, blk.slots
     kt, nt, nnz = -(-k // bk), -(-n // bn), idx.shape[0]
     idx = idx.astype(jnp.int32)
-    row, col = idx // n, idx % n
-    tile = (row // bk) * nt + col // bn
-    order = jnp.argsort(tile, stable=True)
-    counts = jnp.bincount(tile, length=kt * nt)
-    starts = jnp.cumsum(counts) - counts
-    rank_sorted = jnp.arange(nnz, dtype=jnp.int32) - starts[tile[order]].astype(jnp.int32)
-    rank = jnp.zeros_like(idx).at[order].set(rank_sorted)
+    pos = jnp.arange(nnz, dtype=jnp.int32)
+    ascending = jnp.all(idx[1:] > idx[:-1])
+    order = jax.lax.cond(ascending, lambda i: pos, lambda i: jnp.argsort(i).astype(jnp.int32), idx)
+    sidx = jnp.take(idx, order)
+    row, col = sidx // n, sidx % n
+    run = row * nt + col // bn  # (row, n-tile): consecutive in ascending order
+    per_row = jnp.bincount(run, length=kt * bk * nt).reshape(kt, bk, nt)
+    above = (jnp.cumsum(per_row, axis=1) - per_row).reshape(-1)  # the tile's entries in rows above
+    starts = jnp.concatenate([jnp.ones((1,), bool), run[1:] != run[:-1]])
+    offset = pos - jax.lax.cummax(jnp.where(starts, pos, 0))  # position in the row's run
+    rank = above[run].astype(jnp.int32) + offset
     total = kt * nt * p
-    spilled = rank >= p
-    slot = jnp.where(spilled, total, tile * p + rank)
+    tile = (row // bk) * nt + col // bn
+    slot_sorted = jnp.where(rank >= p, total, tile * p + rank)
     local = (row % bk) * bn + col % bn
-    local_flat = jnp.full((total,), -1, jnp.int32).at[slot].set(local, mode="drop")
+    local_flat = jnp.full((total,), -1, jnp.int32).at[slot_sorted].set(local, mode="drop")
+    slot = jnp.zeros_like(idx).at[order].set(slot_sorted)
+    spilled = slot == total
     (spill,) = jnp.nonzero(spilled, size=min(nnz, SPILL), fill_value=nnz)
     n_spill = jnp.sum(spilled, dtype=jnp.int32)
     return TileLayout(local_flat.reshape(kt, nt, blk.chunks, blk.chunk), slot, spill.astype(jnp.int32), n_spill)

@@ -178,21 +178,70 @@ def test_reference_matches_float64_numpy():
     np.testing.assert_allclose(y, np.asarray(x, np.float64) @ w, rtol=1e-5, atol=1e-5)
 
 
-def test_tile_layout_places_every_entry_once():
+def _numpy_ranks(idx: np.ndarray, k: int, n: int, bk: int, bn: int) -> dict[int, tuple[int, int]]:
+    """Each entry's (tile, rank) by the definition: its row-major tile, then its place in row-major order
+    within the tile."""
+    nt = -(-n // bn)
+    out, seen = {}, {}
+    for v in sorted(int(i) for i in idx):
+        r, c = divmod(v, n)
+        t = (r // bk) * nt + c // bn
+        out[v] = (t, seen.get(t, 0))
+        seen[t] = seen.get(t, 0) + 1
+    return out
+
+
+@pytest.mark.parametrize("order", ["ascending", "shuffled"])
+def test_tile_layout_places_every_entry_once(order):
     rng = np.random.default_rng()
     k, n, bk, bn = 45, 70, 16, 32
-    idx = rng.choice(k * n, 400, replace=False).astype(np.int32)
+    idx = np.sort(rng.choice(k * n, 400, replace=False)).astype(np.int32)
+    if order == "shuffled":
+        idx = rng.permutation(idx)
     lay = tile_layout(jnp.asarray(idx), k, n, Blocks(16, bk, bn, 128, 32, 16, 16))
     local, slot = np.asarray(lay.local), np.asarray(lay.slot)
     kt, nt = -(-k // bk), -(-n // bn)
     assert local.shape == (kt, nt, 4, 32) and int(lay.n_spill) == 0
-    assert len(np.unique(slot)) == 400
+    want = _numpy_ranks(idx, k, n, bk, bn)
+    np.testing.assert_array_equal(slot, [want[int(v)][0] * 128 + want[int(v)][1] for v in idx])
     t, s = np.divmod(slot, 128)
     ti, tj = np.divmod(t, nt)
     lr, lc = np.divmod(local.reshape(kt, nt, 128)[ti, tj, s], bn)
     np.testing.assert_array_equal(ti * bk + lr, idx // n)
     np.testing.assert_array_equal(tj * bn + lc, idx % n)
     assert np.sum(local >= 0) == 400  # everything else is padding
+
+
+@pytest.mark.parametrize("order", ["ascending", "shuffled"])
+def test_tile_layout_spills_the_entries_past_their_tiles_slots(order):
+    rng = np.random.default_rng()
+    k, n, bk, bn, p = 40, 40, 16, 16, 16
+    idx = np.sort(rng.choice(k * n, 320, replace=False)).astype(np.int32)
+    if order == "shuffled":
+        idx = rng.permutation(idx)
+    lay = tile_layout(jnp.asarray(idx), k, n, Blocks(16, bk, bn, p, 16, 16, 16))
+    want = _numpy_ranks(idx, k, n, bk, bn)
+    spilled = np.array([want[int(v)][1] >= p for v in idx])
+    assert spilled.any()
+    np.testing.assert_array_equal(np.asarray(lay.slot) == 9 * p, spilled)
+    assert int(lay.n_spill) == spilled.sum()
+    np.testing.assert_array_equal(np.asarray(lay.spill)[: spilled.sum()], np.nonzero(spilled)[0])
+    kept = ~spilled
+    np.testing.assert_array_equal(
+        np.asarray(lay.slot)[kept], [want[int(v)][0] * p + want[int(v)][1] for v in idx[kept]]
+    )
+
+
+def test_an_ascending_support_is_laid_out_without_a_sort():
+    """The stored support is ascending: the only sort in the layout sits in the ``cond`` branch that an
+    ascending support never takes; the branch taken is the identity order."""
+    blk = Blocks(16, 16, 16, 32, 16, 16, 16)
+    idx = jnp.arange(0, 1600, 7, dtype=jnp.int32)
+    jaxpr = jax.make_jaxpr(lambda i: tile_layout(i, 40, 40, blk))(idx)
+    assert str(jaxpr).count(" sort[") == 1  # the one in the cond
+    (cond,) = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "cond"]
+    sorts = [" sort[" in str(br) for br in cond.params["branches"]]
+    assert sorts == [True, False]  # branch 1 (ascending) sorts nothing
 
 
 def test_choose_blocks_slot_bound():
