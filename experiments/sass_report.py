@@ -22,7 +22,9 @@ ptxas for ``sm_90a`` — and the cubin is read back:
 Writes ``<out>/<label>.json`` and ``<out>/<label>.md`` (one row per kernel call). Shapes: SL at the
 1B MLP (2048 tokens, 2048×5461 and 5461×2048, r = 512, δ = 0.03, bf16); ternary GEMV (1 token)
 and GEMM (256 tokens) at 4096×11008, bf16 and int8 activations, and the GEMMs once more with the
-shift-and-mask decode that ROCm and the interpreter run instead of the inline PTX.
+shift-and-mask decode that ROCm and the interpreter run instead of the inline PTX; and a plain bf16
+Pallas matmul on the SL forward's grid and blocks (:func:`tile_matmul_case`), the tile matmul that the
+SL kernels' sparse part is measured against.
 """
 
 from __future__ import annotations
@@ -89,6 +91,47 @@ def sl_case(k: int, n: int, m: int = 2048, rank: int = 512, density: float = 0.0
     return fwd_bwd, args, {"inner_trips": blk.chunks, "blocks": blk._asdict()}
 
 
+def tile_matmul_case(k: int, n: int, m: int = 2048, rank: int = 512, density: float = 0.03):
+    """The SL forward's tile matmul alone: a plain bf16 Pallas matmul on the SL forward's grid, blocks,
+    warps and stages whose W tiles are loaded from memory instead of built. The SL forward's
+    instructions per step beyond this kernel's are what building the sparse tile costs."""
+    from jax.experimental import pallas as pl  # lazy: when a kernel is compiled
+
+    from pallas_kernels.platforms import GPU, compiler_params, round_up  # lazy: likewise
+    from pallas_kernels.sl_matmul.blocks import choose_blocks  # lazy: likewise
+    from pallas_kernels.sl_matmul.kernel import KernelConfig  # lazy: likewise
+
+    blk = choose_blocks(GPU, m, k, n, round(density * k * n), rank, 2, KernelConfig())
+    bm, bk, bn = blk.bm, blk.bk, blk.bn
+    kp, np_ = round_up(k, bk), round_up(n, bn)
+
+    def kernel(steps_ref, x_ref, w_ref, o_ref):
+        def step(t, acc):
+            ks = pl.ds(pl.multiple_of(t * bk, bk), bk)
+            return acc + jnp.dot(x_ref[:, ks], w_ref[ks, :], preferred_element_type=jnp.float32)
+
+        # the trip count read at run time, so that the loop stays a loop (a constant one is unrolled)
+        acc = jax.lax.fori_loop(0, steps_ref[0], step, jnp.zeros((bm, bn), jnp.float32))
+        o_ref[...] = acc.astype(o_ref.dtype)
+
+    fn = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((m, np_), jnp.bfloat16),
+        grid=(m // bm, np_ // bn),
+        in_specs=[
+            pl.BlockSpec((1,), lambda i, j: (0,)),
+            pl.BlockSpec((bm, kp), lambda i, j: (i, 0)),
+            pl.BlockSpec((kp, bn), lambda i, j: (0, j)),
+        ],
+        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+        compiler_params=compiler_params(GPU, num_warps=blk.num_warps, num_stages=2),
+        name="tile_matmul",
+    )
+    steps = jnp.full((1,), kp // bk, jnp.int32)
+    args = [jax.ShapeDtypeStruct((m, kp), jnp.bfloat16), jax.ShapeDtypeStruct((kp, np_), jnp.bfloat16)]
+    return lambda x, w: fn(steps, x, w), args, {"blocks": blk._asdict()}
+
+
 def ternary_case(
     m: int, k: int = 4096, n: int = 11008, dtype=jnp.bfloat16, ptx: bool = True
 ) -> tuple[Callable, list, dict]:
@@ -115,6 +158,7 @@ def ternary_case(
 CASES: dict[str, Callable[[], tuple[Callable, list, dict]]] = {
     "sl 2048x5461 M=2048": lambda: sl_case(2048, 5461),
     "sl 5461x2048 M=2048": lambda: sl_case(5461, 2048),
+    "bf16 tile matmul at the sl blocks, 2048x5461 M=2048": lambda: tile_matmul_case(2048, 5461),
     "ternary gemv 4096x11008 M=1": lambda: ternary_case(1),
     "ternary gemm 4096x11008 M=256": lambda: ternary_case(256),
     "ternary gemv int8 4096x11008 M=1": lambda: ternary_case(1, dtype=jnp.int8),
