@@ -12,16 +12,18 @@ rewritten after every section, so a run cut short still leaves everything measur
 process never starts the accelerator's backend (each child owns the device alone and frees it).
 
 Sections, in this order (most important first), with the time each is planned to take on one H100
-(``FULL[...]["estimate_s"]``: the child's start included; they total 415 s):
+(``FULL[...]["estimate_s"]``: the child's start included; they total 420 s):
 
 1. ``ceilings`` (25 s) — what this device does at all: device copy bandwidth (read + write of 1 GiB)
    and bf16 GEMM TFLOP/s at the shapes the other sections use. Other sections report a % of these.
 2. ``correctness`` (40 s) — the Pallas kernels against their references on random shapes (mostly not
    multiples of any block), every output poisoned with NaN before the kernel writes it, float32 matmuls.
-3. ``sl_matmul`` (60 s) — forward and forward + backward at the 1B MLP shapes 2048×5461 and 5461×2048,
+3. ``sl_matmul`` (65 s) — forward and forward + backward at the 1B MLP shapes 2048×5461 and 5461×2048,
    r = 512, δ = 0.03, bf16 x, 2048 tokens: the paper's path (W materialised in float32, ``xla``), W
    materialised in bf16 and multiplied by the default GEMM (``bf16w``, the official SLTrain code's
-   path), the fused kernels (``pallas``); each variant's error against the reference at these shapes.
+   path), the fused Triton kernels (``pallas``) and their Mosaic GPU port (``mosaic_gpu``, GPU only; not
+   in the ``--smoke`` rehearsal, where it would run Mosaic GPU's slow interpreter); each variant's
+   error against the reference at these shapes.
 4. ``ternary`` (35 s) — the packed ternary GEMV (1 token) and GEMM (256 tokens) vs a bf16 matmul at
    4096×11008, the Triton kernel and its Mosaic GPU port timed side by side; bandwidth as % of the in-run
    copy bandwidth and of the datasheet HBM peak; error vs float64.
@@ -82,8 +84,8 @@ FULL: dict[str, dict[str, Any]] = {
     "ceilings": {"estimate_s": 25, "copy_bytes": GIB, "gemms": [(2048, 2048, 5461), (2048, 5461, 2048)]}
     | {"gemm_train": (8192, 2048, 5461), "reps": 20},
     "correctness": {"estimate_s": 40, "cases": 6, "hi": 700},
-    "sl_matmul": {"estimate_s": 60, "shapes": [(2048, 5461), (5461, 2048)], "rank": 512, "density": 0.03}
-    | {"tokens": 2048, "reps": 10, "variants": ["xla", "bf16w", "pallas"]},
+    "sl_matmul": {"estimate_s": 65, "shapes": [(2048, 5461), (5461, 2048)], "rank": 512, "density": 0.03}
+    | {"tokens": 2048, "reps": 10, "variants": ["xla", "bf16w", "pallas", "mosaic_gpu"]},
     "ternary": {"estimate_s": 35, "k": 4096, "n": 11008, "tokens": [1, 256], "reps": 50},
     "train_llama_1b_adamw": {"estimate_s": 75, "config": "llama_1b", "method": "adamw", "overrides": _1B}
     | {"steps": 5, "warmup": 2},
@@ -394,8 +396,12 @@ def sl_matmul_rows(spec: dict, smoke: bool) -> list[dict]:
         with jax.default_matmul_precision("float32"):  # the reference: float32 operands, float32 matmuls
             want = jax.jit(f32)(x.astype(jnp.float32), a, b, values, idx, dy.astype(jnp.float32))
         for variant in spec["variants"]:
+            row = {"shape": [k, n], "tokens": m, "rank": rank, "variant": variant}
+            if variant == "mosaic_gpu" and jax.default_backend() == "tpu":
+                rows.append(row | {"skipped": "GPU only"})
+                continue
             run = lambda v=variant, s=sets, w=want: _sl_variant_row(v, scale, s, w, spec["reps"])
-            rows.append(guarded(run, shape=[k, n], tokens=m, rank=rank, variant=variant))
+            rows.append(guarded(run, **row))
     return rows
 
 

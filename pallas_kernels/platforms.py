@@ -9,11 +9,12 @@ Every kernel in this package is written once, for two *targets* that share its t
   ``num_stages`` and only one iteration's tiles live in shared memory. Mosaic GPU instead copies every
   BlockSpec block into shared memory by TMA (≤ 256 elements per dimension, 227 KiB in all on H100: these
   kernels' blocks there fail with "Async copies only support copying <=256 elements" and "kernel
-  exceeds available shared memory"), lowers only for sm_90a (no A100, no ROCm) and supports fewer of the
-  integer/one-hot elementwise ops the kernels use. Triton runs on Ampere, Hopper and ROCm alike. The
-  ternary matmul also has a Mosaic GPU port for Hopper, written as a ``plgpu.kernel`` whose
-  ``plgpu.emit_pipeline`` brings one reduction step's tiles into shared memory at a time
-  (:mod:`pallas_kernels.ternary_matmul.mosaic_gpu`); it runs when named (``implementation='mosaic_gpu'``).
+  exceeds available shared memory") and lowers only for sm_90a (no A100, no ROCm); its register layouts
+  must be inferred or annotated, which jax 0.10 cannot do for the SL kernels' one-hot operands. Triton
+  runs on Ampere, Hopper and ROCm alike. Both ops also have a Mosaic GPU port for Hopper, each a
+  ``plgpu.kernel`` whose ``plgpu.emit_pipeline`` brings one reduction step's tiles into shared memory at a
+  time (:mod:`pallas_kernels.ternary_matmul.mosaic_gpu`, :mod:`pallas_kernels.sl_matmul.mosaic_gpu`); they
+  run when named (``implementation='mosaic_gpu'``).
 * ``tpu`` — Pallas → **Mosaic TPU** (``pltpu.CompilerParams(dimension_semantics=...)``). The reduction is
   the last grid axis (``"arbitrary"``) with a float32 VMEM scratch accumulator, so Pallas double-buffers
   each step's blocks HBM → VMEM and VMEM use does not grow with the problem; blocks obey the (8, 128)
@@ -94,6 +95,18 @@ def compiler_params(target: Target, *, semantics: Sequence[str] = (), num_warps:
     if target.tpu:
         return pltpu.CompilerParams(dimension_semantics=tuple(semantics))
     return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def mosaic_gpu_interpret_params() -> Any:
+    """The Mosaic GPU interpreter's parameters (public from jax 0.11, private before)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu  # lazy: only the Mosaic GPU ports need it
+
+    try:
+        return plgpu.InterpretGPUParams()
+    except AttributeError:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+        return InterpretGPUParams()
 
 
 def pow2_at_least(n: int, lo: int = 1) -> int:

@@ -20,6 +20,10 @@ and cast to ``x.dtype`` for the matmul, accumulated in float32.
   code's path), which the compiled kernels' SASS predicts faster (:data:`GPU_AUTO`) until a device
   measurement says otherwise; ``'xla'`` on CPU. Each decision is recorded and an accelerator's XLA
   path is announced once on stderr (:mod:`pallas_kernels.selection`).
+* ``'mosaic_gpu'`` — only when named: the sparse products on Pallas Mosaic GPU kernels for Hopper
+  (:mod:`pallas_kernels.sl_matmul.mosaic_gpu`; bfloat16 ``x``), the low-rank products in XLA and dvalues on
+  the Triton kernel. ``interpret`` is decided when the call is traced: ``None`` interprets when the default
+  backend is the CPU; ``False`` on a CPU machine gives the kernels themselves, to lower for ``cuda``.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import selection
 from pallas_kernels.selection import IMPLEMENTATIONS, check_implementation, choose, signature
+from pallas_kernels.sl_matmul import mosaic_gpu
 from pallas_kernels.sl_matmul.kernel import KernelConfig, sl_matmul_pallas
 from pallas_kernels.sl_matmul.xla import sl_matmul_bf16w, sl_matmul_xla
 
@@ -87,8 +92,8 @@ def sl_matmul(
     interpret_as: str = "gpu",
 ) -> jax.Array:
     """``y = x @ (A B · scale + S)``; see the module docstring. Block sizes (None: per backend and shape),
-    slots, lowrank, interpret and interpret_as: pallas only
-    (:class:`~pallas_kernels.sl_matmul.kernel.KernelConfig`)."""
+    lowrank and interpret_as: pallas only (:class:`~pallas_kernels.sl_matmul.kernel.KernelConfig`); slots
+    and interpret: pallas and mosaic_gpu."""
     check_operands(x, a, b, values, idx, scale)
     cfg = KernelConfig(
         block_m=block_m,
@@ -102,7 +107,12 @@ def sl_matmul(
     backend = selection.current_backend()
     prefer = dict.fromkeys(GPU_BACKENDS, GPU_AUTO)
     why_not = unsupported(x)
-    impl = choose("sl_matmul", implementation, signature(x=x, a=a, b=b, values=values), why_not, backend, prefer)
+    explicit = {"mosaic_gpu": mosaic_gpu.unsupported(x.dtype)}
+    sig = signature(x=x, a=a, b=b, values=values)
+    impl = choose("sl_matmul", implementation, sig, why_not, backend, prefer, explicit=explicit)
+    if impl == "mosaic_gpu":
+        interpret = backend == "cpu" if interpret is None else interpret
+        return mosaic_gpu.sl_matmul_mosaic_gpu(x, a, b, values, idx, float(scale), interpret, slots)
     if impl == "xla" and backend in GPU_BACKENDS and check_implementation(implementation) == "auto" and not why_not:
         return sl_matmul_bf16w(x, a, b, values, idx, float(scale))
     if impl == "xla":

@@ -47,7 +47,7 @@ class Blocks(NamedTuple):
         return self.slots // self.chunk
 
 
-def _slot_bound(nnz: int, k: int, n: int, bk: int, bn: int, slots: int | None) -> int:
+def slot_bound(nnz: int, k: int, n: int, bk: int, bn: int, slots: int | None) -> int:
     if slots is not None:
         return slots
     mu = nnz * bk * bn / (k * n)
@@ -83,7 +83,7 @@ def choose_blocks(
 def _tpu_blocks(m: int, k: int, n: int, nnz: int, rank: int, itemsize: int, cfg: KernelConfig) -> Blocks:
     bk = round_up(_request(cfg.block_k, 128, k, LANE), LANE)
     bn = round_up(_request(cfg.block_n, 128, n, LANE), LANE)
-    slots = round_up(_slot_bound(nnz, k, n, bk, bn, cfg.slots), LANE)
+    slots = round_up(slot_bound(nnz, k, n, bk, bn, cfg.slots), LANE)
     rp = round_up(rank, LANE)
     sub, most = sublane(itemsize), cfg.block_m or 1024
     whole = round_up(m, sub)  # one m-tile spanning all rows when it is small enough
@@ -95,7 +95,7 @@ def _tpu_blocks(m: int, k: int, n: int, nnz: int, rank: int, itemsize: int, cfg:
 
 def _gpu_blocks(target, m: int, k: int, n: int, nnz: int, rank: int, itemsize: int, cfg: KernelConfig) -> Blocks:
     def blocks(bm: int, bk: int, bn: int, rc: int) -> Blocks:
-        raw = _slot_bound(nnz, k, n, bk, bn, cfg.slots)
+        raw = slot_bound(nnz, k, n, bk, bn, cfg.slots)
         chunk = 16 if raw <= 64 else 32
         if target.tpu:  # the TPU structure, interpreted: one rank contraction, as on the chip
             rc = round_up(rank, 16)

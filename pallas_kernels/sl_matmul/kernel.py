@@ -64,7 +64,7 @@ class KernelConfig:
             raise ValueError(f"interpret_as: must be one of {TARGETS}, got {self.interpret_as!r}")
 
 
-def _correct(layout: TileLayout, out: jax.Array, add) -> jax.Array:
+def correct_spills(layout: TileLayout, out: jax.Array, add) -> jax.Array:
     """``out`` with the spilled entries' contribution ``add(out_f32)`` (under ``lax.cond``); NaN when more
     entries spilled than :data:`~pallas_kernels.sl_matmul.layout.SPILL`."""
     fixed = jax.lax.cond(layout.n_spill > 0, lambda o: add(o.astype(F32)).astype(o.dtype), lambda o: o, out)
@@ -83,19 +83,41 @@ def _forward_on(target, cfg, scale, x2, xa, a, b, values, idx):
     layout = tile_layout(idx, a.shape[0], b.shape[1], blk)
     y = forward_kernel(target, blk, x2, a, b, values, layout, scale, cfg, xa=xa)
     sp = spilled(layout, idx, values, b.shape[1])
-    return _correct(layout, y, lambda y: y.at[:, sp.cols].add(x2[:, sp.rows].astype(F32) * sp.vals))
+    return correct_spills(layout, y, lambda y: y.at[:, sp.cols].add(x2[:, sp.rows].astype(F32) * sp.vals))
+
+
+def _dvalues(target, cfg, blk, layout, x2, dy2, values, idx, n):
+    """dvalues by the sampled dense-dense kernel, the spilled entries' gradients added by XLA."""
+    dv = dvalues_kernel(target, blk, x2, dy2, layout, cfg)
+    sp = spilled(layout, idx, values, n)
+    g_spilled = lambda: jnp.sum(x2[:, sp.rows].astype(F32) * dy2[:, sp.cols].astype(F32), axis=0)
+    return correct_spills(layout, dv, lambda d: d.at[layout.spill].set(g_spilled(), mode="drop"))
+
+
+def dvalues_on(target: Target, cfg: KernelConfig, x2, dy2, a, b, values, idx) -> jax.Array:
+    """``dvalues (nnz,) = (x2ᵀ dY).flat[idx]`` float32 on ``target``, spills included (the Mosaic GPU port's)."""
+    blk = _blocks_for(target, x2.shape[0], a, b, idx, x2.dtype, cfg)
+    layout = tile_layout(idx, a.shape[0], b.shape[1], blk)
+    return _dvalues(target, cfg, blk, layout, x2, dy2, values, idx, b.shape[1])
 
 
 def _backward_on(target, cfg, scale, x2, dy2, dy_bt, a, b, values, idx):
     blk = _blocks_for(target, x2.shape[0], a, b, idx, x2.dtype, cfg)
     layout = tile_layout(idx, a.shape[0], b.shape[1], blk)
     dx = dx_kernel(target, blk, dy2, a, b, values, layout, scale, cfg, dy_bt=dy_bt)
-    dv = dvalues_kernel(target, blk, x2, dy2, layout, cfg)
     sp = spilled(layout, idx, values, b.shape[1])
-    dx = _correct(layout, dx, lambda d: d.at[:, sp.rows].add(dy2[:, sp.cols].astype(F32) * sp.vals))
-    g_spilled = lambda: jnp.sum(x2[:, sp.rows].astype(F32) * dy2[:, sp.cols].astype(F32), axis=0)
-    dv = _correct(layout, dv, lambda d: d.at[layout.spill].set(g_spilled(), mode="drop"))
-    return dx, dv
+    dx = correct_spills(layout, dx, lambda d: d.at[:, sp.rows].add(dy2[:, sp.cols].astype(F32) * sp.vals))
+    return dx, _dvalues(target, cfg, blk, layout, x2, dy2, values, idx, b.shape[1])
+
+
+def factor_grads(x2, dy2, dy_bt, a, scale: float) -> tuple[jax.Array, jax.Array]:
+    """``dA = s · Xᵀ (dY Bᵀ)`` and ``dB = s · (X A)ᵀ dY`` in float32 from the ``(M, r)`` products.
+
+    Float32 operands, as the paper's backward forms ``G Bᵀ`` and ``Aᵀ G`` from a float32 ``G``.
+    """
+    da = jnp.matmul(x2.T.astype(F32), dy_bt) * scale
+    db = jnp.matmul(factor_matmul(x2, a).T, dy2.astype(F32)) * scale
+    return da, db
 
 
 def _primal(x, a, b, values, idx, scale: float, cfg: KernelConfig):
@@ -143,9 +165,7 @@ def _vjp_bwd(scale, cfg, res, dy):
         interpret=cfg.interpret,
         interpret_as=cfg.interpret_as,
     )
-    # float32 operands, as the paper's backward forms G Bᵀ and Aᵀ G from a float32 G
-    da = jnp.matmul(x2.T.astype(F32), dy_bt) * scale
-    db = jnp.matmul(factor_matmul(x2, a).T, dy2.astype(F32)) * scale
+    da, db = factor_grads(x2, dy2, dy_bt, a, scale)
     return dx.reshape(x.shape), da.astype(a.dtype), db.astype(b.dtype), dv.astype(values.dtype), None
 
 

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.platforms import mosaic_gpu_interpret_params
 from pallas_kernels.ternary_matmul.blocks import TernaryBlocks
 from pallas_kernels.ternary_matmul.layout import pad_operands
 
@@ -52,16 +53,6 @@ def unsupported(x_dtype: jnp.dtype) -> str | None:
     if jnp.dtype(x_dtype) == jnp.float32:
         return "float32 activations: a warpgroup MMA rounds them to tf32 (use 'pallas' or 'xla')"
     return None
-
-
-def _interpret_params():
-    # the Mosaic GPU interpreter's parameters: public from jax 0.11, private before
-    try:
-        return plgpu.InterpretGPUParams()
-    except AttributeError:
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-
-        return InterpretGPUParams()
 
 
 def _product(xp: jax.Array, wp: jax.Array, *, bm: int, interpret: bool) -> jax.Array:
@@ -107,7 +98,7 @@ def _product(xp: jax.Array, wp: jax.Array, *, bm: int, interpret: bool) -> jax.A
         grid_names=("m", "n"),
         scratch_types=[plgpu.SMEM((bm, BN), jnp.float32), plgpu.SMEM((4, BKQ, BN), jnp.bfloat16, transforms=w_tf)],
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=_interpret_params() if interpret else None,
+        interpret=mosaic_gpu_interpret_params() if interpret else None,
     )(xp, wp)
 
 

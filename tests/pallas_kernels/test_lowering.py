@@ -18,6 +18,8 @@ import pytest
 from jax.experimental import pallas as pl
 
 from pallas_kernels.lowering import PLATFORMS, abstract_mesh, custom_call_targets, export_for, kernel_calls
+from pallas_kernels.sl_matmul import mosaic_gpu as sl_mosaic_gpu
+from pallas_kernels.sl_matmul.api import sl_matmul
 from pallas_kernels.sl_matmul.kernel import KernelConfig, sl_matmul_pallas
 from pallas_kernels.ternary_matmul import packed_rows, ternary_matmul
 
@@ -101,6 +103,32 @@ def test_ternary_matmul_mosaic_gpu_lowers_for_cuda(case):
         exported = export_for(forward, "cuda", *args)
     assert kernel_calls(exported) == ["ternary_matmul"]
     assert [t for t in custom_call_targets(exported) if t.startswith("mosaic_gpu")]
+
+
+@pytest.mark.skipif(not sl_mosaic_gpu.lowers(), reason="the SL Mosaic GPU kernels lower with jax >= 0.11")
+@pytest.mark.parametrize("case", ["1b_gate_up", "1b_down", "awkward_bf16"])
+def test_sl_matmul_mosaic_gpu_lowers_for_cuda(case):
+    """The SL Mosaic GPU port, forward and backward: the sparse products' kernel lowers (the MMA shapes, the
+    register layouts of the one-hot operands, the shared-memory total are verified), dvalues on Triton."""
+    m, k, n, r, density, dtype, _ = SL_CASES[case]
+    nnz = round(density * k * n)
+
+    def fwd_bwd(x, a, b, values, idx, dy):
+        f = lambda *p: sl_matmul(*p, idx, 0.0625, implementation="mosaic_gpu", interpret=False)
+        y, vjp = jax.vjp(f, x, a, b, values)
+        return y, vjp(dy)
+
+    args = (S((m, k), dtype), S((k, r), jnp.float32), S((r, n), jnp.float32), S((nnz,), jnp.float32))
+    exported = export_for(fwd_bwd, "cuda", *args, S((nnz,), jnp.int32), S((m, n), dtype))
+    assert kernel_calls(exported) == ["sl_matmul_sparse", "sl_matmul_sparse", "sl_matmul_dvalues"]
+    assert [t for t in custom_call_targets(exported) if t.startswith("mosaic_gpu")]
+
+
+@pytest.mark.skipif(sl_mosaic_gpu.lowers(), reason="this jax lowers the SL Mosaic GPU kernels")
+def test_sl_matmul_mosaic_gpu_refuses_to_lower_where_jax_cannot():
+    x, a, b = jnp.zeros((4, 8), jnp.bfloat16), jnp.zeros((8, 2)), jnp.zeros((2, 8))
+    with pytest.raises(ValueError, match="lower with jax >= 0.11"):
+        sl_matmul(x, a, b, jnp.zeros(3), jnp.arange(3), 1.0, implementation="mosaic_gpu", interpret=False)
 
 
 def test_tpu_lowering_takes_a_chip_generation_from_the_abstract_mesh():
