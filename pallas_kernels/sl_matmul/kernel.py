@@ -73,6 +73,16 @@ def correct_spills(layout: TileLayout, out: jax.Array, add) -> jax.Array:
     return jnp.where(layout.n_spill > layout.spill.shape[0], jnp.nan, fixed).astype(out.dtype)
 
 
+def spill_corrected_y(layout: TileLayout, sp, y: jax.Array, x2: jax.Array) -> jax.Array:
+    """The forward ``y`` plus the spilled entries' ``x[:, row] · value`` in their columns."""
+    return correct_spills(layout, y, lambda y: y.at[:, sp.cols].add(x2[:, sp.rows].astype(F32) * sp.vals))
+
+
+def spill_corrected_dx(layout: TileLayout, sp, dx: jax.Array, dy2: jax.Array) -> jax.Array:
+    """``dX`` plus the spilled entries' ``dY[:, col] · value`` in their rows."""
+    return correct_spills(layout, dx, lambda d: d.at[:, sp.rows].add(dy2[:, sp.cols].astype(F32) * sp.vals))
+
+
 def _blocks_for(target: Target, m: int, a, b, idx, dtype, cfg: KernelConfig) -> Blocks:
     (k, r), n = a.shape, b.shape[1]
     return choose_blocks(target, m, k, n, idx.shape[0], r, jnp.dtype(dtype).itemsize, cfg)
@@ -83,7 +93,7 @@ def _forward_on(target, cfg, scale, x2, xa, a, b, values, idx):
     layout = tile_layout(idx, a.shape[0], b.shape[1], blk)
     y = forward_kernel(target, blk, x2, a, b, values, layout, scale, cfg, xa=xa)
     sp = spilled(layout, idx, values, b.shape[1])
-    return correct_spills(layout, y, lambda y: y.at[:, sp.cols].add(x2[:, sp.rows].astype(F32) * sp.vals))
+    return spill_corrected_y(layout, sp, y, x2)
 
 
 def _dvalues(target, cfg, blk, layout, x2, dy2, values, idx, n):
@@ -106,8 +116,7 @@ def _backward_on(target, cfg, scale, x2, dy2, dy_bt, a, b, values, idx):
     layout = tile_layout(idx, a.shape[0], b.shape[1], blk)
     dx = dx_kernel(target, blk, dy2, a, b, values, layout, scale, cfg, dy_bt=dy_bt)
     sp = spilled(layout, idx, values, b.shape[1])
-    dx = correct_spills(layout, dx, lambda d: d.at[:, sp.rows].add(dy2[:, sp.cols].astype(F32) * sp.vals))
-    return dx, _dvalues(target, cfg, blk, layout, x2, dy2, values, idx, b.shape[1])
+    return spill_corrected_dx(layout, sp, dx, dy2), _dvalues(target, cfg, blk, layout, x2, dy2, values, idx, b.shape[1])
 
 
 def factor_grads(x2, dy2, dy_bt, a, scale: float) -> tuple[jax.Array, jax.Array]:

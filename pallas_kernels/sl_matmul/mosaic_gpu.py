@@ -44,7 +44,13 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.platforms import mosaic_gpu_interpret_params, per_platform, round_up
 from pallas_kernels.sl_matmul.blocks import Blocks, slot_bound
-from pallas_kernels.sl_matmul.kernel import KernelConfig, correct_spills, dvalues_on, factor_grads
+from pallas_kernels.sl_matmul.kernel import (
+    KernelConfig,
+    dvalues_on,
+    factor_grads,
+    spill_corrected_dx,
+    spill_corrected_y,
+)
 from pallas_kernels.sl_matmul.layout import layout_values, pad2, padded, spilled, tile_layout
 from pallas_kernels.sl_matmul.tiles import F32, factor_matmul
 
@@ -169,8 +175,7 @@ def _forward(x2, a, b, values, idx, scale: float, slots: int | None, interpret: 
     )
     y = xs[:m, :n] + scale * factor_matmul(factor_matmul(x2, a).astype(x2.dtype), b)
     sp = spilled(layout, idx, values, n)
-    y = correct_spills(layout, y, lambda y: y.at[:, sp.cols].add(x2[:, sp.rows].astype(F32) * sp.vals))
-    return y.astype(x2.dtype)
+    return spill_corrected_y(layout, sp, y, x2).astype(x2.dtype)
 
 
 def _backward(x2, dy2, a, b, values, idx, scale: float, slots: int | None, interpret: bool):
@@ -184,7 +189,7 @@ def _backward(x2, dy2, a, b, values, idx, scale: float, slots: int | None, inter
     )
     dx = dxs[:m, :k] + scale * factor_matmul(dy_bt.astype(dy2.dtype), a.T)
     sp = spilled(layout, idx, values, n)
-    dx = correct_spills(layout, dx, lambda d: d.at[:, sp.rows].add(dy2[:, sp.cols].astype(F32) * sp.vals))
+    dx = spill_corrected_dx(layout, sp, dx, dy2)
     cfg = KernelConfig(interpret=interpret)
     dv = per_platform(
         lambda target: functools.partial(dvalues_on, target, cfg), x2, dy2, a, b, values, idx, interpret=interpret
