@@ -12,7 +12,7 @@ rewritten after every section, so a run cut short still leaves everything measur
 process never starts the accelerator's backend (each child owns the device alone and frees it).
 
 Sections, in this order (most important first), with the time each is planned to take on one H100
-(``FULL[...]["estimate_s"]``: the child's start included; they total 420 s):
+(``FULL[...]["estimate_s"]``: the child's start included; they total 415 s, under the 420 s budget):
 
 1. ``ceilings`` (25 s) — what this device does at all: device copy bandwidth (read + write of 1 GiB)
    and bf16 GEMM TFLOP/s at the shapes the other sections use. Other sections report a % of these.
