@@ -783,7 +783,8 @@ def table(sweep: Sweep, names: list[str]) -> tuple[str, dict[str, Any]]:
         rms_runs = [run for run in shown if run in sweep.done] or ([chosen] if short else [])
         rms = max((_max_rms_ratio(run, sweep.results) for run in rms_runs), default=math.nan)
         ran = [run for run in [*grid, *([] if r.lr_from else check), *shown] if run in sweep.done]
-        commits = sorted({sweep.done[run]["git_commit"][:8] for run in ran})
+        # every record the row reads: the runs on record and, mid re-run, the replaced ones its statistics use
+        commits = sorted({res["git_commit"][:8] for res in [*(sweep.done[run] for run in ran), *found.values()]})
         shown_n = long_n if complete else _eval_tokens(short) if short else 0
         eval_tokens = [shown_n] if shown_n else []
         is_base = name == sweep.protocol.baseline

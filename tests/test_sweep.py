@@ -550,6 +550,11 @@ def test_a_row_never_mixes_evaluations_while_its_seeds_are_re_run(sweep, tmp_pat
     and once every seed has been re-run the row moves to the new count as a whole."""
     fake, _, argv = _fake_sweep(sweep, tmp_path, monkeypatch)
     assert sweep.main(argv) == 0
+    pack_path = sweep.records.pack_path(tmp_path / "res", "base")
+    pack = sweep.records.read_pack(pack_path)
+    pack["long/lr0.002_seed0"]["results"]["git_commit"] = "01d00000" * 5  # the record the re-run will replace
+    sweep.records.write_pack(pack_path, pack)
+    assert sweep.main([*argv, "--table-only"]) == 0
     before = json.loads((tmp_path / "res" / "results.json").read_text())["recipes"]
     assert before["base"]["eval_tokens"] == [32768]
     more = ["--set", "eval_tokens=65536", "--stage", "long"]
@@ -560,12 +565,12 @@ def test_a_row_never_mixes_evaluations_while_its_seeds_are_re_run(sweep, tmp_pat
         if trained:
             raise KeyboardInterrupt
         trained.append(cfg.seed)
-        return harder(cfg)
+        return harder(cfg) | {"git_commit": "5eed0000" * 5}
 
     monkeypatch.setattr(sweep, "train", interrupted)
     with pytest.raises(KeyboardInterrupt):
         sweep.main([*argv, *more])
-    pack = sweep.records.read_pack(sweep.records.pack_path(tmp_path / "res", "base"))
+    pack = sweep.records.read_pack(pack_path)
     assert pack["long/lr0.002_seed0"]["results"]["final_val_loss"] == 9.0
     assert pack["long/lr0.002_seed0@32768"]["results"]["final_val_loss"] == pytest.approx(4.9)
     assert sweep.main([*argv, *more, "--table-only"]) == 0
@@ -576,6 +581,7 @@ def test_a_row_never_mixes_evaluations_while_its_seeds_are_re_run(sweep, tmp_pat
     same = ("n", "pairs", "mean_diff", "ci", "ratio_ci")
     assert [mid["other"]["paired"][k] for k in same] == [before["other"]["paired"][k] for k in same]
     assert mid["base"]["outdated_runs"] == 3 + 1  # the grid and seed 1, still on 32,768 tokens
+    assert mid["base"]["commits"] == ["01d00000", "5eed0000", "c0ffee00"]  # with the replaced record's, still read
 
     monkeypatch.setattr(sweep, "train", harder)
     assert sweep.main([*argv, *more]) == 0
