@@ -156,40 +156,34 @@ def _sparse_product(lhs, rows, cols, vals, *, bm: int, kt: int, nt: int, transpo
     )(lhs, *((cols, rows) if transposed else (rows, cols)), vals)
 
 
-def _slots(idx, values, k: int, n: int, blk: Blocks):
-    """The support's tile layout and its slots as the kernels read them: rows, columns, bfloat16 values."""
+def _sparse(lhs, values, idx, k: int, n: int, slots: int | None, *, transposed: bool, interpret: bool):
+    """``lhs @ S`` (``transposed``: ``lhs @ Sᵀ``) in float32, cropped to ``lhs``'s rows and the product's columns,
+    with the support's tile layout and its spilled entries (for the XLA correction)."""
+    m = lhs.shape[0]
+    blk = mosaic_gpu_blocks(m, k, n, idx.shape[0], slots)
+    pd = padded(m, k, n, blk)
     layout = tile_layout(idx, k, n, blk)
     local = layout.local.reshape(-1, C)
-    shift = BT.bit_length() - 1
+    rows, cols = local >> (BT.bit_length() - 1), local & (BT - 1)
     vals = layout_values(values, layout).reshape(-1, C).astype(BF16)
-    return layout, local >> shift, local & (BT - 1), vals
+    lhs_p = pad2(lhs, pd.mp, pd.np_ if transposed else pd.kp)
+    kw = dict(bm=blk.bm, kt=pd.kt, nt=pd.nt, transposed=transposed, interpret=interpret)
+    out = _sparse_product(lhs_p, rows, cols, vals, **kw)[:m, : k if transposed else n]
+    return out, layout, spilled(layout, idx, values, n)
 
 
 def _forward(x2, a, b, values, idx, scale: float, slots: int | None, interpret: bool) -> jax.Array:
-    (m, k), n = x2.shape, b.shape[1]
-    blk = mosaic_gpu_blocks(m, k, n, idx.shape[0], slots)
-    pd = padded(m, k, n, blk)
-    layout, rows, cols, vals = _slots(idx, values, k, n, blk)
-    xs = _sparse_product(
-        pad2(x2, pd.mp, pd.kp), rows, cols, vals, bm=blk.bm, kt=pd.kt, nt=pd.nt, transposed=False, interpret=interpret
-    )
-    y = xs[:m, :n] + scale * factor_matmul(factor_matmul(x2, a).astype(x2.dtype), b)
-    sp = spilled(layout, idx, values, n)
+    k, n = x2.shape[1], b.shape[1]
+    xs, layout, sp = _sparse(x2, values, idx, k, n, slots, transposed=False, interpret=interpret)
+    y = xs + scale * factor_matmul(factor_matmul(x2, a).astype(x2.dtype), b)
     return spill_corrected_y(layout, sp, y, x2).astype(x2.dtype)
 
 
 def _backward(x2, dy2, a, b, values, idx, scale: float, slots: int | None, interpret: bool):
-    (m, k), n = x2.shape, b.shape[1]
-    blk = mosaic_gpu_blocks(m, k, n, idx.shape[0], slots)
-    pd = padded(m, k, n, blk)
-    layout, rows, cols, vals = _slots(idx, values, k, n, blk)
+    k, n = x2.shape[1], b.shape[1]
     dy_bt = factor_matmul(dy2, b.T)  # (M, r): dY Bᵀ, shared by dA and dX
-    dxs = _sparse_product(
-        pad2(dy2, pd.mp, pd.np_), rows, cols, vals, bm=blk.bm, kt=pd.kt, nt=pd.nt, transposed=True, interpret=interpret
-    )
-    dx = dxs[:m, :k] + scale * factor_matmul(dy_bt.astype(dy2.dtype), a.T)
-    sp = spilled(layout, idx, values, n)
-    dx = spill_corrected_dx(layout, sp, dx, dy2)
+    dxs, layout, sp = _sparse(dy2, values, idx, k, n, slots, transposed=True, interpret=interpret)
+    dx = spill_corrected_dx(layout, sp, dxs + scale * factor_matmul(dy_bt.astype(dy2.dtype), a.T), dy2)
     cfg = KernelConfig(interpret=interpret)
     dv = per_platform(
         lambda target: functools.partial(dvalues_on, target, cfg), x2, dy2, a, b, values, idx, interpret=interpret
