@@ -692,6 +692,28 @@ def lr_check_summary(sweep: Sweep, r: Recipe) -> tuple[str, dict[str, Any] | Non
     return text + (f": moved to {lr:g}" if rec["moved"] else ": kept"), rec
 
 
+def lr_check_line(recs: dict[str, dict[str, Any]]) -> str:
+    """The line under the table: which rows' lr checks kept the grid's choice, moved it up or down, or have not
+    finished (``''`` when no row has a check)."""
+    groups: dict[str, list[str]] = {"kept": [], "moved up": [], "moved down": [], "not finished": []}
+    for name, rec in recs.items():
+        check = rec["lr_check"]
+        if check is None:
+            continue
+        if check["moved"] is None:
+            key = "not finished"
+        elif check["moved"]:
+            key = "moved up" if check["long_lr"] > check["lrs"][0] else "moved down"
+        else:
+            key = "kept"
+        groups[key].append(name)
+    n = sum(map(len, groups.values()))
+    if not n:
+        return ""
+    parts = [f"{key} {len(v)}" + (f" ({', '.join(f'`{x}`' for x in v)})" if v else "") for key, v in groups.items()]
+    return f"lr checks ({n} row{'s' * (n != 1)}): " + "; ".join(parts) + "."
+
+
 def paired_cells(p: stats.Paired | None, n_seeds: int, goal: float | None) -> list[str]:
     """The paired columns: Δ loss ± the CI's half-width, the ratio's CI, p, and the goal's verdict."""
     verdict = f"≤ {goal:.2f}: {stats.verdict(p, goal)}" if goal else "-"
@@ -1125,7 +1147,7 @@ def main(argv: list[str] | None = None) -> int:
         print_plan(sweep)
         return 0
     md, recs = table(sweep, names)
-    text = protocol_text(protocol) + "\n\n" + md
+    text = "\n\n".join(filter(None, [protocol_text(protocol), md, lr_check_line(recs)]))
     write_table(sweep.results, text)
     write_record(
         sweep.results / "results.json", {"protocol": str(_shown(protocol.path)), "recipes": recs, "extra": a.extra}

@@ -489,6 +489,8 @@ def test_the_lr_check_moves_the_long_runs_and_is_planned_by_a_dry_run(sweep, tmp
     assert f"| 0.002 → 0.00282843 | {math.exp(5.0 + abs(math.log(2 / 2.6))):.2f} |" in table
     assert "| " + " / ".join(f"{v:.4f}" for v in losses) + ": moved to 0.00282843 |" in table
     assert "| other | from base | 0.002 → 0.00282843 | - | - |" in table
+    # `other` takes base's lr and has no check of its own
+    assert table.endswith("lr checks (1 row): kept 0; moved up 1 (`base`); moved down 0; not finished 0.\n")
     fake.calls.clear()
     assert sweep.main([*argv, "--stage", "lrcheck", "--dry-run"]) == 0 and fake.calls == []
     assert "plan: nothing to train" in capsys.readouterr().out
@@ -498,7 +500,26 @@ def test_the_lr_check_moves_the_long_runs_and_is_planned_by_a_dry_run(sweep, tmp
     sweep.records.write_pack(pack, kept)
     assert sweep.main([*argv, "--table-only"]) == 0
     short = math.exp(5.0 + abs(math.log(2 / 2.6)))
-    assert f"| 0.002 | {short:.2f} | evaluated on different tokens |" in (tmp_path / "res" / "table.md").read_text()
+    table = (tmp_path / "res" / "table.md").read_text()
+    assert f"| 0.002 | {short:.2f} | evaluated on different tokens |" in table
+    assert "moved up 0; moved down 0; not finished 1 (`base`)." in table
+
+
+def test_the_line_under_the_table_sorts_the_rows_by_their_lr_check(sweep):
+    def rec(lrs, long_lr, moved):
+        return {"lr_check": {"lrs": lrs, "val_loss": [4.0, 4.1, 3.9], "long_lr": long_lr, "moved": moved}}
+
+    recs = {
+        "a": rec([2e-3, 1.4e-3, 2.8e-3], 2e-3, False),
+        "b": rec([2e-3, 1.4e-3, 2.8e-3], 1.4e-3, True),
+        "c": rec([2e-3, 1.4e-3, 2.8e-3], 2.8e-3, True),
+        "d": rec([2e-3, 1.4e-3, 2.8e-3], None, None),
+        "e": {"lr_check": None},  # lr_from, or no lr at all
+        "f": rec([1e-3, 7e-4, 1.4e-3], 1.4e-3, True),
+    }
+    line = "lr checks (5 rows): kept 1 (`a`); moved up 2 (`c`, `f`); moved down 1 (`b`); not finished 1 (`d`)."
+    assert sweep.lr_check_line(recs) == line
+    assert sweep.lr_check_line({"e": {"lr_check": None}}) == ""
 
 
 def test_a_moved_row_keeps_its_long_runs_at_the_grids_lr_until_the_new_ones_ran(sweep, tmp_path, monkeypatch):
@@ -508,6 +529,7 @@ def test_a_moved_row_keeps_its_long_runs_at_the_grids_lr_until_the_new_ones_ran(
     monkeypatch.setattr(fake, "loss_at", lambda lr: abs(math.log(lr / 2.6e-3)), raising=False)
     assert sweep.main(argv) == 0  # no lr check in the protocol: the long runs at the grid's 2e-3
     before = json.loads((tmp_path / "res" / "results.json").read_text())["recipes"]
+    assert "lr checks" not in (tmp_path / "res" / "table.md").read_text()
     _write(tmp_path / "recipes", "protocol", PROTOCOL + LR_CHECK)
     fake.calls.clear()
     assert sweep.main([*argv, "--stage", "lrcheck"]) == 0
