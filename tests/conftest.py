@@ -1,5 +1,8 @@
 """Shared fixtures: every test in a fresh empty working directory; a small, fast variant of the `tiny` run.
 
+Tests that draw random operands take the :func:`rng` fixture: fresh draws every run, and a failing test's report
+names its seed, which ``LOWRANK_TEST_SEED`` replays.
+
 The suite never touches the working directory it is started from: each test runs with the current directory set
 to a new empty one (:func:`hermetic_cwd`), so a test that reads a path relative to it finds nothing, and one that
 writes there (a default ``out_dir=runs/...``, a subprocess that inherits the directory) fails with what it left.
@@ -8,9 +11,11 @@ Tests locate the repository from ``__file__`` (``helpers.REPO``) and write under
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from gcs_emulator import gcs, gcs_emulator  # noqa: F401  (fixtures: a GCS emulator server and a fresh bucket)
 
@@ -42,6 +47,17 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
             pytrace=False,
         )
     return result
+
+
+SEED_VARIABLE = "LOWRANK_TEST_SEED"
+
+
+@pytest.fixture
+def rng(request) -> np.random.Generator:
+    """A numpy generator on a fresh seed (or ``$LOWRANK_TEST_SEED``); the seed is in the test's report."""
+    seed = int(os.environ.get(SEED_VARIABLE) or np.random.SeedSequence().entropy % (1 << 63))
+    request.node.add_report_section("setup", "seed", f"numpy seed {seed}; replay with {SEED_VARIABLE}={seed}")
+    return np.random.default_rng(seed)
 
 
 @pytest.fixture(scope="session")

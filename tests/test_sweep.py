@@ -314,11 +314,10 @@ def test_packs_are_deterministic_and_round_trip(sweep, tmp_path):
     assert (tmp_path / "runs" / "r.json.xz").is_file()
 
 
-def test_float32_metrics_are_packed_short_and_read_back_exactly(sweep):
+def test_float32_metrics_are_packed_short_and_read_back_exactly(rng, sweep):
     """Metrics that are float32 values are written in float32's shortest text and read back bit for bit;
     float64 values (a validation loss, a perplexity) and non-finite ones keep their full text."""
     records = sweep.records
-    rng = np.random.default_rng()
     losses = [float(np.float32(x)) for x in rng.uniform(2.0, 9.0, 40)]
     metrics = [{"step": i + 1, "loss": v, "lr": float(np.float32(1e-3 * (i + 1) / 40))} for i, v in enumerate(losses)]
     metrics.append({"step": 40, "val_loss": float(rng.uniform(3.0, 4.0)), "loss": math.nan})

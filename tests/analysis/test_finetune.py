@@ -59,13 +59,13 @@ def test_finetune_degradation_end_to_end(pretrained):
     assert res["settings"]["finetune_dense_kind"] == "dense"
 
 
-def test_checkpoint_resolution_and_errors(pretrained, tmp_path):
+def test_checkpoint_resolution_and_errors(rng, pretrained, tmp_path):
     assert resolve_checkpoint(pretrained) == (pretrained, 20)
     assert resolve_checkpoint(pretrained / "checkpoints" / "10") == (pretrained, 10)
     params, cfg, step = load_params(pretrained)
     assert step == 20 and cfg.model.vocab_size == 512
     assert np.asarray(params["embed"]).shape == (512, cfg.model.hidden)
-    stream = np.random.default_rng().integers(0, 512, 4000)
+    stream = rng.integers(0, 512, 4000)
     pair = (stream[:3000], stream[3000:])
     with pytest.raises(ValueError, match="checkpoint"):
         finetune_degradation(tmp_path / "nothing", pair, stream, steps=2, lr=1e-3)

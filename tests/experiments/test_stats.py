@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
@@ -67,9 +66,8 @@ def test_only_shared_keys_pair_and_two_pairs_use_one_degree_of_freedom(stats):
     assert p.p == pytest.approx(1.0 - 2.0 / math.pi * math.atan(t))
 
 
-def test_against_numpy_and_the_t_table_on_random_seeds(stats):
+def test_against_numpy_and_the_t_table_on_random_seeds(rng, stats):
     """Five seeds drawn fresh: mean and sd as numpy computes them, the quantile from the t table (df 4: 2.776)."""
-    rng = np.random.default_rng()
     base = rng.uniform(2.9, 3.1, 5)
     method = base + rng.normal(0.03, 0.02, 5)
     p = stats.paired(dict(enumerate(method)), dict(enumerate(base)))

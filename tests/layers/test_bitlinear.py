@@ -178,12 +178,12 @@ def test_bitlinear_mlp_trains_with_adam():
     assert losses[-1] < 0.5 * losses[0], (seed, losses[0], losses[-1])
 
 
-def test_llama_with_bitlinear_kind():
+def test_llama_with_bitlinear_kind(rng):
     cfg = ModelConfig(vocab_size=61, hidden=32, ffn=48, heads=2, layers=2, max_seq_len=16, dense="bitlinear")
     graphdef, _ = split_model(nnx.eval_shape(lambda: build_model(cfg, 0)))
     params = jax.jit(lambda: split_model(build_model(cfg, 0))[1])()  # one compiled init, not eager ops
     assert params["blocks"]["mlp"]["gate"]["kernel"].shape == (2, 32, 48)  # stacked over layers
-    tokens = jnp.asarray(np.random.default_rng().integers(0, 61, (2, 9)), jnp.int32)
+    tokens = jnp.asarray(rng.integers(0, 61, (2, 9)), jnp.int32)
 
     def loss(p):
         logits = nnx.merge(graphdef, p)(tokens[:, :-1])

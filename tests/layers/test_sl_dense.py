@@ -66,8 +66,7 @@ SHAPES = [(7, 5, 2, 0.2), (33, 17, 4, 0.05), (64, 48, 8, 0.03), (20, 90, 3, 0.5)
 
 @pytest.mark.parametrize("implementation", ["xla", "pallas"])
 @pytest.mark.parametrize("in_f,out_f,rank,density", SHAPES)
-def test_forward_and_vjp_equal_dense_matmul_with_materialised_w(in_f, out_f, rank, density, implementation):
-    rng = np.random.default_rng()
+def test_forward_and_vjp_equal_dense_matmul_with_materialised_w(rng, in_f, out_f, rank, density, implementation):
     layer = _layer(in_f, out_f, rank, density, seed=int(rng.integers(1 << 30)), implementation=implementation)
     _randomise_b(layer, rng)
     x = jnp.asarray(rng.standard_normal((2, 3, in_f)), jnp.float32)
@@ -95,9 +94,8 @@ def test_forward_and_vjp_equal_dense_matmul_with_materialised_w(in_f, out_f, ran
     assert grads["sl_support"].dtype == jax.dtypes.float0  # integer leaf: no gradient
 
 
-def test_values_gradient_equals_autodiff_dense_gradient_at_support():
+def test_values_gradient_equals_autodiff_dense_gradient_at_support(rng):
     """Independent of the closed forms: autodiff of ``x @ W`` w.r.t. a dense W, gathered at the support."""
-    rng = np.random.default_rng()
     layer = _layer(24, 40, 3, 0.1, seed=int(rng.integers(1 << 30)))
     _randomise_b(layer, rng)
     x = jnp.asarray(rng.standard_normal((5, 24)), jnp.float32)
@@ -111,8 +109,7 @@ def sl_call(layer: SLDense, x, values):
     return sl_matmul_xla(x, layer.sl_a[...], layer.sl_b[...], values, layer.sl_support[...], layer.scaling)
 
 
-def test_bf16_compute_close_to_float64():
-    rng = np.random.default_rng()
+def test_bf16_compute_close_to_float64(rng):
     layer = _layer(48, 40, 4, 0.05, seed=3, dtype=jnp.bfloat16)
     _randomise_b(layer, rng)
     x = jnp.asarray(rng.standard_normal((6, 48)), jnp.float32)
@@ -147,10 +144,10 @@ def test_support_has_exactly_round_density_distinct_entries(in_f, out_f, density
     assert idx.min() >= 0 and idx.max() < in_f * out_f
 
 
-def test_support_is_uniform_over_entries():
+def test_support_is_uniform_over_entries(rng):
     """Inclusion frequency of every entry ≈ δ over many seeds (uniform sampling without replacement)."""
     in_f, out_f, density, draws = 12, 10, 0.25, 4000
-    keys = jax.random.split(jax.random.key(np.random.default_rng().integers(1 << 30)), draws)
+    keys = jax.random.split(jax.random.key(rng.integers(1 << 30)), draws)
     idx = np.asarray(jax.jit(jax.vmap(lambda k: sl_support(k, in_f, out_f, density)))(keys))
     freq = np.bincount(idx.reshape(-1), minlength=in_f * out_f) / draws
     sd = math.sqrt(density * (1 - density) / draws)
@@ -205,7 +202,7 @@ def test_model_wiring_labels_axes_and_per_layer_supports(scan_layers):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_train_steps_leave_support_fixed_without_optimizer_state(dtype):
+def test_train_steps_leave_support_fixed_without_optimizer_state(rng, dtype):
     """A hand-built AdamW step (frozen_partition over SLSupport, grads over the float leaves only)."""
     cfg = dataclasses.replace(BASE, dtype=dtype)
     graphdef, params = split_model(build_model(cfg, 0))
@@ -217,7 +214,7 @@ def test_train_steps_leave_support_fixed_without_optimizer_state(dtype):
     n_state = sum(x.size for x in jax.tree.leaves(opt_state))
     n_float = sum(x.size for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating))
     assert n_state == 2 * n_float + 1  # mu and nu for float leaves only (+ count), none for the int32 support
-    tokens = jnp.asarray(np.random.default_rng().integers(0, 97, (2, 9)), jnp.int32)
+    tokens = jnp.asarray(rng.integers(0, 97, (2, 9)), jnp.int32)
 
     @jax.jit
     def step(params, opt_state):

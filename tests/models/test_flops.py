@@ -7,7 +7,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from flax import nnx
 
@@ -120,8 +119,7 @@ def test_xla_counts_a_scanned_layer_stack_once():
     assert x_scan < 0.8 * flops.forward_flops(scanned, 2, T)
 
 
-def test_layer_count_and_vocab_enter_linearly():
-    rng = np.random.default_rng()
+def test_layer_count_and_vocab_enter_linearly(rng):
     for _ in range(5):
         heads = int(rng.integers(1, 5))
         cfg = ModelConfig(

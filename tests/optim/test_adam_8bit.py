@@ -87,8 +87,7 @@ def test_maps_are_monotone_dynamic_trees(table, n, fraction_bits):
         ((2, 3, 64), 16, (2, 3, 4, 16)),
     ],
 )
-def test_round_trip_rounds_to_nearest_level(signed, shape, block_size, codes_shape):
-    rng = np.random.default_rng()
+def test_round_trip_rounds_to_nearest_level(rng, signed, shape, block_size, codes_shape):
     x = rng.standard_normal(shape).astype(np.float32) * rng.uniform(0.01, 100)
     if not signed:
         x = x**2
@@ -115,9 +114,8 @@ def test_round_trip_rounds_to_nearest_level(signed, shape, block_size, codes_sha
 
 
 @pytest.mark.parametrize("signed", [True, False])
-def test_small_values_survive_where_linear_int8_flushes(signed):
+def test_small_values_survive_where_linear_int8_flushes(rng, signed):
     """Values spanning 1e-8..1 inside every block (like a second moment): the dynamic map keeps them."""
-    rng = np.random.default_rng()
     block_size, blocks = 256, 64
     mag = 10.0 ** rng.uniform(-8, 0, (blocks, block_size))
     mag[:, 0] = 1.0
@@ -144,10 +142,10 @@ def test_small_values_survive_where_linear_int8_flushes(signed):
     assert np.median(rel[band]) < 0.5 and np.median(rel_lin[band]) == 1.0
 
 
-def test_zeros_and_unsigned_negatives():
+def test_zeros_and_unsigned_negatives(rng):
     q = _quantize(jnp.zeros((300,)), True, 128)
     assert np.all(np.asarray(_dequantize(q)) == 0) and np.all(np.asarray(q.codes) == 0)
-    x = np.random.default_rng().standard_normal(512).astype(np.float32)
+    x = rng.standard_normal(512).astype(np.float32)
     deq = np.asarray(_dequantize(_quantize(x, False, 256)))
     assert np.all(deq[x <= 0] == 0) and np.all(deq >= 0)
 
@@ -240,9 +238,8 @@ def _adam_reference(grads: list[np.ndarray], b1: float, b2: float, eps: float, p
 
 @pytest.mark.parametrize("placement", ["hf", "optax"])
 @pytest.mark.parametrize("min_size", [10**9, 0])
-def test_first_step_matches_float64_reference(placement, min_size):
+def test_first_step_matches_float64_reference(rng, placement, min_size):
     """Step 1 starts from exact zero moments, so the quantized path is exact too."""
-    rng = np.random.default_rng()
     b1, b2, eps = 0.9, 0.999, 1e-3  # a large eps so its placement matters
     g = (rng.standard_normal((48, 40)) * 10.0 ** rng.uniform(-4, 0, (48, 1))).astype(np.float32)
     tx = scale_by_adam_8bit(b1, b2, eps, eps_placement=placement, min_size=min_size)
@@ -251,8 +248,7 @@ def test_first_step_matches_float64_reference(placement, min_size):
 
 
 @pytest.mark.parametrize("placement", ["hf", "optax"])
-def test_several_steps_match_reference(placement):
-    rng = np.random.default_rng()
+def test_several_steps_match_reference(rng, placement):
     b1, b2, eps = 0.9, 0.999, 1e-8
     grads = [rng.standard_normal((64, 64)).astype(np.float32) for _ in range(5)]
     ref = _adam_reference(grads, b1, b2, eps, placement)
@@ -286,9 +282,8 @@ def _assert_within_one_level(got: np.ndarray, want: np.ndarray, table: np.ndarra
 
 
 @pytest.mark.parametrize("placement", ["optax", "hf"])
-def test_quantized_path_matches_float64_8bit_reference(placement):
+def test_quantized_path_matches_float64_8bit_reference(rng, placement):
     """The whole quantized trajectory against a NumPy float64 re-implementation of 8-bit Adam."""
-    rng = np.random.default_rng()
     b1, b2, eps, block_size = 0.9, 0.999, 1e-8, 64
     s_map, u_map = SIGNED_MAP.astype(np.float64), UNSIGNED_MAP.astype(np.float64)
     grads = [rng.standard_normal((48, 70)) * 10.0 ** rng.uniform(-3, 0, (48, 1)) for _ in range(12)]
@@ -400,8 +395,7 @@ def test_tracks_fp32_adam_on_tiny_llama():
 # ------------------------------------------------------------------------- moments / composition
 
 
-def test_get_set_moments_round_trip():
-    rng = np.random.default_rng()
+def test_get_set_moments_round_trip(rng):
     params = {"w": jnp.ones((40, 50)), "n": jnp.ones((6,))}
     tx = scale_by_adam_8bit(min_size=512, block_size=64)
     state = tx.init(params)

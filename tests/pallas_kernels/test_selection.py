@@ -46,8 +46,8 @@ def _fake_backend(monkeypatch, backend: str) -> None:
     monkeypatch.setattr(selection, "current_backend", lambda: backend)
 
 
-def test_auto_on_cpu_is_xla_and_recorded_without_a_warning(recwarn):
-    ops = _sl_operands(np.random.default_rng(), jnp.float32)
+def test_auto_on_cpu_is_xla_and_recorded_without_a_warning(rng, recwarn):
+    ops = _sl_operands(rng, jnp.float32)
     sl_matmul(*ops, 0.5)
     [choice] = implementation_record()
     assert choice["implementation"] == "xla" and choice["backend"] == "cpu" and "interpreted" in choice["reason"]
@@ -77,9 +77,8 @@ def test_auto_on_a_gpu_runs_sl_as_bf16_materialise_and_says_so_once(monkeypatch)
 
 
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])
-def test_auto_on_an_accelerator_uses_the_kernel(monkeypatch, backend, recwarn):
+def test_auto_on_an_accelerator_uses_the_kernel(rng, monkeypatch, backend, recwarn):
     _fake_backend(monkeypatch, backend)
-    rng = np.random.default_rng()
     ops = _sl_operands(rng, jnp.float32)
     y = sl_matmul(*ops, 0.5, implementation="pallas" if backend == "gpu" else "auto")  # interpreted on CPU
     np.testing.assert_allclose(np.asarray(y), np.asarray(sl_matmul_reference(*ops, 0.5)), rtol=1e-5, atol=1e-5)
@@ -92,9 +91,9 @@ def test_auto_on_an_accelerator_uses_the_kernel(monkeypatch, backend, recwarn):
         assert not [w for w in recwarn if issubclass(w.category, KernelFallbackWarning)]
 
 
-def test_auto_fallback_on_an_accelerator_warns_once_and_is_recorded(monkeypatch):
+def test_auto_fallback_on_an_accelerator_warns_once_and_is_recorded(rng, monkeypatch):
     _fake_backend(monkeypatch, "tpu")
-    ops = _sl_operands(np.random.default_rng(), jnp.float16)  # the kernels compute in bf16 / f32 only
+    ops = _sl_operands(rng, jnp.float16)  # the kernels compute in bf16 / f32 only
     with pytest.warns(KernelFallbackWarning, match=r"sl_matmul: running the XLA path for x float16\[6,40\].*float16"):
         y = sl_matmul(*ops, 0.5)
     assert y.dtype == jnp.float16
@@ -106,13 +105,13 @@ def test_auto_fallback_on_an_accelerator_warns_once_and_is_recorded(monkeypatch)
     assert len(implementation_record()) == 1
 
 
-def test_explicit_pallas_never_falls_back(monkeypatch):
-    ops = _sl_operands(np.random.default_rng(), jnp.float16)
+def test_explicit_pallas_never_falls_back(rng, monkeypatch):
+    ops = _sl_operands(rng, jnp.float16)
     with pytest.raises(ValueError, match=r"^implementation: 'pallas' cannot run sl_matmul .*float16"):
         sl_matmul(*ops, 0.5, implementation="pallas")
     with pytest.raises(ValueError, match=r"^implementation: must be one of"):
         sl_matmul(*ops, 0.5, implementation="triton")
-    sl_matmul(*_sl_operands(np.random.default_rng(), jnp.float32), 0.5, implementation="xla")
+    sl_matmul(*_sl_operands(rng, jnp.float32), 0.5, implementation="xla")
     assert implementation_record()[-1]["reason"] == "requested"
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import jax
 import matplotlib
-import numpy as np
 import pytest
 
 from lowrank_jax.config import Config, replace
@@ -26,8 +25,7 @@ def test_plot_losses_writes_a_png_and_leaves_the_backend_alone(tmp_path, monkeyp
     assert matplotlib.get_backend() == before
 
 
-def test_mfu_against_the_counting_rule():
-    rng = np.random.default_rng()
+def test_mfu_against_the_counting_rule(rng):
     d, f, L, V, T = (int(rng.integers(1, 9)) * 64, int(rng.integers(1, 9)) * 128, int(rng.integers(1, 6)), 512, 128)
     cfg = replace(Config(), model__hidden=d, model__ffn=f, model__layers=L, model__vocab_size=V, model__heads=1)
     cfg = replace(cfg, seq_len=T, model__max_seq_len=T, model__dtype="bfloat16")

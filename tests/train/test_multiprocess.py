@@ -255,10 +255,10 @@ def _term_env(tmp: Path, process: int, step: int) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("n", [1, pytest.param(2, marks=pytest.mark.slow)])
-def test_sigterm_checkpoints_one_agreed_step_and_resume_is_bitwise(small_overrides, runs, tmp_path, n):
+def test_sigterm_checkpoints_one_agreed_step_and_resume_is_bitwise(rng, small_overrides, runs, tmp_path, n):
     """SIGTERM to the last process at a random step: every process stops after the same step, saves it,
     exits 143 with "preempted at step N"; ``resume=true`` gives the uninterrupted run's losses bitwise."""
-    at = int(np.random.default_rng().integers(1, STEPS - 2))
+    at = int(rng.integers(1, STEPS - 2))
     out = tmp_path / "run"
 
     def train(*extra: str, env=None):

@@ -66,8 +66,7 @@ def _f32(x: float) -> float:
     return float(np.float32(x))  # event files store scalars as float32
 
 
-def test_scalars_read_back_like_tensorboard_logdir(tmp_path):
-    rng = np.random.default_rng()
+def test_scalars_read_back_like_tensorboard_logdir(rng, tmp_path):
     cfg = _cfg(tmp_path, optim__lr=float(rng.uniform(1e-4, 1e-2)), batch_size=int(rng.integers(2, 64)))
     train = {
         s: {"loss": rng.uniform(2, 9), "grad_norm": rng.uniform(0.1, 5), "lr": rng.uniform(0, 1e-3)}
@@ -129,8 +128,7 @@ def _interrupted_and_resumed(out: Path, first: np.ndarray, second: np.ndarray) -
 
 
 @pytest.mark.parametrize("loader", ["server", "legacy"])
-def test_resume_drops_the_interrupted_tail(tmp_path, loader):
-    rng = np.random.default_rng()
+def test_resume_drops_the_interrupted_tail(rng, tmp_path, loader):
     first = rng.uniform(1, 10, size=11)
     second = rng.uniform(20, 30, size=15)
     cfg = _cfg(tmp_path)
@@ -187,9 +185,8 @@ def _served_scalars(logdir: Path, load_fast: str, tags: tuple[str, ...], points:
 
 
 @pytest.mark.parametrize("load_fast", ["true", "false"])
-def test_the_tensorboard_server_shows_the_scalars(tmp_path, load_fast):
+def test_the_tensorboard_server_shows_the_scalars(rng, tmp_path, load_fast):
     """The stock ``tensorboard --logdir RUN`` (``load_fast=true``: the Rust data server) over HTTP."""
-    rng = np.random.default_rng()
     first, second = rng.uniform(1, 10, size=11), rng.uniform(20, 30, size=15)
     _interrupted_and_resumed(tmp_path, first, second)
     got = _served_scalars(tmp_path, load_fast, ("train/loss", "train/only_first"), 14)
@@ -318,8 +315,7 @@ def wandb_offline(tmp_path, monkeypatch):
     wandb.teardown()
 
 
-def test_wandb_offline_run_and_resume(tmp_path, wandb_offline):
-    rng = np.random.default_rng()
+def test_wandb_offline_run_and_resume(rng, tmp_path, wandb_offline):
     out = tmp_path / "run"
     cfg = _cfg(out, logging__wandb=True, logging__tensorboard=False, logging__wandb_project="lrj-test")
     loss = rng.uniform(2, 9, size=9)
