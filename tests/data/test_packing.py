@@ -20,10 +20,6 @@ from lowrank_jax.data import (
 from lowrank_jax.data import packing as packing_mod
 
 
-def fresh_rng() -> np.random.Generator:
-    return np.random.default_rng()
-
-
 def test_encode_corpus_matches_per_document(trained_cfg, monkeypatch):
     corpus = load_corpus(trained_cfg)
     tok = get_tokenizer(trained_cfg, corpus)
@@ -62,12 +58,12 @@ def test_prepare_data_and_cache(tiny_cfg, monkeypatch):
     assert not [f for f in os.listdir(token_dir) if f.startswith(".tmp")]
 
 
-def stream(n: int, vocab: int = 50) -> np.ndarray:
-    return fresh_rng().integers(0, vocab, size=n, dtype=np.int32)
+def stream(rng: np.random.Generator, n: int, vocab: int = 50) -> np.ndarray:
+    return rng.integers(0, vocab, size=n, dtype=np.int32)
 
 
-def test_batches_are_deterministic_in_seed():
-    tokens = stream(5000)
+def test_batches_are_deterministic_in_seed(rng):
+    tokens = stream(rng, 5000)
     a, b = BatchIterator(tokens, 4, 16, seed=3), BatchIterator(tokens, 4, 16, seed=3)
     for step in (0, 1, 7, 100, 3):
         np.testing.assert_array_equal(a.batch(step), b.batch(step))
@@ -77,8 +73,8 @@ def test_batches_are_deterministic_in_seed():
     assert x.shape == (4, 17) and x.dtype == np.int32
 
 
-def test_restored_iterator_continues_exactly():
-    tokens = stream(3000)
+def test_restored_iterator_continues_exactly(rng):
+    tokens = stream(rng, 3000)
     k = 11
     full = BatchIterator(tokens, 3, 8, seed=7)
     seen = [next(full) for _ in range(k + 6)]
@@ -94,9 +90,9 @@ def test_restored_iterator_continues_exactly():
         via_state.load_state_dict({**full.state_dict(), "seed": 8})
 
 
-def test_windows_are_stream_slices():
+def test_windows_are_stream_slices(rng):
     seq_len = 10
-    tokens = stream(1003)
+    tokens = stream(rng, 1003)
     it = BatchIterator(tokens, 5, seq_len, seed=1)
     labelled = np.arange(tokens.size)  # same windows over position labels
     pos_it = BatchIterator(labelled, 5, seq_len, seed=1)
@@ -136,9 +132,9 @@ def test_batch_iterator_errors():
 
 
 @pytest.mark.parametrize("max_tokens", [1, 37, 40, 64, 10_000])
-def test_eval_batches_cover_first_tokens(max_tokens):
+def test_eval_batches_cover_first_tokens(rng, max_tokens):
     seq_len, bs = 8, 3
-    tokens = stream(123)
+    tokens = stream(rng, 123)
     if max_tokens < seq_len:
         with pytest.raises(ValueError, match=r"eval_tokens"):
             eval_batches(tokens, seq_len, max_tokens, bs)
@@ -165,9 +161,8 @@ def test_unigram_cross_entropy_by_hand():
     assert unigram_cross_entropy(train, val, 4) == pytest.approx(expected, rel=1e-12)
 
 
-def test_unigram_cross_entropy_reference():
+def test_unigram_cross_entropy_reference(rng):
     vocab = 37
-    rng = fresh_rng()
     train = rng.integers(0, vocab - 5, size=500)
     val = rng.integers(0, vocab, size=300)
     counts = {v: 1 for v in range(vocab)}

@@ -237,8 +237,7 @@ def test_train_steps_leave_support_fixed_without_optimizer_state(rng, dtype):
     assert not np.array_equal(np.asarray(up2["sl_b"]), np.asarray(up0["sl_b"]))  # B leaves 0 after step 1
 
 
-def _stacked_operands(layers=6, m=64, k=256, rank=16, density=0.03):
-    rng = np.random.default_rng()
+def _stacked_operands(rng, layers=6, m=64, k=256, rank=16, density=0.03):
     nnz = round(density * k * k)
     params = (
         jnp.asarray(rng.standard_normal((layers, k, rank)) / 16, jnp.float32),
@@ -261,9 +260,9 @@ def _scanned_loss(fn, idx):
     return loss
 
 
-def test_custom_vjp_saves_memory_against_naive_autodiff():
+def test_custom_vjp_saves_memory_against_naive_autodiff(rng):
     """XLA memory_analysis of a 6-layer scanned stack: residuals (forward outputs) and the grad's temp bytes."""
-    params, idx, x = _stacked_operands()
+    params, idx, x = _stacked_operands(rng)
     report = {}
     for name, fn in (("naive", sl_matmul_reference), ("custom_vjp", sl_matmul_xla)):
         loss = _scanned_loss(fn, idx)

@@ -30,13 +30,6 @@ from lowrank_jax.noise_step import (
 )
 from lowrank_jax.train.step import compiled_memory
 
-RNG = np.random.default_rng()
-
-
-def _rng():
-    seed = int(RNG.integers(1 << 31))
-    return np.random.default_rng(seed), seed
-
 
 def _layer_norm(h):
     return (h - h.mean(-1, keepdims=True)) / jnp.sqrt(h.var(-1, keepdims=True) + 1e-5)
@@ -75,8 +68,7 @@ def _dense_nu(layout, pos, val):
     return out
 
 
-def test_directional_derivative_equals_reverse_mode_and_finite_difference_float64():
-    rng, seed = _rng()
+def test_directional_derivative_equals_reverse_mode_and_finite_difference_float64(rng):
     sizes = [int(rng.integers(5, 12)), 9, 7, 4]
     loss_fn, shapes = mlp_loss(sizes)
     with jax.enable_x64(True):
@@ -101,7 +93,7 @@ def test_directional_derivative_equals_reverse_mode_and_finite_difference_float6
             plus = float(at({n: params[n] + h * nu[n] for n in params}))
             minus = float(at({n: params[n] - h * nu[n] for n in params}))
             fd = (plus - minus) / (2 * h)
-            msg = f"seed={seed} i={i}"
+            msg = f"i={i}"
             np.testing.assert_allclose(float(alpha[i]), rev, rtol=1e-9, atol=1e-12, err_msg=msg)
             np.testing.assert_allclose(float(alpha[i]), fd, rtol=1e-5, atol=1e-8, err_msg=msg)
         np.testing.assert_allclose(np.asarray(alpha1), np.asarray(alpha), rtol=1e-12, atol=1e-14)
@@ -131,8 +123,7 @@ def test_perturbations_are_sparse_ternary_deterministic_and_bernoulli_dense():
     assert (np.asarray(val_low) != 0).sum() < 0.5 * counts.sum()
 
 
-def test_median_threshold_and_ternarize_match_numpy():
-    rng, _ = _rng()
+def test_median_threshold_and_ternarize_match_numpy(rng):
     alpha = rng.standard_normal(128)
     t = np.asarray(median_threshold(jnp.asarray(alpha, jnp.float32)))
     a = np.abs(alpha.astype(np.float32))
@@ -144,8 +135,7 @@ def test_median_threshold_and_ternarize_match_numpy():
 
 
 @pytest.mark.parametrize("dtype", [jnp.int8, jnp.float32])
-def test_update_matches_numpy_and_touches_only_perturbed_coordinates(dtype):
-    rng, seed = _rng()
+def test_update_matches_numpy_and_touches_only_perturbed_coordinates(rng, dtype):
     shapes = {"a": (int(rng.integers(3, 30)), 17), "b": (17, int(rng.integers(2, 9)))}
     params = {n: jnp.asarray(rng.integers(-1, 2, s), dtype) for n, s in shapes.items()}
     layout = Layout.of(params)
@@ -163,7 +153,7 @@ def test_update_matches_numpy_and_touches_only_perturbed_coordinates(dtype):
         z = theta - tg
         expected = np.where(z >= 1 / 3, 1, np.where(z <= -1 / 3, -1, 0))
         assert new[name].dtype == dtype
-        np.testing.assert_array_equal(np.asarray(new[name], np.float64), expected, err_msg=f"seed={seed}")
+        np.testing.assert_array_equal(np.asarray(new[name], np.float64), expected)
         changed = np.asarray(new[name]) != np.asarray(params[name])
         support = sum(np.abs(nu[name]) * abs(t_np[i]) for i, nu in enumerate(nus)) > 0
         assert not np.any(changed & ~support)  # only coordinates perturbed with α_τ ≠ 0 move
@@ -211,8 +201,7 @@ def _train(cfg, loss_fn, shapes, batches):
     return state, np.stack(terns), np.asarray(stages), losses
 
 
-def test_training_learns_and_seed_checkpoint_replays_bit_exactly():
-    rng, seed = _rng()
+def test_training_learns_and_seed_checkpoint_replays_bit_exactly(rng):
     sizes = [12, 32, 32, 3]
     loss_fn, shapes = mlp_loss(sizes)
     teacher = rng.standard_normal((12, 3))
@@ -228,14 +217,14 @@ def test_training_learns_and_seed_checkpoint_replays_bit_exactly():
     )
     batches = [(jnp.asarray(x), jnp.asarray(y))] * 80
     state, terns, stages, losses = _train(cfg, loss_fn, shapes, batches)
-    assert np.mean(losses[-10:]) < np.mean(losses[:5]) - 0.1, (seed, losses[:5], losses[-10:])
+    assert np.mean(losses[-10:]) < np.mean(losses[:5]) - 0.1, (losses[:5], losses[-10:])
     assert stages[0] == 0 and stages.max() >= 1, stages
     ckpt = make_checkpoint(cfg, state.params, terns, stages)
     restored = SeedCheckpoint.from_bytes(ckpt.to_bytes())
     np.testing.assert_array_equal(restored.stages(), stages)
     rebuilt = replay(restored)
     for n in shapes:
-        np.testing.assert_array_equal(np.asarray(rebuilt[n]), np.asarray(state.params[n]), err_msg=f"seed={seed}")
+        np.testing.assert_array_equal(np.asarray(rebuilt[n]), np.asarray(state.params[n]))
     # one flipped tern at step 0 changes the replayed one-step weights: the log is not ignored
     tampered = terns[:1].copy()
     tampered[0, np.flatnonzero(tampered[0])[0]] *= -1
@@ -256,8 +245,7 @@ def test_next_stage_is_monotone():
 
 
 @pytest.mark.parametrize("n", [1, 4, 5, 6, 128, 131])
-def test_pack_terns_round_trip(n):
-    rng, _ = _rng()
+def test_pack_terns_round_trip(rng, n):
     t = rng.integers(-1, 2, (7, n)).astype(np.int8)
     packed = pack_terns(t)
     assert packed.dtype == np.uint8 and packed.shape == (7, -(-n // 5)) and packed.max() <= 242

@@ -23,8 +23,7 @@ class _Wrapper(NamedTuple):
     mu: Any
 
 
-def _state() -> Any:
-    rng = np.random.default_rng()
+def _state(rng: np.random.Generator) -> Any:
     arr = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
     return (
         optax.EmptyState(),
@@ -33,8 +32,8 @@ def _state() -> Any:
     )
 
 
-def test_identity_visit_rebuilds_the_same_state() -> None:
-    state = _state()
+def test_identity_visit_rebuilds_the_same_state(rng) -> None:
+    state = _state(rng)
     out = map_namedtuples(state, lambda nt: {})
     assert jax.tree.structure(out) == jax.tree.structure(state)
     assert type(out) is tuple and type(out[2]) is list and type(out[1]) is dict
@@ -42,8 +41,8 @@ def test_identity_visit_rebuilds_the_same_state() -> None:
         assert a is b
 
 
-def test_visit_replaces_handled_fields_and_walks_the_others_in_pre_order() -> None:
-    state = _state()
+def test_visit_replaces_handled_fields_and_walks_the_others_in_pre_order(rng) -> None:
+    state = _state(rng)
     order = []
 
     def visit(nt: Any) -> dict[str, Any]:
@@ -59,15 +58,15 @@ def test_visit_replaces_handled_fields_and_walks_the_others_in_pre_order() -> No
     assert out[1]["trainable"].count is state[1]["trainable"].count
 
 
-def test_opaque_types_are_replaced_whole_before_visit() -> None:
-    state = _state()
+def test_opaque_types_are_replaced_whole_before_visit(rng) -> None:
+    state = _state(rng)
     visited = []
     out = map_namedtuples(state, lambda nt: visited.append(type(nt)) or {}, opaque={_Wrapper: lambda w: None})
     assert out[2] == [None] and _Wrapper not in visited and _Moments in visited
 
 
-def test_find_namedtuples() -> None:
-    state = _state()
+def test_find_namedtuples(rng) -> None:
+    state = _state(rng)
     found = find_namedtuples(state, "mu")
     assert [type(x) for x in found] == [_Moments, _Wrapper, _Moments]
     assert find_namedtuples(state, "count")[0] is state[1]["trainable"]
